@@ -1,0 +1,234 @@
+"""One typed config object, loaded once.
+
+Sources, highest priority first: environment (``LIPSYNC_<SECTION>__<FIELD>``), the TOML
+file (``--config``, ``$LIPSYNC_CONFIG`` or ``./config.toml``), the defaults below. Every
+field is documented in ``config.toml`` at the repository root. Secrets are ``SecretStr``
+(never printed) and may also be read from files named in the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+
+class DaemonSection(BaseModel):
+    state_dir: Path = Path("state")
+    max_sessions: int = Field(16, ge=1)
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    drain_utterances_s: float = Field(5.0, ge=0)
+
+
+class NatsSection(BaseModel):
+    url: str = "embedded"
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = Field(4222, ge=0, le=65535)
+    subject_prefix: str = "lipsync"
+    queue_group: str = "lipsync"
+    service_name: str = "lipsync"
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None
+    nkey_seed_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    connect_timeout_s: float = 2.0
+    max_audio_message_bytes: int = Field(1 << 20, ge=1024)
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix_is_a_token(cls, v: str) -> str:
+        if not v or any(c in v for c in " *>") or v.startswith(".") or v.endswith("."):
+            raise ValueError(f"nats.subject_prefix {v!r} must be a plain subject like 'lipsync'")
+        return v
+
+
+class FirestoreSection(BaseModel):
+    project: str | None = None
+    database: str = "(default)"
+    collection: str = "avatars"
+    field: str = "idle_video_url"
+    credentials_file: Path | None = None
+    timeout_s: float = 5.0
+
+
+class AvatarEntry(BaseModel):
+    idle_video_url: str
+
+
+class FetchSection(BaseModel):
+    allow_file_urls: bool = False
+    allow_http: bool = False
+    timeout_s: float = 30.0
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_redirects: int = Field(3, ge=0)
+    min_video_s: float = 0.2
+    max_video_s: float = 120.0
+    max_frames_in_memory: int = 3000
+
+
+class VideoSection(BaseModel):
+    fps: int = Field(25, ge=1, le=60)
+    max_width: int = 1920
+    max_height: int = 1920
+
+
+class AudioSection(BaseModel):
+    max_buffer_s: float = Field(60.0, gt=0)
+    max_control_queue: int = 64
+    output_sample_rate: int | None = None
+
+
+class LiveKitSection(BaseModel):
+    url: str | None = None
+    api_key: SecretStr | None = None
+    api_secret: SecretStr | None = None
+    api_key_file: Path | None = None
+    api_secret_file: Path | None = None
+    token_ttl_s: int = Field(3600, ge=60)
+    default_identity_prefix: str = "avatar-"
+    reconnect_max_backoff_s: float = 10.0
+    connect_timeout_s: float = 10.0
+
+    def key(self) -> SecretStr | None:
+        return self.api_key or _read_secret_file(self.api_key_file)
+
+    def secret(self) -> SecretStr | None:
+        return self.api_secret or _read_secret_file(self.api_secret_file)
+
+
+class OutputSection(BaseModel):
+    # "auto": LiveKit when livekit.url is set, else a local MP4 per session.
+    sink: Literal["auto", "livekit", "file"] = "auto"
+    recordings_dir: Path | None = None
+
+
+class HttpSection(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class LoggingSection(BaseModel):
+    level: str = "INFO"
+    format: Literal["json", "console"] = "json"
+
+
+class ModelSection(BaseModel):
+    enabled: bool = True
+    dir: Path = Path("models")
+    device: str = "auto"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    random_weights: bool = False
+    random_weights_size: Literal["full", "tiny"] = "tiny"
+    compile: bool = False
+    max_batch: int = Field(32, ge=1)
+    extra_margin: int = 10
+    parsing_mode: Literal["jaw", "raw"] = "jaw"
+    landmarks: Literal["auto", "onnx", "opencv"] = "auto"
+    blend_frames: int = Field(3, ge=0)
+    lookahead_frames: int = Field(0, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LIPSYNC_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    daemon: DaemonSection = DaemonSection()
+    nats: NatsSection = NatsSection()
+    firestore: FirestoreSection = FirestoreSection()
+    avatars: dict[str, AvatarEntry] = Field(
+        default_factory=lambda: {"demo": AvatarEntry(idle_video_url="asset:demo.mp4")}
+    )
+    fetch: FetchSection = FetchSection()
+    video: VideoSection = VideoSection()
+    audio: AudioSection = AudioSection()
+    livekit: LiveKitSection = LiveKitSection()
+    output: OutputSection = OutputSection()
+    http: HttpSection = HttpSection()
+    logging: LoggingSection = LoggingSection()
+    model: ModelSection = ModelSection()
+
+    _toml_path: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_PATH_HOLDER.get("path")
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def sink_kind(self) -> Literal["livekit", "file"]:
+        if self.output.sink == "auto":
+            return "livekit" if self.livekit.url else "file"
+        return self.output.sink
+
+    def recordings_dir(self) -> Path:
+        return self.output.recordings_dir or self.daemon.state_dir / "recordings"
+
+    def public_summary(self) -> dict[str, Any]:
+        """The config as it may be logged: SecretStr fields print as '**********'."""
+        return self.model_dump(mode="json")
+
+
+_CONFIG_PATH_HOLDER: dict[str, Path | None] = {}
+
+
+def _read_secret_file(path: Path | None) -> SecretStr | None:
+    if path is None:
+        return None
+    try:
+        return SecretStr(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+
+
+class ConfigError(Exception):
+    pass
+
+
+def default_config_path() -> Path | None:
+    env = os.environ.get("LIPSYNC_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.toml")
+    return local if local.exists() else None
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load the settings once. ``path=None`` uses ``$LIPSYNC_CONFIG`` or ./config.toml."""
+    resolved = Path(path) if path is not None else default_config_path()
+    if resolved is not None and not resolved.exists():
+        raise ConfigError(f"config file {resolved} does not exist (set --config or LIPSYNC_CONFIG)")
+    _CONFIG_PATH_HOLDER["path"] = resolved
+    try:
+        return Settings(**overrides)
+    except Exception as exc:  # pydantic ValidationError: name the file
+        raise ConfigError(f"invalid configuration ({resolved or 'defaults'}): {exc}") from None
+    finally:
+        _CONFIG_PATH_HOLDER.pop("path", None)

@@ -1,0 +1,158 @@
+"""Pydantic v2 models of every NATS message (protocol v1).
+
+Validated once, at the NATS boundary. ``lipsync schema`` prints their JSON Schema for
+producers written in other languages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = 1
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+SUPPORTED_SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="[A-Za-z0-9_-]{1,128}")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LiveKitParams(_Strict):
+    room: Annotated[str, Field(min_length=1, max_length=256)]
+    identity: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class AudioParams(_Strict):
+    sample_rate: Literal[8000, 16000, 22050, 24000, 32000, 44100, 48000] = 16000
+
+
+class VideoParams(_Strict):
+    fps: Annotated[int, Field(ge=1, le=60)] | None = None
+
+
+class SessionStart(_Strict):
+    """``<prefix>.session.start``: request/reply or plain publish."""
+
+    v: Literal[1]
+    session_id: SessionId
+    avatar_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    idle_video_url: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    livekit: LiveKitParams | None = None
+    audio: AudioParams = AudioParams()
+    video: VideoParams = VideoParams()
+
+    @model_validator(mode="after")
+    def _one_avatar_source(self) -> "SessionStart":
+        if (self.avatar_id is None) == (self.idle_video_url is None):
+            raise ValueError("give exactly one of 'avatar_id' or 'idle_video_url'")
+        return self
+
+
+class SessionStop(_Strict):
+    """``<prefix>.session.stop``."""
+
+    v: Literal[1]
+    session_id: SessionId
+
+
+class ControlMessage(_Strict):
+    """``<prefix>.control.<session_id>``: flush = end of utterance, clear = interrupt."""
+
+    op: Literal["flush", "clear"]
+
+
+class ErrorBody(_Strict):
+    code: str
+    message: str
+
+
+class SessionStartReply(_Strict):
+    ok: bool
+    session_id: str | None = None
+    existing: bool = False
+    width: int | None = None
+    height: int | None = None
+    fps: int | None = None
+    output: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+
+
+class SessionStopReply(_Strict):
+    ok: bool
+    session_id: str | None = None
+    error: ErrorBody | None = None
+
+
+class StatusReply(_Strict):
+    sessions: list[dict[str, Any]]
+    capacity: int
+    active: int
+    accepting: bool
+    device: dict[str, Any]
+
+
+class _EventBase(_Strict):
+    v: Literal[1] = 1
+    session_id: str
+    ts: float = Field(description="unix time in seconds when the event was sent")
+
+
+class ReadyEvent(_EventBase):
+    type: Literal["ready"] = "ready"
+    width: int
+    height: int
+    fps: int
+    output: dict[str, Any]
+    timings_ms: dict[str, float]
+
+
+class SpeakingEvent(_EventBase):
+    type: Literal["speaking"] = "speaking"
+    position_s: float
+
+
+class PlaybackFinishedEvent(_EventBase):
+    type: Literal["playback_finished"] = "playback_finished"
+    position_s: float
+    interrupted: bool
+
+
+class ErrorEvent(_EventBase):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class StoppedEvent(_EventBase):
+    type: Literal["stopped"] = "stopped"
+    reason: str
+
+
+Event = Annotated[
+    Union[ReadyEvent, SpeakingEvent, PlaybackFinishedEvent, ErrorEvent, StoppedEvent],
+    Field(discriminator="type"),
+]
+
+
+def all_json_schemas() -> dict[str, Any]:
+    """JSON Schema of every message, keyed by the subject it travels on."""
+    from pydantic import TypeAdapter
+
+    return {
+        "<prefix>.session.start": SessionStart.model_json_schema(),
+        "<prefix>.session.start (reply)": SessionStartReply.model_json_schema(),
+        "<prefix>.session.stop": SessionStop.model_json_schema(),
+        "<prefix>.session.stop (reply)": SessionStopReply.model_json_schema(),
+        "<prefix>.control.<session_id>": ControlMessage.model_json_schema(),
+        "<prefix>.audio.<session_id>": {
+            "description": "raw PCM, signed 16-bit little-endian, mono, at the session's "
+            "audio.sample_rate; even length; optional header Lipsync-Seq: increasing integer",
+            "contentMediaType": "audio/L16",
+        },
+        "<prefix>.events.<session_id>": TypeAdapter(Event).json_schema(),
+        "lipsync service: status": StatusReply.model_json_schema(),
+    }

@@ -1,0 +1,1 @@
+"""Where a session's audio + video go: a LiveKit room, or a local MP4 (development)."""

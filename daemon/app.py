@@ -1,0 +1,455 @@
+"""The daemon: startup -> run -> drain(timeout) -> aclose.
+
+NATS callbacks only validate and enqueue; anything slow (avatar preparation, publisher
+connection) runs in tracked tasks, and GPU work runs on the engine's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from daemon import errors
+from daemon.bus import Subjects, connect
+from daemon.config import Settings
+from daemon.embedded_nats import EmbeddedNatsServer
+from daemon.errors import LipsyncError
+from daemon.health import HealthServer
+from daemon.log import get_logger
+from daemon.metrics import Metrics
+from daemon.protocol import parse_json_message, session_id_hint, valid_session_id
+from daemon.publishers.base import MediaFormat
+from daemon.session import Session, SessionDeps
+from daemon.systemd import SystemdNotifier
+from schemas import (
+    ControlMessage,
+    ErrorEvent,
+    SessionStart,
+    SessionStartReply,
+    SessionStop,
+    SessionStopReply,
+    StatusReply,
+)
+
+log = get_logger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.nats.subject_prefix)
+        self.metrics = Metrics()
+        self.sessions: dict[str, Session] = {}
+        self._starting: dict[str, asyncio.Task[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = False
+        self.nc: NatsClient | None = None
+        self.nats_connected = False
+        self._embedded: EmbeddedNatsServer | None = None
+        self._service: Service | None = None
+        self._subs: list[Any] = []
+        self._health: HealthServer | None = None
+        self._heartbeat_at = time.monotonic()
+        self._stopping = asyncio.Event()
+        self._drained = False
+        self._drain_lock = asyncio.Lock()
+        self.notifier = SystemdNotifier()
+        self.nats_url: str | None = None
+        self._seen_unknown: dict[tuple[str, str], float] = {}
+        from daemon.avatars import AvatarResolver, AvatarStore
+
+        self.resolver = AvatarResolver(settings)
+        self.store = AvatarStore(settings)
+        self.engine_host: Any = None  # daemon.engine_host.EngineHost when a model is enabled
+
+    # ---- startup ---------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        s.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        if s.nats.url == "embedded":
+            self._embedded = EmbeddedNatsServer(
+                s.nats.embedded_host, s.nats.embedded_port, s.daemon.state_dir / "nats"
+            )
+            await self._embedded.start()
+            servers = [self._embedded.url]
+        else:
+            servers = [u.strip() for u in s.nats.url.split(",") if u.strip()]
+        self.nats_url = servers[0]
+        if s.model.enabled:
+            from daemon.engine_host import EngineHost
+
+            self.engine_host = EngineHost(s, self.metrics)
+            await self.engine_host.start()
+        self.nc = await connect(s.nats, servers, on_state=self._on_nats_state)
+        self.nats_connected = True
+        await self._subscribe()
+        if s.http.enabled:
+            self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check)
+            await self._health.start()
+        self._spawn(self._heartbeat(), "heartbeat")
+        self.accepting = True
+        self.notifier.ready(f"accepting sessions on {self.subjects.start}")
+        log.info("lipsyncd ready", nats=self.nats_url, start_subject=self.subjects.start,
+                 sink=s.sink_kind(), max_sessions=s.daemon.max_sessions,
+                 model=("enabled" if self.engine_host else "disabled (idle video only)"))
+
+    async def _subscribe(self) -> None:
+        assert self.nc is not None
+        s = self.settings
+        self._service = await add_service(
+            self.nc, name=s.nats.service_name, version=VERSION,
+            description="MuseTalk lip-sync video daemon", queue_group=s.nats.queue_group,
+        )
+        await self._service.add_endpoint(EndpointConfig(
+            name="start", subject=self.subjects.start, handler=self._on_start,
+            queue_group=s.nats.queue_group))
+        await self._service.add_endpoint(EndpointConfig(
+            name="status", subject=f"{s.nats.subject_prefix}.status", handler=self._on_status))
+        # stop, audio and control go to every daemon: only the owner of a session acts.
+        limits = dict(pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024)
+        self._subs.append(await self.nc.subscribe(self.subjects.stop, cb=self._on_stop))
+        self._subs.append(await self.nc.subscribe(self.subjects.audio_wildcard, cb=self._on_audio, **limits))
+        self._subs.append(await self.nc.subscribe(self.subjects.control_wildcard, cb=self._on_control))
+
+    async def _on_nats_state(self, connected: bool) -> None:
+        self.nats_connected = connected
+
+    # ---- errors ----------------------------------------------------------------------
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await self.nc.publish(subject, payload)
+        except Exception as exc:  # buffer full while disconnected: say so once per event
+            log.warning("could not publish", subject=subject, error=str(exc) or type(exc).__name__)
+
+    async def emit(self, event: Any) -> None:
+        await self._publish(self.subjects.events(event.session_id), event.model_dump_json().encode())
+
+    async def _report(self, err: LipsyncError, *, session_id: str | None, reply: Any = None,
+                      reply_model: Any = None, subject: str = "") -> None:
+        """One error, told once: as the reply when there is a reply subject, else as an
+        error event on the session's events subject (or <prefix>.errors without one)."""
+        self.metrics.errors.labels(err.code).inc()
+        log.warning("bad input", session_id=session_id, code=err.code, error=err.message, subject=subject)
+        if reply is not None and reply_model is not None:
+            body = reply_model(ok=False, session_id=session_id, error=err.to_dict())
+            await reply(body.model_dump_json(exclude_none=True).encode())
+            return
+        event = ErrorEvent(session_id=session_id or "", ts=time.time(), code=err.code, message=err.message)
+        subject_out = (self.subjects.events(session_id) if session_id
+                       else f"{self.settings.nats.subject_prefix}.errors")
+        await self._publish(subject_out, event.model_dump_json().encode())
+
+    # ---- handlers --------------------------------------------------------------------
+    async def _on_start(self, req: Request) -> None:
+        reply = req.respond if req._msg.reply else None
+        hint = session_id_hint(req.data)
+        try:
+            start = parse_json_message(SessionStart, req.data, "session.start")
+        except LipsyncError as err:
+            await self._report(err, session_id=hint, reply=reply, reply_model=SessionStartReply,
+                               subject=req.subject)
+            return
+        # Slow work in a tracked task: this callback must return quickly.
+        self._spawn(self._start_session(start, reply), f"start-{start.session_id}")
+
+    async def _start_session(self, start: SessionStart, reply: Any) -> None:
+        sid = start.session_id
+        existing = self.sessions.get(sid)
+        if existing is not None:
+            pending = self._starting.get(sid)
+            if pending is not None:
+                await asyncio.wait({pending})
+            if existing.info is not None and not existing.closed:
+                if existing.request != start:
+                    err = LipsyncError(errors.SESSION_CONFLICT,
+                                       f"session '{sid}' is live with other parameters: stop it first "
+                                       "or use a new session_id")
+                    await self._report(err, session_id=sid, reply=reply, reply_model=SessionStartReply)
+                    return
+                await self._reply_started(existing, reply, existing_session=True)
+                return
+            if sid in self.sessions:  # failed start still being torn down
+                existing = None
+        if not self.accepting:
+            await self._report(LipsyncError(errors.SHUTTING_DOWN, "daemon is shutting down: start the "
+                               "session on another instance"), session_id=sid, reply=reply,
+                               reply_model=SessionStartReply)
+            return
+        if len(self.sessions) >= self.settings.daemon.max_sessions:
+            await self._report(LipsyncError(errors.AT_CAPACITY, f"at capacity ({self.settings.daemon.max_sessions} "
+                               "sessions, daemon.max_sessions): retry later or add a GPU"),
+                               session_id=sid, reply=reply, reply_model=SessionStartReply)
+            return
+        session = Session(start, self._session_deps())
+        self.sessions[sid] = session
+        self.metrics.sessions_active.set(len(self.sessions))
+        self._starting[sid] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            await session.start()
+        except LipsyncError as err:
+            self.sessions.pop(sid, None)
+            await self._report(err, session_id=sid, reply=reply, reply_model=SessionStartReply)
+            return
+        except Exception as exc:
+            self.sessions.pop(sid, None)
+            log.exception("session start failed", session_id=sid)
+            await self._report(LipsyncError(errors.INTERNAL, f"session start failed: {exc}"),
+                               session_id=sid, reply=reply, reply_model=SessionStartReply)
+            return
+        finally:
+            self._starting.pop(sid, None)
+            self.metrics.sessions_active.set(len(self.sessions))
+        self.metrics.sessions_started.inc()
+        await self._reply_started(session, reply, existing_session=False)
+
+    async def _reply_started(self, session: Session, reply: Any, existing_session: bool) -> None:
+        if reply is None or session.info is None:
+            return
+        info = session.info
+        body = SessionStartReply(ok=True, session_id=session.id, existing=existing_session,
+                                 width=info.width, height=info.height, fps=info.fps, output=info.output)
+        await reply(body.model_dump_json(exclude_none=True).encode())
+
+    def _session_deps(self) -> SessionDeps:
+        from daemon.publishers.factory import make_publisher
+
+        def publisher(sid: str, fmt: MediaFormat, room: str | None, identity: str | None):
+            return make_publisher(self.settings, sid, fmt, room, identity)
+
+        async def acquire(url: str):
+            return await self.store.get(url)
+
+        return SessionDeps(
+            settings=self.settings, metrics=self.metrics, emit=self.emit,
+            resolve_url=self.resolver.resolve, acquire_video=acquire,
+            release_video=self.store.release, make_publisher=publisher,
+            on_fatal=self._close_later,
+            make_speech=self.engine_host.make_speech if self.engine_host else None,
+        )
+
+    def _close_later(self, session: Session, reason: str) -> None:
+        self._spawn(self._close_session(session, reason), f"close-{session.id}")
+
+    async def _close_session(self, session: Session, reason: str) -> None:
+        try:
+            await session.aclose(reason)
+        finally:
+            if self.sessions.get(session.id) is session:
+                del self.sessions[session.id]
+            self.metrics.sessions_active.set(len(self.sessions))
+
+    async def _on_stop(self, msg: Msg) -> None:
+        reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
+        hint = session_id_hint(msg.data)
+        try:
+            stop = parse_json_message(SessionStop, msg.data, "session.stop")
+        except LipsyncError as err:
+            await self._report(err, session_id=hint, reply=reply, reply_model=SessionStopReply,
+                               subject=msg.subject)
+            return
+        session = self.sessions.get(stop.session_id)
+        if session is None:
+            await self._report(LipsyncError(errors.UNKNOWN_SESSION, f"no live session '{stop.session_id}' "
+                               "to stop"), session_id=stop.session_id, reply=reply,
+                               reply_model=SessionStopReply)
+            return
+        self._spawn(self._stop_and_reply(session, reply), f"stop-{session.id}")
+
+    async def _stop_and_reply(self, session: Session, reply: Any) -> None:
+        pending = self._starting.get(session.id)
+        if pending is not None:
+            await asyncio.wait({pending})
+        await self._close_session(session, "requested")
+        if reply is not None:
+            await reply(SessionStopReply(ok=True, session_id=session.id).model_dump_json().encode())
+
+    async def _on_audio(self, msg: Msg) -> None:
+        sid = self.subjects.session_of(msg.subject)
+        if not valid_session_id(sid):
+            return  # cannot be addressed: a subject token outside the id alphabet
+        session = self.sessions.get(sid)
+        try:
+            if session is None:
+                raise LipsyncError(errors.UNKNOWN_SESSION, f"audio for unknown session '{sid}': send "
+                                   "session.start first (audio before start is dropped)")
+            session.feed_audio(msg.data, msg.headers)
+        except LipsyncError as err:
+            if session is not None:
+                session.log.warning("audio refused", code=err.code, error=err.message)
+                self.metrics.errors.labels(err.code).inc()
+                await self.emit(ErrorEvent(session_id=sid, ts=time.time(), code=err.code, message=err.message))
+            elif self._first_time(("audio", sid)):
+                await self._report(err, session_id=sid, subject=msg.subject)
+
+    async def _on_control(self, msg: Msg) -> None:
+        sid = self.subjects.session_of(msg.subject)
+        if not valid_session_id(sid):
+            return
+        reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
+        session = self.sessions.get(sid)
+        try:
+            ctl = parse_json_message(ControlMessage, msg.data, f"control.{sid}")
+            if session is None:
+                raise LipsyncError(errors.UNKNOWN_SESSION, f"control for unknown session '{sid}'")
+            session.control(ctl)
+        except LipsyncError as err:
+            await self._report(err, session_id=sid, subject=msg.subject)
+            return
+        if reply is not None:
+            await reply(json.dumps({"ok": True, "session_id": sid, "op": ctl.op}).encode())
+
+    def _first_time(self, key: tuple[str, str], window_s: float = 10.0) -> bool:
+        """Unknown-session audio arrives many times a second: report it once per window."""
+        now = time.monotonic()
+        last = self._seen_unknown.get(key)
+        if last is not None and now - last < window_s:
+            return False
+        if len(self._seen_unknown) > 10000:
+            self._seen_unknown.clear()
+        self._seen_unknown[key] = now
+        return True
+
+    async def _on_status(self, req: Request) -> None:
+        await req.respond(self.status().model_dump_json().encode())
+
+    def status(self) -> StatusReply:
+        device = self.engine_host.device_info() if self.engine_host else {"model": "disabled"}
+        return StatusReply(
+            sessions=[s.status() for s in self.sessions.values()],
+            capacity=self.settings.daemon.max_sessions, active=len(self.sessions),
+            accepting=self.accepting, device=device,
+        )
+
+    # ---- health ----------------------------------------------------------------------
+    def health_check(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if not (self.nc is not None and self.nc.is_connected):
+            reasons.append("nats disconnected")
+        if time.monotonic() - self._heartbeat_at > 3.0:
+            reasons.append("event loop stalled")
+        for session in list(self.sessions.values()):
+            if session.info is not None and not session.closed and not session.loop_alive():
+                reasons.append(f"session {session.id}: frame loop not running")
+        if self.engine_host is not None and not self.engine_host.alive():
+            reasons.append("generation worker not running")
+        return (not reasons, reasons)
+
+    async def _heartbeat(self) -> None:
+        interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)
+        while True:
+            self._heartbeat_at = time.monotonic()
+            ok, _ = self.health_check()
+            if ok or not self.nats_connected:
+                # NATS being away is not a reason for systemd to restart us: sessions go on.
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ---- tasks -----------------------------------------------------------------------
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+
+    # ---- shutdown --------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT; a second signal exits at once."""
+        loop = asyncio.get_running_loop()
+        signals_seen = 0
+
+        def on_signal() -> None:
+            nonlocal signals_seen
+            signals_seen += 1
+            if signals_seen > 1:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            log.info("signal received: draining")
+            self._stopping.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await self._stopping.wait()
+
+    async def drain(self) -> None:
+        """Stop taking sessions, let utterances finish up to a deadline, stop every
+        session (``stopped`` events), drain NATS. Safe to call twice."""
+        async with self._drain_lock:
+            if self._drained:
+                return
+            self._drained = True
+            self.accepting = False
+            self.notifier.stopping()
+            if self._service is not None:
+                try:
+                    await self._service.stop()
+                except Exception as exc:
+                    log.warning("service stop failed", error=str(exc))
+            deadline = time.monotonic() + self.settings.daemon.drain_utterances_s
+            while time.monotonic() < deadline and any(
+                s.speech is not None and s.speech.speaking for s in self.sessions.values()
+            ):
+                await asyncio.sleep(0.05)
+            for task in list(self._starting.values()):
+                task.cancel()
+            await asyncio.gather(*(self._close_session(s, "shutdown") for s in list(self.sessions.values())),
+                                 return_exceptions=True)
+            if self.nc is not None and self.nc.is_connected:
+                try:
+                    await asyncio.wait_for(self.nc.drain(), timeout=2.0)
+                except Exception as exc:
+                    log.warning("nats drain incomplete", error=str(exc) or type(exc).__name__)
+
+    async def aclose(self) -> None:
+        """Release everything, even when drain timed out."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in list(self.sessions.values()):
+            try:
+                await session.aclose("shutdown")
+            except Exception:
+                log.exception("session close failed", session_id=session.id)
+        self.sessions.clear()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.close()
+            except Exception:
+                pass
+        if self._health is not None:
+            await self._health.aclose()
+        if self.engine_host is not None:
+            await self.engine_host.aclose()
+        await self.resolver.aclose()
+        if self._embedded is not None:
+            await self._embedded.aclose()
+        log.info("lipsyncd stopped")
+
+    async def shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self.drain(), timeout=self.settings.daemon.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out", timeout_s=self.settings.daemon.shutdown_timeout_s)
+        await self.aclose()

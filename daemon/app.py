@@ -7,7 +7,6 @@ connection) runs in tracked tasks, and GPU work runs on the engine's own thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -33,6 +32,7 @@ from daemon.session import Session, SessionDeps
 from daemon.systemd import SystemdNotifier
 from schemas import (
     ControlMessage,
+    ControlReply,
     ErrorEvent,
     SessionStart,
     SessionStartReply,
@@ -275,7 +275,7 @@ class Daemon:
             await asyncio.wait({pending})
         await self._close_session(session, "requested")
         if reply is not None:
-            await reply(SessionStopReply(ok=True, session_id=session.id).model_dump_json().encode())
+            await reply(SessionStopReply(ok=True, session_id=session.id).model_dump_json(exclude_none=True).encode())
 
     async def _on_audio(self, msg: Msg) -> None:
         sid = self.subjects.session_of(msg.subject)
@@ -307,10 +307,11 @@ class Daemon:
                 raise LipsyncError(errors.UNKNOWN_SESSION, f"control for unknown session '{sid}'")
             session.control(ctl)
         except LipsyncError as err:
-            await self._report(err, session_id=sid, subject=msg.subject)
+            await self._report(err, session_id=sid, reply=reply, reply_model=ControlReply,
+                               subject=msg.subject)
             return
         if reply is not None:
-            await reply(json.dumps({"ok": True, "session_id": sid, "op": ctl.op}).encode())
+            await reply(ControlReply(ok=True, session_id=sid, op=ctl.op).model_dump_json(exclude_none=True).encode())
 
     def _first_time(self, key: tuple[str, str], window_s: float = 10.0) -> bool:
         """Unknown-session audio arrives many times a second: report it once per window."""

@@ -6,6 +6,7 @@ from schemas.wire import (  # noqa: F401
     SUPPORTED_SAMPLE_RATES,
     AudioParams,
     ControlMessage,
+    ControlReply,
     ErrorBody,
     ErrorEvent,
     Event,

@@ -87,6 +87,13 @@ class SessionStopReply(_Strict):
     error: ErrorBody | None = None
 
 
+class ControlReply(_Strict):
+    ok: bool
+    session_id: str | None = None
+    op: str | None = None
+    error: ErrorBody | None = None
+
+
 class StatusReply(_Strict):
     sessions: list[dict[str, Any]]
     capacity: int
@@ -148,6 +155,7 @@ def all_json_schemas() -> dict[str, Any]:
         "<prefix>.session.stop": SessionStop.model_json_schema(),
         "<prefix>.session.stop (reply)": SessionStopReply.model_json_schema(),
         "<prefix>.control.<session_id>": ControlMessage.model_json_schema(),
+        "<prefix>.control.<session_id> (reply)": ControlReply.model_json_schema(),
         "<prefix>.audio.<session_id>": {
             "description": "raw PCM, signed 16-bit little-endian, mono, at the session's "
             "audio.sample_rate; even length; optional header Lipsync-Seq: increasing integer",

@@ -1,0 +1,680 @@
+"""Where an avatar's idle video comes from: Firestore (or the config table), the URL
+fetch with its disk cache, the decode to RGB frames, and a shared in-memory store.
+
+asyncio side only: no torch here. ``decode_video`` blocks (PyAV); callers run it in a
+thread, as ``AvatarStore`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+import av
+import numpy as np
+from yarl import URL
+
+from daemon import errors
+from daemon.config import ASSETS_DIR, Settings
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+
+log = get_logger(__name__)
+
+_CHUNK = 1 << 16
+_REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+
+
+def display_url(url: str) -> str:
+    """The URL as it may appear in logs and error messages.
+
+    Signed storage URLs carry their secret in the query string (``token=``,
+    ``X-Amz-Signature=``) and some URLs carry ``user:password@``: both are dropped.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        query = "?..." if parts.query else ""
+        return urlunsplit((parts.scheme, host, parts.path, "", "")) + query
+    return url
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+class AvatarResolver:
+    """avatar_id -> idle video URL, from Firestore when a project is set, else from the
+    ``[avatars]`` table of the config."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: Any = None  # google.cloud.firestore.AsyncClient, made on first use
+
+    async def resolve(self, avatar_id: str | None, idle_video_url: str | None) -> str:
+        if (avatar_id is None) == (idle_video_url is None):
+            raise LipsyncError(
+                errors.INVALID_MESSAGE, "give exactly one of 'avatar_id' or 'idle_video_url'"
+            )
+        if idle_video_url is not None:
+            return idle_video_url
+        assert avatar_id is not None
+        if self._settings.firestore.project:
+            return await self._from_firestore(avatar_id)
+        return self._from_table(avatar_id)
+
+    def _from_table(self, avatar_id: str) -> str:
+        entry = self._settings.avatars.get(avatar_id)
+        if entry is None:
+            known = ", ".join(sorted(self._settings.avatars)) or "none"
+            raise LipsyncError(
+                errors.UNKNOWN_AVATAR,
+                f"avatar '{avatar_id}' not in config table [avatars] (known: {known}); "
+                "add [avatars.<id>] idle_video_url = ... or set firestore.project",
+            )
+        if not entry.idle_video_url.strip():
+            raise LipsyncError(
+                errors.AVATAR_NO_VIDEO,
+                f"avatar '{avatar_id}' has an empty idle_video_url in config table [avatars]",
+            )
+        return entry.idle_video_url
+
+    async def _from_firestore(self, avatar_id: str) -> str:
+        fs = self._settings.firestore
+        if "/" in avatar_id or avatar_id in (".", "..") or avatar_id.startswith("__"):
+            raise LipsyncError(
+                errors.INVALID_MESSAGE,
+                f"avatar_id {avatar_id!r} is not a valid Firestore document id "
+                "(no '/', not '.' or '..', not starting with '__')",
+            )
+        try:
+            async with asyncio.timeout(fs.timeout_s):
+                client = await self._get_client()
+                doc_ref = client.collection(fs.collection).document(avatar_id)
+                # DocumentReference.get() is sent as BatchGetDocuments, not GetDocument:
+                # real Firestore serves both, and the npm emulator used in the tests
+                # implements only BatchGetDocuments. The client's own retry would keep
+                # retrying UNAVAILABLE for 60 s, so it is bounded by our timeout.
+                snapshot = await doc_ref.get(retry=_retry(fs.timeout_s), timeout=fs.timeout_s)
+        except LipsyncError:
+            raise
+        except TimeoutError:
+            raise self._unavailable(f"no answer within {fs.timeout_s:g} s (firestore.timeout_s)")
+        except Exception as exc:  # google.api_core / grpc / google.auth errors
+            raise self._unavailable(_short_error(exc)) from exc
+
+        where = f"in Firestore (collection {fs.collection}, project {fs.project})"
+        if not snapshot.exists:
+            raise LipsyncError(errors.UNKNOWN_AVATAR, f"avatar '{avatar_id}' not found {where}")
+        data = snapshot.to_dict() or {}
+        url = data.get(fs.field)
+        if not isinstance(url, str) or not url.strip():
+            found = "missing" if fs.field not in data else f"a {type(url).__name__}"
+            raise LipsyncError(
+                errors.AVATAR_NO_VIDEO,
+                f"avatar '{avatar_id}' has no {fs.field} in Firestore "
+                f"(collection {fs.collection}; the field is {found}, a non-empty string "
+                "URL is needed)",
+            )
+        return url.strip()
+
+    def _unavailable(self, why: str) -> LipsyncError:
+        fs = self._settings.firestore
+        emulator = os.environ.get("FIRESTORE_EMULATOR_HOST")
+        target = f"emulator at {emulator}" if emulator else "firestore.googleapis.com"
+        return LipsyncError(
+            errors.FIRESTORE_UNAVAILABLE,
+            f"Firestore unavailable (project {fs.project}, database {fs.database}, "
+            f"{target}): {why}",
+        )
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            # google.auth may probe the GCE metadata server when no credentials file is
+            # set: a blocking call, so the client is built off the event loop.
+            self._client = await asyncio.to_thread(self._make_client)
+        return self._client
+
+    def _make_client(self) -> Any:
+        from google.cloud import firestore
+
+        fs = self._settings.firestore
+        credentials = None
+        if fs.credentials_file is not None and not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            from google.oauth2 import service_account
+
+            try:
+                credentials = service_account.Credentials.from_service_account_file(
+                    str(fs.credentials_file)
+                )
+            except (OSError, ValueError) as exc:
+                raise self._unavailable(
+                    f"cannot load firestore.credentials_file {fs.credentials_file} "
+                    f"({type(exc).__name__})"
+                ) from None
+        try:
+            return firestore.AsyncClient(
+                project=fs.project, database=fs.database, credentials=credentials
+            )
+        except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError et al.
+            raise self._unavailable(
+                f"{_short_error(exc)}; set firestore.credentials_file or "
+                "GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        # AsyncClient has no close(); its gRPC channel lives on the GAPIC transport.
+        api = getattr(client, "_firestore_api_internal", None)
+        if api is not None:
+            await api.transport.close()
+
+
+def _retry(timeout_s: float) -> Any:
+    from google.api_core import exceptions as gexc
+    from google.api_core import retry_async
+
+    return retry_async.AsyncRetry(
+        initial=0.1,
+        maximum=1.0,
+        multiplier=2.0,
+        timeout=timeout_s,
+        predicate=retry_async.if_exception_type(
+            gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError
+        ),
+    )
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- fetcher
+
+
+@dataclass(frozen=True)
+class FetchedVideo:
+    path: Path
+    content_hash: str  # sha256 of the file's bytes, hex
+    url: str
+
+
+class VideoFetcher:
+    """Turns a video URL into a local file.
+
+    ``https://`` (``http://`` with fetch.allow_http) is downloaded once and cached under
+    ``<state_dir>/downloads`` by sha256(URL); ``file://`` needs fetch.allow_file_urls;
+    ``asset:NAME`` names a file shipped in daemon/assets.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._http: aiohttp.ClientSession | None = None
+        self._downloads: dict[str, asyncio.Task[FetchedVideo]] = {}
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self._settings.daemon.state_dir) / "downloads"
+
+    async def fetch(self, url: str) -> FetchedVideo:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "asset":
+            return await self._asset(url)
+        if scheme == "file":
+            if not self._settings.fetch.allow_file_urls:
+                raise LipsyncError(
+                    errors.URL_NOT_ALLOWED,
+                    f"file:// URLs are disabled ({url}); set fetch.allow_file_urls = true "
+                    "to read local files",
+                )
+            return await self._local(url, _file_url_path(url), url)
+        if scheme in ("http", "https"):
+            self._check_http_scheme(url, scheme)
+            return await self._download(url)
+        raise LipsyncError(
+            errors.URL_NOT_ALLOWED,
+            f"unsupported video URL {display_url(url)!r}: use https://, asset:NAME, "
+            "file:// (with fetch.allow_file_urls) or http:// (with fetch.allow_http)",
+        )
+
+    def _check_http_scheme(self, url: str, scheme: str) -> None:
+        if scheme == "http" and not self._settings.fetch.allow_http:
+            raise LipsyncError(
+                errors.URL_NOT_ALLOWED,
+                f"plain http URL {display_url(url)} refused; use https or set "
+                "fetch.allow_http = true",
+            )
+
+    async def _asset(self, url: str) -> FetchedVideo:
+        name = url.split(":", 1)[1]
+        root = ASSETS_DIR.resolve()
+        candidate = (root / name).resolve()
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or name.startswith(".")
+            or candidate.parent != root
+        ):
+            raise LipsyncError(
+                errors.URL_NOT_ALLOWED,
+                f"asset name {name!r} must be a plain file name in daemon/assets "
+                "(like asset:demo.mp4)",
+            )
+        return await self._local(url, candidate, f"asset {name}")
+
+    async def _local(self, url: str, path: Path, label: str) -> FetchedVideo:
+        max_bytes = self._settings.fetch.max_bytes
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise LipsyncError(
+                errors.VIDEO_FETCH_FAILED, f"cannot read {label}: {exc.strerror}"
+            ) from None
+        if not path.is_file():
+            raise LipsyncError(errors.VIDEO_FETCH_FAILED, f"{label} is not a regular file")
+        if size > max_bytes:
+            raise _too_large(label, max_bytes)
+        try:
+            digest = await asyncio.to_thread(_sha256_file, path)
+        except OSError as exc:
+            raise LipsyncError(
+                errors.VIDEO_FETCH_FAILED, f"cannot read {label}: {exc.strerror}"
+            ) from None
+        return FetchedVideo(path=path, content_hash=digest, url=url)
+
+    async def _download(self, url: str) -> FetchedVideo:
+        key = hashlib.sha256(url.encode()).hexdigest()
+        cached = self._cached(key, url)
+        if cached is not None:
+            return cached
+        # Two sessions asking for the same new URL share one download.
+        task = self._downloads.get(key)
+        if task is None:
+            task = asyncio.create_task(self._download_to_cache(url, key))
+            self._downloads[key] = task
+            task.add_done_callback(lambda t, key=key: _forget(self._downloads, key, t))
+        return await asyncio.shield(task)
+
+    def _cached(self, key: str, url: str) -> FetchedVideo | None:
+        video, meta = self._cache_paths(key)
+        try:
+            info = json.loads(meta.read_text())
+            size = video.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if info.get("url") != url or info.get("size") != size or not info.get("sha256"):
+            return None
+        return FetchedVideo(path=video, content_hash=info["sha256"], url=url)
+
+    def _cache_paths(self, key: str) -> tuple[Path, Path]:
+        return self.cache_dir / f"{key}.video", self.cache_dir / f"{key}.json"
+
+    async def _download_to_cache(self, url: str, key: str) -> FetchedVideo:
+        fetch = self._settings.fetch
+        shown = display_url(url)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        video_path, meta_path = self._cache_paths(key)
+        fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    async with asyncio.timeout(fetch.timeout_s):
+                        digest, size = await self._stream(url, out)
+                except TimeoutError:
+                    raise LipsyncError(
+                        errors.VIDEO_FETCH_FAILED,
+                        f"download of {shown} timed out after {fetch.timeout_s:g} s "
+                        "(fetch.timeout_s)",
+                    ) from None
+                except aiohttp.ClientError as exc:
+                    raise LipsyncError(
+                        errors.VIDEO_FETCH_FAILED,
+                        f"download of {shown} failed: {_short_error(exc)}",
+                    ) from None
+            # Video first, then its metadata: a metadata file means a complete video.
+            os.replace(tmp, video_path)
+            meta_tmp = meta_path.with_name(f".{meta_path.name}.part")
+            meta_tmp.write_text(json.dumps({"url": url, "sha256": digest, "size": size}))
+            os.replace(meta_tmp, meta_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("video_downloaded", url=shown, bytes=size, sha256=digest[:12])
+        return FetchedVideo(path=video_path, content_hash=digest, url=url)
+
+    async def _stream(self, url: str, out: Any) -> tuple[str, int]:
+        fetch = self._settings.fetch
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        shown = display_url(url)
+        current = URL(url)
+        # Redirects are followed by hand so that every hop gets the scheme check
+        # (no https -> http downgrade unless allowed) and the redirect cap.
+        for _hop in range(fetch.max_redirects + 1):
+            async with self._http.get(current, allow_redirects=False) as resp:
+                if resp.status in _REDIRECT_STATUSES:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise LipsyncError(
+                            errors.VIDEO_FETCH_FAILED,
+                            f"{shown}: HTTP {resp.status} redirect without a Location",
+                        )
+                    current = current.join(URL(location))
+                    if current.scheme not in ("http", "https"):
+                        raise LipsyncError(
+                            errors.URL_NOT_ALLOWED,
+                            f"{shown} redirects to a {current.scheme}: URL",
+                        )
+                    self._check_http_scheme(str(current), current.scheme)
+                    continue
+                if resp.status != 200:
+                    raise LipsyncError(
+                        errors.VIDEO_FETCH_FAILED,
+                        f"download of {shown} failed: HTTP {resp.status} {resp.reason or ''}"
+                        .rstrip(),
+                    )
+                if resp.content_length is not None and resp.content_length > fetch.max_bytes:
+                    raise _too_large(shown, fetch.max_bytes)
+                digest = hashlib.sha256()
+                size = 0
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > fetch.max_bytes:
+                        raise _too_large(shown, fetch.max_bytes)
+                    digest.update(chunk)
+                    out.write(chunk)
+                return digest.hexdigest(), size
+        raise LipsyncError(
+            errors.VIDEO_FETCH_FAILED,
+            f"{shown} redirected more than {fetch.max_redirects} times "
+            "(fetch.max_redirects)",
+        )
+
+    async def aclose(self) -> None:
+        tasks = list(self._downloads.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
+
+
+def _forget(tasks: dict[str, asyncio.Task[Any]], key: str, task: asyncio.Task[Any]) -> None:
+    """Done-callback of a shared task: unregister it and mark its error as retrieved, so
+    that an error whose waiters all left is not logged as "never retrieved"."""
+    if tasks.get(key) is task:
+        del tasks[key]
+    if not task.cancelled():
+        task.exception()
+
+
+def _too_large(label: str, max_bytes: int) -> LipsyncError:
+    return LipsyncError(
+        errors.VIDEO_TOO_LARGE,
+        f"video {label} is larger than {max_bytes} bytes; raise fetch.max_bytes to allow it",
+    )
+
+
+def _file_url_path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise LipsyncError(
+            errors.URL_NOT_ALLOWED,
+            f"file URL {url} names host {parts.netloc!r}; only local files "
+            "(file:///path) can be read",
+        )
+    return Path(unquote(parts.path))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedVideo:
+    frames: np.ndarray  # (N, H, W, 3) uint8 RGB
+    fps: float
+    width: int
+    height: int
+    duration_s: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.frames.nbytes)
+
+
+def decode_video(path: Path, settings: Settings, source: str | None = None) -> DecodedVideo:
+    """Decode every frame of ``path`` to RGB. Blocking: run it in a thread.
+
+    ``source`` names the video in error messages (the URL it came from); the path is
+    used when it is not given. Decoding stops as soon as a cap is passed, so a huge
+    file costs at most the caps in memory.
+    """
+    label = display_url(source) if source else str(path)
+    fetch, video = settings.fetch, settings.video
+    try:
+        container = av.open(str(path), mode="r")
+    except av.FFmpegError as exc:
+        raise _invalid(f"{label} is not a readable video file ({_short_error(exc)})") from None
+    with container:
+        if not container.streams.video:
+            found = ", ".join(s.type for s in container.streams) or "no streams"
+            raise _invalid(f"{label} has no video stream (found: {found})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None:  # PyAV gives no codec context when FFmpeg has no decoder for it
+            raise _invalid(f"{label}: its video codec is not supported by this FFmpeg build")
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        _check_size(label, width, height, settings)
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        if not 0.5 <= fps <= 240:
+            fps = float(video.fps)  # no usable rate in the container: the output rate
+        known_s = _known_duration(stream, container)
+        if known_s is not None and known_s > fetch.max_video_s + 1.0 / fps:
+            raise _too_long(label, known_s, fetch.max_video_s)
+
+        max_frames = min(fetch.max_frames_in_memory, int(fetch.max_video_s * fps + 1.5))
+        expected = stream.frames if 0 < stream.frames <= max_frames else 64
+        buffer = _FrameBuffer(expected)
+        try:
+            for frame in container.decode(stream):
+                if buffer.count >= max_frames:
+                    if buffer.count >= fetch.max_frames_in_memory:
+                        raise _invalid(
+                            f"{label} has more than {fetch.max_frames_in_memory} frames; "
+                            "raise fetch.max_frames_in_memory or use a shorter video"
+                        )
+                    raise _too_long(label, (buffer.count + 1) / fps, fetch.max_video_s)
+                if frame.width != width or frame.height != height:
+                    width, height = frame.width, frame.height
+                    _check_size(label, width, height, settings)
+                    if buffer.count:
+                        raise _invalid(f"{label} changes its frame size mid-stream")
+                buffer.append(frame.to_ndarray(format="rgb24"))
+        except av.FFmpegError as exc:
+            raise _invalid(
+                f"{label}: cannot decode its {stream.codec_context.name} video "
+                f"({_short_error(exc)})"
+            ) from None
+
+    if buffer.count == 0:
+        raise _invalid(f"{label} has a video stream but no decodable frames")
+    frames = buffer.result()
+    duration = frames.shape[0] / fps
+    if duration < fetch.min_video_s:
+        raise _invalid(
+            f"{label} is {duration:.2f} s long ({frames.shape[0]} frames), shorter than "
+            f"fetch.min_video_s = {fetch.min_video_s:g} s"
+        )
+    return DecodedVideo(
+        frames=frames, fps=fps, width=frames.shape[2], height=frames.shape[1],
+        duration_s=duration,
+    )
+
+
+class _FrameBuffer:
+    """Frames in one preallocated array, grown by doubling; avoids np.stack's 2x peak."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._data: np.ndarray | None = None
+        self.count = 0
+
+    def append(self, frame: np.ndarray) -> None:
+        if self._data is None:
+            self._data = np.empty((self._capacity, *frame.shape), dtype=np.uint8)
+        elif self.count == self._data.shape[0]:
+            grown = np.empty((self.count * 2, *self._data.shape[1:]), dtype=np.uint8)
+            grown[: self.count] = self._data
+            self._data = grown
+        self._data[self.count] = frame
+        self.count += 1
+
+    def result(self) -> np.ndarray:
+        assert self._data is not None
+        if self.count == self._data.shape[0]:
+            return self._data
+        return self._data[: self.count].copy()  # drop the unused tail's memory
+
+
+def _known_duration(stream: Any, container: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _check_size(label: str, width: int, height: int, settings: Settings) -> None:
+    v = settings.video
+    if width <= 0 or height <= 0:
+        raise _invalid(f"{label} has a video stream without a frame size")
+    if width > v.max_width or height > v.max_height:
+        raise _invalid(
+            f"{label} is {width}x{height}, larger than video.max_width x video.max_height "
+            f"= {v.max_width}x{v.max_height}; scale the video down or raise those settings"
+        )
+
+
+def _too_long(label: str, seconds: float, max_s: float) -> LipsyncError:
+    return _invalid(
+        f"{label} is longer than fetch.max_video_s = {max_s:g} s (at least {seconds:.1f} s); "
+        "trim it or raise fetch.max_video_s"
+    )
+
+
+def _invalid(message: str) -> LipsyncError:
+    return LipsyncError(errors.VIDEO_INVALID, message)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass(eq=False)
+class _Entry:
+    video: DecodedVideo
+    refs: int = 0
+
+
+class AvatarStore:
+    """Decoded idle videos in memory, shared by content hash with reference counts.
+
+    Sessions on the same avatar hold one array; concurrent ``get`` calls for one URL run
+    a single fetch + decode; an entry is dropped when its last holder releases it.
+    """
+
+    def __init__(self, settings: Settings, fetcher: VideoFetcher | None = None) -> None:
+        self.settings = settings
+        self._owns_fetcher = fetcher is None
+        self.fetcher = fetcher or VideoFetcher(settings)
+        self._entries: dict[str, _Entry] = {}
+        self._loading: dict[str, asyncio.Task[tuple[DecodedVideo, str]]] = {}
+        # One decode at a time: it bounds peak memory and leaves CPU to live sessions.
+        self._decode_slot = asyncio.Semaphore(1)
+
+    async def get(self, url: str) -> tuple[DecodedVideo, str]:
+        task = self._loading.get(url)
+        if task is None:
+            task = asyncio.create_task(self._load(url), name=f"avatar-load {display_url(url)}")
+            self._loading[url] = task
+            task.add_done_callback(lambda t, url=url: _forget(self._loading, url, t))
+        # shield: one waiter's cancellation must not cancel the load for the others.
+        video, content_hash = await asyncio.shield(task)
+        entry = self._entries.get(content_hash)
+        if entry is None:  # released to zero by others while this waiter was resuming
+            entry = self._entries[content_hash] = _Entry(video)
+        entry.refs += 1
+        return entry.video, content_hash
+
+    def release(self, content_hash: str) -> None:
+        entry = self._entries.get(content_hash)
+        if entry is None:
+            log.warning("avatar_release_unknown", content_hash=content_hash[:12])
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            del self._entries[content_hash]
+            log.info("avatar_video_dropped", content_hash=content_hash[:12])
+
+    def refcount(self, content_hash: str) -> int:
+        entry = self._entries.get(content_hash)
+        return entry.refs if entry else 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "videos": len(self._entries),
+            "bytes": sum(e.video.nbytes for e in self._entries.values()),
+            "loading": len(self._loading),
+        }
+
+    async def _load(self, url: str) -> tuple[DecodedVideo, str]:
+        fetched = await self.fetcher.fetch(url)
+        entry = self._entries.get(fetched.content_hash)
+        if entry is not None:  # the same bytes under another URL, already decoded
+            return entry.video, fetched.content_hash
+        async with self._decode_slot:
+            video = await asyncio.to_thread(decode_video, fetched.path, self.settings, url)
+        log.info(
+            "avatar_video_decoded", url=display_url(url), frames=video.num_frames,
+            size=f"{video.width}x{video.height}", fps=video.fps,
+            content_hash=fetched.content_hash[:12],
+        )
+        return video, fetched.content_hash
+
+    async def aclose(self) -> None:
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()
+        if self._owns_fetcher:
+            await self.fetcher.aclose()

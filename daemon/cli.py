@@ -1,0 +1,269 @@
+"""`lipsync`: tools beside the daemon (the `nats` CLI equivalents, models, render, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.config import ConfigError, Settings, load_settings
+
+
+def _nats_url(settings: Settings, override: str | None) -> str:
+    if override:
+        return override
+    if settings.nats.url == "embedded":
+        return f"nats://{settings.nats.embedded_host}:{settings.nats.embedded_port}"
+    return settings.nats.url.split(",")[0].strip()
+
+
+async def _connect(url: str):
+    import nats
+
+    try:
+        return await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    except Exception as exc:
+        raise SystemExit(f"lipsync: cannot reach NATS at {url} ({exc or type(exc).__name__}): "
+                         "is lipsyncd running? (--nats to point elsewhere)") from None
+
+
+async def _request(url: str, subject: str, body: dict[str, Any] | bytes, timeout: float) -> Any:
+    nc = await _connect(url)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            msg = await nc.request(subject, data, timeout=timeout)
+        except Exception as exc:
+            raise SystemExit(f"lipsync: no reply on {subject} within {timeout}s ({type(exc).__name__})") from None
+        try:
+            return json.loads(msg.data)
+        except ValueError:
+            return msg.data.decode(errors="replace")
+    finally:
+        await nc.close()
+
+
+def cmd_schema(args, settings) -> int:
+    from schemas import all_json_schemas
+
+    print(json.dumps(all_json_schemas(), indent=2))
+    return 0
+
+
+def cmd_start(args, settings) -> int:
+    body: dict[str, Any] = {"v": 1, "session_id": args.session_id, "audio": {"sample_rate": args.rate}}
+    if args.url:
+        body["idle_video_url"] = args.url
+    else:
+        body["avatar_id"] = args.avatar
+    if args.room:
+        body["livekit"] = {"room": args.room, **({"identity": args.identity} if args.identity else {})}
+    if args.fps:
+        body["video"] = {"fps": args.fps}
+    reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.session.start",
+                                 body, args.timeout))
+    print(json.dumps(reply, indent=2))
+    return 0 if isinstance(reply, dict) and reply.get("ok") else 1
+
+
+def cmd_stop(args, settings) -> int:
+    reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.session.stop",
+                                 {"v": 1, "session_id": args.session_id}, args.timeout))
+    print(json.dumps(reply, indent=2))
+    return 0 if isinstance(reply, dict) and reply.get("ok") else 1
+
+
+def cmd_control(args, settings) -> int:
+    reply = asyncio.run(_request(_nats_url(settings, args.nats),
+                                 f"{settings.nats.subject_prefix}.control.{args.session_id}",
+                                 {"op": args.op}, args.timeout))
+    print(json.dumps(reply))
+    return 0 if isinstance(reply, dict) and reply.get("ok") else 1
+
+
+def cmd_status(args, settings) -> int:
+    reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.status",
+                                 b"", args.timeout))
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+def cmd_events(args, settings) -> int:
+    async def run() -> None:
+        nc = await _connect(_nats_url(settings, args.nats))
+        done = asyncio.Event()
+        subject = f"{settings.nats.subject_prefix}.events.{args.session_id or '>'}"
+
+        async def on_msg(msg) -> None:
+            print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
+            if args.until and args.until in msg.data.decode(errors="replace"):
+                done.set()
+
+        await nc.subscribe(subject, cb=on_msg)
+        await nc.subscribe(f"{settings.nats.subject_prefix}.errors", cb=on_msg)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=args.timeout) if args.timeout else await done.wait()
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_say(args, settings) -> int:
+    from daemon.producer import say
+
+    return asyncio.run(say(
+        _nats_url(settings, args.nats), settings.nats.subject_prefix, args.session_id, Path(args.wav),
+        realtime=args.realtime, chunk_ms=args.chunk_ms, flush=not args.no_flush, rate=args.rate,
+    ))
+
+
+def cmd_models(args, settings) -> int:
+    from musetalk import weights
+
+    model_dir = Path(args.dir) if args.dir else settings.model.dir
+    if args.action == "download":
+        weights.download(model_dir, progress=True)
+    statuses = weights.check(model_dir)
+    missing = 0
+    for st in statuses:
+        print(st.describe() if hasattr(st, "describe") else st)
+        missing += int(getattr(st, "required", True) and getattr(st, "state", "present") != "present")
+    return 1 if missing else 0
+
+
+def cmd_render(args, settings) -> int:
+    from musetalk.render import render_offline
+
+    render_offline(
+        Path(args.video), Path(args.audio), Path(args.out),
+        models_dir=Path(args.models) if args.models else settings.model.dir,
+        device=args.device or settings.model.device, dtype=settings.model.dtype,
+        random_weights=args.random_weights,
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args, settings) -> int:
+    from musetalk.bench import run_bench
+
+    result = run_bench(device=args.device, batch_sizes=tuple(int(b) for b in args.batches.split(",")),
+                       dtypes=tuple(args.dtypes.split(",")), compile=args.compile)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args, settings) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(settings, Path(args.wav) if args.wav else None, Path(args.out) if args.out else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lipsync", description="Tools for the lipsyncd lip-sync daemon")
+    p.add_argument("--config", help="config file (default: $LIPSYNC_CONFIG or ./config.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def nats_opts(sp: argparse.ArgumentParser, timeout: float = 60.0) -> None:
+        sp.add_argument("--nats", help="NATS URL (default: from the config)")
+        sp.add_argument("--timeout", type=float, default=timeout, help="seconds to wait for a reply")
+
+    sp = sub.add_parser("schema", help="print the JSON Schema of every message")
+    sp.set_defaults(fn=cmd_schema)
+
+    sp = sub.add_parser("start", help="start a session (request/reply)")
+    sp.add_argument("session_id")
+    sp.add_argument("--avatar", default="demo", help="avatar id (default: demo)")
+    sp.add_argument("--url", help="idle video URL instead of an avatar id")
+    sp.add_argument("--room", help="LiveKit room")
+    sp.add_argument("--identity", help="LiveKit identity")
+    sp.add_argument("--rate", type=int, default=16000, help="sample rate of the audio you will send")
+    sp.add_argument("--fps", type=int)
+    nats_opts(sp)
+    sp.set_defaults(fn=cmd_start)
+
+    sp = sub.add_parser("stop", help="stop a session")
+    sp.add_argument("session_id")
+    nats_opts(sp, 10.0)
+    sp.set_defaults(fn=cmd_stop)
+
+    sp = sub.add_parser("control", help="flush (end of utterance) or clear (interrupt)")
+    sp.add_argument("session_id")
+    sp.add_argument("op", choices=["flush", "clear"])
+    nats_opts(sp, 5.0)
+    sp.set_defaults(fn=cmd_control)
+
+    sp = sub.add_parser("status", help="the daemon's sessions, capacity and device")
+    nats_opts(sp, 5.0)
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("events", help="print events (all sessions, or one)")
+    sp.add_argument("session_id", nargs="?")
+    sp.add_argument("--until", help="exit after an event containing this text (e.g. stopped)")
+    sp.add_argument("--nats")
+    sp.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds (0: never)")
+    sp.set_defaults(fn=cmd_events)
+
+    sp = sub.add_parser("say", help="stream a WAV into a session as TTS-like PCM chunks")
+    sp.add_argument("session_id")
+    sp.add_argument("wav")
+    sp.add_argument("--realtime", action="store_true", help="pace chunks at real time (like a live TTS)")
+    sp.add_argument("--chunk-ms", type=int, default=40)
+    sp.add_argument("--rate", type=int, help="resample to this rate before sending (the session's rate)")
+    sp.add_argument("--no-flush", action="store_true", help="do not send flush at the end")
+    nats_opts(sp)
+    sp.set_defaults(fn=cmd_say)
+
+    sp = sub.add_parser("models", help="download or check the model weights")
+    sp.add_argument("action", choices=["download", "check"])
+    sp.add_argument("--dir", help="models dir (default: model.dir)")
+    sp.set_defaults(fn=cmd_models)
+
+    sp = sub.add_parser("render", help="offline: idle video + speech WAV -> lip-synced MP4")
+    sp.add_argument("--video", required=True)
+    sp.add_argument("--audio", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--models", help="models dir (default: model.dir)")
+    sp.add_argument("--device")
+    sp.add_argument("--random-weights", choices=["tiny", "full"], help="development: random weights")
+    sp.set_defaults(fn=cmd_render)
+
+    sp = sub.add_parser("bench", help="GPU benchmark with full-size random weights")
+    sp.add_argument("--device", default="cuda")
+    sp.add_argument("--batches", default="1,2,4,8,16,32,64")
+    sp.add_argument("--dtypes", default="float16,bfloat16")
+    sp.add_argument("--compile", action="store_true")
+    sp.add_argument("--json", help="also write the results here")
+    sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("demo", help="the whole loop on this machine: daemon + demo avatar + speech -> MP4")
+    sp.add_argument("--wav", help="speech WAV (default: the bundled sample)")
+    sp.add_argument("--out", help="copy the recording here")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"lipsync: {exc}", file=sys.stderr)
+        return 2
+    return args.fn(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Avatar preparation (once per idle video) and its on-disk cache.
+
+Pipeline: landmarks per frame -> face boxes (reference geometry, then temporal
+smoothing) -> 256x256 crops -> VAE latents [masked 4 | reference 4] -> blend boxes and
+soft masks (face parsing when installed, landmark polygon otherwise).
+
+Cache layout (one directory per avatar, written atomically):
+
+    meta.json        format version, key, model version, options, fps, shapes
+    frames.npy       (N, H, W, 3) uint8 RGB
+    face_boxes.npy   (N, 4) int32
+    blend_boxes.npy  (N, 4) int32
+    latents.npy      (N, 8, 32, 32) float16
+    masks.npy        all masks, flattened and concatenated, uint8
+    mask_offsets.npy (N + 1,) int64; mask i is masks[off[i]:off[i+1]] shaped by blend box i
+
+All arrays load memory-mapped, so opening a cached avatar costs file opens, not reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from musetalk import blending
+from musetalk.landmarks import Landmarker
+from musetalk.types import FACE_SIZE, LATENT_SIZE, PreparedAvatar
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+META_FILE = "meta.json"
+PARSE_SIZE = 512
+
+EncodeLatents = Callable[[np.ndarray], np.ndarray]
+
+
+class CacheInvalid(Exception):
+    """The cache directory is missing, from another format version, or for another key."""
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+        self._start = self._t
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = (now - self._t) * 1000.0
+        self._t = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = (time.perf_counter() - self._start) * 1000.0
+        return self.timings
+
+
+def detect_all(
+    frames: np.ndarray,
+    landmarker: Landmarker,
+    max_missing_fraction: float = 0.5,
+    outlier_tolerance: float | None = 0.6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 68, 2) landmarks for every frame and a bool array of frames that had a face.
+
+    A frame without a face takes the landmarks of the nearest frame with one (earlier
+    one on ties): the head barely moves between neighbouring frames of an idle video.
+    A face whose centre lies more than ``outlier_tolerance`` face sizes from the median
+    face, or whose size is off by more than that fraction, counts as not found: in an
+    idle video that is a false detection (a pattern on clothes), not a head movement.
+    """
+    n = frames.shape[0]
+    found: list[np.ndarray | None] = [landmarker.detect(frames[i]) for i in range(n)]
+    if outlier_tolerance is not None:
+        found = _drop_outliers(found, outlier_tolerance)
+    detected = np.array([f is not None for f in found])
+    missing = int(n - detected.sum())
+    if detected.sum() == 0:
+        raise ValueError(
+            f"no face found in any of the {n} frames of the idle video; it must show one "
+            "frontal face, well lit, at least ~8% of the frame's height"
+        )
+    if missing / n > max_missing_fraction:
+        raise ValueError(
+            f"no face found in {missing} of {n} frames ({missing / n:.0%}, more than the "
+            f"allowed {max_missing_fraction:.0%}); use an idle video where the face stays "
+            "visible and frontal, or raise max_missing_fraction"
+        )
+    if missing:
+        log.warning("no face in %d of %d frames; reusing the nearest detected face", missing, n)
+    idx = np.flatnonzero(detected)
+    out = np.empty((n, 68, 2), dtype=np.float64)
+    for i in range(n):
+        j = idx[np.argmin(np.abs(idx - i))]
+        out[i] = found[j]
+    return out, detected
+
+
+def _drop_outliers(found: list[np.ndarray | None], tolerance: float) -> list[np.ndarray | None]:
+    present = [f for f in found if f is not None]
+    if len(present) < 3:
+        return found
+    centres = np.array([(f.min(0) + f.max(0)) / 2 for f in present])
+    sizes = np.array([float(np.max(f.max(0) - f.min(0))) for f in present])
+    med_c, med_s = np.median(centres, axis=0), float(np.median(sizes))
+    out: list[np.ndarray | None] = []
+    dropped = 0
+    for f in found:
+        if f is not None:
+            c = (f.min(0) + f.max(0)) / 2
+            s = float(np.max(f.max(0) - f.min(0)))
+            if np.linalg.norm(c - med_c) > tolerance * med_s or abs(s / med_s - 1) > tolerance:
+                f = None
+                dropped += 1
+        out.append(f)
+    if dropped:
+        log.warning("ignored %d face detections far from the video's usual face position", dropped)
+    return out
+
+
+def prepare_avatar(
+    frames: np.ndarray,
+    fps: float,
+    *,
+    landmarker: Landmarker,
+    encode_latents: EncodeLatents,
+    face_parser: Any = None,
+    extra_margin: int = 10,
+    parsing_mode: str = "jaw",
+    max_missing_fraction: float = 0.5,
+    outlier_tolerance: float | None = 0.6,
+    key: str,
+    smooth_window: int = 5,
+    cheek_width: int = 90,
+    batch_size: int = 16,
+) -> PreparedAvatar:
+    """Prepare every frame of an idle video for generation.
+
+    ``encode_latents`` maps (B, 256, 256, 3) uint8 RGB crops to (B, 8, 32, 32) latents
+    [masked 4 | reference 4], already scaled. ``face_parser`` has
+    ``parse((B, 512, 512, 3) uint8) -> (B, 512, 512) uint8`` labels; without it the
+    blend masks come from the landmark polygon.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (N, H, W, 3) uint8 RGB frames, got {frames.shape} {frames.dtype}")
+    if frames.shape[0] == 0:
+        raise ValueError("the idle video has no frames")
+    if parsing_mode not in ("jaw", "raw"):
+        raise ValueError(f"unknown parsing_mode {parsing_mode!r}: use 'jaw' or 'raw'")
+    n, h, w, _ = frames.shape
+    timer = _Timer()
+
+    landmarks, _ = detect_all(frames, landmarker, max_missing_fraction, outlier_tolerance)
+    timer.lap("landmarks")
+
+    raw_boxes = np.array(
+        [blending.face_box_from_landmarks(landmarks[i], w, h, extra_margin) for i in range(n)], dtype=np.int32
+    )
+    face_boxes = blending.smooth_boxes(raw_boxes, w, h, window=smooth_window)
+    squares = [blending.blend_square(tuple(b)) for b in face_boxes]
+    timer.lap("boxes")
+
+    crops = np.stack([blending.crop_face(frames[i], tuple(face_boxes[i])) for i in range(n)])
+    timer.lap("crops")
+
+    latents = np.empty((n, 8, LATENT_SIZE, LATENT_SIZE), dtype=np.float16)
+    for i in range(0, n, batch_size):
+        out = np.asarray(encode_latents(crops[i : i + batch_size]))
+        if out.shape != (min(batch_size, n - i), 8, LATENT_SIZE, LATENT_SIZE):
+            raise ValueError(f"encode_latents returned shape {out.shape}, expected (B, 8, {LATENT_SIZE}, {LATENT_SIZE})")
+        latents[i : i + out.shape[0]] = out
+    timer.lap("latents")
+
+    blend_boxes, masks = _masks(
+        frames, face_boxes, squares, landmarks, face_parser, parsing_mode, cheek_width, batch_size
+    )
+    timer.lap("masks")
+
+    source = getattr(landmarker, "quality", type(landmarker).__name__)
+    source += " + " + ("bisenet-" + parsing_mode if face_parser is not None else "landmark-mask")
+    return PreparedAvatar(
+        key=key,
+        fps=float(fps),
+        frames=frames,
+        face_boxes=face_boxes,
+        blend_boxes=blend_boxes,
+        masks=masks,
+        latents=latents,
+        landmark_source=source,
+        timings_ms=timer.total(),
+    )
+
+
+def _masks(
+    frames: np.ndarray,
+    face_boxes: np.ndarray,
+    squares: list[blending.Box],
+    landmarks: np.ndarray,
+    face_parser: Any,
+    parsing_mode: str,
+    cheek_width: int,
+    batch_size: int,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    n, h, w, _ = frames.shape
+    blend_boxes = np.empty((n, 4), dtype=np.int32)
+    masks: list[np.ndarray] = []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        labels = None
+        if face_parser is not None:
+            # The parser sees the whole blend square (black outside the frame) at 512x512.
+            batch = np.stack(
+                [
+                    cv2.resize(blending.crop_square(frames[i], squares[i]), (PARSE_SIZE, PARSE_SIZE), interpolation=cv2.INTER_LINEAR)
+                    for i in idx
+                ]
+            )
+            labels = face_parser.parse(batch)
+        for k, i in enumerate(idx):
+            sq = squares[i]
+            side = sq[2] - sq[0]
+            fx1, fy1, fx2, fy2 = (int(v) for v in face_boxes[i])
+            face_rel = (fx1 - sq[0], fy1 - sq[1], fx2 - sq[0], fy2 - sq[1])
+            if labels is not None:
+                m = blending.mask_from_parsing(labels[k], side, face_rel, mode=parsing_mode, cheek_width=cheek_width)
+            else:
+                m = blending.mask_from_landmarks(landmarks[i] - [sq[0], sq[1]], side, face_rel)
+            box, m = blending.clip_square(m, sq, w, h)
+            blend_boxes[i] = box
+            masks.append(m)
+    return blend_boxes, masks
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def avatar_cache_key(content_hash: str, model_version: str, options: dict[str, Any]) -> str:
+    """Stable key of one prepared avatar: video content, models, and preparation options."""
+    payload = json.dumps(
+        {"format": CACHE_FORMAT_VERSION, "content": content_hash, "model": model_version, "options": options},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def save_prepared(
+    avatar: PreparedAvatar,
+    directory: str | Path,
+    *,
+    model_version: str = "",
+    options: dict[str, Any] | None = None,
+) -> Path:
+    """Write the avatar to ``directory`` (replaced atomically: readers never see half a cache)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        sizes = [int(m.size) for m in avatar.masks]
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(sizes)
+        flat = np.concatenate([m.reshape(-1) for m in avatar.masks]) if avatar.masks else np.zeros(0, np.uint8)
+        np.save(tmp / "frames.npy", np.ascontiguousarray(avatar.frames, dtype=np.uint8))
+        np.save(tmp / "face_boxes.npy", np.asarray(avatar.face_boxes, dtype=np.int32))
+        np.save(tmp / "blend_boxes.npy", np.asarray(avatar.blend_boxes, dtype=np.int32))
+        np.save(tmp / "latents.npy", np.asarray(avatar.latents, dtype=np.float16))
+        np.save(tmp / "masks.npy", flat.astype(np.uint8))
+        np.save(tmp / "mask_offsets.npy", offsets)
+        meta = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "key": avatar.key,
+            "model_version": model_version,
+            "options": options or {},
+            "fps": avatar.fps,
+            "num_frames": avatar.num_frames,
+            "height": avatar.height,
+            "width": avatar.width,
+            "landmark_source": avatar.landmark_source,
+            "timings_ms": avatar.timings_ms,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_cache_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CacheInvalid(f"no avatar cache at {directory}") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheInvalid(f"unreadable avatar cache metadata {path}: {e}") from e
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CacheInvalid(
+            f"avatar cache {directory} has format version {meta.get('format_version')}, "
+            f"this build reads version {CACHE_FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_prepared(directory: str | Path, *, key: str | None = None, mmap: bool = True) -> PreparedAvatar:
+    """Open a cached avatar. Raises :class:`CacheInvalid` when it must be rebuilt."""
+    directory = Path(directory)
+    meta = read_cache_meta(directory)
+    if key is not None and meta.get("key") != key:
+        raise CacheInvalid(f"avatar cache {directory} is for key {meta.get('key')}, wanted {key}")
+    mode = "r" if mmap else None
+    try:
+        frames = np.load(directory / "frames.npy", mmap_mode=mode)
+        face_boxes = np.load(directory / "face_boxes.npy")
+        blend_boxes = np.load(directory / "blend_boxes.npy")
+        latents = np.load(directory / "latents.npy", mmap_mode=mode)
+        flat = np.load(directory / "masks.npy", mmap_mode=mode)
+        offsets = np.load(directory / "mask_offsets.npy")
+    except (OSError, ValueError) as e:
+        raise CacheInvalid(f"avatar cache {directory} is incomplete or corrupt: {e}") from e
+    n = int(meta["num_frames"])
+    if frames.shape[0] != n or latents.shape != (n, 8, LATENT_SIZE, LATENT_SIZE) or offsets.shape != (n + 1,):
+        raise CacheInvalid(f"avatar cache {directory} has inconsistent array shapes")
+    masks = []
+    for i in range(n):
+        x1, y1, x2, y2 = (int(v) for v in blend_boxes[i])
+        masks.append(flat[offsets[i] : offsets[i + 1]].reshape(y2 - y1, x2 - x1))
+    return PreparedAvatar(
+        key=meta["key"],
+        fps=float(meta["fps"]),
+        frames=frames,
+        face_boxes=face_boxes,
+        blend_boxes=blend_boxes,
+        masks=masks,
+        latents=latents,
+        landmark_source=meta.get("landmark_source", "unknown"),
+        timings_ms=dict(meta.get("timings_ms", {})),
+    )
+
+
+def load_or_prepare(
+    directory: str | Path,
+    key: str,
+    prepare: Callable[[], PreparedAvatar],
+    *,
+    model_version: str = "",
+    options: dict[str, Any] | None = None,
+) -> tuple[PreparedAvatar, bool]:
+    """The cached avatar when valid for ``key``, else a fresh one (saved). Returns (avatar, from_cache)."""
+    try:
+        return load_prepared(directory, key=key), True
+    except CacheInvalid as e:
+        log.info("rebuilding avatar cache: %s", e)
+    avatar = prepare()
+    save_prepared(avatar, directory, model_version=model_version, options=options)
+    return avatar, False
+
+
+def face_crops(avatar: PreparedAvatar) -> np.ndarray:
+    """The 256x256 crops of a prepared avatar (recomputed; they are not cached)."""
+    return np.stack(
+        [blending.crop_face(avatar.frames[i], tuple(avatar.face_boxes[i])) for i in range(avatar.num_frames)]
+    ).reshape(-1, FACE_SIZE, FACE_SIZE, 3)

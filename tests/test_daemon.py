@@ -1,0 +1,304 @@
+"""The daemon end to end over a real nats-server: sessions, idle video into the local MP4
+sink, every bad input answered with its error and harmless to a live session."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import nats
+import numpy as np
+import pytest
+
+from daemon.app import Daemon
+from daemon.config import Settings
+from daemon.session import pingpong_index
+from tests.conftest import free_port
+from tests.media import decode_video_frames, nearest_palette_index, write_color_video
+
+NUM_SOURCE_FRAMES = 6
+
+
+@pytest.fixture
+def color_video(tmp_path: Path) -> Path:
+    path = tmp_path / "idle.mp4"
+    write_color_video(path, NUM_SOURCE_FRAMES, size=(64, 48))
+    return path
+
+
+def make_settings(nats_server, tmp_path: Path, color_video: Path, **extra) -> Settings:
+    cfg = dict(
+        nats={"url": nats_server.url, "subject_prefix": "lipsync"},
+        daemon={"state_dir": str(tmp_path / "state"), "max_sessions": 3, "shutdown_timeout_s": 5},
+        http={"port": free_port()},
+        model={"enabled": False},
+        fetch={"allow_file_urls": True},
+        avatars={
+            "colors": {"idle_video_url": color_video.as_uri()},
+            "missing": {"idle_video_url": (tmp_path / "nope.mp4").as_uri()},
+            "notvideo": {"idle_video_url": (tmp_path / "bytes.mp4").as_uri()},
+        },
+    )
+    (tmp_path / "bytes.mp4").write_bytes(b"this is not a video" * 100)
+    cfg.update(extra)
+    return Settings(**cfg)
+
+
+class Client:
+    """A producer: request/reply helper plus a recorder of every event."""
+
+    def __init__(self, nc) -> None:
+        self.nc = nc
+        self.events: list[dict] = []
+        self.errors: list[dict] = []
+
+    @classmethod
+    async def connect(cls, url: str) -> "Client":
+        client = cls(await nats.connect(url))
+        await client.nc.subscribe("lipsync.events.>", cb=client._on_event)
+        await client.nc.subscribe("lipsync.errors", cb=client._on_error)
+        await client.nc.flush()
+        return client
+
+    async def _on_event(self, msg) -> None:
+        self.events.append(json.loads(msg.data))
+
+    async def _on_error(self, msg) -> None:
+        self.errors.append(json.loads(msg.data))
+
+    async def request(self, subject: str, body, timeout: float = 20.0) -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        msg = await self.nc.request(subject, data, timeout=timeout)
+        return json.loads(msg.data)
+
+    async def wait_event(self, sid: str, type_: str, timeout: float = 10.0, **match) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events:
+                if ev.get("session_id") == sid and ev.get("type") == type_ and all(
+                    ev.get(k) == v for k, v in match.items()
+                ):
+                    return ev
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {type_} event for {sid} ({match}); got {self.events[-5:]}")
+
+    def events_of(self, sid: str, type_: str | None = None) -> list[dict]:
+        return [e for e in self.events if e.get("session_id") == sid and (type_ is None or e["type"] == type_)]
+
+
+def start_body(sid: str, **kw) -> dict:
+    body = {"v": 1, "session_id": sid, "avatar_id": "colors", "audio": {"sample_rate": 16000}}
+    body.update(kw)
+    return body
+
+
+@pytest.fixture
+async def daemon(nats_server, tmp_path, color_video):
+    d = Daemon(make_settings(nats_server, tmp_path, color_video))
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+@pytest.fixture
+async def client(nats_server):
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.nc.close()
+
+
+async def test_idle_session_lands_in_mp4_with_pingpong_frames(daemon, client):
+    reply = await client.request("lipsync.session.start", start_body("s1"))
+    assert reply["ok"] is True and reply["existing"] is False
+    assert (reply["width"], reply["height"], reply["fps"]) == (64, 48, 25)
+    path = Path(reply["output"]["path"])
+    ready = await client.wait_event("s1", "ready")
+    assert ready["output"] == reply["output"]
+    assert set(ready["timings_ms"]) >= {"resolve_ms", "video_ms", "publisher_ms", "total_ms"}
+    t_ready = time.monotonic()
+    await asyncio.sleep(2.0)
+    stop = await client.request("lipsync.session.stop", {"v": 1, "session_id": "s1"})
+    elapsed = time.monotonic() - t_ready
+    assert stop == {"ok": True, "session_id": "s1"}
+    stopped = await client.wait_event("s1", "stopped")
+    assert stopped["reason"] == "requested"
+    assert "s1" not in daemon.sessions
+
+    frames, fps = decode_video_frames(path)
+    assert fps == 25
+    # Frames published between ready and stop, at 25 fps: within one frame (plus the
+    # frame the loop emits at t=0 and the stop round trip).
+    assert abs(len(frames) - elapsed * 25) <= 2, (len(frames), elapsed)
+    got = [nearest_palette_index(f) for f in frames]
+    want = [pingpong_index(i, NUM_SOURCE_FRAMES) for i in range(len(frames))]
+    assert got == want
+
+
+async def test_start_is_idempotent_and_conflicts_are_refused(daemon, client):
+    first = await client.request("lipsync.session.start", start_body("same"))
+    again = await client.request("lipsync.session.start", start_body("same"))
+    assert first["ok"] and again["ok"] and again["existing"] is True
+    assert again["output"] == first["output"]
+    other = await client.request("lipsync.session.start", start_body("same", audio={"sample_rate": 24000}))
+    assert other["ok"] is False and other["error"]["code"] == "session_conflict"
+    assert len(client.events_of("same", "ready")) == 1
+
+
+BAD_STARTS = [
+    (b"{not json", "bad_json"),
+    (b"[1,2]", "bad_json"),
+    (json.dumps({"v": 2, "session_id": "x", "avatar_id": "colors"}).encode(), "unsupported_version"),
+    (json.dumps({"session_id": "x", "avatar_id": "colors"}).encode(), "unsupported_version"),
+    (json.dumps({"v": 1, "avatar_id": "colors"}).encode(), "invalid_message"),
+    (json.dumps({"v": 1, "session_id": "x", "avatar_id": "colors", "extra": 1}).encode(), "invalid_message"),
+    (json.dumps({"v": 1, "session_id": "x"}).encode(), "invalid_message"),
+    (json.dumps({"v": 1, "session_id": "x", "avatar_id": "colors", "audio": {"sample_rate": 12345}}).encode(),
+     "invalid_message"),
+    (json.dumps({"v": 1, "session_id": "../etc", "avatar_id": "colors"}).encode(), "invalid_session_id"),
+    (json.dumps({"v": 1, "session_id": "a" * 129, "avatar_id": "colors"}).encode(), "invalid_session_id"),
+    (json.dumps({"v": 1, "session_id": "x y", "avatar_id": "colors"}).encode(), "invalid_session_id"),
+    (json.dumps({"v": 1, "session_id": "x", "avatar_id": "nobody"}).encode(), "unknown_avatar"),
+    (json.dumps({"v": 1, "session_id": "x", "avatar_id": "missing"}).encode(), "video_fetch_failed"),
+    (json.dumps({"v": 1, "session_id": "x", "avatar_id": "notvideo"}).encode(), "video_invalid"),
+    (json.dumps({"v": 1, "session_id": "x", "idle_video_url": "ftp://example/x.mp4"}).encode(), "url_not_allowed"),
+]
+
+
+async def test_bad_starts_get_clear_errors_and_leave_live_session_alone(daemon, client):
+    live = await client.request("lipsync.session.start", start_body("live"))
+    assert live["ok"]
+    frames_before = daemon.sessions["live"].tick
+    for body, code in BAD_STARTS:
+        reply = await client.request("lipsync.session.start", body)
+        assert reply["ok"] is False, body
+        assert reply["error"]["code"] == code, (body, reply)
+        assert len(reply["error"]["message"]) > 10
+    # Errors of failed starts leave nothing behind.
+    assert set(daemon.sessions) == {"live"}
+    await asyncio.sleep(0.2)
+    assert daemon.sessions["live"].tick > frames_before
+    assert daemon.sessions["live"].loop_alive()
+    # The message names what to change.
+    reply = await client.request("lipsync.session.start", json.dumps(
+        {"v": 1, "session_id": "x", "avatar_id": "nobody"}).encode())
+    assert "nobody" in reply["error"]["message"]
+
+
+async def test_plain_publish_errors_become_error_events(daemon, client):
+    await client.nc.publish("lipsync.session.start", json.dumps(
+        {"v": 1, "session_id": "pp", "avatar_id": "nobody"}).encode())
+    ev = await client.wait_event("pp", "error")
+    assert ev["code"] == "unknown_avatar"
+    await client.nc.publish("lipsync.session.start", b"garbage")
+    deadline = time.monotonic() + 5
+    while not client.errors and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert client.errors and client.errors[0]["code"] == "bad_json"
+    # A plain-publish start that works sends ready.
+    await client.nc.publish("lipsync.session.start", json.dumps(start_body("pp2")).encode())
+    await client.wait_event("pp2", "ready")
+
+
+async def test_audio_and_control_validation(daemon, client):
+    assert (await client.request("lipsync.session.start", start_body("a1")))["ok"]
+    nc = client.nc
+    # Audio for an unknown session: one error event, not one per chunk.
+    for _ in range(5):
+        await nc.publish("lipsync.audio.ghost", b"\x00\x00" * 160)
+    await client.wait_event("ghost", "error", code="unknown_session")
+    await asyncio.sleep(0.2)
+    assert len(client.events_of("ghost", "error")) == 1
+    # Odd-length PCM.
+    await nc.publish("lipsync.audio.a1", b"\x00" * 321)
+    ev = await client.wait_event("a1", "error", code="audio_invalid")
+    assert "odd" in ev["message"]
+    # Bad and duplicate sequence numbers.
+    await nc.publish("lipsync.audio.a1", b"\x00\x00" * 160, headers={"Lipsync-Seq": "abc"})
+    await client.wait_event("a1", "error", code="audio_invalid")
+    await nc.publish("lipsync.audio.a1", b"\x00\x00" * 160, headers={"Lipsync-Seq": "5"})
+    await nc.publish("lipsync.audio.a1", b"\x00\x00" * 160, headers={"Lipsync-Seq": "5"})
+    await asyncio.sleep(0.2)
+    dup = [e for e in client.events_of("a1", "error") if "not above" in e["message"]]
+    assert len(dup) == 1
+    # A gap in the sequence is filled with silence and counted.
+    await nc.publish("lipsync.audio.a1", b"\x00\x00" * 160, headers={"Lipsync-Seq": "8"})
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert daemon.sessions["a1"].inbox.gap_messages == 2
+    # Control: bad op, bad JSON, unknown session.
+    reply = await client.request("lipsync.control.a1", {"op": "dance"})
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_message"
+    assert "op" in reply["error"]["message"]
+    await nc.publish("lipsync.control.a1", b"nope")
+    await client.wait_event("a1", "error", code="bad_json")
+    await nc.publish("lipsync.control.nobody", json.dumps({"op": "flush"}).encode())
+    await client.wait_event("nobody", "error", code="unknown_session")
+    reply = await client.request("lipsync.control.a1", {"op": "flush"})
+    assert reply == {"ok": True, "session_id": "a1", "op": "flush"}
+    # Stop for an unknown session.
+    reply = await client.request("lipsync.session.stop", {"v": 1, "session_id": "nobody"})
+    assert reply["ok"] is False and reply["error"]["code"] == "unknown_session"
+    assert daemon.sessions["a1"].loop_alive()
+
+
+async def test_audio_buffer_is_bounded_with_an_error(nats_server, tmp_path, color_video, client):
+    settings = make_settings(nats_server, tmp_path, color_video, audio={"max_buffer_s": 1.0})
+    d = Daemon(settings)
+    await d.start()
+    try:
+        assert (await client.request("lipsync.session.start", start_body("big")))["ok"]
+        chunk = b"\x01\x00" * 8000  # 0.5 s at 16 kHz
+        for _ in range(3):
+            await client.nc.publish("lipsync.audio.big", chunk)
+        ev = await client.wait_event("big", "error", code="audio_buffer_full")
+        assert "max_buffer_s" in ev["message"]
+        assert d.sessions["big"].inbox.buffered_samples == 16000
+    finally:
+        await d.shutdown()
+
+
+async def test_capacity_status_health_and_metrics(daemon, client):
+    for sid in ("c1", "c2", "c3"):
+        assert (await client.request("lipsync.session.start", start_body(sid)))["ok"]
+    full = await client.request("lipsync.session.start", start_body("c4"))
+    assert full["error"]["code"] == "at_capacity"
+    status = await client.request("lipsync.status", b"")
+    assert status["active"] == 3 and status["capacity"] == 3 and status["accepting"] is True
+    assert {s["session_id"] for s in status["sessions"]} == {"c1", "c2", "c3"}
+    # nats micro: the service answers $SRV.PING / INFO.
+    info = await client.request("$SRV.INFO.lipsync", b"")
+    assert info["name"] == "lipsync"
+    assert {e["subject"] for e in info["endpoints"]} >= {"lipsync.session.start", "lipsync.status"}
+    port = daemon.settings.http.port
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "ok"
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+            assert "lipsync_sessions_active 3.0" in text
+            assert 'lipsync_errors_total{code="at_capacity"} 1.0' in text
+
+
+async def test_health_reports_nats_loss(daemon):
+    ok, reasons = daemon.health_check()
+    assert ok and reasons == []
+    await daemon.nc.close()
+    ok, reasons = daemon.health_check()
+    assert not ok and "nats disconnected" in reasons
+
+
+async def test_shutdown_sends_stopped_and_refuses_new_sessions(nats_server, tmp_path, color_video, client):
+    d = Daemon(make_settings(nats_server, tmp_path, color_video))
+    await d.start()
+    assert (await client.request("lipsync.session.start", start_body("z1")))["ok"]
+    t = time.monotonic()
+    await d.shutdown()
+    assert time.monotonic() - t < d.settings.daemon.shutdown_timeout_s
+    ev = await client.wait_event("z1", "stopped")
+    assert ev["reason"] == "shutdown"
+    await d.shutdown()  # twice is fine
+    assert not d.sessions

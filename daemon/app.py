@@ -444,6 +444,7 @@ class Daemon:
         if self.engine_host is not None:
             await self.engine_host.aclose()
         await self.resolver.aclose()
+        await self.store.aclose()
         if self._embedded is not None:
             await self._embedded.aclose()
         log.info("lipsyncd stopped")

@@ -1,0 +1,96 @@
+"""`lipsyncd` as systemd runs it: a real process on embedded defaults (its own
+nats-server), sd_notify READY/STOPPING, SIGTERM -> stopped events -> exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+
+from tests.conftest import free_port
+
+
+async def _wait_nats(url: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_lipsyncd_embedded_defaults_sigterm(tmp_path: Path):
+    nats_port, http_port = free_port(), free_port()
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
+        "LIPSYNC_NATS__EMBEDDED_PORT": str(nats_port),
+        "LIPSYNC_HTTP__PORT": str(http_port),
+        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"),
+        "LIPSYNC_MODEL__ENABLED": "false",
+        "NOTIFY_SOCKET": str(notify_path),
+    }
+    # cwd without a config.toml: the built-in defaults, demo avatar included.
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        nc = await _wait_nats(f"nats://127.0.0.1:{nats_port}")
+        events: list[dict] = []
+
+        async def on_event(msg):
+            events.append(json.loads(msg.data))
+
+        await nc.subscribe("lipsync.events.>", cb=on_event)
+        reply = None
+        deadline = time.monotonic() + 20
+        while reply is None:
+            try:
+                msg = await nc.request("lipsync.session.start", json.dumps(
+                    {"v": 1, "session_id": "demo1", "avatar_id": "demo"}).encode(), timeout=10)
+                reply = json.loads(msg.data)
+            except nats.errors.NoRespondersError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        assert reply["ok"], reply
+        assert (reply["width"], reply["height"]) == (512, 512)
+        await asyncio.sleep(1.0)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 15)
+        assert code == 0
+        assert time.monotonic() - t < 10
+        stopped = [e for e in events if e["type"] == "stopped"]
+        assert stopped and stopped[0]["reason"] == "shutdown"
+        assert Path(reply["output"]["path"]).stat().st_size > 1000
+        await nc.close()
+        messages = []
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except BlockingIOError:
+                break
+        assert any(m.startswith("READY=1") for m in messages), messages
+        assert "STOPPING=1" in messages
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out = proc.stdout.read().decode() if proc.stdout else ""
+        notify.close()
+    # JSON logs, one object a line, the session id bound on session lines.
+    lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    assert any(l.get("event") == "session ready" and l.get("session_id") == "demo1" for l in lines), out[-2000:]

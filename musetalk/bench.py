@@ -186,14 +186,19 @@ def run_bench(
             models.vae.to(memory_format=torch.contiguous_format)
         if compile and dev.type == "cuda" and name == dtypes[0]:
             for b in compile_batch_sizes:
-                eng = Engine(models, max_batch=b, compile=True, channels_last=True)
-                eng.register_avatar(avatar)
-                t0 = time.perf_counter()
-                eng.step([FrameJob(avatar.key, 0, np.zeros((50, 384), np.float32))] * b)
-                compile_s = time.perf_counter() - t0
-                row = {"dtype": name, "compile_s": round(compile_s, 1), **_time_engine(eng, avatar, b, warmup, iters)}
+                try:
+                    eng = Engine(models, max_batch=b, compile=True, channels_last=True)
+                    eng.register_avatar(avatar)
+                    t0 = time.perf_counter()
+                    eng.step([FrameJob(avatar.key, 0, np.zeros((50, 384), np.float32))] * b)
+                    compile_s = time.perf_counter() - t0
+                    row = {"dtype": name, "compile_s": round(compile_s, 1),
+                           **_time_engine(eng, avatar, b, warmup, iters)}
+                    print(_fmt(row), flush=True)
+                except Exception as exc:  # keep the eager figures when compiling fails
+                    log.exception("compiled run failed at batch %d", b)
+                    row = {"dtype": name, "batch": b, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 result["compiled"].append(row)
-                print(_fmt(row), flush=True)
                 models.unet.to(memory_format=torch.contiguous_format)
                 models.vae.to(memory_format=torch.contiguous_format)
         del engine, models

@@ -96,7 +96,7 @@ def _template() -> np.ndarray:
     pts = np.zeros((68, 2), dtype=np.float64)
     theta = np.pi - np.arange(17) * np.pi / 16
     pts[0:17, 0] = 0.5 + 0.44 * np.cos(theta)
-    pts[0:17, 1] = 0.38 + 0.66 * np.sin(theta)
+    pts[0:17, 1] = 0.38 + 0.75 * np.sin(theta)
     brow_x = np.linspace(0.16, 0.44, 5)
     brow_y = np.array([0.27, 0.235, 0.225, 0.23, 0.245])
     pts[17:22] = np.stack([brow_x, brow_y], 1)

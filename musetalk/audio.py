@@ -465,3 +465,89 @@ def push_many(items: Sequence[tuple[StreamingAudioFeatures, np.ndarray]]) -> lis
 def flush_many(streams: Sequence[StreamingAudioFeatures]) -> list[list[np.ndarray]]:
     """``flush`` for several streams with one batched encoder call."""
     return _step_streams([(stream, None, True) for stream in streams])
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def stream_tokens(
+    encoder: WhisperAudioEncoder,
+    pcm16k: np.ndarray,
+    chunk_samples: int,
+    fps: int = 25,
+    lookahead_frames: int = 0,
+    window_s: float = 30.0,
+) -> np.ndarray:
+    """Tokens [floor(seconds * fps), 50, 384] of an utterance pushed in fixed-size chunks."""
+    stream = StreamingAudioFeatures(encoder, fps=fps, lookahead_frames=lookahead_frames, window_s=window_s)
+    tokens: list[np.ndarray] = []
+    for start in range(0, len(pcm16k), chunk_samples):
+        tokens += stream.push(pcm16k[start : start + chunk_samples])
+    tokens += stream.flush()
+    if not tokens:
+        return np.zeros((0, AUDIO_TOKENS, AUDIO_DIM), dtype=np.float32)
+    return np.stack(tokens)
+
+
+def token_errors(streamed: np.ndarray, offline: np.ndarray) -> dict[str, float]:
+    """Per-frame max abs and relative L2 error of streamed tokens against offline ones.
+
+    The relative error divides by the norm of the offline features (tokens minus the
+    positional encoding, which both share exactly).
+    """
+    if streamed.shape != offline.shape:
+        raise ValueError(f"shapes differ: streamed {streamed.shape}, offline {offline.shape}")
+    diff = (streamed - offline).reshape(len(offline), -1)
+    signal = (offline - _PE).reshape(len(offline), -1)
+    max_abs = np.abs(diff).max(axis=1)
+    rel_l2 = np.linalg.norm(diff, axis=1) / np.maximum(np.linalg.norm(signal, axis=1), 1e-12)
+    return {
+        "max_abs_max": float(max_abs.max()),
+        "max_abs_mean": float(max_abs.mean()),
+        "rel_l2_max": float(rel_l2.max()),
+        "rel_l2_mean": float(rel_l2.mean()),
+    }
+
+
+def _main() -> None:
+    import argparse
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from musetalk.whisper import load_whisper_encoder, write_random_whisper
+
+    parser = argparse.ArgumentParser(description="Measure streamed vs offline MuseTalk audio tokens.")
+    parser.add_argument("--wav", default="tests/data/speech.wav")
+    parser.add_argument("--model", help="whisper folder; default: random weights of --size")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--chunks-ms", default="20,40,100")
+    parser.add_argument("--lookahead", default="0,2")
+    parser.add_argument("--window-s", type=float, default=30.0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    pcm, rate = sf.read(args.wav, dtype="int16")
+    x = resample_to_16k(pcm, rate)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else write_random_whisper(Path(tmp), args.size)
+        encoder = load_whisper_encoder(model_dir, device=args.device)
+        offline = offline_tokens(encoder, x)
+        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+            for look in [int(v) for v in args.lookahead.split(",")]:
+                t0 = time.perf_counter()
+                streamed = stream_tokens(encoder, x, 16 * chunk_ms, lookahead_frames=look, window_s=args.window_s)
+                errors = token_errors(streamed, offline)
+                print(
+                    f"size={args.size} window_s={args.window_s} chunk={chunk_ms}ms lookahead={look} "
+                    f"frames={len(streamed)} "
+                    + " ".join(f"{k}={v:.3g}" for k, v in errors.items())
+                    + f" wall={time.perf_counter() - t0:.1f}s",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    _main()

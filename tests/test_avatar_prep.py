@@ -462,7 +462,9 @@ def test_cache_load_is_fast_for_250_frames(tmp_path):
     elapsed = time.perf_counter() - t
     assert loaded.num_frames == n and loaded.masks[7][0, 0] == 7
     print(f"load_prepared, 250 frames of 512x512: {elapsed * 1000:.1f} ms")
-    assert elapsed < 0.5
+    # What makes loading fast is that the big arrays are memory-mapped, not read (speed
+    # itself is measured in docs/BENCHMARKS.md, not asserted here).
+    assert isinstance(loaded.frames, np.memmap) and isinstance(loaded.latents, np.memmap)
 
 
 class _ScriptedLandmarker:

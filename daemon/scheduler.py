@@ -1,0 +1,77 @@
+"""Which frames of which sessions go into the next generation step.
+
+Pure bookkeeping, like an inference server's scheduler: it never touches a tensor, and it
+is tested without a GPU. The GPU worker asks ``next_batch`` once per step; stops and
+interrupts (``cancel``) are applied between steps. Policy: earliest deadline first (a
+frame due sooner is generated sooner, whatever its session), so that with many sessions
+the batch is formed fresh each step from the most urgent frames of all of them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(order=True)
+class PendingFrame:
+    deadline: float
+    order: int
+    session_id: str = field(compare=False)
+    utterance: int = field(compare=False)
+    frame_no: int = field(compare=False)
+    job: Any = field(compare=False)  # musetalk.types.FrameJob
+    on_done: Callable[[Any, BaseException | None], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class BatchScheduler:
+    def __init__(self) -> None:
+        self._heap: list[PendingFrame] = []
+        self._order = itertools.count()
+        self._live = 0
+
+    def add(self, session_id: str, utterance: int, frame_no: int, deadline: float, job: Any,
+            on_done: Callable[[Any, BaseException | None], None]) -> PendingFrame:
+        item = PendingFrame(deadline, next(self._order), session_id, utterance, frame_no, job, on_done)
+        heapq.heappush(self._heap, item)
+        self._live += 1
+        return item
+
+    def cancel(self, session_id: str, utterance: int | None = None, before_frame: int | None = None) -> int:
+        """Drop a session's frames: all of them, those of one utterance, or those of one
+        utterance numbered below ``before_frame`` (already played with a fallback)."""
+        n = 0
+        for item in self._heap:
+            if item.cancelled or item.session_id != session_id:
+                continue
+            if utterance is not None and item.utterance != utterance:
+                continue
+            if before_frame is not None and item.frame_no >= before_frame:
+                continue
+            item.cancelled = True
+            n += 1
+        self._live -= n
+        return n
+
+    def next_batch(self, max_batch: int) -> list[PendingFrame]:
+        batch: list[PendingFrame] = []
+        while self._heap and len(batch) < max_batch:
+            item = heapq.heappop(self._heap)
+            if item.cancelled:
+                continue
+            batch.append(item)
+        self._live -= len(batch)
+        return batch
+
+    def __len__(self) -> int:
+        return self._live
+
+    def pending_by_session(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self._heap:
+            if not item.cancelled:
+                counts[item.session_id] = counts.get(item.session_id, 0) + 1
+        return counts

@@ -122,6 +122,8 @@ class Daemon:
         self._subs.append(await self.nc.subscribe(self.subjects.stop, cb=self._on_stop))
         self._subs.append(await self.nc.subscribe(self.subjects.audio_wildcard, cb=self._on_audio, **limits))
         self._subs.append(await self.nc.subscribe(self.subjects.control_wildcard, cb=self._on_control))
+        # The server must know our subscriptions before we call ourselves ready.
+        await self.nc.flush()
 
     async def _on_nats_state(self, connected: bool) -> None:
         self.nats_connected = connected

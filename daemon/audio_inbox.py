@@ -40,7 +40,8 @@ class AudioInbox:
         self.received_samples = 0
         self._last_chunk_samples = 0
 
-    def accept(self, data: bytes, headers: dict[str, str] | None, now: float) -> int:
+    def accept(self, data: bytes, headers: dict[str, str] | None, now: float,
+               queued_elsewhere: int = 0) -> int:
         """Validate and enqueue one message; returns the number of gap-messages filled.
         Raises LipsyncError (nothing is enqueued then)."""
         if len(data) == 0:
@@ -69,10 +70,11 @@ class AudioInbox:
                 )
             gaps = seq - self.last_seq - 1
         fill = gaps * (self._last_chunk_samples or n)
-        if self.buffered_samples + n + fill > self.max_samples:
+        waiting = self.buffered_samples + queued_elsewhere
+        if waiting + n + fill > self.max_samples:
             raise LipsyncError(
                 errors.AUDIO_OVERFLOW,
-                f"audio buffer full: {self.buffered_samples / self.sample_rate:.1f}s waiting "
+                f"audio buffer full: {waiting / self.sample_rate:.1f}s waiting "
                 f"(audio.max_buffer_s = {self.max_samples / self.sample_rate:.0f}); this chunk "
                 "was refused: send audio closer to real time or raise the limit",
             )

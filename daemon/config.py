@@ -141,6 +141,9 @@ class ModelSection(BaseModel):
     landmarks: Literal["auto", "onnx", "opencv"] = "auto"
     blend_frames: int = Field(3, ge=0)
     lookahead_frames: int = Field(0, ge=0)
+    playout_delay_frames: int = Field(4, ge=3, le=100)
+    audio_window_s: float | None = Field(None, ge=1.0, le=30.0)
+    auto_flush_s: float = Field(2.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -146,6 +146,7 @@ class Session:
         self.speech: Any = None  # the speech pipeline (daemon.speech), when a model is loaded
         self.clock = AudioClock(self.sample_rate, self.fps)
         self.video = None
+        self.t0 = time.monotonic()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> SessionInfo:
@@ -163,7 +164,8 @@ class Session:
             if self.deps.make_speech is not None:
                 t = time.perf_counter()
                 self.speech = await self.deps.make_speech(self)
-                timings["prepare_ms"] = _ms_since(t)
+                timings["model_ms"] = _ms_since(t)
+                timings.update(self.speech.timings)
             fmt = MediaFormat(video.width, video.height, self.fps, self.sample_rate)
             lk = self.request.livekit
             publisher = self.deps.make_publisher(
@@ -179,6 +181,8 @@ class Session:
         timings["total_ms"] = _ms_since(t0)
         self.info = SessionInfo(video.width, video.height, self.fps, output, timings)
         self.deps.metrics.start_to_ready.observe(timings["total_ms"] / 1000)
+        if self.speech is not None:
+            self.speech.on_audio(self.inbox.pop_all())  # audio that came during start
         self._loop_task = asyncio.create_task(self._frame_loop(), name=f"frames-{self.id}")
         await self.emit(
             ReadyEvent(
@@ -232,6 +236,14 @@ class Session:
             self._video_hash = None
 
     @property
+    def video_hash(self) -> str | None:
+        return self._video_hash
+
+    def tick_time(self, tick: int) -> float:
+        """Monotonic time at which frame ``tick`` is due."""
+        return self.t0 + tick / self.fps
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -249,7 +261,8 @@ class Session:
     # ---- input -----------------------------------------------------------------------
     def feed_audio(self, data: bytes, headers: dict[str, str] | None) -> None:
         """From the NATS callback: validate + enqueue, or raise LipsyncError."""
-        gaps = self.inbox.accept(data, headers, time.monotonic())
+        queued = self.speech.pending_samples() if self.speech is not None else 0
+        gaps = self.inbox.accept(data, headers, time.monotonic(), queued_elsewhere=queued)
         self.deps.metrics.audio_bytes.inc(len(data))
         if gaps:
             self.deps.metrics.audio_gaps.inc(gaps)
@@ -284,7 +297,7 @@ class Session:
 
     async def _frame_loop(self) -> None:
         period = 1.0 / self.fps
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         self.tick = 0
         try:
             while True:
@@ -299,7 +312,7 @@ class Session:
                         # Stalled for over a second (suspended box, debugger): restart the
                         # clock instead of bursting out the missed frames.
                         self.log.warning("frame loop stalled; resetting clock", behind_s=-delay)
-                        t0 = time.monotonic() - self.tick * period
+                        t0 = self.t0 = time.monotonic() - self.tick * period
                 frame, audio, kind = self._source().frame_for_tick(self.tick)
                 publisher = self._publisher
                 if publisher is None:
@@ -332,6 +345,7 @@ class Session:
             "output": self.info.output if self.info else None,
             "speaking": bool(self.speech and self.speech.speaking),
             "audio_gap_messages": self.inbox.gap_messages,
+            **({"speech": self.speech.stats()} if self.speech is not None else {}),
         }
 
 

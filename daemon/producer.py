@@ -1,0 +1,82 @@
+"""A TTS-like producer: streams a WAV into a session as s16le PCM chunks over NATS.
+
+The manual test path beside `nats pub`, and what the demo and the tests use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEQ_HEADER = "Lipsync-Seq"
+
+
+def read_wav_mono16(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
+    """int16 mono samples of a WAV (any format soundfile reads), optionally resampled."""
+    import soundfile as sf
+    import soxr
+
+    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1)
+    if rate and rate != sr:
+        mono = soxr.resample(mono, sr, rate)
+        sr = rate
+    return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16), int(sr)
+
+
+async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: int, *,
+                     realtime: bool, chunk_ms: int = 40, seq_start: int = 0) -> int:
+    """Publish PCM in chunks with increasing Lipsync-Seq; paced at real time if asked."""
+    chunk = max(1, rate * chunk_ms // 1000)
+    subject = f"{prefix}.audio.{session_id}"
+    t0 = time.monotonic()
+    seq = seq_start
+    for i, start in enumerate(range(0, len(pcm), chunk)):
+        if realtime:
+            due = t0 + i * chunk_ms / 1000
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await nc.publish(subject, pcm[start:start + chunk].astype("<i2").tobytes(),
+                         headers={SEQ_HEADER: str(seq)})
+        seq += 1
+    await nc.flush()
+    return seq
+
+
+async def say(url: str, prefix: str, session_id: str, wav: Path, *, realtime: bool, chunk_ms: int,
+              flush: bool, rate: int | None) -> int:
+    import nats
+
+    pcm, sr = read_wav_mono16(wav, rate)
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        finished = asyncio.Event()
+        errors: list[dict] = []
+
+        async def on_event(msg) -> None:
+            ev = json.loads(msg.data)
+            print(json.dumps(ev), flush=True)
+            if ev.get("type") == "error":
+                errors.append(ev)
+            if ev.get("type") in ("playback_finished", "stopped"):
+                finished.set()
+
+        await nc.subscribe(f"{prefix}.events.{session_id}", cb=on_event)
+        print(f"streaming {len(pcm) / sr:.2f}s of {sr} Hz audio to {prefix}.audio.{session_id} "
+              f"in {chunk_ms} ms chunks{' at real time' if realtime else ''}", flush=True)
+        await stream_pcm(nc, prefix, session_id, pcm, sr, realtime=realtime, chunk_ms=chunk_ms)
+        if flush:
+            await nc.publish(f"{prefix}.control.{session_id}", json.dumps({"op": "flush"}).encode())
+            try:
+                await asyncio.wait_for(finished.wait(), timeout=len(pcm) / sr + 30)
+            except asyncio.TimeoutError:
+                print("no playback_finished event within the audio's length + 30 s", flush=True)
+                return 1
+        return 1 if errors else 0
+    finally:
+        await nc.close()

@@ -120,8 +120,10 @@ class Daemon:
         # stop, audio and control go to every daemon: only the owner of a session acts.
         limits = dict(pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024)
         self._subs.append(await self.nc.subscribe(self.subjects.stop, cb=self._on_stop))
-        self._subs.append(await self.nc.subscribe(self.subjects.audio_wildcard, cb=self._on_audio, **limits))
-        self._subs.append(await self.nc.subscribe(self.subjects.control_wildcard, cb=self._on_control))
+        # Audio and control share one subscription: NATS keeps a producer's messages in
+        # order within a subscription, so a flush is applied after the audio sent before it.
+        self._subs.append(await self.nc.subscribe(self.subjects.session_wildcard, cb=self._on_session_message,
+                                                  **limits))
         # The server must know our subscriptions before we call ourselves ready.
         await self.nc.flush()
 
@@ -279,6 +281,13 @@ class Daemon:
         if reply is not None:
             await reply(SessionStopReply(ok=True, session_id=session.id).model_dump_json(exclude_none=True).encode())
 
+    async def _on_session_message(self, msg: Msg) -> None:
+        kind = msg.subject.split(".")[-2]
+        if kind == "audio":
+            await self._on_audio(msg)
+        elif kind == "control":
+            await self._on_control(msg)
+
     async def _on_audio(self, msg: Msg) -> None:
         sid = self.subjects.session_of(msg.subject)
         if not valid_session_id(sid):
@@ -288,10 +297,12 @@ class Daemon:
             if session is None:
                 raise LipsyncError(errors.UNKNOWN_SESSION, f"audio for unknown session '{sid}': send "
                                    "session.start first (audio before start is dropped)")
-            session.feed_audio(msg.data, msg.headers)
+            warning = session.feed_audio(msg.data, msg.headers)
+            if warning is not None:
+                raise warning
         except LipsyncError as err:
             if session is not None:
-                session.log.warning("audio refused", code=err.code, error=err.message)
+                session.log.warning("audio problem", code=err.code, error=err.message)
                 self.metrics.errors.labels(err.code).inc()
                 await self.emit(ErrorEvent(session_id=sid, ts=time.time(), code=err.code, message=err.message))
             elif self._first_time(("audio", sid)):

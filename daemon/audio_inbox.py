@@ -32,6 +32,8 @@ class AudioInbox:
         self.sample_rate = sample_rate
         self.max_samples = int(max_seconds * sample_rate)
         self.max_message_bytes = max_message_bytes
+        self.max_gap_fill_samples = sample_rate // 2  # fill gaps of up to 0.5 s
+        self.resync: tuple[int, int] | None = None
         self._chunks: deque[AudioChunk] = deque()
         self.buffered_samples = 0
         self.last_seq: int | None = None
@@ -70,6 +72,12 @@ class AudioInbox:
                 )
             gaps = seq - self.last_seq - 1
         fill = gaps * (self._last_chunk_samples or n)
+        self.resync: tuple[int, int] | None = None
+        if fill > self.max_gap_fill_samples:
+            # Too much missing to pad (a producer restart, or seq restarted at another
+            # number): continue from here without filling, and say so.
+            self.resync = (self.last_seq or 0, seq or 0)
+            gaps, fill = 0, 0
         waiting = self.buffered_samples + queued_elsewhere
         if waiting + n + fill > self.max_samples:
             raise LipsyncError(
@@ -99,6 +107,8 @@ class AudioInbox:
         return chunks
 
     def clear(self) -> int:
+        """Interrupt: drop what waits; the producer may restart Lipsync-Seq anywhere."""
+        self.last_seq = None
         dropped = self.buffered_samples
         self._chunks.clear()
         self.buffered_samples = 0

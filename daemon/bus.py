@@ -31,6 +31,12 @@ class Subjects:
         return f"{self.prefix}.session.stop"
 
     @property
+    def session_wildcard(self) -> str:
+        """<prefix>.audio.<sid> and <prefix>.control.<sid> (and the start/stop subjects,
+        which the handler ignores)."""
+        return f"{self.prefix}.*.*"
+
+    @property
     def audio_wildcard(self) -> str:
         return f"{self.prefix}.audio.*"
 

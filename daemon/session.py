@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from daemon import errors
-from daemon.audio_inbox import AudioInbox
+from daemon.audio_inbox import SEQ_HEADER, AudioInbox
 from daemon.config import Settings
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
@@ -259,8 +259,9 @@ class Session:
         return self._publisher is not None and self._publisher.healthy
 
     # ---- input -----------------------------------------------------------------------
-    def feed_audio(self, data: bytes, headers: dict[str, str] | None) -> None:
-        """From the NATS callback: validate + enqueue, or raise LipsyncError."""
+    def feed_audio(self, data: bytes, headers: dict[str, str] | None) -> LipsyncError | None:
+        """From the NATS callback: validate + enqueue, or raise LipsyncError. Returns a
+        warning for the producer when the chunk was taken but audio before it was lost."""
         queued = self.speech.pending_samples() if self.speech is not None else 0
         gaps = self.inbox.accept(data, headers, time.monotonic(), queued_elsewhere=queued)
         self.deps.metrics.audio_bytes.inc(len(data))
@@ -270,6 +271,11 @@ class Session:
                              total_gap_messages=self.inbox.gap_messages)
         if self.speech is not None:
             self.speech.on_audio(self.inbox.pop_all())
+        if self.inbox.resync is not None:
+            last, seq = self.inbox.resync
+            return LipsyncError(errors.AUDIO_GAP, f"{SEQ_HEADER} jumped from {last} to {seq}: over 0.5 s of "
+                                "audio missing, not filled; playback continues from this chunk")
+        return None
 
     def control(self, msg: ControlMessage) -> None:
         if self.speech is None:

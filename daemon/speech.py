@@ -114,6 +114,9 @@ class SpeechPipeline:
         self._last_generated: tuple[int, Any] | None = None  # (tick, frame)
         self.latencies: deque[float] = deque(maxlen=100000)
         self.counts = {"speech": 0, "fallback": 0, "underrun": 0, "failed": 0}
+        # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
+        # quickest way to see where a session falls behind.
+        self.timeline: deque[str] = deque(maxlen=250)
         self._closed = False
 
     # ---- state -----------------------------------------------------------------------
@@ -318,6 +321,7 @@ class SpeechPipeline:
                 self.log.info("no audio and no flush: ending the utterance", after_s=self.auto_flush_s)
                 self.flush()
             frame, audio, _ = idle.frame_for_tick(tick)
+            self.timeline.append("u")
             return frame, audio, "underrun"
         audio = utt.audio.slice(self.clock.start(f), need)
         if not utt.started:
@@ -337,6 +341,7 @@ class SpeechPipeline:
             frame = idle.frame_for_tick(tick)[0]
             kind = "fallback"
         self.counts[kind] += 1
+        self.timeline.append(kind[0])
         utt.played = f + 1
         return frame, audio, kind
 
@@ -377,5 +382,5 @@ class SpeechPipeline:
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
-        return {"counts": dict(self.counts), "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
+        return {"counts": dict(self.counts), "timeline": "".join(self.timeline), "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
                                                            "n": len(lat)}}

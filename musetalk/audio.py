@@ -373,7 +373,7 @@ class StreamingAudioFeatures:
 
     def _plan(self, final: bool) -> list[_EncodeJob]:
         jobs: list[_EncodeJob] = []
-        planned: list[tuple[int, int, int]] = []
+        planned: list[tuple[int, int]] = []
         width = self.window_features
         for first, end in self._groups(final):
             lo, hi = self._feature_span(first, end - 1, final)
@@ -382,14 +382,14 @@ class StreamingAudioFeatures:
             for seg, start, stop in self._segment_ranges(lo, hi):
                 if self._lookup(seg, start, stop) is not None:
                     continue
-                if any(s == seg and a <= start and stop <= a + width for s, a, _ in planned):
+                if any(s == seg and a <= start and stop <= a + width for s, a in planned):
                     continue
                 # A short window keeps a quarter of itself after the newest needed feature
                 # (zero-padded future, as a segment's tail is offline) and the rest as left
                 # context; it never leaves the segment, so positions match offline.
                 window_start = min(start, max(0, stop + width // 4 - width), WINDOW_FEATURES - width)
                 mel = self._segments[seg].normalized()[:, 2 * window_start : 2 * (window_start + width)]
-                planned.append((seg, window_start, 0))
+                planned.append((seg, window_start))
                 jobs.append(_EncodeJob(self, seg, self._segments[seg].n, window_start, mel))
         return jobs
 
@@ -406,7 +406,8 @@ class StreamingAudioFeatures:
             lo, hi = self._feature_span(first, end - 1, final)
             for seg, start, stop in self._segment_ranges(lo, hi) if hi > lo else ():
                 entry = self._lookup(seg, start, stop)
-                assert entry is not None, "planned encode missing"
+                if entry is None:
+                    raise RuntimeError(f"features {start}..{stop} of segment {seg} were not encoded")
                 dst = seg * WINDOW_FEATURES + start - f_lo
                 window[dst : dst + stop - start] = entry.features[start - entry.start : stop - entry.start]
             for f in range(first, end):

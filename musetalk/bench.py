@@ -56,6 +56,19 @@ def _idle_video(seconds: float, fps: int = 25, size: int = 512) -> np.ndarray:
     return frames
 
 
+class _FixedLandmarker:
+    """The mean face at the astronaut's face position, for machines without a detector."""
+
+    quality = "bench-fixed"
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray:
+        from musetalk.landmarks import MEAN_FACE_IN_HAAR_BOX
+
+        h, w = frame_rgb.shape[:2]
+        x1, y1, x2, y2 = 0.346 * w, 0.129 * h, 0.531 * w, 0.314 * h
+        return MEAN_FACE_IN_HAAR_BOX * [x2 - x1, y2 - y1] + [x1, y1]
+
+
 def _prepare(models: MuseTalkModels, frames: np.ndarray, fps: int) -> tuple[PreparedAvatar, dict]:
     from musetalk.avatar import prepare_avatar
     from musetalk.landmarks import HaarTemplateLandmarker
@@ -71,11 +84,18 @@ def _prepare(models: MuseTalkModels, frames: np.ndarray, fps: int) -> tuple[Prep
         info["face_parser"] = "BiSeNet (random weights, full size)"
     except Exception as exc:  # the bench still measures the rest without it
         log.warning("face parser unavailable for the bench: %s", exc)
+    try:
+        landmarker = HaarTemplateLandmarker()
+    except RuntimeError as exc:
+        # OpenCV 5 builds lack the Haar cascade: time everything but the detection.
+        log.warning("no Haar detector (%s): landmarks fixed, detection not timed", exc)
+        landmarker = _FixedLandmarker()
+        info["landmarks"] = "fixed template (detection not timed: no Haar cascade in this OpenCV)"
     if models.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     avatar = prepare_avatar(
-        frames, fps, landmarker=HaarTemplateLandmarker(), encode_latents=models.encode_latents,
+        frames, fps, landmarker=landmarker, encode_latents=models.encode_latents,
         face_parser=parser, key="bench",
     )
     if models.device.type == "cuda":

@@ -269,7 +269,7 @@ class Engine:
         ]
 
     def _paste(self, image: torch.Tensor, groups, jobs: list[FrameJob]) -> torch.Tensor:
-        """Blend each decoded face into its blend box: (B, Hb, Wb, 3) uint8 on the device."""
+        """Blend each decoded face into its blend box: (B, Hb, Wb, 4) RGBA uint8, on the device."""
         n = image.shape[0]
         hb = max(av.crops.shape[1] for av, _, _ in groups)
         wb = max(av.crops.shape[2] for av, _, _ in groups)
@@ -307,7 +307,11 @@ class Engine:
         base = orig.float()
         mixed = torch.lerp(base, resized, weight).round().clamp_(0, 255)
         # Where the weight is zero the result must be the idle pixel itself.
-        return torch.where(weight > 0, mixed, base).to(torch.uint8)
+        rgb = torch.where(weight > 0, mixed, base).to(torch.uint8)
+        # RGBA, so that the host writes whole 4-byte pixels into the RGBA frame (a
+        # strided 3-of-4-channel copy is ~7x slower on the host).
+        alpha = torch.full((n, hb, wb, 1), 255, dtype=torch.uint8, device=self.device)
+        return torch.cat([rgb, alpha], dim=-1)
 
     def _compose(self, boxes: torch.Tensor, jobs: list[FrameJob]) -> list[np.ndarray]:
         if self.device.type == "cuda":
@@ -324,6 +328,6 @@ class Engine:
             av = self._avatars[job.avatar_key]
             frame = av.frames_rgba[job.frame_index].copy()
             x1, y1, x2, y2 = av.blend_boxes[job.frame_index]
-            frame[y1:y2, x1:x2, :3] = host[b, : y2 - y1, : x2 - x1]
+            frame[y1:y2, x1:x2] = host[b, : y2 - y1, : x2 - x1]
             frames.append(frame)
         return frames

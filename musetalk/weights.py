@@ -290,12 +290,12 @@ def download(
     Files already verified (manifest size matches) are skipped. ``fetch`` defaults to
     the hub; a test or a mirror can pass its own.
     """
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    fetch = fetch or hub_fetch
     wanted = [model_file(k) for k in only] if only else [
         f for f in MODEL_FILES if f.required or (include_optional and f.default)
     ]
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    fetch = fetch or hub_fetch
     manifest = _read_manifest(model_dir)
     for f in wanted:
         dest = model_dir / f.local_path

@@ -282,3 +282,61 @@ def test_unregister_and_idle_frame(models, avatars):
     assert not eng.has_avatar("ben")
     with pytest.raises(KeyError):
         eng.idle_frame("ben", 0)
+
+
+# ------------------------------------------------------------------ offline render
+
+
+def _write_idle_video(path: Path, n: int, fps: int = 25) -> None:
+    import av
+    from skimage import data
+
+    base = cv2.resize(data.astronaut(), (160, 160), interpolation=cv2.INTER_AREA)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 160, 160, "yuv420p"
+        for i in range(n):
+            shift = np.float32([[1, 0, i % 3], [0, 1, 0]])
+            frame = cv2.warpAffine(base, shift, (160, 160), borderMode=cv2.BORDER_REFLECT)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _write_wav(path: Path, seconds: float, rate: int = 22050) -> np.ndarray:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t) * 32767).astype(np.int16)
+    sf.write(path, pcm, rate, subtype="PCM_16")
+    return pcm
+
+
+def test_render_offline_end_to_end(model_dir, tmp_path):
+    import av
+
+    from musetalk.render import ping_pong, render_offline
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    # Random landmark/parsing weights would put the face anywhere: use the real Haar
+    # detector and the landmark-polygon masks (the documented fallbacks).
+    for name in ("dwpose/dw-ll_ucoco_384.onnx", "face-parse-bisent/79999_iter.pth"):
+        (models / name).unlink(missing_ok=True)
+    video, audio, out = tmp_path / "idle.mp4", tmp_path / "speech.wav", tmp_path / "talking.mp4"
+    _write_idle_video(video, 6)
+    seconds = 0.77  # floor(0.77 * 25) = 19 frames: more than the 6-frame idle video
+    _write_wav(audio, seconds)
+
+    result = render_offline(video, audio, out, models, device="cpu", progress=False, batch_size=8)
+
+    assert result.frames == 19 and result.avatar_frames == 6
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert container.streams.audio[0].codec_context.name == "aac"
+        assert container.streams.audio[0].rate == 22050
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 19
+    assert decoded[0].shape == (160, 160, 3)
+    assert [ping_pong(i, 6) for i in range(14)] == [0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0, 0, 1]

@@ -1,0 +1,204 @@
+"""Live speech end to end on the CPU: tiny random-weight models written in the real file
+formats and loaded through the real loading code, a real nats-server, a producer
+streaming a speech WAV at real time, and the recorded MP4 decoded and checked.
+
+The CPU runs the tiny model at about 10 frames/s, so these sessions use 10 fps (the
+daemon's default is 25); every rule checked here is stated in frames, not milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.app import Daemon
+from daemon.config import Settings
+from daemon.producer import read_wav_mono16, stream_pcm
+from daemon.session import pingpong_index
+from daemon.speech import SILENCE_DBFS
+from tests.conftest import free_port
+from tests.media import decode_audio, decode_video_frames
+from tests.test_daemon import Client
+
+SPEECH = Path(__file__).parent / "data" / "speech.wav"
+FPS = 10
+RATE = 22050
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Path:
+    from musetalk.weights import write_random_weights
+
+    root = tmp_path_factory.mktemp("models")
+    write_random_weights(root, size="tiny")
+    # Random face-parsing weights would give random masks: use the landmark mask.
+    (root / "face-parse-bisent" / "79999_iter.pth").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def idle_video(tmp_path_factory) -> Path:
+    from daemon.demo_avatar import make_demo_video
+
+    return make_demo_video(tmp_path_factory.mktemp("idle") / "idle.mp4", seconds=1.2, fps=FPS, size=256)
+
+
+def speech_settings(nats_server, tmp_path: Path, models: Path, video: Path, **model) -> Settings:
+    return Settings(
+        nats={"url": nats_server.url},
+        daemon={"state_dir": str(tmp_path / "state"), "shutdown_timeout_s": 10},
+        http={"port": free_port()},
+        fetch={"allow_file_urls": True},
+        avatars={"face": {"idle_video_url": video.as_uri()}},
+        model={"dir": str(models), "device": "cpu", "landmarks": "opencv", "max_batch": 8,
+               "playout_delay_frames": 8, "blend_frames": 2, **model},
+    )
+
+
+@pytest.fixture
+async def speech_daemon(nats_server, tmp_path, tiny_models, idle_video):
+    d = Daemon(speech_settings(nats_server, tmp_path, tiny_models, idle_video))
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+@pytest.fixture
+async def client(nats_server):
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.nc.close()
+
+
+async def start(client: Client, sid: str) -> dict:
+    reply = await client.request("lipsync.session.start", {
+        "v": 1, "session_id": sid, "avatar_id": "face", "audio": {"sample_rate": RATE},
+        "video": {"fps": FPS}}, timeout=120)
+    assert reply["ok"], reply
+    await client.wait_event(sid, "ready")
+    return reply
+
+
+async def test_streamed_speech_is_recorded_in_sync(speech_daemon, client):
+    reply = await start(client, "talk")
+    session = speech_daemon.sessions["talk"]
+    avatar = session.speech.avatar
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await asyncio.sleep(0.5)
+    await stream_pcm(client.nc, "lipsync", "talk", pcm, rate, realtime=True, chunk_ms=40)
+    await client.nc.publish("lipsync.control.talk", json.dumps({"op": "flush"}).encode())
+    finished = await client.wait_event("talk", "playback_finished", timeout=30)
+    assert finished["interrupted"] is False
+    assert finished["position_s"] == pytest.approx(math.ceil(len(pcm) * FPS / rate) / FPS)
+    await asyncio.sleep(0.3)
+    stats = session.speech.stats()
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "talk"})
+    await client.wait_event("talk", "stopped")
+    types = [e["type"] for e in client.events_of("talk")]
+    assert types == ["ready", "speaking", "playback_finished", "stopped"], types
+
+    # Every frame of the utterance was played: generated in time, or (when this shared
+    # CPU was too slow) the idle frame of that tick. Speed is a benchmark matter.
+    counts = stats["counts"]
+    assert counts["speech"] + counts["fallback"] == math.ceil(len(pcm) * FPS / rate), stats
+    assert counts["speech"] >= 5, stats
+    assert stats["latency_ms"]["n"] > 0 and stats["latency_ms"]["p50"] > 0
+
+    frames, fps = decode_video_frames(Path(reply["output"]["path"]))
+    audio, audio_rate = decode_audio(Path(reply["output"]["path"]))
+    assert fps == FPS and audio_rate == RATE
+    # Audio and video tracks have the same length within one frame.
+    assert abs(len(frames) / FPS - len(audio) / audio_rate) <= 1 / FPS + 1024 / audio_rate
+
+    # Speech frames differ from the idle frame of the same tick only inside the blend box:
+    # outside it they differ no more than idle frames do (re-encoding noise).
+    idle = avatar.frames
+    outside, inside_max, inside_mean = {}, 0.0, {}
+    for tick, frame in enumerate(frames):
+        ref = idle[pingpong_index(tick, len(idle))].astype(np.int16)
+        diff = np.abs(frame.astype(np.int16) - ref).mean(axis=2)
+        x1, y1, x2, y2 = avatar.blend_boxes[pingpong_index(tick, len(idle))]
+        inside = diff[y1:y2, x1:x2].copy()
+        # H.264 codes 16x16 macroblocks: a changed mouth touches the blocks it straddles.
+        m = 16
+        diff[max(0, y1 - m):y2 + m, max(0, x1 - m):x2 + m] = 0
+        outside[tick] = float(np.percentile(diff, 99.5))
+        inside_max = max(inside_max, float(inside.max()))
+        inside_mean[tick] = float(inside.mean())
+    # The first ticks are idle for sure (no audio was sent yet): their difference is the
+    # re-encoding noise; a frame whose mouth differs clearly more was generated.
+    noise = max(inside_mean[t] for t in range(8))
+    changed = [t for t, v in inside_mean.items() if v > noise + 1.0]
+    assert inside_max > 40 and changed, inside_max
+    unchanged = [v for t, v in outside.items() if t not in changed]
+    assert max(outside[t] for t in changed) <= max(unchanged) + 3.0, (outside, changed)
+
+    # Per-frame audio level at the sink, as the pipeline gates the mouth.
+    spf = audio_rate // FPS
+    levels = [20 * math.log10(max(1e-9, float(np.sqrt(np.mean(audio[i * spf:(i + 1) * spf] ** 2)))))
+              for i in range(len(audio) // spf)]
+    voiced = [i for i, db in enumerate(levels) if db > SILENCE_DBFS]
+    # A/V offset at the sink: the first changed mouth vs the first voiced audio frame,
+    # at most one frame apart (the lips may lead by one frame).
+    assert abs(changed[0] - voiced[0]) <= 1, (changed, voiced)
+    # ...and the mouth is back to idle within 2 frames after the voice ends.
+    assert changed[-1] <= voiced[-1] + 2, (changed, voiced)
+
+
+async def test_clear_interrupts_within_a_frame(speech_daemon, client):
+    await start(client, "cut")
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    session = speech_daemon.sessions["cut"]
+    await stream_pcm(client.nc, "lipsync", "cut", pcm, rate, realtime=True, chunk_ms=40)
+    await client.wait_event("cut", "speaking", timeout=20)
+    await asyncio.sleep(0.3)
+    t = time.monotonic()
+    tick = session.tick
+    reply = await client.request("lipsync.control.cut", {"op": "clear"})
+    assert reply["ok"]
+    ev = await client.wait_event("cut", "playback_finished", timeout=5)
+    assert ev["interrupted"] is True and ev["position_s"] > 0
+    assert session.tick - tick <= 2 and time.monotonic() - t < 1.0
+    assert not session.speech.speaking
+    idle_before = session.frame_counts.get("idle", 0)
+    await asyncio.sleep(3 / FPS)
+    assert session.frame_counts.get("idle", 0) >= idle_before + 2
+    assert speech_daemon.engine_host.device_info()["pending_frames"] == 0
+    # The session is still usable: a new utterance plays to its end.
+    await stream_pcm(client.nc, "lipsync", "cut", pcm[: rate // 2], rate, realtime=False, seq_start=10_000)
+    await client.nc.publish("lipsync.control.cut", json.dumps({"op": "flush"}).encode())
+    deadline = time.monotonic() + 20
+    done: list[dict] = []
+    while time.monotonic() < deadline and not done:
+        done = [e for e in client.events_of("cut", "playback_finished") if not e["interrupted"]]
+        await asyncio.sleep(0.05)
+    assert done and done[0]["position_s"] == pytest.approx(math.ceil(rate // 2 * FPS / rate) / FPS)
+
+
+async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, client):
+    await start(client, "boom")
+    host = speech_daemon.engine_host
+
+    def broken(jobs):
+        raise RuntimeError("CUDA error: an illegal memory access (injected)")
+
+    host.step_fn = broken
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", "boom", pcm[: rate], rate, realtime=False)
+    await client.nc.publish("lipsync.control.boom", json.dumps({"op": "flush"}).encode())
+    err = await client.wait_event("boom", "error", timeout=20)
+    assert err["code"] == "generation_failed" and "injected" in err["message"]
+    await client.wait_event("boom", "playback_finished", timeout=20)
+    session = speech_daemon.sessions["boom"]
+    counts = session.speech.stats()["counts"]
+    assert counts["speech"] == 0 and counts["fallback"] > 0
+    assert session.loop_alive()
+    # One error event for the utterance, not one per frame.
+    assert len(client.events_of("boom", "error")) == 1
+    host.step_fn = None

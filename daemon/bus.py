@@ -9,7 +9,6 @@ import ssl
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-import nats
 from nats.aio.client import Client as NatsClient
 
 from daemon.config import NatsSection
@@ -75,7 +74,11 @@ async def connect(
 ) -> NatsClient:
     """Connect, then reconnect forever: sessions keep streaming while NATS is away."""
 
+    nc = NatsClient()
+
     async def disconnected() -> None:
+        if nc.is_draining or nc.is_closed:
+            return  # our own drain/close at shutdown
         log.warning("nats disconnected; reconnecting")
         if on_state:
             await _maybe_await(on_state(False))
@@ -115,7 +118,7 @@ async def connect(
     tls = _tls_context(cfg)
     if tls is not None:
         kwargs["tls"] = tls
-    nc = await nats.connect(**kwargs)
+    await nc.connect(**kwargs)
     log.info("nats connected", servers=[_redact(s) for s in servers])
     return nc
 

@@ -132,13 +132,21 @@ def cmd_models(args, settings) -> int:
     from musetalk import weights
 
     model_dir = Path(args.dir) if args.dir else settings.model.dir
+    only = [k.strip() for k in args.only.split(",")] if args.only else None
     if args.action == "download":
-        weights.download(model_dir, progress=True)
-    statuses = weights.check(model_dir)
+        weights.download(model_dir, only=only, progress=True)
     missing = 0
-    for st in statuses:
-        print(st.describe() if hasattr(st, "describe") else st)
-        missing += int(getattr(st, "required", True) and getattr(st, "state", "present") != "present")
+    for st in weights.check(model_dir):
+        if only and st.file.key not in only:
+            continue
+        mark = "ok " if st.ok else ("-- " if not st.file.required else "!! ")
+        line = f"{mark}{st.file.local_path:55s} {st.detail}"
+        if not st.ok:
+            line += f"  ({st.file.licence}; fix: {st.fix})"
+        print(line)
+        missing += int(st.file.required and not st.ok)
+    if missing:
+        print(f"{missing} required file(s) missing or bad: run `lipsync models download --dir {model_dir}`")
     return 1 if missing else 0
 
 
@@ -229,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("models", help="download or check the model weights")
     sp.add_argument("action", choices=["download", "check"])
     sp.add_argument("--dir", help="models dir (default: model.dir)")
+    sp.add_argument("--only", help="comma-separated file keys (see `lipsync models check`)")
     sp.set_defaults(fn=cmd_models)
 
     sp = sub.add_parser("render", help="offline: idle video + speech WAV -> lip-synced MP4")

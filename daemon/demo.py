@@ -1,0 +1,173 @@
+"""`lipsync demo`: the whole loop on this machine, as the README's main job.
+
+Embedded NATS, the daemon, the demo avatar, a speech WAV streamed at real time into a
+session, the lip-synced MP4 recorded, and a summary measured on that recording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.config import Settings
+from daemon.log import configure_logging
+
+SAMPLE_WAV = Path(__file__).parent / "assets" / "speech.wav"
+
+
+def _weights_present(settings: Settings) -> bool:
+    from musetalk.weights import check
+
+    return all(st.ok or not st.file.required for st in check(settings.model.dir))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
+    import torch
+
+    wav = wav or SAMPLE_WAV
+    overrides: dict[str, Any] = settings.model_dump()
+    model = overrides["model"]
+    if not settings.model.random_weights and not _weights_present(settings):
+        print(f"MuseTalk weights are not in {settings.model.dir}/. For real lip-sync run:\n"
+              f"    .venv/bin/lipsync models download --dir {settings.model.dir}\n"
+              "Running now with RANDOM weights (model.random_weights = true, a development "
+              "switch): the loop is real, the mouth is noise.\n", flush=True)
+        model["random_weights"] = True
+    cuda = torch.cuda.is_available() and settings.model.device in ("auto", "cuda") or \
+        settings.model.device.startswith("cuda")
+    fps = settings.video.fps
+    if not cuda:
+        # A CPU runs the tiny model at ~10 frames/s: a lower frame rate keeps the demo
+        # real-time there. On a GPU the daemon's own defaults apply.
+        fps = 10
+        model["playout_delay_frames"] = max(model["playout_delay_frames"], 8)
+        print("No CUDA device: demo at 10 fps with the tiny random model (a GPU runs 25 fps).", flush=True)
+    overrides["nats"]["url"] = "embedded"
+    overrides["nats"]["embedded_port"] = _free_port()
+    overrides["http"]["port"] = 0
+    overrides["logging"]["format"] = "console"
+    overrides["logging"]["level"] = "WARNING"
+    demo_settings = Settings(**overrides)
+    configure_logging(demo_settings.logging.level, demo_settings.logging.format)
+    import uvloop
+
+    summary = uvloop.run(_demo(demo_settings, wav, fps))
+    if out is not None and summary.get("recording"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(summary["recording"], out)
+        summary["copied_to"] = str(out)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("ok") else 1
+
+
+async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
+    import nats
+
+    from daemon.app import Daemon
+    from daemon.producer import read_wav_mono16, stream_pcm
+
+    pcm, rate = read_wav_mono16(wav)
+    daemon = Daemon(settings)
+    t0 = time.monotonic()
+    await daemon.start()
+    print(f"daemon up in {time.monotonic() - t0:.1f}s (embedded NATS at {daemon.nats_url})", flush=True)
+    nc = await nats.connect(daemon.nats_url)
+    events: list[dict] = []
+
+    async def on_event(msg) -> None:
+        ev = json.loads(msg.data)
+        events.append(ev)
+        print(f"event: {ev['type']} {json.dumps({k: v for k, v in ev.items() if k not in ('v', 'ts', 'type', 'session_id')})}",
+              flush=True)
+
+    sid = f"demo-{int(time.time())}"
+    await nc.subscribe(f"{settings.nats.subject_prefix}.events.{sid}", cb=on_event)
+    summary: dict[str, Any] = {"ok": False, "session_id": sid}
+    try:
+        t = time.monotonic()
+        msg = await nc.request(f"{settings.nats.subject_prefix}.session.start", json.dumps({
+            "v": 1, "session_id": sid, "avatar_id": "demo", "audio": {"sample_rate": rate},
+            "video": {"fps": fps}}).encode(), timeout=600)
+        reply = json.loads(msg.data)
+        if not reply.get("ok"):
+            summary["error"] = reply.get("error")
+            return summary
+        summary["start_to_ready_s"] = round(time.monotonic() - t, 2)
+        session = daemon.sessions[sid]
+        await asyncio.sleep(1.0)
+        print(f"speaking {len(pcm) / rate:.2f}s of {wav.name} at real time...", flush=True)
+        await stream_pcm(nc, settings.nats.subject_prefix, sid, pcm, rate, realtime=True, chunk_ms=40)
+        await nc.publish(f"{settings.nats.subject_prefix}.control.{sid}", b'{"op": "flush"}')
+        deadline = time.monotonic() + len(pcm) / rate + 60
+        while not any(e["type"] == "playback_finished" for e in events) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        stats = session.speech.stats() if session.speech else {}
+        boxes = session.speech.avatar.blend_boxes if session.speech else None
+        idle_frames = session.video.frames
+        await nc.request(f"{settings.nats.subject_prefix}.session.stop",
+                         json.dumps({"v": 1, "session_id": sid}).encode(), timeout=30)
+        path = Path(reply["output"]["path"])
+        summary.update(recording=str(path), generation=stats.get("counts"),
+                       latency_ms=stats.get("latency_ms"), device=daemon.engine_host.device_info()
+                       if daemon.engine_host else None)
+        summary.update(measure_recording(path, idle_frames, boxes, fps))
+        summary["ok"] = True
+        return summary
+    finally:
+        await nc.close()
+        await daemon.shutdown()
+
+
+def measure_recording(path: Path, idle_frames: np.ndarray, blend_boxes: np.ndarray | None,
+                      fps: int) -> dict[str, Any]:
+    """Frames, fps and the A/V offset as they are in the MP4: the first frame whose mouth
+    differs from the idle video against the first frame whose audio is voiced."""
+    import av
+
+    from daemon.session import pingpong_index
+    from daemon.speech import SILENCE_DBFS
+
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(vs)]
+    with av.open(str(path)) as c:
+        audio_stream = c.streams.audio[0]
+        rate = audio_stream.rate
+        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio_stream)]).astype(np.float32)
+    out: dict[str, Any] = {"frames": len(frames), "video_s": round(len(frames) / fps, 2),
+                           "audio_s": round(len(audio) / rate, 2), "fps": fps}
+    if blend_boxes is None:
+        return out
+    change = []
+    for tick, frame in enumerate(frames):
+        i = pingpong_index(tick, len(idle_frames))
+        x1, y1, x2, y2 = blend_boxes[i]
+        d = np.abs(frame[y1:y2, x1:x2].astype(np.int16) - idle_frames[i][y1:y2, x1:x2].astype(np.int16))
+        change.append(float(d.mean()))
+    noise = max(change[: max(1, fps // 2)])
+    moved = [t for t, v in enumerate(change) if v > noise + 1.0]
+    spf = rate // fps
+    voiced = [i for i in range(len(audio) // spf)
+              if 20 * math.log10(max(1e-9, float(np.sqrt(np.mean(audio[i * spf:(i + 1) * spf] ** 2)))))
+              > SILENCE_DBFS]
+    if moved and voiced:
+        out["av_offset_ms"] = round((moved[0] - voiced[0]) * 1000 / fps)
+        out["av_offset_note"] = "first moving mouth minus first voiced audio frame, at frame resolution"
+        out["mouth_closed_frames_after_voice"] = moved[-1] - voiced[-1]
+    return out

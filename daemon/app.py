@@ -267,6 +267,8 @@ class Daemon:
             return
         session = self.sessions.get(stop.session_id)
         if session is None:
+            if not self.settings.nats.report_unknown_sessions:
+                return  # another daemon may own it
             await self._report(LipsyncError(errors.UNKNOWN_SESSION, f"no live session '{stop.session_id}' "
                                "to stop"), session_id=stop.session_id, reply=reply,
                                reply_model=SessionStopReply)
@@ -305,7 +307,7 @@ class Daemon:
                 session.log.warning("audio problem", code=err.code, error=err.message)
                 self.metrics.errors.labels(err.code).inc()
                 await self.emit(ErrorEvent(session_id=sid, ts=time.time(), code=err.code, message=err.message))
-            elif self._first_time(("audio", sid)):
+            elif self.settings.nats.report_unknown_sessions and self._first_time(("audio", sid)):
                 await self._report(err, session_id=sid, subject=msg.subject)
 
     async def _on_control(self, msg: Msg) -> None:
@@ -315,6 +317,8 @@ class Daemon:
         reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
         session = self.sessions.get(sid)
         try:
+            if session is None and not self.settings.nats.report_unknown_sessions:
+                return  # another daemon may own it
             ctl = parse_json_message(ControlMessage, msg.data, f"control.{sid}")
             if session is None:
                 raise LipsyncError(errors.UNKNOWN_SESSION, f"control for unknown session '{sid}'")

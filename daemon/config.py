@@ -47,6 +47,7 @@ class NatsSection(BaseModel):
     tls_key_file: Path | None = None
     connect_timeout_s: float = 2.0
     max_audio_message_bytes: int = Field(1 << 20, ge=1024)
+    report_unknown_sessions: bool = True
 
     @field_validator("subject_prefix")
     @classmethod

@@ -316,3 +316,32 @@ async def test_shutdown_sends_stopped_and_refuses_new_sessions(nats_server, tmp_
     assert ev["reason"] == "shutdown"
     await d.shutdown()  # twice is fine
     assert not d.sessions
+
+
+async def test_two_daemons_share_starts_and_only_the_owner_answers(nats_server, tmp_path, color_video, client):
+    """One daemon per GPU: starts are spread by the queue group; stop/audio/control reach
+    every daemon and only the owner acts (report_unknown_sessions = false)."""
+    daemons = []
+    for i in range(2):
+        (tmp_path / f"d{i}").mkdir(exist_ok=True)
+        s = make_settings(nats_server, tmp_path / f"d{i}", color_video, nats={
+            "url": nats_server.url, "report_unknown_sessions": False},
+            daemon={"state_dir": str(tmp_path / f"d{i}" / "state"), "max_sessions": 8})
+        d = Daemon(s)
+        await d.start()
+        daemons.append(d)
+    try:
+        sids = [f"m{i}" for i in range(6)]
+        for sid in sids:
+            assert (await client.request("lipsync.session.start", start_body(sid)))["ok"]
+        owned = [set(d.sessions) for d in daemons]
+        assert owned[0] | owned[1] == set(sids) and not owned[0] & owned[1]
+        for sid in sids:
+            reply = await client.request("lipsync.session.stop", {"v": 1, "session_id": sid})
+            assert reply == {"ok": True, "session_id": sid}
+        await client.nc.publish("lipsync.audio.nobody", b"\x00\x00" * 10)
+        await asyncio.sleep(0.3)
+        assert not client.events_of("nobody")
+    finally:
+        for d in daemons:
+            await d.shutdown()

@@ -179,6 +179,13 @@ def cmd_demo(args, settings) -> int:
     return run_demo(settings, Path(args.wav) if args.wav else None, Path(args.out) if args.out else None)
 
 
+def cmd_loadtest(args, settings) -> int:
+    from daemon.loadtest import run_loadtest
+
+    return run_loadtest(settings, [int(n) for n in args.sessions.split(",")], args.seconds,
+                        Path(args.wav) if args.wav else None, Path(args.json) if args.json else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lipsync", description="Tools for the lipsyncd lip-sync daemon")
     p.add_argument("--config", help="config file (default: $LIPSYNC_CONFIG or ./config.toml)")
@@ -256,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compile", action="store_true")
     sp.add_argument("--json", help="also write the results here")
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("loadtest", help="capacity: N sessions speaking at once (GPU)")
+    sp.add_argument("--sessions", default="1,4,8,16", help="comma-separated session counts")
+    sp.add_argument("--seconds", type=float, default=15.0, help="speech per round")
+    sp.add_argument("--wav")
+    sp.add_argument("--json", help="also write the results here")
+    sp.set_defaults(fn=cmd_loadtest)
 
     sp = sub.add_parser("demo", help="the whole loop on this machine: daemon + demo avatar + speech -> MP4")
     sp.add_argument("--wav", help="speech WAV (default: the bundled sample)")

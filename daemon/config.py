@@ -89,7 +89,6 @@ class VideoSection(BaseModel):
 
 class AudioSection(BaseModel):
     max_buffer_s: float = Field(60.0, gt=0)
-    max_control_queue: int = 64
     output_sample_rate: int | None = None
 
 
@@ -112,8 +111,9 @@ class LiveKitSection(BaseModel):
 
 
 class OutputSection(BaseModel):
-    # "auto": LiveKit when livekit.url is set, else a local MP4 per session.
-    sink: Literal["auto", "livekit", "file"] = "auto"
+    # "auto": LiveKit when livekit.url is set, else a local MP4 per session. "none":
+    # frames are counted and dropped (load tests of the model side).
+    sink: Literal["auto", "livekit", "file", "none"] = "auto"
     recordings_dir: Path | None = None
 
 
@@ -187,7 +187,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    def sink_kind(self) -> Literal["livekit", "file"]:
+    def sink_kind(self) -> Literal["livekit", "file", "none"]:
         if self.output.sink == "auto":
             return "livekit" if self.livekit.url else "file"
         return self.output.sink

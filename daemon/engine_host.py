@@ -52,6 +52,8 @@ class EngineHost:
         self.steps = 0
         self.frames_generated = 0
         self.step_failures = 0
+        self.frames_dropped_late = 0
+        self._step_estimate_s = 0.0
         # Test hook and fault injection point: the function that runs one batch.
         self.step_fn: Callable[[list[Any]], list[Any]] | None = None
 
@@ -124,6 +126,7 @@ class EngineHost:
             "device": str(self.device), "random_weights": self.random_weights,
             "pending_frames": len(self._scheduler), "steps": self.steps,
             "frames_generated": self.frames_generated, "step_failures": self.step_failures,
+            "frames_dropped_late": self.frames_dropped_late,
             "avatars": len(self._avatar_refs),
         }
         if self.device is not None and self.device.type == "cuda":
@@ -176,7 +179,8 @@ class EngineHost:
                 except BaseException as exc:  # delivered to the awaiting task, which logs it
                     self._deliver(fut, None, exc)
             with self._cv:
-                batch = self._scheduler.next_batch(max_batch)
+                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + self._step_estimate_s)
+                self.frames_dropped_late += self._scheduler.dropped_late
             if batch:
                 self._step(batch)
 
@@ -192,6 +196,8 @@ class EngineHost:
             log.error("generation step failed", frames=len(batch), error=repr(exc))
         self.steps += 1
         elapsed = time.perf_counter() - t
+        # A step's expected duration (moving average), to skip frames it cannot save.
+        self._step_estimate_s = 0.8 * self._step_estimate_s + 0.2 * elapsed
         self.metrics.gpu_step_seconds.observe(elapsed)
         self.metrics.gpu_batch_size.observe(len(batch))
         if error is None:

@@ -17,11 +17,22 @@ SEQ_HEADER = "Lipsync-Seq"
 
 def read_wav_mono16(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
     """int16 mono samples of a WAV (any format soundfile reads), optionally resampled."""
-    import soundfile as sf
+    import wave
+
     import soxr
 
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2:
+                raise wave.Error("not 16-bit")
+            sr, channels = w.getframerate(), w.getnchannels()
+            raw = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+        mono = raw.reshape(-1, channels).mean(axis=1)
+    except wave.Error:  # not 16-bit PCM WAV: let libsndfile read it
+        import soundfile as sf
+
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        mono = data.mean(axis=1)
     if rate and rate != sr:
         mono = soxr.resample(mono, sr, rate)
         sr = rate

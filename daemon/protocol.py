@@ -41,9 +41,9 @@ def parse_json_message(model: type[M], data: bytes, what: str) -> M:
     if not isinstance(obj, dict):
         raise LipsyncError(errors.BAD_JSON, f"{what}: body must be a JSON object, got {type(obj).__name__}")
     if "v" in model.model_fields:
-        if "v" not in obj:
+        if "v" not in obj and model.model_fields["v"].is_required():
             raise LipsyncError(errors.BAD_VERSION, f'{what}: missing "v"; send "v": {PROTOCOL_VERSION}')
-        if obj["v"] != PROTOCOL_VERSION:
+        if obj.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
             raise LipsyncError(
                 errors.BAD_VERSION,
                 f'{what}: protocol version {obj["v"]!r} is not supported; send "v": {PROTOCOL_VERSION}',

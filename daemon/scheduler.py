@@ -32,6 +32,7 @@ class BatchScheduler:
         self._heap: list[PendingFrame] = []
         self._order = itertools.count()
         self._live = 0
+        self.dropped_late = 0
 
     def add(self, session_id: str, utterance: int, frame_no: int, deadline: float, job: Any,
             on_done: Callable[[Any, BaseException | None], None]) -> PendingFrame:
@@ -56,11 +57,20 @@ class BatchScheduler:
         self._live -= n
         return n
 
-    def next_batch(self, max_batch: int) -> list[PendingFrame]:
+    def next_batch(self, max_batch: int, not_before: float | None = None) -> list[PendingFrame]:
+        """The ``max_batch`` most urgent frames. Frames due before ``not_before`` (the
+        time the step would finish) cannot be shown any more: they are dropped, so that an
+        overloaded GPU spends its time on frames that can still make their tick (the
+        session shows its idle frame for the dropped ones)."""
         batch: list[PendingFrame] = []
+        self.dropped_late = 0
         while self._heap and len(batch) < max_batch:
             item = heapq.heappop(self._heap)
             if item.cancelled:
+                continue
+            if not_before is not None and item.deadline < not_before:
+                self.dropped_late += 1
+                self._live -= 1
                 continue
             batch.append(item)
         self._live -= len(batch)

@@ -285,6 +285,7 @@ class Session:
             return
         if msg.op == "flush":
             self.speech.flush()
+            self.inbox.last_seq = None  # the next utterance may number its chunks afresh
         else:
             self.speech.clear()
             self.inbox.clear()

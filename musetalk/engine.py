@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from musetalk.models import MuseTalkModels
-from musetalk.types import AUDIO_DIM, AUDIO_TOKENS, FACE_SIZE, LATENT_SIZE, FrameJob, PreparedAvatar
+from musetalk.types import AUDIO_DIM, AUDIO_TOKENS, LATENT_SIZE, FrameJob, PreparedAvatar
 from musetalk.vae import decode_to_unit
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = ".lipsync-manifest.json"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
-GENERATOR_LICENCE = "MuseTalk weights: MIT-style release by TMElyralab (see the hub card)"
+GENERATOR_LICENCE = (
+    "MuseTalk: code MIT; the trained models 'available for any purpose, even commercially' "
+    "(TMElyralab/MuseTalk README)"
+)
 VAE_LICENCE = "sd-vae-ft-mse: MIT (stabilityai)"
 WHISPER_LICENCE = "whisper-tiny: Apache-2.0 (OpenAI)"
 DWPOSE_LICENCE = "DWPose: Apache-2.0 code; COCO-WholeBody training data (check your use)"

@@ -62,6 +62,7 @@ class SessionStop(_Strict):
 class ControlMessage(_Strict):
     """``<prefix>.control.<session_id>``: flush = end of utterance, clear = interrupt."""
 
+    v: Literal[1] = 1
     op: Literal["flush", "clear"]
 
 

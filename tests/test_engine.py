@@ -340,3 +340,43 @@ def test_render_offline_end_to_end(model_dir, tmp_path):
     assert len(decoded) == 19
     assert decoded[0].shape == (160, 160, 3)
     assert [ping_pong(i, 6) for i in range(14)] == [0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0, 0, 1]
+
+
+def test_fractional_frame_rates_are_windowed_exactly():
+    from fractions import Fraction
+
+    from musetalk.audio import frame_tokens, window_tokens
+    from musetalk.render import _audio_tokens
+
+    feats = np.random.default_rng(0).standard_normal((120, 5, 384)).astype(np.float32)
+    np.testing.assert_array_equal(_audio_tokens(feats, 40, Fraction(25)), window_tokens(feats, 40, 25))
+    ntsc = Fraction(30000, 1001)
+    tokens = _audio_tokens(feats, 60, ntsc)
+    # Frame 59 starts at floor(59 * 50 / 29.97) = 98 of the sequence padded by 4 in front.
+    padded = np.concatenate([np.zeros((4, 5, 384), np.float32), feats, np.zeros((12, 5, 384), np.float32)])
+    np.testing.assert_array_equal(tokens[59], frame_tokens(padded[98:108]))
+
+
+# ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_step_matches_cpu(model_dir, models, avatars, compiled):
+    """fp16 on the GPU (pinned copy-out, bucket padding when compiled) against fp32 on the CPU."""
+    gpu = Engine(load_models(model_dir, "cuda", "float16"), max_batch=4, compile=compiled)
+    cpu = Engine(models, max_batch=4)
+    for av in avatars:
+        gpu.register_avatar(av)
+        cpu.register_avatar(av)
+    jobs = [FrameJob("anna", 0, tokens(20)), FrameJob("ben", 1, tokens(21)), FrameJob("anna", 2, tokens(22))]
+    for _ in range(2):  # the second compiled call replays the CUDA graphs
+        got = gpu.step(jobs)
+    want = cpu.step(jobs)
+    for job, g, w in zip(jobs, got, want):
+        av = avatars[0] if job.avatar_key == "anna" else avatars[1]
+        region = weight_region(av, job.frame_index)
+        np.testing.assert_array_equal(g[..., :3][~region], av.frames[job.frame_index][~region])
+        diff = np.abs(g.astype(int) - w.astype(int))[region]
+        assert diff.mean() < 2.0, f"fp16 GPU and fp32 CPU differ by {diff.mean():.2f} levels on average"

@@ -46,3 +46,13 @@ def test_batch_is_capped_and_formed_fresh_each_step():
     # A more urgent frame of another session arriving between steps goes first.
     s.add("b", 0, 0, deadline=-1.0, job="urgent", on_done=_noop)
     assert [p.job for p in s.next_batch(2)] == ["urgent", 4]
+
+
+def test_frames_that_cannot_make_their_tick_are_dropped():
+    s = BatchScheduler()
+    for f, deadline in enumerate((0.9, 1.0, 1.1, 1.2)):
+        s.add("a", 0, f, deadline=deadline, job=f, on_done=_noop)
+    # A step that would finish at t=1.05 cannot save frames due at 0.9 and 1.0.
+    batch = s.next_batch(8, not_before=1.05)
+    assert [p.job for p in batch] == [2, 3]
+    assert s.dropped_late == 2 and len(s) == 0

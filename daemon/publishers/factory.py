@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from daemon.config import ConfigError, Settings
 from daemon.errors import INVALID_MESSAGE, PUBLISHER_FAILED, LipsyncError
 from daemon.publishers.base import MediaFormat, Publisher
 from daemon.publishers.filesink import FileSinkPublisher
-from daemon.publishers.livekit import LiveKitPublisher, RoomConnector
+from daemon.publishers.null import NullPublisher
+
+if TYPE_CHECKING:
+    from daemon.publishers.livekit import RoomConnector
 
 
 def make_publisher(
@@ -18,9 +22,11 @@ def make_publisher(
     livekit_room: str | None,
     livekit_identity: str | None,
     *,
-    room_connector: RoomConnector | None = None,
+    room_connector: "RoomConnector | None" = None,
 ) -> Publisher:
     """Raises LipsyncError when the start message or the config lacks what the sink needs."""
+    if settings.sink_kind() == "none":
+        return NullPublisher(fmt, session_id)
     if settings.sink_kind() == "file":
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = settings.recordings_dir() / f"{session_id}-{stamp}.mp4"
@@ -53,6 +59,8 @@ def make_publisher(
             PUBLISHER_FAILED, f"LiveKit credentials are not configured: set {' and '.join(missing)}"
         )
     assert key is not None and secret is not None
+    from daemon.publishers.livekit import LiveKitPublisher  # the SDK loads only when used
+
     return LiveKitPublisher(
         url=lk.url,
         api_key=key,

@@ -24,10 +24,17 @@ def _nats_url(settings: Settings, override: str | None) -> str:
 async def _connect(url: str):
     import nats
 
+    async def no_errors(exc: Exception) -> None:
+        pass  # reported once below, not as a traceback per attempt
+
     try:
-        return await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
-    except Exception as exc:
-        raise SystemExit(f"lipsync: cannot reach NATS at {url} ({exc or type(exc).__name__}): "
+        return await asyncio.wait_for(
+            nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+                         error_cb=no_errors),
+            timeout=4,
+        )
+    except (Exception, asyncio.TimeoutError) as exc:
+        raise SystemExit(f"lipsync: cannot reach NATS at {url} ({str(exc) or type(exc).__name__}): "
                          "is lipsyncd running? (--nats to point elsewhere)") from None
 
 

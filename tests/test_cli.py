@@ -1,0 +1,69 @@
+"""The `lipsync` tool: schema export, models check, and the NATS commands against a
+daemon on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from daemon.app import Daemon
+from tests.test_daemon import make_settings
+from tests.media import write_color_video
+
+SPEECH = Path(__file__).parent / "data" / "speech.wav"
+
+
+def lipsync(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", "/dev/null", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_schema_lists_every_message():
+    out = lipsync("schema")
+    assert out.returncode == 0, out.stderr
+    schemas = json.loads(out.stdout)
+    start = schemas["<prefix>.session.start"]
+    assert start["properties"]["session_id"]["pattern"] == "^[A-Za-z0-9_-]{1,128}$"
+    assert set(start["required"]) == {"v", "session_id"}
+    events = json.dumps(schemas["<prefix>.events.<session_id>"])
+    for kind in ("ready", "speaking", "playback_finished", "error", "stopped"):
+        assert f'"{kind}"' in events
+
+
+def test_models_check_names_the_fix(tmp_path):
+    out = lipsync("models", "check", "--dir", str(tmp_path / "none"))
+    assert out.returncode == 1
+    assert "musetalkV15/unet.pth" in out.stdout and "lipsync models download" in out.stdout
+
+
+async def test_start_status_stop_over_nats(nats_server, tmp_path):
+    video = tmp_path / "v.mp4"
+    write_color_video(video, 10)
+    daemon = Daemon(make_settings(nats_server, tmp_path, video))
+    await daemon.start()
+    try:
+        async def run(*args: str) -> subprocess.CompletedProcess:
+            return await asyncio.to_thread(lipsync, *args, "--nats", nats_server.url)
+
+        started = await run("start", "cli1", "--avatar", "colors")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["width"] == 64
+        status = json.loads((await run("status")).stdout)
+        assert [s["session_id"] for s in status["sessions"]] == ["cli1"]
+        ctl = await run("control", "cli1", "clear")
+        assert ctl.returncode == 0 and json.loads(ctl.stdout)["op"] == "clear"
+        bad = await run("start", "cli2", "--avatar", "nobody")
+        assert bad.returncode == 1 and "unknown_avatar" in bad.stdout
+        stopped = await run("stop", "cli1")
+        assert stopped.returncode == 0
+        assert not daemon.sessions
+    finally:
+        await daemon.shutdown()
+
+
+def test_no_daemon_is_a_clear_error():
+    out = lipsync("status", "--nats", "nats://127.0.0.1:1")
+    assert out.returncode != 0 and "is lipsyncd running" in (out.stderr + out.stdout)

@@ -1,0 +1,74 @@
+"""Pure parts of the real-time path: the frame/audio clock, ping-pong order, the PCM
+buffer and the mouth gate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from daemon.session import AudioClock, pingpong_index
+from daemon.speech import PcmBuffer, SpeechPipeline, Utterance
+
+
+def test_audio_clock_never_drifts_over_an_hour():
+    for rate in (8000, 16000, 22050, 24000, 44100, 48000):
+        for fps in (25, 30, 24):
+            clock = AudioClock(rate, fps)
+            frames = fps * 3600
+            total = sum(clock.samples(n) for n in range(frames))
+            # An hour of frames holds exactly an hour of audio: no rounding creep.
+            assert total == rate * 3600
+            assert {clock.samples(n) for n in range(100)} <= {rate // fps, rate // fps + 1}
+
+
+def test_pingpong_order():
+    assert [pingpong_index(t, 4) for t in range(10)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert [pingpong_index(t, 1) for t in range(3)] == [0, 0, 0]
+
+
+def test_pcm_buffer_grows_and_pads():
+    buf = PcmBuffer()
+    chunks = [np.arange(i * 10000, (i + 1) * 10000, dtype=np.int64).astype(np.int16) for i in range(5)]
+    for c in chunks:
+        buf.append(c)
+    assert buf.size == 50000
+    whole = np.concatenate(chunks)
+    assert np.array_equal(buf.slice(12345, 23456), whole[12345:23456])
+    tail = buf.slice(49990, 50010)
+    assert np.array_equal(tail[:10], whole[-10:]) and not tail[10:].any()
+    assert not buf.slice(-5, 0).any() and len(buf.slice(-5, 0)) == 5
+
+
+class _Clockless:
+    """Just enough of a SpeechPipeline to call its gate (no model, no session)."""
+
+    def __init__(self, fps: int, rate: int, blend_frames: int) -> None:
+        from daemon.session import AudioClock
+
+        self.fps, self.rate, self.blend_frames = fps, rate, blend_frames
+        self.clock = AudioClock(rate, fps)
+
+    _frame_level = SpeechPipeline._frame_level
+    blend_for = SpeechPipeline.blend_for
+
+
+def test_mouth_follows_the_voice_and_closes_within_two_frames():
+    fps, rate = 25, 16000
+    spf = rate // fps
+    # 10 silent frames, 20 frames of tone at -12 dBFS, 10 silent frames.
+    t = np.arange(20 * spf) / rate
+    tone = (0.25 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    pcm = np.concatenate([np.zeros(10 * spf, np.int16), tone, np.zeros(10 * spf, np.int16)])
+    utt = Utterance(id=0, stream=None, start_tick=0)
+    utt.audio.append(pcm)
+    p = _Clockless(fps, rate, blend_frames=3)
+    blend = [p.blend_for(utt, f) for f in range(40)]
+    assert all(b == 0 for b in blend[:9])  # closed in the leading silence
+    assert blend[9] > 0  # opens one frame ahead of the voice
+    assert all(b == 1.0 for b in blend[12:30])
+    assert 0 < blend[30] < 1  # one frame of hangover
+    assert all(b == 0 for b in blend[31:])  # closed within two frames after the voice
+    # Fade-in at the start of an utterance.
+    utt2 = Utterance(id=1, stream=None, start_tick=0)
+    utt2.audio.append(tone)
+    ramp = [p.blend_for(utt2, f) for f in range(5)]
+    assert ramp == [0.25, 0.5, 0.75, 1.0, 1.0]

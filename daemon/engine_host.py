@@ -220,14 +220,34 @@ class EngineHost:
         self._loop.call_soon_threadsafe(settle)
 
     # ---- avatars ---------------------------------------------------------------------
-    async def acquire_avatar(self, video: Any, content_hash: str, log_: Any) -> tuple[Any, dict[str, float]]:
+    def _landmarker_for(self, url: str | None, num_frames: int) -> Any:
+        """Packaged avatars (asset:NAME) may ship their landmarks as NAME.landmarks.npy,
+        made with the bundled detector: replaying them gives the same avatar without the
+        detector (absent from some OpenCV builds). Real DWPose landmarks win when present."""
+        from daemon.config import ASSETS_DIR
+        from musetalk.landmarks import PrecomputedLandmarker
+
+        quality = getattr(self.landmarker, "quality", "")
+        if url and url.startswith("asset:") and quality.startswith("opencv"):
+            sidecar = ASSETS_DIR / f"{url.removeprefix('asset:')}.landmarks.npy"
+            if sidecar.is_file():
+                import numpy as np
+
+                landmarks = np.load(sidecar)
+                if len(landmarks) == num_frames:
+                    return PrecomputedLandmarker(landmarks, f"{quality}, {sidecar.name}")
+        return self.landmarker
+
+    async def acquire_avatar(self, video: Any, content_hash: str, log_: Any,
+                             url: str | None = None) -> tuple[Any, dict[str, float]]:
         """The prepared avatar for a decoded idle video: from the disk cache, or prepared
         now (one preparation at a time; concurrent requests for one video share it)."""
         from musetalk.avatar import avatar_cache_key
 
         cfg = self.settings.model
+        landmarker = self._landmarker_for(url, video.num_frames)
         options = {"extra_margin": cfg.extra_margin, "parsing_mode": cfg.parsing_mode,
-                   "landmarks": getattr(self.landmarker, "quality", "?"),
+                   "landmarks": getattr(landmarker, "quality", "?"),
                    "face_parser": self.face_parser is not None,
                    "weights": f"random-{cfg.random_weights_size}" if self.random_weights else "real"}
         key = avatar_cache_key(content_hash, MODEL_VERSION, options)
@@ -235,7 +255,8 @@ class EngineHost:
         if key not in self._avatars:
             task = self._preparing.get(key)
             if task is None:
-                task = asyncio.create_task(self._prepare(key, video, options, log_), name=f"prepare-{key[:8]}")
+                task = asyncio.create_task(self._prepare(key, video, options, log_, landmarker),
+                                           name=f"prepare-{key[:8]}")
                 self._preparing[key] = task
                 task.add_done_callback(lambda _t, k=key: self._preparing.pop(k, None))
             avatar, timings = await asyncio.shield(task)
@@ -247,7 +268,7 @@ class EngineHost:
         self._avatar_refs[key] = self._avatar_refs.get(key, 0) + 1
         return self._avatars[key], timings
 
-    async def _prepare(self, key: str, video: Any, options: dict[str, Any], log_: Any):
+    async def _prepare(self, key: str, video: Any, options: dict[str, Any], log_: Any, landmarker: Any):
         from musetalk.avatar import load_or_prepare, prepare_avatar
 
         cfg = self.settings.model
@@ -255,7 +276,7 @@ class EngineHost:
 
         def prepare():
             return prepare_avatar(
-                video.frames, video.fps, landmarker=self.landmarker,
+                video.frames, video.fps, landmarker=landmarker,
                 encode_latents=self.engine.models.encode_latents, face_parser=self.face_parser,
                 extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode, key=key,
             )
@@ -290,7 +311,8 @@ class EngineHost:
     async def make_speech(self, session: Any) -> Any:
         from daemon.speech import SpeechPipeline
 
-        avatar, timings = await self.acquire_avatar(session.video, session.video_hash, session.log)
+        avatar, timings = await self.acquire_avatar(session.video, session.video_hash, session.log,
+                                                    session.video_url)
         return SpeechPipeline(session, self, avatar, timings)
 
     # ---- shutdown --------------------------------------------------------------------

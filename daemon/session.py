@@ -146,6 +146,7 @@ class Session:
         self.speech: Any = None  # the speech pipeline (daemon.speech), when a model is loaded
         self.clock = AudioClock(self.sample_rate, self.fps)
         self.video = None
+        self.video_url: str | None = None
         self.t0 = time.monotonic()
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Session:
         timings: dict[str, float] = {}
         try:
             url = await self.deps.resolve_url(self.request.avatar_id, self.request.idle_video_url)
+            self.video_url = url
             timings["resolve_ms"] = _ms_since(t0)
             t = time.perf_counter()
             video, content_hash = await self.deps.acquire_video(url)

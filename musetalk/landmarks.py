@@ -313,3 +313,24 @@ def write_tiny_dwpose_onnx(path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+class PrecomputedLandmarker:
+    """Replays landmarks computed earlier, one frame per call, in order: for packaged
+    avatars that ship their landmarks (no detector needed where they are prepared)."""
+
+    def __init__(self, landmarks: np.ndarray, source: str) -> None:
+        if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2):
+            raise ValueError(f"precomputed landmarks must be (N, 68, 2), got {landmarks.shape}")
+        self.landmarks = landmarks
+        self.quality = f"precomputed ({source})"
+        self._next = 0
+
+    def detect(self, frame_rgb: np.ndarray) -> np.ndarray | None:
+        if self._next >= len(self.landmarks):
+            raise ValueError(
+                f"precomputed landmarks hold {len(self.landmarks)} frames; the video has more"
+            )
+        lm = self.landmarks[self._next]
+        self._next += 1
+        return lm.astype(np.float64)

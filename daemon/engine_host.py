@@ -43,6 +43,7 @@ class EngineHost:
         self._thread: threading.Thread | None = None
         self._cv = threading.Condition()
         self._calls: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._encodes: list[tuple[Any, Any, asyncio.Future[Any]]] = []
         self._scheduler = BatchScheduler()
         self._stop = False
         self._avatar_refs: dict[str, int] = {}
@@ -54,6 +55,9 @@ class EngineHost:
         self.step_failures = 0
         self.frames_dropped_late = 0
         self._step_estimate_s = 0.0
+        self.encode_s = 0.0
+        self.encode_calls = 0
+        self.step_s = 0.0
         # Test hook and fault injection point: the function that runs one batch.
         self.step_fn: Callable[[list[Any]], list[Any]] | None = None
 
@@ -98,6 +102,7 @@ class EngineHost:
                 "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1)",
             ) from None
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch)
+        self._warm_up()
         # The reference encodes 30 s windows; on a CPU that costs ~0.3 s a step, so a
         # shorter window keeps streaming real-time there (see docs/AUDIO.md for the error).
         self.audio_window_s = cfg.audio_window_s or (30.0 if self.device.type == "cuda" else 4.0)
@@ -121,12 +126,23 @@ class EngineHost:
                  face_parser=self.face_parser is not None, random_weights=self.random_weights,
                  torch=torch.__version__)
 
+    def _warm_up(self) -> None:
+        """Kernel selection, allocation and (with model.compile) compilation happen here,
+        before `ready`, not in the first sessions' frames."""
+        if self.device.type != "cuda":
+            return
+        t = time.perf_counter()
+        sizes = self.engine.warmup()
+        log.info("model warmed up", batch_sizes=sizes, ms=round((time.perf_counter() - t) * 1000))
+
     def device_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "device": str(self.device), "random_weights": self.random_weights,
             "pending_frames": len(self._scheduler), "steps": self.steps,
             "frames_generated": self.frames_generated, "step_failures": self.step_failures,
             "frames_dropped_late": self.frames_dropped_late,
+            "generation_s": round(self.step_s, 2), "audio_encode_calls": self.encode_calls,
+            "audio_encode_s": round(self.encode_s, 2),
             "avatars": len(self._avatar_refs),
         }
         if self.device is not None and self.device.type == "cuda":
@@ -149,6 +165,16 @@ class EngineHost:
             self._cv.notify()
         return fut
 
+    def encode(self, stream: Any, pcm: Any) -> asyncio.Future[Any]:
+        """Streaming audio features for one utterance stream (``pcm`` None = flush). The
+        worker runs all sessions' pending encodes as one batched encoder call."""
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        with self._cv:
+            self._encodes.append((stream, pcm, fut))
+            self._cv.notify()
+        return fut
+
     def submit_frame(self, session_id: str, utterance: int, frame_no: int, deadline: float,
                      job: Any, on_done: Callable[[Any, BaseException | None], None]) -> None:
         """Queue one frame; ``on_done(rgba, error)`` runs on the event loop."""
@@ -165,24 +191,54 @@ class EngineHost:
         max_batch = self.settings.model.max_batch
         while True:
             with self._cv:
-                while not self._stop and not self._calls and not len(self._scheduler):
+                while not self._stop and not self._calls and not self._encodes and not len(self._scheduler):
                     self._cv.wait()
-                if self._stop:
-                    calls, self._calls = self._calls, []
-                    for _, fut in calls:
-                        self._deliver(fut, None, LipsyncError(errors.SHUTTING_DOWN, "model worker stopped"))
-                    return
                 calls, self._calls = self._calls, []
+                encodes, self._encodes = self._encodes, []
+                if self._stop:
+                    stopped = LipsyncError(errors.SHUTTING_DOWN, "model worker stopped")
+                    for fut in [f for _, f in calls] + [f for _, _, f in encodes]:
+                        self._deliver(fut, None, stopped)
+                    return
             for fn, fut in calls:
                 try:
                     self._deliver(fut, fn(), None)
                 except BaseException as exc:  # delivered to the awaiting task, which logs it
                     self._deliver(fut, None, exc)
+            if encodes:
+                self._encode_batch(encodes)
             with self._cv:
-                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + self._step_estimate_s)
+                # Batch more frames per step while the most urgent one can wait: a step of
+                # many frames costs little more than a step of one.
+                slack = self._scheduler.earliest_deadline() - time.monotonic() - 2 * self._step_estimate_s
+                if (0.005 < slack < 1.0 and len(self._scheduler) < max_batch and not self._calls
+                        and not self._encodes and not self._stop):
+                    self._cv.wait(timeout=min(slack, 0.5 / self.settings.video.fps))
+                # Skip frames this step cannot deliver before their tick (at most one frame
+                # period of look-ahead, so a slow first step cannot starve the queue).
+                margin = min(self._step_estimate_s, 1.0 / self.settings.video.fps)
+                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + margin)
                 self.frames_dropped_late += self._scheduler.dropped_late
             if batch:
                 self._step(batch)
+
+    def _encode_batch(self, encodes: list[tuple[Any, Any, asyncio.Future[Any]]]) -> None:
+        """One batched whisper call for every session with new audio (each session has
+        at most one encode in flight, so each stream appears once)."""
+        from musetalk.audio import _step_streams
+
+        t = time.perf_counter()
+        try:
+            results = _step_streams([(stream, pcm, pcm is None) for stream, pcm, _ in encodes])
+            self.encode_s += time.perf_counter() - t
+            self.encode_calls += 1
+        except Exception as exc:
+            log.error("audio feature step failed", streams=len(encodes), error=repr(exc))
+            for _, _, fut in encodes:
+                self._deliver(fut, None, exc)
+            return
+        for (_, _, fut), tokens in zip(encodes, results):
+            self._deliver(fut, tokens, None)
 
     def _step(self, batch: list[Any]) -> None:
         t = time.perf_counter()
@@ -196,6 +252,7 @@ class EngineHost:
             log.error("generation step failed", frames=len(batch), error=repr(exc))
         self.steps += 1
         elapsed = time.perf_counter() - t
+        self.step_s += elapsed
         # A step's expected duration (moving average), to skip frames it cannot save.
         self._step_estimate_s = 0.8 * self._step_estimate_s + 0.2 * elapsed
         self.metrics.gpu_step_seconds.observe(elapsed)

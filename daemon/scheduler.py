@@ -76,6 +76,12 @@ class BatchScheduler:
         self._live -= len(batch)
         return batch
 
+    def earliest_deadline(self) -> float:
+        """Deadline of the most urgent live frame (inf when there is none)."""
+        while self._heap and self._heap[0].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0].deadline if self._heap else float("inf")
+
     def __len__(self) -> int:
         return self._live
 

@@ -224,10 +224,7 @@ class SpeechPipeline:
             if self._find(utt_id) is None:
                 continue  # interrupted: its audio is no longer wanted
             try:
-                if pcm is None:
-                    tokens = await self.host.call(stream.flush)
-                else:
-                    tokens = await self.host.call(lambda s=stream, p=pcm: s.push(p))
+                tokens = await self.host.encode(stream, pcm)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -187,6 +187,23 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
+    @torch.inference_mode()
+    def warmup(self) -> list[int]:
+        """Run the UNet and the decoder once per batch size a step can use (every bucket
+        when compiled: this is where compilation happens), so that the first sessions do
+        not pay for kernel selection or compilation. Returns the sizes run."""
+        sizes = self._buckets if self.compiled else sorted({1, min(8, self.max_batch), self.max_batch})
+        for size in sizes:
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            latents = torch.randn(size, 8, LATENT_SIZE, LATENT_SIZE, device=self.device, dtype=self.dtype)
+            audio = torch.randn(size, AUDIO_TOKENS, AUDIO_DIM, device=self.device, dtype=self.dtype)
+            for _ in range(2 if self.compiled else 1):  # graphs are recorded on a later call
+                self._decode_fn(self._unet_fn(latents, audio))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return list(sizes)
+
     def step(self, jobs: list[FrameJob]) -> list[np.ndarray]:
         """Generate one RGBA frame (H, W, 4) uint8 per job, in order."""
         for job in jobs:

@@ -136,7 +136,10 @@ class HaarTemplateLandmarker:
     _warned = False
 
     def __init__(self, multi_face: str = "largest") -> None:
-        self._detector = HaarFaceDetector(multi_face=multi_face)
+        # Built on first use: an avatar that ships precomputed landmarks never needs it
+        # (and some OpenCV builds lack the cascade).
+        self._multi_face = multi_face
+        self._detector: HaarFaceDetector | None = None
         if not HaarTemplateLandmarker._warned:
             log.warning(
                 "face landmarks from OpenCV's Haar detector and a mean face template: lower "
@@ -145,6 +148,8 @@ class HaarTemplateLandmarker:
             HaarTemplateLandmarker._warned = True
 
     def detect(self, frame_rgb: np.ndarray) -> np.ndarray | None:
+        if self._detector is None:
+            self._detector = HaarFaceDetector(multi_face=self._multi_face)
         box = self._detector.detect(frame_rgb)
         if box is None:
             return None

@@ -56,3 +56,12 @@ def test_frames_that_cannot_make_their_tick_are_dropped():
     batch = s.next_batch(8, not_before=1.05)
     assert [p.job for p in batch] == [2, 3]
     assert s.dropped_late == 2 and len(s) == 0
+
+
+def test_earliest_deadline_skips_cancelled():
+    s = BatchScheduler()
+    assert s.earliest_deadline() == float("inf")
+    s.add("a", 0, 0, deadline=1.0, job=0, on_done=_noop)
+    s.add("b", 0, 0, deadline=2.0, job=1, on_done=_noop)
+    s.cancel("a")
+    assert s.earliest_deadline() == 2.0

@@ -242,6 +242,7 @@ class _EncodeJob:
     samples_at: int  # the segment's sample count the job encodes
     start: int  # first feature frame (inside the segment) of the window
     mel: np.ndarray  # [n_mels, 2 * window]
+    keep: tuple[int, int]  # feature frames (inside the segment) the frames need
 
 
 @dataclass
@@ -373,7 +374,6 @@ class StreamingAudioFeatures:
 
     def _plan(self, final: bool) -> list[_EncodeJob]:
         jobs: list[_EncodeJob] = []
-        planned: list[tuple[int, int]] = []
         width = self.window_features
         for first, end in self._groups(final):
             lo, hi = self._feature_span(first, end - 1, final)
@@ -382,20 +382,23 @@ class StreamingAudioFeatures:
             for seg, start, stop in self._segment_ranges(lo, hi):
                 if self._lookup(seg, start, stop) is not None:
                     continue
-                if any(s == seg and a <= start and stop <= a + width for s, a in planned):
+                covering = [j for j in jobs if j.segment == seg and j.start <= start and stop <= j.start + width]
+                if covering:
+                    covering[0].keep = (min(covering[0].keep[0], start), max(covering[0].keep[1], stop))
                     continue
                 # A short window keeps a quarter of itself after the newest needed feature
                 # (zero-padded future, as a segment's tail is offline) and the rest as left
                 # context; it never leaves the segment, so positions match offline.
                 window_start = min(start, max(0, stop + width // 4 - width), WINDOW_FEATURES - width)
                 mel = self._segments[seg].normalized()[:, 2 * window_start : 2 * (window_start + width)]
-                planned.append((seg, window_start))
-                jobs.append(_EncodeJob(self, seg, self._segments[seg].n, window_start, mel))
+                jobs.append(_EncodeJob(self, seg, self._segments[seg].n, window_start, mel, (start, stop)))
         return jobs
 
     def _store(self, job: _EncodeJob, features: np.ndarray) -> None:
+        """``features`` are the window's rows job.keep[0] .. job.keep[1] (segment
+        coordinates): only what the frames need leaves the device."""
         self._cache = [e for e in self._cache if e.segment != job.segment or e.samples_at == job.samples_at]
-        self._cache.append(_CachedFeatures(job.segment, job.samples_at, job.start, features))
+        self._cache.append(_CachedFeatures(job.segment, job.samples_at, job.keep[0], features))
 
     def _emit(self, final: bool) -> list[np.ndarray]:
         tokens: list[np.ndarray] = []
@@ -452,7 +455,8 @@ def _step_streams(requests: Sequence[tuple[StreamingAudioFeatures, np.ndarray | 
         by_encoder_and_width.setdefault((id(job.stream.encoder), job.mel.shape[-1]), []).append(job)
     for batch in by_encoder_and_width.values():
         encoder = batch[0].stream.encoder
-        features = encoder.encode_batch(np.stack([j.mel for j in batch]), [j.start for j in batch])
+        keep = [(j.keep[0] - j.start, j.keep[1] - j.start) for j in batch]
+        features = encoder.encode_batch(np.stack([j.mel for j in batch]), [j.start for j in batch], keep=keep)
         for job, feats in zip(batch, features):
             job.stream._store(job, feats)
     return [stream._emit(final) for stream, _, final in requests]

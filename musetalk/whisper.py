@@ -76,13 +76,15 @@ class WhisperAudioEncoder:
         return stacked.float().cpu().numpy()
 
     def encode_batch(
-        self, mel: np.ndarray | torch.Tensor, position_offsets: Sequence[int] | None = None
-    ) -> np.ndarray:
+        self, mel: np.ndarray | torch.Tensor, position_offsets: Sequence[int] | None = None,
+        keep: Sequence[tuple[int, int]] | None = None,
+    ) -> np.ndarray | list[np.ndarray]:
         """Hidden states of [B, n_mels, N] mel windows (N even, N <= 3000).
 
         Item b's first feature frame gets positional embedding ``position_offsets[b]``
         (its feature index inside the 30 s window it stands for), so a short window
-        sees the same positions as in the full one. Returns [B, N/2, 5, d_model].
+        sees the same positions as in the full one. Returns [B, N/2, 5, d_model], or with
+        ``keep`` (one (lo, hi) row range per item) a list of [hi - lo, 5, d_model] arrays.
         """
         x = torch.as_tensor(mel).to(self.device, self.dtype)
         if x.ndim != 3 or x.shape[1] != self.num_mel_bins:
@@ -116,6 +118,10 @@ class WhisperAudioEncoder:
             # As in transformers: the last hidden state is taken after the final norm.
             states[-1] = enc.layer_norm(h)
             stacked = torch.stack(states, dim=2)
+            if keep is not None:
+                # Only the rows the caller needs cross to the host (a full 30 s window of
+                # five states is 11.5 MB in float32; a few frames' worth is a few kB).
+                return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
         return stacked.float().cpu().numpy()
 
 

@@ -256,9 +256,9 @@ def test_push_many_batches_sessions(encoder, speech16k):
     calls = []
     original = encoder.encode_batch
 
-    def counting_encode(mel, offsets=None):
+    def counting_encode(mel, offsets=None, keep=None):
         calls.append(mel.shape[0])
-        return original(mel, offsets)
+        return original(mel, offsets, keep=keep)
 
     expected = [[], []]
     got = [[], []]
@@ -285,9 +285,9 @@ def test_short_window_encodes_bounded_windows(encoder, speech16k):
     widths = []
     original = encoder.encode_batch
 
-    def spying_encode(mel, offsets=None):
+    def spying_encode(mel, offsets=None, keep=None):
         widths.append(mel.shape[-1])
-        return original(mel, offsets)
+        return original(mel, offsets, keep=keep)
 
     encoder.encode_batch = spying_encode
     try:

@@ -345,3 +345,24 @@ async def test_two_daemons_share_starts_and_only_the_owner_answers(nats_server, 
     finally:
         for d in daemons:
             await d.shutdown()
+
+
+async def test_livekit_unreachable_is_a_clear_start_error(nats_server, tmp_path, color_video, client):
+    """The real rtc.Room against a closed loopback port: no LiveKit server runs here."""
+    from tests.conftest import free_port
+
+    settings = make_settings(nats_server, tmp_path, color_video, livekit={
+        "url": f"ws://127.0.0.1:{free_port()}", "api_key": "devkey", "api_secret": "s3cret-value",
+        "connect_timeout_s": 3})
+    d = Daemon(settings)
+    await d.start()
+    try:
+        no_room = await client.request("lipsync.session.start", start_body("lk0"))
+        assert no_room["error"]["code"] == "invalid_message" and "room" in no_room["error"]["message"]
+        reply = await client.request("lipsync.session.start", start_body("lk1", livekit={"room": "r1"}))
+        assert reply["ok"] is False and reply["error"]["code"] == "publisher_failed"
+        assert "127.0.0.1" in reply["error"]["message"]
+        assert "s3cret-value" not in json.dumps(reply)
+        assert not d.sessions
+    finally:
+        await d.shutdown()

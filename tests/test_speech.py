@@ -202,3 +202,36 @@ async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, cli
     # One error event for the utterance, not one per frame.
     assert len(client.events_of("boom", "error")) == 1
     host.step_fn = None
+
+
+async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client):
+    """Two live sessions, speaking together: their frames go through shared batched
+    steps (the scheduler mixes sessions), and each plays its own utterance to the end."""
+    for sid in ("duo1", "duo2"):
+        await start(client, sid)
+    host = speech_daemon.engine_host
+    seen_sessions: list[int] = []
+    real_next = host._scheduler.next_batch
+
+    def recording_next(max_batch, not_before=None):
+        batch = real_next(max_batch, not_before)
+        if batch:
+            seen_sessions.append(len({p.session_id for p in batch}))
+        return batch
+
+    host._scheduler.next_batch = recording_next
+    try:
+        pcm, rate = read_wav_mono16(SPEECH, RATE)
+        half = pcm[: int(rate * 1.5)]
+        await asyncio.gather(*(stream_pcm(client.nc, "lipsync", sid, half, rate, realtime=True)
+                               for sid in ("duo1", "duo2")))
+        for sid in ("duo1", "duo2"):
+            await client.nc.publish(f"lipsync.control.{sid}", json.dumps({"op": "flush"}).encode())
+        for sid in ("duo1", "duo2"):
+            ev = await client.wait_event(sid, "playback_finished", timeout=30)
+            assert ev["interrupted"] is False
+            assert ev["position_s"] == pytest.approx(math.ceil(len(half) * FPS / rate) / FPS)
+            assert speech_daemon.sessions[sid].speech.counts["speech"] > 0
+    finally:
+        del host._scheduler.next_batch
+    assert max(seen_sessions) == 2, seen_sessions  # at least one step served both sessions

@@ -8,6 +8,7 @@ thread, as ``AvatarStore`` does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -469,6 +470,16 @@ class DecodedVideo:
     @property
     def nbytes(self) -> int:
         return int(self.frames.nbytes)
+
+    @functools.cached_property
+    def rgba(self) -> np.ndarray:
+        """(N, H, W, 4) frames as publishers take them: converted once per video and
+        shared by every session showing it, instead of once per frame per session."""
+        out = np.empty((*self.frames.shape[:3], 4), np.uint8)
+        out[..., :3] = self.frames
+        out[..., 3] = 255
+        out.setflags(write=False)
+        return out
 
 
 def decode_video(path: Path, settings: Settings, source: str | None = None) -> DecodedVideo:

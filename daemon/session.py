@@ -56,14 +56,6 @@ def pingpong_index(tick: int, num_frames: int) -> int:
     return k if k < num_frames else period - k
 
 
-def to_rgba(frame_rgb: np.ndarray) -> np.ndarray:
-    h, w, _ = frame_rgb.shape
-    out = np.empty((h, w, 4), np.uint8)
-    out[..., :3] = frame_rgb
-    out[..., 3] = 255
-    return out
-
-
 class AudioClock:
     """How many output samples belong to video frame n, with no rounding drift: frame n
     covers samples [floor(n*sr/fps), floor((n+1)*sr/fps))."""
@@ -80,15 +72,17 @@ class AudioClock:
 
 
 class IdleSource:
-    def __init__(self, frames: np.ndarray, clock: AudioClock) -> None:
-        self.frames = frames
+    """The avatar's own frames in ping-pong order, with silence."""
+
+    def __init__(self, frames_rgba: np.ndarray, clock: AudioClock) -> None:
+        self.frames = frames_rgba  # read-only, shared with other sessions of the avatar
         self.clock = clock
 
     def avatar_index(self, tick: int) -> int:
         return pingpong_index(tick, int(self.frames.shape[0]))
 
     def frame_for_tick(self, tick: int) -> tuple[np.ndarray, np.ndarray, str]:
-        frame = to_rgba(self.frames[self.avatar_index(tick)])
+        frame = self.frames[self.avatar_index(tick)]
         return frame, np.zeros(self.clock.samples(tick), np.int16), "idle"
 
 
@@ -162,7 +156,7 @@ class Session:
             self._video_hash = content_hash
             self.video = video
             timings["video_ms"] = _ms_since(t)
-            self.idle = IdleSource(video.frames, self.clock)
+            self.idle = IdleSource(video.rgba, self.clock)
             if self.deps.make_speech is not None:
                 t = time.perf_counter()
                 self.speech = await self.deps.make_speech(self)

@@ -235,3 +235,21 @@ async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client)
     finally:
         del host._scheduler.next_batch
     assert max(seen_sessions) == 2, seen_sessions  # at least one step served both sessions
+
+
+async def test_idle_video_without_a_face_is_refused_clearly(nats_server, tmp_path, tiny_models, client):
+    from tests.media import write_color_video
+
+    faceless = tmp_path / "colors.mp4"
+    write_color_video(faceless, 10, size=(128, 96))
+    settings = speech_settings(nats_server, tmp_path, tiny_models, faceless)
+    d = Daemon(settings)
+    await d.start()
+    try:
+        reply = await client.request("lipsync.session.start", {
+            "v": 1, "session_id": "noface", "avatar_id": "face", "audio": {"sample_rate": RATE}}, timeout=60)
+        assert reply["ok"] is False and reply["error"]["code"] == "avatar_preparation_failed"
+        assert "no face" in reply["error"]["message"]
+        assert not d.sessions and d.engine_host.device_info()["avatars"] == 0
+    finally:
+        await d.shutdown()

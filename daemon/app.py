@@ -172,22 +172,22 @@ class Daemon:
 
     async def _start_session(self, start: SessionStart, reply: Any) -> None:
         sid = start.session_id
+        # Another start for this id in flight: its outcome decides (idempotent or not).
+        while (pending := self._starting.get(sid)) is not None:
+            await asyncio.wait({pending})
         existing = self.sessions.get(sid)
         if existing is not None:
-            pending = self._starting.get(sid)
-            if pending is not None:
-                await asyncio.wait({pending})
-            if existing.info is not None and not existing.closed:
-                if existing.request != start:
-                    err = LipsyncError(errors.SESSION_CONFLICT,
-                                       f"session '{sid}' is live with other parameters: stop it first "
-                                       "or use a new session_id")
-                    await self._report(err, session_id=sid, reply=reply, reply_model=SessionStartReply)
-                    return
+            if existing.info is None or existing.closed:
+                err = LipsyncError(errors.SESSION_CONFLICT, f"session '{sid}' is stopping: retry the start "
+                                   "in a moment or use a new session_id")
+            elif existing.request != start:
+                err = LipsyncError(errors.SESSION_CONFLICT, f"session '{sid}' is live with other parameters: "
+                                   "stop it first or use a new session_id")
+            else:
                 await self._reply_started(existing, reply, existing_session=True)
                 return
-            if sid in self.sessions:  # failed start still being torn down
-                existing = None
+            await self._report(err, session_id=sid, reply=reply, reply_model=SessionStartReply)
+            return
         if not self.accepting:
             await self._report(LipsyncError(errors.SHUTTING_DOWN, "daemon is shutting down: start the "
                                "session on another instance"), session_id=sid, reply=reply,
@@ -204,18 +204,26 @@ class Daemon:
         self._starting[sid] = asyncio.current_task()  # type: ignore[assignment]
         try:
             await session.start()
-        except LipsyncError as err:
-            self.sessions.pop(sid, None)
-            await self._report(err, session_id=sid, reply=reply, reply_model=SessionStartReply)
-            return
-        except Exception as exc:
-            self.sessions.pop(sid, None)
-            log.exception("session start failed", session_id=sid)
-            await self._report(LipsyncError(errors.INTERNAL, f"session start failed: {exc}"),
-                               session_id=sid, reply=reply, reply_model=SessionStartReply)
+        except BaseException as exc:
+            if self.sessions.get(sid) is session:
+                del self.sessions[sid]
+            if isinstance(exc, asyncio.CancelledError):
+                await asyncio.shield(self._report(
+                    LipsyncError(errors.SHUTTING_DOWN, "daemon is shutting down: start the session on "
+                                 "another instance"), session_id=sid, reply=reply, reply_model=SessionStartReply))
+                raise
+            if isinstance(exc, LipsyncError):
+                await self._report(exc, session_id=sid, reply=reply, reply_model=SessionStartReply)
+            elif isinstance(exc, Exception):
+                log.exception("session start failed", session_id=sid)
+                await self._report(LipsyncError(errors.INTERNAL, f"session start failed: {exc}"),
+                                   session_id=sid, reply=reply, reply_model=SessionStartReply)
+            else:
+                raise
             return
         finally:
-            self._starting.pop(sid, None)
+            if self._starting.get(sid) is asyncio.current_task():
+                del self._starting[sid]
             self.metrics.sessions_active.set(len(self.sessions))
         self.metrics.sessions_started.inc()
         await self._reply_started(session, reply, existing_session=False)
@@ -249,12 +257,12 @@ class Daemon:
         self._spawn(self._close_session(session, reason), f"close-{session.id}")
 
     async def _close_session(self, session: Session, reason: str) -> None:
-        try:
-            await session.aclose(reason)
-        finally:
-            if self.sessions.get(session.id) is session:
-                del self.sessions[session.id]
-            self.metrics.sessions_active.set(len(self.sessions))
+        # The close runs to its end even when this caller is cancelled (a drain timing
+        # out): the MP4 is finalized, the avatar released and `stopped` sent.
+        await asyncio.shield(session.aclose(reason))
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        self.metrics.sessions_active.set(len(self.sessions))
 
     async def _on_stop(self, msg: Msg) -> None:
         reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
@@ -276,9 +284,14 @@ class Daemon:
         self._spawn(self._stop_and_reply(session, reply), f"stop-{session.id}")
 
     async def _stop_and_reply(self, session: Session, reply: Any) -> None:
-        pending = self._starting.get(session.id)
-        if pending is not None:
+        while (pending := self._starting.get(session.id)) is not None:
             await asyncio.wait({pending})
+        if self.sessions.get(session.id) is not session or session.info is None:
+            # Its start failed meanwhile: there is nothing to stop (and no `stopped`).
+            await self._report(LipsyncError(errors.UNKNOWN_SESSION, f"no live session '{session.id}' to "
+                               "stop (its start failed)"), session_id=session.id, reply=reply,
+                               reply_model=SessionStopReply)
+            return
         await self._close_session(session, "requested")
         if reply is not None:
             await reply(SessionStopReply(ok=True, session_id=session.id).model_dump_json(exclude_none=True).encode())
@@ -445,9 +458,9 @@ class Daemon:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for session in list(self.sessions.values()):
+        for session in list(self.sessions.values()) + list(Session.closing):
             try:
-                await session.aclose("shutdown")
+                await asyncio.wait_for(session.aclose("shutdown"), timeout=5)
             except Exception:
                 log.exception("session close failed", session_id=session.id)
         self.sessions.clear()

@@ -230,13 +230,19 @@ class EngineHost:
         t = time.perf_counter()
         try:
             results = _step_streams([(stream, pcm, pcm is None) for stream, pcm, _ in encodes])
-            self.encode_s += time.perf_counter() - t
-            self.encode_calls += 1
         except Exception as exc:
-            log.error("audio feature step failed", streams=len(encodes), error=repr(exc))
-            for _, _, fut in encodes:
-                self._deliver(fut, None, exc)
+            if len(encodes) == 1:
+                log.error("audio feature step failed", error=repr(exc))
+                self._deliver(encodes[0][2], None, exc)
+                return
+            # One stream's failure must not cost the others their audio: retry each
+            # alone (streams that did not get to emit still hold their audio).
+            log.warning("batched audio feature step failed; retrying per session", error=repr(exc))
+            for item in encodes:
+                self._encode_batch([item])
             return
+        self.encode_s += time.perf_counter() - t
+        self.encode_calls += 1
         for (_, _, fut), tokens in zip(encodes, results):
             self._deliver(fut, tokens, None)
 

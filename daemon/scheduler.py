@@ -55,6 +55,10 @@ class BatchScheduler:
             item.cancelled = True
             n += 1
         self._live -= n
+        if n:
+            # Drop them now: their callbacks hold the session's utterance alive.
+            self._heap = [item for item in self._heap if not item.cancelled]
+            heapq.heapify(self._heap)
         return n
 
     def next_batch(self, max_batch: int, not_before: float | None = None) -> list[PendingFrame]:

@@ -136,6 +136,9 @@ class Session:
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._close_lock = asyncio.Lock()
+        self._close_task: asyncio.Task[None] | None = None
+        self._pending_controls: list[ControlMessage] = []
+        self.publishing = False
         self.idle: IdleSource | None = None
         self.speech: Any = None  # the speech pipeline (daemon.speech), when a model is loaded
         self.clock = AudioClock(self.sample_rate, self.fps)
@@ -177,9 +180,15 @@ class Session:
         timings["total_ms"] = _ms_since(t0)
         self.info = SessionInfo(video.width, video.height, self.fps, output, timings)
         self.deps.metrics.start_to_ready.observe(timings["total_ms"] / 1000)
+        # The frame clock starts now: frames submitted from here on get real deadlines.
+        self.t0 = time.monotonic()
+        self.tick = 0
+        self._loop_task = asyncio.create_task(self._frame_loop(), name=f"frames-{self.id}")
         if self.speech is not None:
             self.speech.on_audio(self.inbox.pop_all())  # audio that came during start
-        self._loop_task = asyncio.create_task(self._frame_loop(), name=f"frames-{self.id}")
+            for ctl in self._pending_controls:  # ...and the controls sent after it
+                self.control(ctl)
+            self._pending_controls.clear()
         await self.emit(
             ReadyEvent(
                 session_id=self.id, ts=time.time(), width=video.width, height=video.height,
@@ -189,9 +198,21 @@ class Session:
         self.log.info("session ready", **timings, output=output)
         return self.info
 
+    # Sessions whose close is under way: the daemon waits for them at exit even after
+    # they left its table.
+    closing: "set[Session]" = set()
+
     async def aclose(self, reason: str) -> None:
         """Stop the frame loop, close the publisher, release the avatar, send ``stopped``.
-        Safe to call twice and from any task."""
+        Safe to call twice and from any task; once begun, the close finishes even if the
+        caller is cancelled."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._close(reason), name=f"close-{self.id}")
+            Session.closing.add(self)
+            self._close_task.add_done_callback(lambda _t: Session.closing.discard(self))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, reason: str) -> None:
         async with self._close_lock:
             if self._closed:
                 return
@@ -206,6 +227,8 @@ class Session:
                 except Exception:
                     self.log.exception("frame loop failed while closing")
             if self.speech is not None:
+                for event in self.speech.take_events():  # e.g. a clear just before the stop
+                    await self.emit(event)
                 position, interrupted = self.speech.abort()
                 if interrupted:
                     await self.emit(PlaybackFinishedEvent(
@@ -234,6 +257,11 @@ class Session:
     @property
     def video_hash(self) -> str | None:
         return self._video_hash
+
+    @property
+    def next_tick(self) -> int:
+        """The first tick not yet being published."""
+        return self.tick + 1 if self.publishing else self.tick
 
     def tick_time(self, tick: int) -> float:
         """Monotonic time at which frame ``tick`` is due."""
@@ -265,7 +293,7 @@ class Session:
             self.deps.metrics.audio_gaps.inc(gaps)
             self.log.warning("audio gap filled with silence", missing_messages=gaps,
                              total_gap_messages=self.inbox.gap_messages)
-        if self.speech is not None:
+        if self.speech is not None and self._loop_task is not None:
             self.speech.on_audio(self.inbox.pop_all())
         if self.inbox.resync is not None:
             last, seq = self.inbox.resync
@@ -274,6 +302,13 @@ class Session:
         return None
 
     def control(self, msg: ControlMessage) -> None:
+        if self.deps.make_speech is not None and (self.speech is None or self._loop_task is None):
+            # Still starting: keep the op, in order after the audio already buffered.
+            if msg.op == "clear":
+                self.inbox.clear()
+                self._pending_controls.clear()
+            self._pending_controls.append(msg)
+            return
         if self.speech is None:
             self.log.info("control op with no model loaded", op=msg.op)
             if msg.op == "clear":
@@ -300,8 +335,7 @@ class Session:
 
     async def _frame_loop(self) -> None:
         period = 1.0 / self.fps
-        t0 = self.t0 = time.monotonic()
-        self.tick = 0
+        t0 = self.t0
         try:
             while True:
                 due = t0 + self.tick * period
@@ -320,6 +354,7 @@ class Session:
                 publisher = self._publisher
                 if publisher is None:
                     return
+                self.publishing = True
                 await publisher.push(frame, audio)
                 self.frame_counts[kind] = self.frame_counts.get(kind, 0) + 1
                 self.deps.metrics.frames_published.labels(kind).inc()
@@ -327,6 +362,7 @@ class Session:
                     await self.speech.after_publish(self.tick, time.monotonic())
                 self.last_tick_at = time.monotonic()
                 self.tick += 1
+                self.publishing = False
         except asyncio.CancelledError:
             raise
         except LipsyncError as exc:

@@ -77,7 +77,6 @@ class Utterance:
     total_frames: int | None = None  # frames of audio to play, known once flushed
     tokens_received: int = 0
     results: dict[int, Any] = field(default_factory=dict)  # frame -> RGBA or None (= idle)
-    failed: set[int] = field(default_factory=set)
     played: int = 0
     started: bool = False
     last_audio_at: float = 0.0
@@ -112,7 +111,8 @@ class SpeechPipeline:
         self._encoder = asyncio.create_task(self._encode_loop(), name=f"encode-{session.id}")
         self._events: list[Any] = []
         self._last_generated: tuple[int, Any] | None = None  # (tick, frame)
-        self.latencies: deque[float] = deque(maxlen=100000)
+        # The most recent chunks' latencies (a bounded window: status sorts it).
+        self.latencies: deque[float] = deque(maxlen=5000)
         self.counts = {"speech": 0, "fallback": 0, "underrun": 0, "failed": 0}
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
@@ -135,7 +135,7 @@ class SpeechPipeline:
     def _open_utterance(self, now: float) -> Utterance:
         from musetalk.audio import StreamingAudioFeatures
 
-        start = self.session.tick + self.delay_frames
+        start = self.session.next_tick + self.delay_frames
         if self.utterances:
             prev = self.utterances[-1]
             prev_end = prev.start_tick + (prev.total_frames or 0)
@@ -174,6 +174,7 @@ class SpeechPipeline:
             return
         utt.flushed = True
         utt.total_frames = math.ceil(utt.audio.size * self.fps / self.rate)
+        self.session.inbox.last_seq = None  # the next utterance may number its chunks afresh
         tail = self.resampler.flush()
         if len(tail):
             self._encode_queue.put_nowait((utt.id, utt.stream, tail))
@@ -262,10 +263,9 @@ class SpeechPipeline:
             )
 
     def _on_frame(self, utt: Utterance, f: int, frame: Any, error: BaseException | None) -> None:
-        if self._closed or self._find(utt.id) is None:
-            return
+        if self._closed or self._find(utt.id) is None or f < utt.played:
+            return  # stale: interrupted, or its tick already went out as a fallback
         if error is not None:
-            utt.failed.add(f)
             self.counts["failed"] += 1
             self._error_once(utt, errors.GENERATION_FAILED,
                              f"frame generation failed ({type(error).__name__}: {error}); "
@@ -308,6 +308,9 @@ class SpeechPipeline:
         if utt is None or tick < utt.start_tick:
             return idle.frame_for_tick(tick)
         f = tick - utt.start_tick
+        if utt.flushed and utt.total_frames is not None and f >= utt.total_frames:
+            self._finish(utt)  # flushed exactly at its end: nothing more to play
+            return idle.frame_for_tick(tick)
         need = self.clock.start(f + 1)
         if utt.audio.size < need and not utt.flushed:
             # The producer is behind real time: wait for it, keep the head moving.
@@ -352,17 +355,26 @@ class SpeechPipeline:
                 self.latencies.append(latency)
                 self.session.deps.metrics.audio_to_frame_latency.observe(latency)
             if utt.flushed and utt.total_frames is not None and utt.played >= utt.total_frames:
-                self.utterances.popleft()
-                self.host.cancel(self.session.id, utt.id)
-                self._events.append(PlaybackFinishedEvent(
-                    session_id=self.session.id, ts=time.time(),
-                    position_s=round(utt.total_frames / self.fps, 3), interrupted=False))
-                self.log.info("utterance finished", frames=utt.total_frames, underruns=utt.underruns,
-                              counts=dict(self.counts))
-        if self._events:
-            events, self._events = self._events, []
-            for ev in events:
-                await self.session.emit(ev)
+                self._finish(utt)
+        # One at a time, removed once sent: a cancelled frame loop leaves the rest to
+        # the session's close (take_events).
+        while self._events:
+            await self.session.emit(self._events[0])
+            self._events.pop(0)
+
+    def _finish(self, utt: Utterance) -> None:
+        if self.utterances and self.utterances[0] is utt:
+            self.utterances.popleft()
+        self.host.cancel(self.session.id, utt.id)
+        self._events.append(PlaybackFinishedEvent(
+            session_id=self.session.id, ts=time.time(),
+            position_s=round((utt.total_frames or 0) / self.fps, 3), interrupted=False))
+        self.log.info("utterance finished", frames=utt.total_frames, underruns=utt.underruns,
+                      counts=dict(self.counts))
+
+    def take_events(self) -> list[Any]:
+        events, self._events = self._events, []
+        return events
 
     async def aclose(self) -> None:
         if self._closed:
@@ -373,8 +385,11 @@ class SpeechPipeline:
             await self._encoder
         except asyncio.CancelledError:
             pass
-        self.host.cancel(self.session.id)
-        await self.host.release_avatar(self.avatar.key)
+        except Exception:
+            self.log.exception("audio encoder task had failed")
+        finally:
+            self.host.cancel(self.session.id)
+            await self.host.release_avatar(self.avatar.key)
 
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)

@@ -352,7 +352,7 @@ async def test_livekit_unreachable_is_a_clear_start_error(nats_server, tmp_path,
     from tests.conftest import free_port
 
     settings = make_settings(nats_server, tmp_path, color_video, livekit={
-        "url": f"ws://127.0.0.1:{free_port()}", "api_key": "devkey", "api_secret": "s3cret-value",
+        "url": f"ws://127.0.0.1:{free_port()}", "api_key": "devkey", "api_secret": "s3cret-value-long-enough-for-hs256-keys",
         "connect_timeout_s": 3})
     d = Daemon(settings)
     await d.start()

@@ -366,3 +366,15 @@ async def test_livekit_unreachable_is_a_clear_start_error(nats_server, tmp_path,
         assert not d.sessions
     finally:
         await d.shutdown()
+
+
+async def test_concurrent_starts_of_one_id_leave_one_session(daemon, client):
+    """Three starts for one id in flight at once, the first failing: the next one
+    creates the session, the third finds it (idempotent); nothing is orphaned."""
+    bodies = [start_body("race", avatar_id="missing"), start_body("race"), start_body("race")]
+    replies = await asyncio.gather(*(client.request("lipsync.session.start", b) for b in bodies))
+    assert replies[0]["ok"] is False and replies[0]["error"]["code"] == "video_fetch_failed"
+    assert replies[1]["ok"] and replies[1]["existing"] is False
+    assert replies[2]["ok"] and replies[2]["existing"] is True
+    assert list(daemon.sessions) == ["race"]
+    assert len(client.events_of("race", "ready")) == 1

@@ -253,3 +253,17 @@ async def test_idle_video_without_a_face_is_refused_clearly(nats_server, tmp_pat
         assert not d.sessions and d.engine_host.device_info()["avatars"] == 0
     finally:
         await d.shutdown()
+
+
+async def test_clear_then_stop_still_reports_the_interruption(speech_daemon, client):
+    await start(client, "cs")
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", "cs", pcm[: rate], rate, realtime=False)
+    await client.wait_event("cs", "speaking", timeout=20)
+    # Back to back on one connection: the clear's event must not be lost to the stop.
+    await client.nc.publish("lipsync.control.cs", json.dumps({"op": "clear"}).encode())
+    await client.nc.publish("lipsync.session.stop", json.dumps({"v": 1, "session_id": "cs"}).encode())
+    await client.wait_event("cs", "stopped", timeout=10)
+    types = [e["type"] for e in client.events_of("cs")]
+    assert types[-2:] == ["playback_finished", "stopped"], types
+    assert client.events_of("cs", "playback_finished")[0]["interrupted"] is True

@@ -440,7 +440,7 @@ def test_cache_key_is_stable():
     assert a != av.avatar_cache_key("abd", "musetalk-1.5", {"extra_margin": 10, "mode": "jaw"})
 
 
-def test_cache_load_is_fast_for_250_frames(tmp_path):
+def test_cache_of_250_frames_loads_memory_mapped(tmp_path):
     from musetalk.types import PreparedAvatar
 
     n = 250

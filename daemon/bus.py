@@ -104,6 +104,8 @@ async def connect(
         error_cb=error,
         # Events published while NATS is away wait here (bytes) until it is back.
         pending_size=8 * 1024 * 1024,
+        # Our own events match <prefix>.*.* too: the server need not send them back.
+        no_echo=True,
     )
     if cfg.user:
         kwargs["user"] = cfg.user

@@ -367,7 +367,8 @@ class EngineHost:
         self._avatars.pop(key, None)
         if self.alive():
             try:
-                await self.call(lambda: self.engine.unregister_avatar(key))
+                # Bounded: a wedged GPU must not hang a session's close.
+                await asyncio.wait_for(self.call(lambda: self.engine.unregister_avatar(key)), timeout=10)
             except Exception as exc:
                 log.warning("unregister avatar failed", key=key, error=repr(exc))
 

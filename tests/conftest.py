@@ -79,3 +79,19 @@ def _no_stray_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith("LIPSYNC_"):
             monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks():
+    """Every task a test's daemon or session started must be gone when the test ends
+    (after the other fixtures' teardown: autouse fixtures are torn down last)."""
+    import asyncio
+
+    yield
+    current = asyncio.current_task()
+    for _ in range(20):  # tasks finishing their last await get a moment
+        left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        if not left:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"leaked asyncio tasks: {[t.get_name() for t in left]}")

@@ -165,6 +165,10 @@ class Session:
                 self.speech = await self.deps.make_speech(self)
                 timings["model_ms"] = _ms_since(t)
                 timings.update(self.speech.timings)
+            else:
+                from daemon.speech import SpeechPipeline
+
+                self.speech = SpeechPipeline(self, None, None, {})
             fmt = MediaFormat(video.width, video.height, self.fps, self.sample_rate)
             lk = self.request.livekit
             publisher = self.deps.make_publisher(
@@ -302,17 +306,12 @@ class Session:
         return None
 
     def control(self, msg: ControlMessage) -> None:
-        if self.deps.make_speech is not None and (self.speech is None or self._loop_task is None):
+        if self.speech is None or self._loop_task is None:
             # Still starting: keep the op, in order after the audio already buffered.
             if msg.op == "clear":
                 self.inbox.clear()
                 self._pending_controls.clear()
             self._pending_controls.append(msg)
-            return
-        if self.speech is None:
-            self.log.info("control op with no model loaded", op=msg.op)
-            if msg.op == "clear":
-                self.inbox.clear()
             return
         if msg.op == "flush":
             self.speech.flush()

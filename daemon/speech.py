@@ -86,17 +86,21 @@ class Utterance:
 
 
 class SpeechPipeline:
-    """Implements the session's FrameSource and its audio/control entry points."""
+    """Implements the session's FrameSource and its audio/control entry points.
+
+    With no model (``host`` None, ``model.enabled = false``) it still plays each
+    utterance's audio in lockstep with the idle video and sends the same events: the
+    protocol behaves the same, the mouth just does not move.
+    """
 
     def __init__(self, session: Any, host: Any, avatar: Any, timings: dict[str, float]) -> None:
-        from musetalk.audio import StreamResampler
-
         self.session = session
-        self.host = host
+        self.host = host  # None: no model, audio plays over the idle video
         self.avatar = avatar
         self.timings = timings
         self.log = session.log
         cfg = session.settings.model
+        self.generates = host is not None
         self.fps = session.fps
         self.rate = session.sample_rate
         self.clock = session.clock
@@ -104,7 +108,11 @@ class SpeechPipeline:
         self.lookahead_frames = cfg.lookahead_frames
         self.delay_frames = cfg.playout_delay_frames
         self.auto_flush_s = cfg.auto_flush_s
-        self.resampler = StreamResampler(self.rate)
+        self.resampler = None
+        if self.generates:
+            from musetalk.audio import StreamResampler  # torch side: only with a model
+
+            self.resampler = StreamResampler(self.rate)
         self.utterances: deque[Utterance] = deque()
         self._next_id = 0
         self._encode_queue: asyncio.Queue[tuple[int, Any, np.ndarray | None]] = asyncio.Queue()
@@ -113,7 +121,7 @@ class SpeechPipeline:
         self._last_generated: tuple[int, Any] | None = None  # (tick, frame)
         # The most recent chunks' latencies (a bounded window: status sorts it).
         self.latencies: deque[float] = deque(maxlen=5000)
-        self.counts = {"speech": 0, "fallback": 0, "underrun": 0, "failed": 0}
+        self.counts = {"speech": 0, "fallback": 0, "playback": 0, "underrun": 0, "failed": 0}
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
         self.timeline: deque[str] = deque(maxlen=250)
@@ -133,19 +141,18 @@ class SpeechPipeline:
 
     # ---- input (event loop) ----------------------------------------------------------
     def _open_utterance(self, now: float) -> Utterance:
-        from musetalk.audio import StreamingAudioFeatures
-
         start = self.session.next_tick + self.delay_frames
         if self.utterances:
             prev = self.utterances[-1]
             prev_end = prev.start_tick + (prev.total_frames or 0)
             start = max(start, prev_end)
-        utt = Utterance(
-            id=self._next_id,
-            stream=StreamingAudioFeatures(self.host.whisper, fps=self.fps, lookahead_frames=self.lookahead_frames,
-                                          window_s=self.host.audio_window_s),
-            start_tick=start, last_audio_at=now,
-        )
+        stream = None
+        if self.generates:
+            from musetalk.audio import StreamingAudioFeatures
+
+            stream = StreamingAudioFeatures(self.host.whisper, fps=self.fps, lookahead_frames=self.lookahead_frames,
+                                            window_s=self.host.audio_window_s)
+        utt = Utterance(id=self._next_id, stream=stream, start_tick=start, last_audio_at=now)
         self._next_id += 1
         self.utterances.append(utt)
         return utt
@@ -160,6 +167,8 @@ class SpeechPipeline:
             utt.last_audio_at = chunk.arrived
             if not chunk.gap_fill:
                 utt.arrivals.append((first_sample * self.fps // self.rate, chunk.arrived))
+            if not self.generates:
+                continue
             pcm16k = self.resampler.push(chunk.pcm)
             if len(pcm16k):
                 self._encode_queue.put_nowait((utt.id, utt.stream, pcm16k))
@@ -175,6 +184,8 @@ class SpeechPipeline:
         utt.flushed = True
         utt.total_frames = math.ceil(utt.audio.size * self.fps / self.rate)
         self.session.inbox.last_seq = None  # the next utterance may number its chunks afresh
+        if not self.generates:
+            return
         tail = self.resampler.flush()
         if len(tail):
             self._encode_queue.put_nowait((utt.id, utt.stream, tail))
@@ -191,15 +202,16 @@ class SpeechPipeline:
             self._events.append(PlaybackFinishedEvent(
                 session_id=self.session.id, ts=time.time(), position_s=0.0, interrupted=True))
         self.utterances.clear()
-        self.resampler.reset()
-        self.host.cancel(self.session.id)
+        if self.resampler is not None:
+            self.resampler.reset()
+        self._cancel()
         self._last_generated = None
 
     def abort(self) -> tuple[float, bool]:
         """Session closing: what was playing, if anything."""
         active = self.utterances[0] if self.utterances else None
         self.utterances.clear()
-        self.host.cancel(self.session.id)
+        self._cancel()
         if active is None:
             return 0.0, False
         return round(active.played / self.fps, 3), True
@@ -337,9 +349,12 @@ class SpeechPipeline:
                 self._last_generated = (tick, frame)
         else:
             # Not generated in time (or failed): the avatar's own frame for this tick.
-            self.host.cancel(self.session.id, utt.id, before_frame=f + 1)
             frame = idle.frame_for_tick(tick)[0]
-            kind = "fallback"
+            if self.generates:
+                self._cancel(utt.id, before_frame=f + 1)
+                kind = "fallback"
+            else:
+                kind = "playback"  # no model: the voice over the avatar's own frames
         self.counts[kind] += 1
         self.timeline.append(kind[0])
         utt.played = f + 1
@@ -365,7 +380,7 @@ class SpeechPipeline:
     def _finish(self, utt: Utterance) -> None:
         if self.utterances and self.utterances[0] is utt:
             self.utterances.popleft()
-        self.host.cancel(self.session.id, utt.id)
+        self._cancel(utt.id)
         self._events.append(PlaybackFinishedEvent(
             session_id=self.session.id, ts=time.time(),
             position_s=round((utt.total_frames or 0) / self.fps, 3), interrupted=False))
@@ -388,8 +403,13 @@ class SpeechPipeline:
         except Exception:
             self.log.exception("audio encoder task had failed")
         finally:
-            self.host.cancel(self.session.id)
-            await self.host.release_avatar(self.avatar.key)
+            self._cancel()
+            if self.host is not None:
+                await self.host.release_avatar(self.avatar.key)
+
+    def _cancel(self, utterance: int | None = None, before_frame: int | None = None) -> None:
+        if self.host is not None:
+            self.host.cancel(self.session.id, utterance, before_frame)
 
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)

@@ -269,7 +269,8 @@ async def test_audio_buffer_is_bounded_with_an_error(nats_server, tmp_path, colo
             await client.nc.publish("lipsync.audio.big", chunk)
         ev = await client.wait_event("big", "error", code="audio_buffer_full")
         assert "max_buffer_s" in ev["message"]
-        assert d.sessions["big"].inbox.buffered_samples == 16000
+        session = d.sessions["big"]
+        assert session.inbox.buffered_samples + session.speech.pending_samples() <= 16000
     finally:
         await d.shutdown()
 
@@ -378,3 +379,25 @@ async def test_concurrent_starts_of_one_id_leave_one_session(daemon, client):
     assert replies[2]["ok"] and replies[2]["existing"] is True
     assert list(daemon.sessions) == ["race"]
     assert len(client.events_of("race", "ready")) == 1
+
+
+async def test_without_a_model_speech_plays_over_the_idle_video(daemon, client, tmp_path):
+    """model.enabled = false: the protocol works the same (speaking, playback_finished),
+    the audio is published in lockstep with the idle frames."""
+    from tests.media import decode_audio
+
+    reply = await client.request("lipsync.session.start", start_body("nm", audio={"sample_rate": 16000}))
+    t = np.arange(16000) / 16000
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 300 * t)).astype("<i2")  # 1 s
+    for i in range(25):
+        await client.nc.publish("lipsync.audio.nm", tone[i * 640:(i + 1) * 640].tobytes(),
+                                headers={"Lipsync-Seq": str(i)})
+    await client.nc.publish("lipsync.control.nm", b'{"op": "flush"}')
+    ev = await client.wait_event("nm", "playback_finished", timeout=10)
+    assert ev == {**ev, "interrupted": False, "position_s": 1.0}
+    assert client.events_of("nm", "speaking")
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "nm"})
+    audio, rate = decode_audio(Path(reply["output"]["path"]))
+    loud = np.flatnonzero(np.abs(audio) > 0.1)
+    assert rate == 16000 and len(loud)
+    assert (loud[-1] - loud[0]) / rate == pytest.approx(1.0, abs=0.05)  # the whole second, once

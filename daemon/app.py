@@ -381,8 +381,16 @@ class Daemon:
 
     async def _heartbeat(self) -> None:
         interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)
+        expected = time.monotonic()
         while True:
-            self._heartbeat_at = time.monotonic()
+            now = time.monotonic()
+            lag = now - expected
+            self.metrics.loop_lag.set(lag)
+            if lag > 0.1:
+                # Something held the event loop: every session's frames were late by this.
+                log.warning("event loop lag", lag_ms=round(lag * 1000), sessions=len(self.sessions))
+            expected = now + interval
+            self._heartbeat_at = now
             ok, _ = self.health_check()
             if ok or not self.nats_connected:
                 # NATS being away is not a reason for systemd to restart us: sessions go on.

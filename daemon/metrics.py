@@ -33,6 +33,9 @@ class Metrics:
             "Audio chunk arrival -> publication of the frame whose span holds its first sample",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.loop_lag = Gauge(
+            "lipsync_event_loop_lag_seconds", "How late the last heartbeat ran (event loop blocked)", registry=r
+        )
         self.gpu_step_seconds = Histogram(
             "lipsync_gpu_step_seconds", "One batched generation step",
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56), registry=r,

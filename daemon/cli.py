@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("wav")
     sp.add_argument("--realtime", action="store_true", help="pace chunks at real time (like a live TTS)")
     sp.add_argument("--chunk-ms", type=int, default=40)
-    sp.add_argument("--rate", type=int, help="resample to this rate before sending (the session's rate)")
+    sp.add_argument("--rate", type=int, help="resample to this rate before sending (default: the "
+                    "session's own rate, asked from the daemon)")
     sp.add_argument("--no-flush", action="store_true", help="do not send flush at the end")
     nats_opts(sp)
     sp.set_defaults(fn=cmd_say)

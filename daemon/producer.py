@@ -59,13 +59,28 @@ async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: in
     return seq
 
 
+async def session_rate(nc, prefix: str, session_id: str) -> int | None:
+    """The sample rate a live session expects (from the daemon's status), so that a WAV
+    at another rate is resampled before it is sent; None when it cannot be asked."""
+    try:
+        msg = await nc.request(f"{prefix}.status", b"", timeout=3)
+        for s in json.loads(msg.data).get("sessions", []):
+            if s.get("session_id") == session_id:
+                return int(s["sample_rate"])
+    except Exception:  # no status service: send the WAV at its own rate
+        return None
+    return None
+
+
 async def say(url: str, prefix: str, session_id: str, wav: Path, *, realtime: bool, chunk_ms: int,
               flush: bool, rate: int | None) -> int:
     import nats
 
-    pcm, sr = read_wav_mono16(wav, rate)
     nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
     try:
+        if rate is None:
+            rate = await session_rate(nc, prefix, session_id)
+        pcm, sr = read_wav_mono16(wav, rate)
         finished = asyncio.Event()
         errors: list[dict] = []
 

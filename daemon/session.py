@@ -377,6 +377,7 @@ class Session:
         return {
             "session_id": self.id,
             "fps": self.fps,
+            "sample_rate": self.sample_rate,
             "frames": dict(self.frame_counts),
             "late_ticks": self.late_ticks,
             "uptime_s": round(time.monotonic() - self.started_at, 1),

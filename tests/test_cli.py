@@ -67,3 +67,23 @@ async def test_start_status_stop_over_nats(nats_server, tmp_path):
 def test_no_daemon_is_a_clear_error():
     out = lipsync("status", "--nats", "nats://127.0.0.1:1")
     assert out.returncode != 0 and "is lipsyncd running" in (out.stderr + out.stdout)
+
+
+async def test_say_resamples_to_the_session_rate(nats_server, tmp_path):
+    """`lipsync say` asks the daemon for the session's rate: a 22.05 kHz WAV spoken into a
+    16 kHz session arrives as 16 kHz PCM of the same duration."""
+    video = tmp_path / "v.mp4"
+    write_color_video(video, 10)
+    daemon = Daemon(make_settings(nats_server, tmp_path, video))
+    await daemon.start()
+    try:
+        out = await asyncio.to_thread(lipsync, "start", "say1", "--avatar", "colors", "--rate", "16000",
+                                      "--nats", nats_server.url)
+        assert out.returncode == 0, out.stderr
+        said = await asyncio.to_thread(lipsync, "say", "say1", str(SPEECH), "--nats", nats_server.url)
+        assert said.returncode == 0, said.stdout + said.stderr
+        assert "16000 Hz" in said.stdout and "playback_finished" in said.stdout
+        received = daemon.sessions["say1"].inbox.received_samples
+        assert abs(received / 16000 - 3.178) < 0.01
+    finally:
+        await daemon.shutdown()

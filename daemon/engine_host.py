@@ -10,8 +10,10 @@ preparation never stalls the frames of live ones.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +57,7 @@ class EngineHost:
         self.step_failures = 0
         self.frames_dropped_late = 0
         self._step_estimate_s = 0.0
+        self._recent_steps: deque[float] = deque(maxlen=9)
         self.encode_s = 0.0
         self.encode_calls = 0
         self.step_s = 0.0
@@ -214,11 +217,15 @@ class EngineHost:
                 if (0.005 < slack < 1.0 and len(self._scheduler) < max_batch and not self._calls
                         and not self._encodes and not self._stop):
                     self._cv.wait(timeout=min(slack, 0.5 / self.settings.video.fps))
-                # Skip frames this step cannot deliver before their tick (at most one frame
-                # period of look-ahead, so a slow first step cannot starve the queue).
-                margin = min(self._step_estimate_s, 1.0 / self.settings.video.fps)
-                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + margin)
+                # Skip frames this step cannot deliver before their tick: GPU time goes to
+                # frames that can still be shown.
+                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + self._step_estimate_s)
                 self.frames_dropped_late += self._scheduler.dropped_late
+                if not batch and self._scheduler.dropped_late:
+                    # Everything judged too late: the estimate may be stale (one slow step);
+                    # shrink it so that the next frames get their chance.
+                    self._recent_steps.append(self._step_estimate_s / 2)
+                    self._step_estimate_s = statistics.median(self._recent_steps)
             if batch:
                 self._step(batch)
 
@@ -260,7 +267,10 @@ class EngineHost:
         elapsed = time.perf_counter() - t
         self.step_s += elapsed
         # A step's expected duration (moving average), to skip frames it cannot save.
-        self._step_estimate_s = 0.8 * self._step_estimate_s + 0.2 * elapsed
+        self._recent_steps.append(elapsed)
+        # The median of recent steps: one slow step (a new batch size, a hiccup) does
+        # not make the worker give up on frames it could still deliver.
+        self._step_estimate_s = statistics.median(self._recent_steps)
         self.metrics.gpu_step_seconds.observe(elapsed)
         self.metrics.gpu_batch_size.observe(len(batch))
         if error is None:

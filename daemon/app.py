@@ -47,8 +47,11 @@ VERSION = "0.1.0"
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, room_connector: Any = None) -> None:
+        """``room_connector``: how LiveKit rooms are joined (default: the real
+        ``rtc.Room``); the one seam tests replace, since no LiveKit server runs there."""
         self.settings = settings
+        self.room_connector = room_connector
         self.subjects = Subjects(settings.nats.subject_prefix)
         self.metrics = Metrics()
         self.sessions: dict[str, Session] = {}
@@ -240,7 +243,7 @@ class Daemon:
         from daemon.publishers.factory import make_publisher
 
         def publisher(sid: str, fmt: MediaFormat, room: str | None, identity: str | None):
-            return make_publisher(self.settings, sid, fmt, room, identity)
+            return make_publisher(self.settings, sid, fmt, room, identity, room_connector=self.room_connector)
 
         async def acquire(url: str):
             return await self.store.get(url)
@@ -373,8 +376,12 @@ class Daemon:
         if time.monotonic() - self._heartbeat_at > 3.0:
             reasons.append("event loop stalled")
         for session in list(self.sessions.values()):
-            if session.info is not None and not session.closed and not session.loop_alive():
+            if session.info is None or session.closed:
+                continue
+            if not session.loop_alive():
                 reasons.append(f"session {session.id}: frame loop not running")
+            if not session.publisher_healthy:
+                reasons.append(f"session {session.id}: output down (LiveKit reconnecting or sink failed)")
         if self.engine_host is not None and not self.engine_host.alive():
             reasons.append("generation worker not running")
         return (not reasons, reasons)

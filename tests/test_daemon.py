@@ -401,3 +401,33 @@ async def test_without_a_model_speech_plays_over_the_idle_video(daemon, client, 
     loud = np.flatnonzero(np.abs(audio) > 0.1)
     assert rate == 16000 and len(loud)
     assert (loud[-1] - loud[0]) / rate == pytest.approx(1.0, abs=0.05)  # the whole second, once
+
+
+async def test_livekit_session_and_health_while_the_room_is_down(nats_server, tmp_path, color_video, client):
+    """A LiveKit session through the daemon: the room connection is the test double (no
+    LiveKit server can run here); sources, tracks and AVSynchronizer are the SDK's.
+    While the room is down /health is 503 with the reason, and 200 once reconnected."""
+    from tests.test_publishers import FakeConnector
+
+    connector = FakeConnector()
+    settings = make_settings(nats_server, tmp_path, color_video, livekit={
+        "url": "wss://lk.example.test", "api_key": "devkey",
+        "api_secret": "a-secret-long-enough-for-hs256-0123456789", "reconnect_max_backoff_s": 0.3})
+    d = Daemon(settings, room_connector=connector)
+    await d.start()
+    try:
+        reply = await client.request("lipsync.session.start", start_body("lk", livekit={"room": "r1"}))
+        assert reply["ok"] and reply["output"] == {"kind": "livekit", "room": "r1", "identity": "avatar-lk"}
+        await asyncio.sleep(0.3)
+        assert d.health_check() == (True, [])
+        connector.fail_next = 2
+        connector.rooms[0].drop()
+        ok, reasons = d.health_check()
+        assert not ok and any("lk: output down" in r for r in reasons)
+        deadline = time.monotonic() + 10
+        while not d.health_check()[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert d.health_check() == (True, []) and len(connector.rooms) == 2
+        assert d.sessions["lk"].loop_alive()
+    finally:
+        await d.shutdown()

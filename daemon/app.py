@@ -206,10 +206,12 @@ class Daemon:
         self.metrics.sessions_active.set(len(self.sessions))
         self._starting[sid] = asyncio.current_task()  # type: ignore[assignment]
         try:
+            await self._update_admission()
             await session.start()
         except BaseException as exc:
             if self.sessions.get(sid) is session:
                 del self.sessions[sid]
+                await asyncio.shield(self._update_admission())
             if isinstance(exc, asyncio.CancelledError):
                 await asyncio.shield(self._report(
                     LipsyncError(errors.SHUTTING_DOWN, "daemon is shutting down: start the session on "
@@ -265,7 +267,33 @@ class Daemon:
         await asyncio.shield(session.aclose(reason))
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            await self._update_admission()
         self.metrics.sessions_active.set(len(self.sessions))
+
+    async def _update_admission(self) -> None:
+        """Several daemons sharing the start queue group (report_unknown_sessions off): a
+        full daemon leaves the group, so NATS hands new starts to one with room, and
+        rejoins when a session ends. A lone daemon stays and answers at_capacity."""
+        if self.settings.nats.report_unknown_sessions or self._service is None or not self.accepting:
+            return
+        full = len(self.sessions) >= self.settings.daemon.max_sessions
+        endpoint = next((e for e in getattr(self._service, "_endpoints", []) if getattr(e, "_name", "") == "start"),
+                        None)
+        if endpoint is None or not hasattr(endpoint, "_subscription"):
+            log.warning("cannot leave the start queue group with this nats-py; full daemons answer at_capacity")
+            return
+        subscribed = endpoint._subscription is not None
+        try:
+            if full and subscribed:
+                await endpoint._stop()
+                log.info("at capacity: left the start queue group", sessions=len(self.sessions))
+            elif not full and not subscribed:
+                await endpoint._start()
+                log.info("below capacity: rejoined the start queue group", sessions=len(self.sessions))
+            if self.nc is not None and self.nc.is_connected:
+                await self.nc.flush()
+        except Exception as exc:
+            log.warning("start queue group membership change failed", error=repr(exc))
 
     async def _on_stop(self, msg: Msg) -> None:
         reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
@@ -449,9 +477,14 @@ class Daemon:
             self.notifier.stopping()
             if self._service is not None:
                 try:
+                    # A full daemon left the start group; the service stops every
+                    # endpoint, so it must be subscribed again first.
+                    for endpoint in getattr(self._service, "_endpoints", []):
+                        if getattr(endpoint, "_subscription", True) is None:
+                            await endpoint._start()
                     await self._service.stop()
                 except Exception as exc:
-                    log.warning("service stop failed", error=str(exc))
+                    log.warning("service stop failed", error=repr(exc))
             deadline = time.monotonic() + self.settings.daemon.drain_utterances_s
             while time.monotonic() < deadline and any(
                 s.speech is not None and s.speech.speaking for s in self.sessions.values()

@@ -431,3 +431,32 @@ async def test_livekit_session_and_health_while_the_room_is_down(nats_server, tm
         assert d.sessions["lk"].loop_alive()
     finally:
         await d.shutdown()
+
+
+async def test_full_daemons_leave_the_start_queue(nats_server, tmp_path, color_video, client):
+    """Two daemons of one group, two sessions each: a full daemon stops taking starts,
+    so every start lands where there is room, and a fifth is taken by no daemon (the
+    request times out; the producer retries later or elsewhere)."""
+    daemons = []
+    for i in range(2):
+        (tmp_path / f"q{i}").mkdir()
+        s = make_settings(nats_server, tmp_path / f"q{i}", color_video,
+                          nats={"url": nats_server.url, "report_unknown_sessions": False},
+                          daemon={"state_dir": str(tmp_path / f"q{i}" / "state"), "max_sessions": 2})
+        d = Daemon(s)
+        await d.start()
+        daemons.append(d)
+    try:
+        for i in range(4):
+            reply = await client.request("lipsync.session.start", start_body(f"cap{i}"))
+            assert reply["ok"], reply
+        assert sorted(len(d.sessions) for d in daemons) == [2, 2]
+        with pytest.raises(nats.errors.TimeoutError):
+            await client.nc.request("lipsync.session.start", json.dumps(start_body("cap4")).encode(), timeout=1)
+        assert all("cap4" not in d.sessions for d in daemons)
+        assert (await client.request("lipsync.session.stop", {"v": 1, "session_id": "cap0"}))["ok"]
+        reply = await client.request("lipsync.session.start", start_body("cap4"))
+        assert reply["ok"]
+    finally:
+        for d in daemons:
+            await d.shutdown()

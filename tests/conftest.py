@@ -73,6 +73,16 @@ def nats_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+async def client(nats_server):
+    """A producer connected to the module's nats-server, recording every event."""
+    from tests.producer_client import Client
+
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.nc.close()
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch):
     """Tests build their own settings; the host's LIPSYNC_* variables must not leak in."""

@@ -47,57 +47,6 @@ def make_settings(nats_server, tmp_path: Path, color_video: Path, **extra) -> Se
     return Settings(**cfg)
 
 
-class Client:
-    """A producer: request/reply helper plus a recorder of every event."""
-
-    def __init__(self, nc) -> None:
-        self.nc = nc
-        self.events: list[dict] = []
-        self.errors: list[dict] = []
-
-    @classmethod
-    async def connect(cls, url: str) -> "Client":
-        client = cls(await nats.connect(url))
-        await client.nc.subscribe("lipsync.events.>", cb=client._on_event)
-        await client.nc.subscribe("lipsync.errors", cb=client._on_error)
-        await client.nc.flush()
-        return client
-
-    async def _on_event(self, msg) -> None:
-        self.events.append(json.loads(msg.data))
-
-    async def _on_error(self, msg) -> None:
-        self.errors.append(json.loads(msg.data))
-
-    async def request(self, subject: str, body, timeout: float = 20.0) -> dict:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                msg = await self.nc.request(subject, data, timeout=timeout)
-                return json.loads(msg.data)
-            except nats.errors.NoRespondersError:
-                # Seen once on a loaded 2-core box right after a daemon start; a producer
-                # retries the same way while a daemon (re)starts.
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-
-    async def wait_event(self, sid: str, type_: str, timeout: float = 10.0, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ev in self.events:
-                if ev.get("session_id") == sid and ev.get("type") == type_ and all(
-                    ev.get(k) == v for k, v in match.items()
-                ):
-                    return ev
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no {type_} event for {sid} ({match}); got {self.events[-5:]}")
-
-    def events_of(self, sid: str, type_: str | None = None) -> list[dict]:
-        return [e for e in self.events if e.get("session_id") == sid and (type_ is None or e["type"] == type_)]
-
-
 def start_body(sid: str, **kw) -> dict:
     body = {"v": 1, "session_id": sid, "avatar_id": "colors", "audio": {"sample_rate": 16000}}
     body.update(kw)
@@ -110,13 +59,6 @@ async def daemon(nats_server, tmp_path, color_video):
     await d.start()
     yield d
     await d.shutdown()
-
-
-@pytest.fixture
-async def client(nats_server):
-    c = await Client.connect(nats_server.url)
-    yield c
-    await c.nc.close()
 
 
 async def test_idle_session_lands_in_mp4_with_pingpong_frames(daemon, client):

@@ -10,7 +10,8 @@ import pytest
 
 from daemon.app import Daemon
 from tests.firestore_emulator import firestore_emulator_host  # noqa: F401  (a fixture)
-from tests.test_daemon import Client, make_settings
+from tests.producer_client import Client
+from tests.test_daemon import make_settings
 
 PROJECT = "demo-lipsync"
 

@@ -24,7 +24,7 @@ from daemon.session import pingpong_index
 from daemon.speech import SILENCE_DBFS
 from tests.conftest import free_port
 from tests.media import decode_audio, decode_video_frames
-from tests.test_daemon import Client
+from tests.producer_client import Client
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
 FPS = 10
@@ -67,13 +67,6 @@ async def speech_daemon(nats_server, tmp_path, tiny_models, idle_video):
     await d.start()
     yield d
     await d.shutdown()
-
-
-@pytest.fixture
-async def client(nats_server):
-    c = await Client.connect(nats_server.url)
-    yield c
-    await c.nc.close()
 
 
 async def start(client: Client, sid: str) -> dict:

@@ -402,3 +402,22 @@ async def test_full_daemons_leave_the_start_queue(nats_server, tmp_path, color_v
     finally:
         for d in daemons:
             await d.shutdown()
+
+
+async def test_sigterm_drain_lets_the_utterance_finish(nats_server, tmp_path, color_video, client):
+    """Shutdown waits (up to daemon.drain_utterances_s) for speaking sessions to finish
+    their utterance, then sends `stopped`."""
+    d = Daemon(make_settings(nats_server, tmp_path, color_video))
+    await d.start()
+    await client.request("lipsync.session.start", start_body("dr"))
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)).astype("<i2")
+    await client.nc.publish("lipsync.audio.dr", tone.tobytes())
+    await client.nc.publish("lipsync.control.dr", b'{"op": "flush"}')
+    await client.nc.flush()
+    await asyncio.sleep(0.1)
+    assert d.sessions["dr"].speech.speaking
+    await d.shutdown()
+    await client.wait_event("dr", "stopped")
+    types = [e["type"] for e in client.events_of("dr")]
+    assert types[-3:] == ["speaking", "playback_finished", "stopped"], types
+    assert client.events_of("dr", "playback_finished")[0]["interrupted"] is False

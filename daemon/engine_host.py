@@ -98,10 +98,12 @@ class EngineHost:
             models = load_models(self.model_dir, self.device, dtype)
             self.whisper = load_whisper_encoder(self.model_dir / "whisper-tiny", self.device, dtype)
         except (OSError, ValueError, RuntimeError) as exc:
+            message = str(exc).rstrip(". ")
+            if "lipsync models download" not in message:
+                message += f". Fetch the weights with `lipsync models download --dir {self.model_dir}`"
             raise LipsyncError(
                 "models_missing",
-                f"{exc}. Fetch the weights with `lipsync models download --dir {self.model_dir}`, "
-                "or, for development only, set model.random_weights = true "
+                f"{message}; or, for development only, set model.random_weights = true "
                 "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1)",
             ) from None
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch)

@@ -13,6 +13,10 @@ from daemon.log import configure_logging, get_logger
 
 log = get_logger(__name__)
 
+# sysexits' EX_CONFIG: a restart cannot help (bad config, weights missing); the systemd
+# units do not restart on it (RestartPreventExitStatus).
+EXIT_CONFIG = 78
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lipsyncd", description="MuseTalk lip-sync video daemon")
@@ -22,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"lipsyncd: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(settings.logging.level, settings.logging.format)
     return uvloop.run(_run(settings))
 
@@ -36,7 +40,7 @@ async def _run(settings) -> int:
     except LipsyncError as exc:
         log.error("startup failed", code=exc.code, error=exc.message)
         await daemon.aclose()
-        return 1
+        return EXIT_CONFIG if exc.code == "models_missing" else 1
     try:
         await daemon.run()
     finally:

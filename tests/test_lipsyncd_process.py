@@ -94,3 +94,20 @@ async def test_lipsyncd_embedded_defaults_sigterm(tmp_path: Path):
     # JSON logs, one object a line, the session id bound on session lines.
     lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     assert any(l.get("event") == "session ready" and l.get("session_id") == "demo1" for l in lines), out[-2000:]
+
+
+def test_missing_weights_exit_78_with_the_fix(tmp_path: Path):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
+        "LIPSYNC_NATS__EMBEDDED_PORT": str(free_port()),
+        "LIPSYNC_HTTP__PORT": "0",
+        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"),
+        "LIPSYNC_MODEL__DIR": str(tmp_path / "no-models"),
+    }
+    proc = subprocess.run([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    # 78 (EX_CONFIG): the systemd units do not restart on it.
+    assert proc.returncode == 78
+    line = next(json.loads(l) for l in proc.stderr.splitlines() if '"startup failed"' in l)
+    assert line["code"] == "models_missing"
+    assert "lipsync models download" in line["error"] and "random_weights" in line["error"]

@@ -76,6 +76,7 @@ class Daemon:
         self.resolver = AvatarResolver(settings)
         self.store = AvatarStore(settings)
         self.engine_host: Any = None  # daemon.engine_host.EngineHost when a model is enabled
+        self.registry: Any = None  # daemon.registry.SessionRegistry with nats.registry_bucket
 
     # ---- startup ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,6 +98,12 @@ class Daemon:
             await self.engine_host.start()
         self.nc = await connect(s.nats, servers, on_state=self._on_nats_state)
         self.nats_connected = True
+        if s.nats.registry_bucket:
+            from daemon.registry import SessionRegistry
+
+            self.registry = SessionRegistry(self.nc, s.nats.registry_bucket, s.nats.registry_ttl_s)
+            await self.registry.start()
+            self._spawn(self._refresh_registry(), "registry")
         await self._subscribe()
         if s.http.enabled:
             self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check)
@@ -205,13 +212,19 @@ class Daemon:
         self.sessions[sid] = session
         self.metrics.sessions_active.set(len(self.sessions))
         self._starting[sid] = asyncio.current_task()  # type: ignore[assignment]
+        claimed = False
         try:
+            if self.registry is not None:
+                await self.registry.claim(sid)
+                claimed = True
             await self._update_admission()
             await session.start()
         except BaseException as exc:
             if self.sessions.get(sid) is session:
                 del self.sessions[sid]
                 await asyncio.shield(self._update_admission())
+            if claimed:
+                await asyncio.shield(self.registry.release(sid))
             if isinstance(exc, asyncio.CancelledError):
                 await asyncio.shield(self._report(
                     LipsyncError(errors.SHUTTING_DOWN, "daemon is shutting down: start the session on "
@@ -267,6 +280,8 @@ class Daemon:
         await asyncio.shield(session.aclose(reason))
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            if self.registry is not None:
+                await self.registry.release(session.id)
             await self._update_admission()
         self.metrics.sessions_active.set(len(self.sessions))
 
@@ -413,6 +428,12 @@ class Daemon:
         if self.engine_host is not None and not self.engine_host.alive():
             reasons.append("generation worker not running")
         return (not reasons, reasons)
+
+    async def _refresh_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.registry.ttl_s / 3)
+            if self.nats_connected:
+                await self.registry.refresh([sid for sid, s in self.sessions.items() if s.info is not None])
 
     async def _heartbeat(self) -> None:
         interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)

@@ -48,6 +48,8 @@ class NatsSection(BaseModel):
     connect_timeout_s: float = 2.0
     max_audio_message_bytes: int = Field(1 << 20, ge=1024)
     report_unknown_sessions: bool = True
+    registry_bucket: str | None = None
+    registry_ttl_s: float = Field(30.0, ge=3.0)
 
     @field_validator("subject_prefix")
     @classmethod

@@ -421,3 +421,40 @@ async def test_sigterm_drain_lets_the_utterance_finish(nats_server, tmp_path, co
     types = [e["type"] for e in client.events_of("dr")]
     assert types[-3:] == ["speaking", "playback_finished", "stopped"], types
     assert client.events_of("dr", "playback_finished")[0]["interrupted"] is False
+
+
+async def test_registry_keeps_one_owner_per_session_id(nats_server, tmp_path, color_video, client):
+    """Two daemons sharing a JetStream KV registry (the real one, on the test server):
+    a start of a live id that lands on the other daemon is refused, and the id is free
+    again once the owner stops it."""
+    from schemas import SessionStart
+
+    daemons = []
+    for i in range(2):
+        (tmp_path / f"r{i}").mkdir()
+        s = make_settings(nats_server, tmp_path / f"r{i}", color_video,
+                          nats={"url": nats_server.url, "report_unknown_sessions": False,
+                                "registry_bucket": "lipsync_sessions_test"},
+                          daemon={"state_dir": str(tmp_path / f"r{i}" / "state")})
+        d = Daemon(s)
+        await d.start()
+        daemons.append(d)
+    try:
+        replies: list[dict] = []
+
+        async def reply(body: bytes) -> None:
+            replies.append(json.loads(body))
+
+        start = SessionStart.model_validate(start_body("one"))
+        await daemons[0]._start_session(start, reply)  # what the queue group would do
+        await daemons[1]._start_session(start, reply)
+        assert replies[0]["ok"] is True
+        assert replies[1]["error"]["code"] == "session_conflict"
+        assert "another daemon" in replies[1]["error"]["message"]
+        assert "one" in daemons[0].sessions and "one" not in daemons[1].sessions
+        await daemons[0]._close_session(daemons[0].sessions["one"], "requested")
+        await daemons[1]._start_session(start, reply)
+        assert replies[2]["ok"] is True and "one" in daemons[1].sessions
+    finally:
+        for d in daemons:
+            await d.shutdown()

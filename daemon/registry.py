@@ -1,0 +1,82 @@
+"""Session registry in a JetStream KV bucket: one owner per session id across daemons.
+
+With several daemons in one queue group, two starts of the same session id can land on
+two daemons. Each daemon claims the id with an atomic create in the bucket before
+starting the session; the second claim fails and is answered with `session_conflict`.
+Entries expire after `nats.registry_ttl_s` unless their owner refreshes them, so the ids
+of a daemon that died free themselves.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Any
+
+from daemon import errors
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+
+log = get_logger(__name__)
+
+
+class SessionRegistry:
+    def __init__(self, nc: Any, bucket: str, ttl_s: float) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.ttl_s = ttl_s
+        self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self._kv: Any = None
+
+    async def start(self) -> None:
+        from nats.js.api import KeyValueConfig
+
+        js = self.nc.jetstream()
+        try:
+            try:
+                self._kv = await js.key_value(self.bucket)
+            except Exception:
+                self._kv = await js.create_key_value(KeyValueConfig(bucket=self.bucket, ttl=self.ttl_s, history=1))
+        except Exception as exc:
+            raise LipsyncError(
+                "nats_unavailable",
+                f"nats.registry_bucket '{self.bucket}' needs JetStream on the NATS server ({exc!r}): "
+                "enable JetStream there, or unset nats.registry_bucket",
+            ) from None
+        log.info("session registry ready", bucket=self.bucket, owner=self.owner, ttl_s=self.ttl_s)
+
+    async def claim(self, session_id: str) -> None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            await self._kv.create(session_id, self.owner.encode())
+        except KeyWrongLastSequenceError:
+            holder = await self._holder(session_id)
+            raise LipsyncError(
+                errors.SESSION_CONFLICT,
+                f"session '{session_id}' is live on another daemon ({holder}): stop it there first "
+                "or use a new session_id",
+            ) from None
+
+    async def _holder(self, session_id: str) -> str:
+        try:
+            entry = await self._kv.get(session_id)
+            return (entry.value or b"?").decode(errors="replace")
+        except Exception:
+            return "unknown"
+
+    async def refresh(self, session_ids: list[str]) -> None:
+        """Keep our entries from expiring (a put renews an entry's age)."""
+        for sid in session_ids:
+            try:
+                await self._kv.put(sid, self.owner.encode())
+            except Exception as exc:
+                log.warning("session registry refresh failed", session_id=sid, error=repr(exc))
+
+    async def release(self, session_id: str) -> None:
+        try:
+            entry = await self._kv.get(session_id)
+            if entry.value == self.owner.encode():
+                await self._kv.delete(session_id)
+        except Exception as exc:  # gone already (expired, purged): nothing to release
+            log.debug("session registry release", session_id=session_id, error=repr(exc))

@@ -87,3 +87,17 @@ async def test_say_resamples_to_the_session_rate(nats_server, tmp_path):
         assert abs(received / 16000 - 3.178) < 0.01
     finally:
         await daemon.shutdown()
+
+
+def test_bench_runs_through_the_cli_with_tiny_weights(tmp_path):
+    """`lipsync bench` passes its options to the benchmark (here: tiny, CPU, one size)."""
+    out_json = tmp_path / "bench.json"
+    out = lipsync("bench", "--device", "cpu", "--dtypes", "float32", "--batch-sizes", "1", "--size", "tiny",
+                  "--iters", "1", "--prep-seconds", "0.2", "--json", str(out_json), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["device"] == "cpu"
+    [row] = result["eager"]
+    assert (row["dtype"], row["batch"]) == ("float32", 1) and row["frames_per_s"] > 0
+    bad = lipsync("status", "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr

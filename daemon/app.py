@@ -71,6 +71,7 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.nats_url: str | None = None
         self._seen_unknown: dict[tuple[str, str], float] = {}
+        self._closing: set[Session] = set()
         from daemon.avatars import AvatarResolver, AvatarStore
 
         self.resolver = AvatarResolver(settings)
@@ -277,7 +278,12 @@ class Daemon:
     async def _close_session(self, session: Session, reason: str) -> None:
         # The close runs to its end even when this caller is cancelled (a drain timing
         # out): the MP4 is finalized, the avatar released and `stopped` sent.
-        await asyncio.shield(session.aclose(reason))
+        self._closing.add(session)
+        try:
+            await asyncio.shield(session.aclose(reason))
+        finally:
+            if session.close_task is None or session.close_task.done():
+                self._closing.discard(session)
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             if self.registry is not None:
@@ -527,7 +533,9 @@ class Daemon:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for session in list(self.sessions.values()) + list(Session.closing):
+        # Sessions still closing (their closer was cancelled by a drain timeout) are
+        # waited for too: MP4s finalized, avatars released, `stopped` sent.
+        for session in list(self.sessions.values()) + list(self._closing):
             try:
                 await asyncio.wait_for(session.aclose("shutdown"), timeout=5)
             except Exception:

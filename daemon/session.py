@@ -202,18 +202,12 @@ class Session:
         self.log.info("session ready", **timings, output=output)
         return self.info
 
-    # Sessions whose close is under way: the daemon waits for them at exit even after
-    # they left its table.
-    closing: "set[Session]" = set()
-
     async def aclose(self, reason: str) -> None:
         """Stop the frame loop, close the publisher, release the avatar, send ``stopped``.
         Safe to call twice and from any task; once begun, the close finishes even if the
         caller is cancelled."""
         if self._close_task is None:
             self._close_task = asyncio.get_running_loop().create_task(self._close(reason), name=f"close-{self.id}")
-            Session.closing.add(self)
-            self._close_task.add_done_callback(lambda _t: Session.closing.discard(self))
         await asyncio.shield(self._close_task)
 
     async def _close(self, reason: str) -> None:
@@ -270,6 +264,10 @@ class Session:
     def tick_time(self, tick: int) -> float:
         """Monotonic time at which frame ``tick`` is due."""
         return self.t0 + tick / self.fps
+
+    @property
+    def close_task(self) -> "asyncio.Task[None] | None":
+        return self._close_task
 
     @property
     def closed(self) -> bool:

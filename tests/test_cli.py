@@ -101,3 +101,20 @@ def test_bench_runs_through_the_cli_with_tiny_weights(tmp_path):
     assert (row["dtype"], row["batch"]) == ("float32", 1) and row["frames_per_s"] > 0
     bad = lipsync("status", "--bogus")
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def test_render_cli_with_random_tiny_weights(tmp_path):
+    """`lipsync render`: idle video + WAV -> MP4 with the audio muxed in, floor(s * fps) frames."""
+    import av
+
+    from daemon.demo_avatar import make_demo_video
+
+    video = make_demo_video(tmp_path / "idle.mp4", seconds=0.6, fps=25, size=256)
+    out = tmp_path / "talking.mp4"
+    run = lipsync("render", "--video", str(video), "--audio", str(SPEECH), "--out", str(out),
+                  "--random-weights", "tiny", "--device", "cpu", timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with av.open(str(out)) as c:
+        assert {s.type for s in c.streams} == {"video", "audio"}
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames == int(3.17827664399093 * 25)

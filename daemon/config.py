@@ -91,7 +91,6 @@ class VideoSection(BaseModel):
 
 class AudioSection(BaseModel):
     max_buffer_s: float = Field(60.0, gt=0)
-    output_sample_rate: int | None = None
 
 
 class LiveKitSection(BaseModel):

@@ -334,12 +334,9 @@ class EngineHost:
                                            name=f"prepare-{key[:8]}")
                 self._preparing[key] = task
                 task.add_done_callback(lambda _t, k=key: self._preparing.pop(k, None))
-            avatar, timings = await asyncio.shield(task)
-            if key not in self._avatars:
-                t = time.perf_counter()
-                await self.call(lambda: self.engine.register_avatar(avatar))
-                timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
-                self._avatars[key] = avatar
+            # Shielded: a start cancelled meanwhile does not cancel a preparation (and
+            # registration) that other sessions of the same video may be waiting for.
+            _, timings = await asyncio.shield(task)
         self._avatar_refs[key] = self._avatar_refs.get(key, 0) + 1
         return self._avatars[key], timings
 
@@ -365,9 +362,14 @@ class EngineHost:
                 raise LipsyncError(errors.AVATAR_PREPARATION_FAILED,
                                    f"cannot prepare the avatar: {exc}") from None
             elapsed = round((time.perf_counter() - t) * 1000, 1)
-        log_.info("avatar ready", cached=cached, ms=elapsed, frames=avatar.num_frames,
-                  landmarks=avatar.landmark_source, key=key)
         timings = {"avatar_cache_ms" if cached else "avatar_prepare_ms": elapsed}
+        # Registered here, once, by the task every concurrent acquirer shares.
+        t = time.perf_counter()
+        await self.call(lambda: self.engine.register_avatar(avatar))
+        timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        self._avatars[key] = avatar
+        log_.info("avatar ready", cached=cached, frames=avatar.num_frames,
+                  landmarks=avatar.landmark_source, key=key, **timings)
         return avatar, timings
 
     async def release_avatar(self, key: str) -> None:

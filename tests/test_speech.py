@@ -260,3 +260,28 @@ async def test_clear_then_stop_still_reports_the_interruption(speech_daemon, cli
     types = [e["type"] for e in client.events_of("cs")]
     assert types[-2:] == ["playback_finished", "stopped"], types
     assert client.events_of("cs", "playback_finished")[0]["interrupted"] is True
+
+
+async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_daemon, client):
+    host = speech_daemon.engine_host
+    registered: list[str] = []
+    real_register = host.engine.register_avatar
+
+    def counting_register(avatar):
+        registered.append(avatar.key)
+        return real_register(avatar)
+
+    host.engine.register_avatar = counting_register
+    try:
+        await asyncio.gather(start(client, "sh1"), start(client, "sh2"))
+        assert len(registered) == 1  # one preparation and registration for both
+        key = speech_daemon.sessions["sh1"].speech.avatar.key
+        assert speech_daemon.sessions["sh2"].speech.avatar.key == key
+        assert host._avatar_refs[key] == 2
+        await client.request("lipsync.session.stop", {"v": 1, "session_id": "sh1"})
+        assert host._avatar_refs[key] == 1 and host.device_info()["avatars"] == 1
+        await client.request("lipsync.session.stop", {"v": 1, "session_id": "sh2"})
+        assert key not in host._avatar_refs and host.device_info()["avatars"] == 0
+        assert not host.engine.has_avatar(key)
+    finally:
+        del host.engine.register_avatar

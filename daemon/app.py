@@ -62,7 +62,6 @@ class Daemon:
         self.nats_connected = False
         self._embedded: EmbeddedNatsServer | None = None
         self._service: Service | None = None
-        self._subs: list[Any] = []
         self._health: HealthServer | None = None
         self._heartbeat_at = time.monotonic()
         self._stopping = asyncio.Event()
@@ -130,11 +129,10 @@ class Daemon:
             name="status", subject=f"{s.nats.subject_prefix}.status", handler=self._on_status))
         # stop, audio and control go to every daemon: only the owner of a session acts.
         limits = dict(pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024)
-        self._subs.append(await self.nc.subscribe(self.subjects.stop, cb=self._on_stop))
+        await self.nc.subscribe(self.subjects.stop, cb=self._on_stop)
         # Audio and control share one subscription: NATS keeps a producer's messages in
         # order within a subscription, so a flush is applied after the audio sent before it.
-        self._subs.append(await self.nc.subscribe(self.subjects.session_wildcard, cb=self._on_session_message,
-                                                  **limits))
+        await self.nc.subscribe(self.subjects.session_wildcard, cb=self._on_session_message, **limits)
         # The server must know our subscriptions before we call ourselves ready.
         await self.nc.flush()
 

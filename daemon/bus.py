@@ -35,20 +35,6 @@ class Subjects:
         which the handler ignores)."""
         return f"{self.prefix}.*.*"
 
-    @property
-    def audio_wildcard(self) -> str:
-        return f"{self.prefix}.audio.*"
-
-    @property
-    def control_wildcard(self) -> str:
-        return f"{self.prefix}.control.*"
-
-    def audio(self, session_id: str) -> str:
-        return f"{self.prefix}.audio.{session_id}"
-
-    def control(self, session_id: str) -> str:
-        return f"{self.prefix}.control.{session_id}"
-
     def events(self, session_id: str) -> str:
         return f"{self.prefix}.events.{session_id}"
 

@@ -28,7 +28,6 @@ from schemas import (
     PlaybackFinishedEvent,
     ReadyEvent,
     SessionStart,
-    SpeakingEvent,
     StoppedEvent,
 )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +16,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import Settings
-from daemon.log import configure_logging
-
-SAMPLE_WAV = Path(__file__).parent / "assets" / "speech.wav"
-
+from daemon.inprocess import SAMPLE_WAV, in_process_settings, read_recording
 
 def _weights_present(settings: Settings) -> bool:
     from musetalk.weights import check
@@ -28,20 +24,11 @@ def _weights_present(settings: Settings) -> bool:
     return all(st.ok or not st.file.required for st in check(settings.model.dir))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
     import torch
 
     wav = wav or SAMPLE_WAV
-    overrides: dict[str, Any] = settings.model_dump()
-    model = overrides["model"]
+    model = settings.model.model_dump()
     if not settings.model.random_weights and not _weights_present(settings):
         print(f"MuseTalk weights are not in {settings.model.dir}/. For real lip-sync run:\n"
               f"    .venv/bin/lipsync models download --dir {settings.model.dir}\n"
@@ -57,13 +44,7 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
         fps = 10
         model["playout_delay_frames"] = max(model["playout_delay_frames"], 8)
         print("No CUDA device: demo at 10 fps with the tiny random model (a GPU runs 25 fps).", flush=True)
-    overrides["nats"]["url"] = "embedded"
-    overrides["nats"]["embedded_port"] = _free_port()
-    overrides["http"]["port"] = 0
-    overrides["logging"]["format"] = "console"
-    overrides["logging"]["level"] = "WARNING"
-    demo_settings = Settings(**overrides)
-    configure_logging(demo_settings.logging.level, demo_settings.logging.format)
+    demo_settings = in_process_settings(settings, model=model)
     import uvloop
 
     summary = uvloop.run(_demo(demo_settings, wav, fps))
@@ -138,36 +119,16 @@ def measure_recording(path: Path, idle_frames: np.ndarray, blend_boxes: np.ndarr
                       fps: int) -> dict[str, Any]:
     """Frames, fps and the A/V offset as they are in the MP4: the first frame whose mouth
     differs from the idle video against the first frame whose audio is voiced."""
-    import av
-
-    from daemon.session import pingpong_index
-    from daemon.speech import SILENCE_DBFS
-
-    with av.open(str(path)) as c:
-        vs = c.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(vs)]
-    with av.open(str(path)) as c:
-        audio_stream = c.streams.audio[0]
-        rate = audio_stream.rate
-        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio_stream)]).astype(np.float32)
-    out: dict[str, Any] = {"frames": len(frames), "video_s": round(len(frames) / fps, 2),
-                           "audio_s": round(len(audio) / rate, 2), "fps": fps}
+    rec = read_recording(path, idle_frames, blend_boxes, fps)
+    out: dict[str, Any] = {"frames": rec.frames, "video_s": round(rec.frames / fps, 2),
+                           "audio_s": rec.audio_s, "fps": fps}
     if blend_boxes is None:
         return out
-    change = []
-    for tick, frame in enumerate(frames):
-        i = pingpong_index(tick, len(idle_frames))
-        x1, y1, x2, y2 = blend_boxes[i]
-        d = np.abs(frame[y1:y2, x1:x2].astype(np.int16) - idle_frames[i][y1:y2, x1:x2].astype(np.int16))
-        change.append(float(d.mean()))
-    noise = max(change[: max(1, fps // 2)])
-    moved = [t for t, v in enumerate(change) if v > noise + 1.0]
-    spf = rate // fps
-    voiced = [i for i in range(len(audio) // spf)
-              if 20 * math.log10(max(1e-9, float(np.sqrt(np.mean(audio[i * spf:(i + 1) * spf] ** 2)))))
-              > SILENCE_DBFS]
-    if moved and voiced:
-        out["av_offset_ms"] = round((moved[0] - voiced[0]) * 1000 / fps)
+    noise = max(rec.mouth_change[: max(1, fps // 2)])
+    moved = [t for t, v in enumerate(rec.mouth_change) if v > noise + 1.0]
+    voiced = np.flatnonzero(rec.voiced)
+    if moved and len(voiced):
+        out["av_offset_ms"] = round((moved[0] - int(voiced[0])) * 1000 / fps)
         out["av_offset_note"] = "first moving mouth minus first voiced audio frame, at frame resolution"
-        out["mouth_closed_frames_after_voice"] = moved[-1] - voiced[-1]
+        out["mouth_closed_frames_after_voice"] = moved[-1] - int(voiced[-1])
     return out

@@ -19,20 +19,12 @@ from typing import Any
 
 
 from daemon.config import Settings
-from daemon.demo import SAMPLE_WAV, _free_port
-from daemon.log import configure_logging
+from daemon.inprocess import SAMPLE_WAV, in_process_settings
 
 
 def run_loadtest(settings: Settings, counts: list[int], seconds: float, wav: Path | None,
                  out: Path | None) -> int:
-    overrides: dict[str, Any] = settings.model_dump()
-    overrides["nats"].update(url="embedded", embedded_port=_free_port())
-    overrides["http"]["port"] = 0
-    overrides["output"]["sink"] = "none"
-    overrides["daemon"]["max_sessions"] = max(counts)
-    overrides["logging"].update(format="console", level="WARNING")
-    s = Settings(**overrides)
-    configure_logging(s.logging.level, s.logging.format)
+    s = in_process_settings(settings, output={"sink": "none"}, daemon={"max_sessions": max(counts)})
     import uvloop
 
     results = uvloop.run(_loadtest(s, counts, seconds, wav or SAMPLE_WAV))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import Settings, load_settings
-from daemon.demo import SAMPLE_WAV, _free_port
-from daemon.log import configure_logging
+from daemon.inprocess import SAMPLE_WAV, in_process_settings, read_recording
 
 
 async def _soak(settings: Settings, minutes: float, every: float, fps: int) -> dict[str, Any]:
@@ -69,45 +67,22 @@ async def _soak(settings: Settings, minutes: float, every: float, fps: int) -> d
 
 
 def _measure(path: Path, idle: np.ndarray, boxes: np.ndarray | None, fps: int, wall: float) -> dict[str, Any]:
-    import av
-
-    from daemon.session import pingpong_index
-    from daemon.speech import SILENCE_DBFS
-
-    change: list[float] = []
-    n = 0
-    with av.open(str(path)) as c:
-        for n, frame in enumerate(c.decode(video=0), start=1):
-            if boxes is not None:
-                img = frame.to_ndarray(format="rgb24")
-                i = pingpong_index(n - 1, len(idle))
-                x1, y1, x2, y2 = boxes[i]
-                change.append(float(np.abs(img[y1:y2, x1:x2].astype(np.int16)
-                                           - idle[i][y1:y2, x1:x2].astype(np.int16)).mean()))
-    with av.open(str(path)) as c:
-        rate = c.streams.audio[0].rate
-        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)]).astype(np.float32)
-    out: dict[str, Any] = {"frames": n, "fps_held": round(n / wall, 3), "audio_s": round(len(audio) / rate, 2),
-                           "video_s": round(n / fps, 2)}
+    rec = read_recording(path, idle, boxes, fps)
+    out: dict[str, Any] = {"frames": rec.frames, "fps_held": round(rec.frames / wall, 3),
+                           "audio_s": rec.audio_s, "video_s": round(rec.frames / fps, 2)}
     if boxes is None:
         return out
-    spf = rate // fps
-    voiced = np.array([20 * math.log10(max(1e-9, float(np.sqrt(np.mean(audio[i * spf:(i + 1) * spf] ** 2)))))
-                       > SILENCE_DBFS for i in range(len(audio) // spf)])
-    noise = float(np.percentile(change, 20)) + 1.0
-    moved = np.array(change) > noise
+    voiced = rec.voiced
+    moved = np.array(rec.mouth_change) > float(np.percentile(rec.mouth_change, 20)) + 1.0
     offsets = []
     # Each utterance: the first voiced frame after a silence of at least 1 s.
-    i, m = 0, len(voiced)
-    while i < m:
+    for i in range(len(voiced)):
         if voiced[i] and not voiced[max(0, i - fps):i].any():
             window = np.flatnonzero(moved[max(0, i - 3): i + 4]) + max(0, i - 3)
             if len(window):
                 offsets.append(int(window[0] - i))
-        i += 1
     out["av_offset_frames_per_utterance"] = offsets
-    out["av_offset_ms_max_abs"] = max((abs(o) for o in offsets), default=None) and \
-        max(abs(o) for o in offsets) * 1000 / fps
+    out["av_offset_ms_max_abs"] = max(abs(o) for o in offsets) * 1000 / fps if offsets else None
     return out
 
 
@@ -119,14 +94,7 @@ def main() -> int:
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--json")
     args = p.parse_args()
-    s = load_settings(args.config)
-    o = s.model_dump()
-    o["nats"].update(url="embedded", embedded_port=_free_port())
-    o["http"]["port"] = 0
-    o["output"]["sink"] = "file"
-    o["logging"].update(format="console", level="WARNING")
-    settings = Settings(**o)
-    configure_logging("WARNING", "console")
+    settings = in_process_settings(load_settings(args.config), output={"sink": "file"})
     import uvloop
 
     result = uvloop.run(_soak(settings, args.minutes, args.every, args.fps))

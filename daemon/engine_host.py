@@ -365,7 +365,9 @@ class EngineHost:
         timings = {"avatar_cache_ms" if cached else "avatar_prepare_ms": elapsed}
         # Registered here, once, by the task every concurrent acquirer shares.
         t = time.perf_counter()
-        await self.call(lambda: self.engine.register_avatar(avatar))
+        # The decoded video's RGBA frames are the idle frames the sessions already show:
+        # the engine composes onto the same array instead of keeping its own copy.
+        await self.call(lambda: self.engine.register_avatar(avatar, frames_rgba=video.rgba))
         timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
         self._avatars[key] = avatar
         log_.info("avatar ready", cached=cached, frames=avatar.num_frames,

@@ -117,8 +117,13 @@ class Engine:
 
     # ------------------------------------------------------------------ avatars
 
-    def register_avatar(self, avatar: PreparedAvatar) -> int:
-        """Upload what generation needs for ``avatar``; returns the device bytes used."""
+    def register_avatar(self, avatar: PreparedAvatar, frames_rgba: np.ndarray | None = None) -> int:
+        """Upload what generation needs for ``avatar``; returns the device bytes used.
+
+        ``frames_rgba``: the avatar's frames as (N, H, W, 4) uint8, when the caller holds
+        them already (the daemon does, for its idle frames): shared instead of a second
+        host copy. Only read.
+        """
         n = avatar.num_frames
         if avatar.latents.shape != (n, 8, LATENT_SIZE, LATENT_SIZE):
             raise ValueError(
@@ -150,9 +155,15 @@ class Engine:
                 )
             crops[i, : y2 - y1, : x2 - x1] = avatar.frames[i, y1:y2, x1:x2]
             masks[i, : y2 - y1, : x2 - x1] = m
-        rgba = np.empty((n, h, w, 4), dtype=np.uint8)
-        rgba[..., :3] = avatar.frames
-        rgba[..., 3] = 255
+        if frames_rgba is not None:
+            if frames_rgba.shape != (n, h, w, 4) or frames_rgba.dtype != np.uint8:
+                raise ValueError(f"avatar {avatar.key!r}: frames_rgba {frames_rgba.shape} {frames_rgba.dtype}, "
+                                 f"expected ({n}, {h}, {w}, 4) uint8")
+            rgba = frames_rgba
+        else:
+            rgba = np.empty((n, h, w, 4), dtype=np.uint8)
+            rgba[..., :3] = avatar.frames
+            rgba[..., 3] = 255
         dev = _DeviceAvatar(
             key=avatar.key,
             num_frames=n,

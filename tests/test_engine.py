@@ -380,3 +380,16 @@ def test_cuda_step_matches_cpu(model_dir, models, avatars, compiled):
         np.testing.assert_array_equal(g[..., :3][~region], av.frames[job.frame_index][~region])
         diff = np.abs(g.astype(int) - w.astype(int))[region]
         assert diff.mean() < 2.0, f"fp16 GPU and fp32 CPU differ by {diff.mean():.2f} levels on average"
+
+
+def test_caller_rgba_frames_are_shared_not_copied(models, engine, avatars):
+    av = avatars[0]
+    rgba = np.concatenate([av.frames, np.full((*av.frames.shape[:3], 1), 255, np.uint8)], axis=-1)
+    rgba.setflags(write=False)  # as the daemon hands it over: shared, read only
+    shared = Engine(models, max_batch=8)
+    shared.register_avatar(av, frames_rgba=rgba)
+    assert shared._avatars[av.key].frames_rgba is rgba
+    jobs = [FrameJob(av.key, 2, tokens(7))]
+    np.testing.assert_array_equal(shared.step(jobs)[0], engine.step(jobs)[0])
+    with pytest.raises(ValueError, match="frames_rgba"):
+        shared.register_avatar(av, frames_rgba=rgba[:, :, :, :3])

@@ -267,9 +267,9 @@ async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_da
     registered: list[str] = []
     real_register = host.engine.register_avatar
 
-    def counting_register(avatar):
+    def counting_register(avatar, **kw):
         registered.append(avatar.key)
-        return real_register(avatar)
+        return real_register(avatar, **kw)
 
     host.engine.register_avatar = counting_register
     try:

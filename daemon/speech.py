@@ -115,7 +115,8 @@ class SpeechPipeline:
             self.resampler = StreamResampler(self.rate)
         self.utterances: deque[Utterance] = deque()
         self._next_id = 0
-        self._encode_queue: asyncio.Queue[tuple[int, Any, np.ndarray | None]] = asyncio.Queue()
+        self._encode_queue: deque[tuple[int, Any, np.ndarray | None]] = deque()
+        self._encode_ready = asyncio.Event()
         self._encoder = asyncio.create_task(self._encode_loop(), name=f"encode-{session.id}")
         self._events: list[Any] = []
         self._last_generated: tuple[int, Any] | None = None  # (tick, frame)
@@ -171,7 +172,7 @@ class SpeechPipeline:
                 continue
             pcm16k = self.resampler.push(chunk.pcm)
             if len(pcm16k):
-                self._encode_queue.put_nowait((utt.id, utt.stream, pcm16k))
+                self._queue_encode(utt, pcm16k)
 
     def flush(self) -> None:
         """End of utterance: render what is buffered, then playback_finished."""
@@ -188,19 +189,16 @@ class SpeechPipeline:
             return
         tail = self.resampler.flush()
         if len(tail):
-            self._encode_queue.put_nowait((utt.id, utt.stream, tail))
-        self._encode_queue.put_nowait((utt.id, utt.stream, None))
+            self._queue_encode(utt, tail)
+        self._queue_encode(utt, None)
 
     def clear(self) -> None:
         """Interrupt: drop buffered audio and pending frames; idle from the next tick."""
         active = self.utterances[0] if self.utterances else None
-        if active is not None and (active.started or active.played):
+        if active is not None:
             self._events.append(PlaybackFinishedEvent(
                 session_id=self.session.id, ts=time.time(),
                 position_s=round(active.played / self.fps, 3), interrupted=True))
-        elif active is not None:
-            self._events.append(PlaybackFinishedEvent(
-                session_id=self.session.id, ts=time.time(), position_s=0.0, interrupted=True))
         self.utterances.clear()
         if self.resampler is not None:
             self.resampler.reset()
@@ -217,23 +215,29 @@ class SpeechPipeline:
         return round(active.played / self.fps, 3), True
 
     # ---- features -> frame jobs ------------------------------------------------------
-    def _coalesce(self, item: tuple[int, Any, np.ndarray | None]) -> tuple[int, Any, np.ndarray | None]:
-        """Join the audio queued behind ``item`` for the same utterance into one encoder
-        step: when the worker is busy, fewer and larger steps keep up with real time."""
-        utt_id, stream, pcm = item
+    def _queue_encode(self, utt: Utterance, pcm16k: np.ndarray | None) -> None:
+        """Audio (or, with None, the flush) for the utterance's encoder, in order."""
+        self._encode_queue.append((utt.id, utt.stream, pcm16k))
+        self._encode_ready.set()
+
+    def _next_encode(self) -> tuple[int, Any, np.ndarray | None]:
+        """The next encoder step: a flush, or the audio queued for one utterance joined
+        together: when the worker is busy, fewer and larger steps keep up with real time."""
+        utt_id, stream, pcm = self._encode_queue.popleft()
         if pcm is None:
-            return item
+            return utt_id, stream, pcm
         parts = [pcm]
-        while not self._encode_queue.empty():
-            nxt = self._encode_queue._queue[0]  # type: ignore[attr-defined]
-            if nxt[0] != utt_id or nxt[2] is None:
-                break
-            parts.append(self._encode_queue.get_nowait()[2])
+        while self._encode_queue and self._encode_queue[0][0] == utt_id and self._encode_queue[0][2] is not None:
+            parts.append(self._encode_queue.popleft()[2])
         return utt_id, stream, np.concatenate(parts) if len(parts) > 1 else pcm
 
     async def _encode_loop(self) -> None:
         while True:
-            utt_id, stream, pcm = self._coalesce(await self._encode_queue.get())
+            if not self._encode_queue:
+                self._encode_ready.clear()
+                await self._encode_ready.wait()
+                continue
+            utt_id, stream, pcm = self._next_encode()
             if self._find(utt_id) is None:
                 continue  # interrupted: its audio is no longer wanted
             try:

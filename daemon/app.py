@@ -167,14 +167,23 @@ class Daemon:
         await self._publish(subject_out, event.model_dump_json().encode())
 
     # ---- handlers --------------------------------------------------------------------
+    async def _parse_request(self, model: Any, data: bytes, subject: str, reply: Any, reply_model: Any) -> Any:
+        """The validated message, or None once its error has been reported (to the
+        session the message names, when its id is a safe one)."""
+        try:
+            return parse_json_message(model, data, subject.removeprefix(f"{self.subjects.prefix}."))
+        except LipsyncError as err:
+            await self._report(err, session_id=session_id_hint(data), reply=reply, reply_model=reply_model,
+                               subject=subject)
+            return None
+
+    def _replier(self, msg: Msg) -> Any:
+        return (lambda body: self._publish(msg.reply, body)) if msg.reply else None
+
     async def _on_start(self, req: Request) -> None:
         reply = req.respond if req._msg.reply else None
-        hint = session_id_hint(req.data)
-        try:
-            start = parse_json_message(SessionStart, req.data, "session.start")
-        except LipsyncError as err:
-            await self._report(err, session_id=hint, reply=reply, reply_model=SessionStartReply,
-                               subject=req.subject)
+        start = await self._parse_request(SessionStart, req.data, req.subject, reply, SessionStartReply)
+        if start is None:
             return
         # Slow work in a tracked task: this callback must return quickly.
         self._spawn(self._start_session(start, reply), f"start-{start.session_id}")
@@ -315,13 +324,9 @@ class Daemon:
             log.warning("start queue group membership change failed", error=repr(exc))
 
     async def _on_stop(self, msg: Msg) -> None:
-        reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
-        hint = session_id_hint(msg.data)
-        try:
-            stop = parse_json_message(SessionStop, msg.data, "session.stop")
-        except LipsyncError as err:
-            await self._report(err, session_id=hint, reply=reply, reply_model=SessionStopReply,
-                               subject=msg.subject)
+        reply = self._replier(msg)
+        stop = await self._parse_request(SessionStop, msg.data, msg.subject, reply, SessionStopReply)
+        if stop is None:
             return
         session = self.sessions.get(stop.session_id)
         if session is None:
@@ -377,7 +382,7 @@ class Daemon:
         sid = self.subjects.session_of(msg.subject)
         if not valid_session_id(sid):
             return
-        reply = (lambda body: self._publish(msg.reply, body)) if msg.reply else None
+        reply = self._replier(msg)
         session = self.sessions.get(sid)
         try:
             if session is None and not self.settings.nats.report_unknown_sessions:

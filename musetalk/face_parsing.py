@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BISENET_FILE = "79999_iter.pth"
 NUM_CLASSES = 19
 PARSE_SIZE = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,12 +176,13 @@ class FaceParser:
 
 
 def find_bisenet(model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir)
-    for candidate in (model_dir / BISENET_FILE, model_dir / "face-parse-bisent" / BISENET_FILE):
-        if candidate.is_file():
-            return candidate
+    from musetalk.weights import locate, model_path
+
+    found = locate(model_dir, "face_parse")
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"face-parsing model not found: expected {model_dir / 'face-parse-bisent' / BISENET_FILE} "
+        f"face-parsing model not found: expected {model_path(Path(model_dir), 'face_parse')} "
         "(run `lipsync models download`; without it the landmark-polygon blend mask is used)"
     )
 

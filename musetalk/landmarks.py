@@ -27,7 +27,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DWPOSE_FILE = "dw-ll_ucoco_384.onnx"
 DWPOSE_INPUT_HW = (384, 288)
 DWPOSE_KEYPOINTS = 133
 DWPOSE_SPLIT_RATIO = 2.0
@@ -248,12 +247,13 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, split_ratio: float = 
 
 
 def find_dwpose(model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir)
-    for candidate in (model_dir / DWPOSE_FILE, model_dir / "dwpose" / DWPOSE_FILE):
-        if candidate.is_file():
-            return candidate
+    from musetalk.weights import locate, model_path
+
+    found = locate(model_dir, "dwpose")
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"DWPose landmark model not found: expected {model_dir / 'dwpose' / DWPOSE_FILE} "
+        f"DWPose landmark model not found: expected {model_path(Path(model_dir), 'dwpose')} "
         f"(run `lipsync models download`, or set model.landmarks = \"opencv\" for the "
         "lower-quality fallback)"
     )

@@ -112,6 +112,16 @@ def model_path(model_dir: Path, key: str) -> Path:
     return Path(model_dir) / model_file(key).local_path
 
 
+def locate(model_dir: str | Path, key: str) -> Path | None:
+    """Where a model file is: at its place in the models dir layout, or directly in
+    ``model_dir`` (a folder holding just that file); None when it is in neither."""
+    placed = model_path(Path(model_dir), key)
+    for candidate in (placed, Path(model_dir) / placed.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 # ---------------------------------------------------------------------------- check
 
 

@@ -108,3 +108,18 @@ def firestore_emulator_host() -> Iterator[str]:
         pytest.skip(reason)
     with firestore_emulator() as host:
         yield host
+
+
+EMULATOR_PROJECT = "demo-lipsync"
+
+
+@pytest.fixture
+def avatars_collection(firestore_emulator_host, monkeypatch):  # noqa: F811
+    """The real client's `avatars` collection in EMULATOR_PROJECT on the module's
+    emulator, with FIRESTORE_EMULATOR_HOST set so that the code under test reads it too."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator_host)
+    from google.cloud import firestore
+
+    client = firestore.Client(project=EMULATOR_PROJECT)
+    yield client.collection("avatars")
+    client.close()

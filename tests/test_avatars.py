@@ -15,7 +15,11 @@ import av
 import numpy as np
 import pytest
 from aiohttp import web
-from tests.firestore_emulator import firestore_emulator_host  # noqa: F401  (a fixture)
+from tests.firestore_emulator import (  # noqa: F401  (fixtures)
+    EMULATOR_PROJECT,
+    avatars_collection,
+    firestore_emulator_host,
+)
 
 from daemon import errors
 from daemon.avatars import (
@@ -29,7 +33,7 @@ from daemon.config import ASSETS_DIR, Settings
 from daemon.demo_avatar import make_demo_video
 from daemon.errors import LipsyncError
 
-PROJECT = "demo-test"
+PROJECT = EMULATOR_PROJECT
 RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
 
 
@@ -82,13 +86,8 @@ async def raises(code: str, awaitable) -> LipsyncError:
 
 
 @pytest.fixture
-def emulator(firestore_emulator_host, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator_host)
-    from google.cloud import firestore
-
-    client = firestore.Client(project=PROJECT)
-    yield client.collection("avatars")
-    client.close()
+def emulator(avatars_collection):
+    return avatars_collection
 
 
 @pytest.fixture

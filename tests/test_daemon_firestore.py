@@ -6,28 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from daemon.app import Daemon
-from tests.firestore_emulator import firestore_emulator_host  # noqa: F401  (a fixture)
+from tests.firestore_emulator import (  # noqa: F401  (fixtures)
+    EMULATOR_PROJECT,
+    avatars_collection,
+    firestore_emulator_host,
+)
 from tests.producer_client import Client
 from tests.test_daemon import make_settings
 
-PROJECT = "demo-lipsync"
+PROJECT = EMULATOR_PROJECT
 
 
-@pytest.fixture
-def avatars(firestore_emulator_host, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator_host)
-    from google.cloud import firestore
-
-    client = firestore.Client(project=PROJECT)
-    yield client.collection("avatars")
-    client.close()
-
-
-async def test_firestore_avatars_over_nats(nats_server, tmp_path: Path, avatars):
+async def test_firestore_avatars_over_nats(nats_server, tmp_path: Path, avatars_collection):
     from tests.media import write_color_video
+
+    avatars = avatars_collection
 
     video = tmp_path / "anna.mp4"
     write_color_video(video, 8)

@@ -80,9 +80,11 @@ class IdleSource:
     def avatar_index(self, tick: int) -> int:
         return pingpong_index(tick, int(self.frames.shape[0]))
 
+    def frame(self, tick: int) -> np.ndarray:
+        return self.frames[self.avatar_index(tick)]
+
     def frame_for_tick(self, tick: int) -> tuple[np.ndarray, np.ndarray, str]:
-        frame = self.frames[self.avatar_index(tick)]
-        return frame, np.zeros(self.clock.samples(tick), np.int16), "idle"
+        return self.frame(tick), np.zeros(self.clock.samples(tick), np.int16), "idle"
 
 
 @dataclass

@@ -348,12 +348,12 @@ class SpeechPipeline:
             frame = utt.results.pop(f)
             kind = "speech"
             if frame is None:
-                frame = idle.frame_for_tick(tick)[0]
+                frame = idle.frame(tick)
             else:
                 self._last_generated = (tick, frame)
         else:
             # Not generated in time (or failed): the avatar's own frame for this tick.
-            frame = idle.frame_for_tick(tick)[0]
+            frame = idle.frame(tick)
             if self.generates:
                 self._cancel(utt.id, before_frame=f + 1)
                 kind = "fallback"

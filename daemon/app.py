@@ -7,10 +7,13 @@ connection) runs in tracked tasks, and GPU work runs on the engine's own thread.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -20,7 +23,7 @@ from nats.micro.service import EndpointConfig, Service
 
 from daemon import errors
 from daemon.bus import Subjects, connect
-from daemon.config import Settings
+from daemon.config import DaemonSection, Settings
 from daemon.embedded_nats import EmbeddedNatsServer
 from daemon.errors import LipsyncError
 from daemon.health import HealthServer
@@ -40,10 +43,98 @@ from schemas import (
     SessionStopReply,
     StatusReply,
 )
+from schemas.wire import StatusAdmission
 
 log = get_logger(__name__)
 
 VERSION = "0.1.0"
+
+
+CapacitySource = Literal["measured", "config", "max_sessions"]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The frames/s admission may promise, and where the figure comes from."""
+
+    fps: float | None  # None: no frame budget, only daemon.max_sessions applies
+    source: CapacitySource
+
+
+class Admission:
+    """Whether one more session fits. A session may speak at any time, so each admitted
+    one counts its fps x ``daemon.speech_duty`` against the frames/s the GPU sustains
+    (``daemon.capacity_fps``, else the figure the GPU worker measured at start);
+    ``daemon.max_sessions`` bounds the count either way. Pure bookkeeping: the daemon
+    asks with the frame rates of its sessions."""
+
+    def __init__(self, cfg: DaemonSection, default_fps: int, measured_fps: Callable[[], float | None]) -> None:
+        self.cfg = cfg
+        self.default_fps = default_fps
+        self._measured_fps = measured_fps
+
+    def capacity(self) -> Capacity:
+        if self.cfg.capacity_fps > 0:
+            return Capacity(self.cfg.capacity_fps, "config")
+        measured = self._measured_fps()
+        if isinstance(measured, (int, float)) and math.isfinite(measured) and measured > 0:
+            return Capacity(float(measured), "measured")
+        return Capacity(None, "max_sessions")
+
+    def demand(self, rates: Iterable[int]) -> float:
+        return sum(rates) * self.cfg.speech_duty
+
+    def refusal(self, rates: list[int], fps: int | None = None) -> str | None:
+        """Why a session at ``fps`` (default: video.fps) cannot be admitted next to
+        sessions at ``rates``, in words that say what to change; None when it fits."""
+        fps = fps or self.default_fps
+        if len(rates) >= self.cfg.max_sessions:
+            return (f"at capacity ({self.cfg.max_sessions} sessions, daemon.max_sessions): retry later "
+                    "or add a GPU")
+        cap = self.capacity()
+        if cap.fps is None:
+            return None
+        demand = self.demand(rates)
+        need = fps * self.cfg.speech_duty
+        if demand + need <= cap.fps * (1 + 1e-9):
+            return None
+        budget = (f"{_num(cap.fps)} frames/s this GPU sustains (measured at start; daemon.capacity_fps "
+                  "overrides)" if cap.source == "measured" else f"{_num(cap.fps)} frames/s (daemon.capacity_fps)")
+        if not rates:
+            return (f"at capacity: a {fps} fps session needs {_num(need)} frames/s, more than the {budget}: "
+                    "start it at a lower video.fps, or run it on a faster GPU")
+        if len(set(rates)) == 1:
+            load = f"{len(rates)} session{'s' if len(rates) > 1 else ''} x {rates[0]} fps"
+        else:
+            load = f"{len(rates)} sessions at {min(rates)}-{max(rates)} fps"
+        if self.cfg.speech_duty != 1:
+            load += f" x speech_duty {_num(self.cfg.speech_duty)}"
+        return (f"at capacity: {load} = {_num(demand)} frames/s of {budget}; a {fps} fps session needs "
+                f"{_num(need)} more: retry later or add a GPU")
+
+    def max_sessions_at(self, fps: int | None = None) -> int:
+        """Most sessions at ``fps`` (default: video.fps) admitted, with none yet live."""
+        cap = self.capacity()
+        if cap.fps is None:
+            return self.cfg.max_sessions
+        fitting = math.floor(cap.fps * (1 + 1e-9) / ((fps or self.default_fps) * self.cfg.speech_duty))
+        return min(self.cfg.max_sessions, fitting)
+
+
+def _num(x: float) -> str:
+    """A rate for people: 300, 312.5, 0.25."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def generated_fraction(*counts: dict[str, int]) -> float | None:
+    """Speech frames generated / speech frames that needed generation (generated +
+    fallback), over the speech pipelines' frame counts given; None when no frame
+    needed generation (no speech yet, or no model)."""
+    speech = fallback = 0
+    for c in counts:
+        speech += c.get("speech", 0)
+        fallback += c.get("fallback", 0)
+    return round(speech / (speech + fallback), 4) if speech + fallback else None
 
 
 class Daemon:
@@ -77,6 +168,9 @@ class Daemon:
         self.store = AvatarStore(settings)
         self.engine_host: Any = None  # daemon.engine_host.EngineHost when a model is enabled
         self.registry: Any = None  # daemon.registry.SessionRegistry with nats.registry_bucket
+        self.admission = Admission(settings.daemon, settings.video.fps,
+                                   lambda: getattr(self.engine_host, "measured_fps", None))
+        self._update_gauges()
 
     # ---- startup ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,10 +204,19 @@ class Daemon:
             await self._health.start()
         self._spawn(self._heartbeat(), "heartbeat")
         self.accepting = True
+        self._update_gauges()
+        capacity = self.admission.capacity()
         self.notifier.ready(f"accepting sessions on {self.subjects.start}")
         log.info("lipsyncd ready", nats=self.nats_url, start_subject=self.subjects.start,
                  sink=s.sink_kind(), max_sessions=s.daemon.max_sessions,
+                 capacity_fps=capacity.fps, capacity_source=capacity.source,
+                 sessions_admitted=self.admission.max_sessions_at(),
                  model=("enabled" if self.engine_host else "disabled (idle video only)"))
+        if self.admission.max_sessions_at() == 0:
+            log.warning("the frame budget is below one session: every start will be refused "
+                        "(at_capacity); set daemon.capacity_fps or lower daemon.speech_duty",
+                        capacity_fps=capacity.fps, source=capacity.source, fps=s.video.fps,
+                        speech_duty=s.daemon.speech_duty)
 
     async def _subscribe(self) -> None:
         assert self.nc is not None
@@ -211,14 +314,14 @@ class Daemon:
                                "session on another instance"), session_id=sid, reply=reply,
                                reply_model=SessionStartReply)
             return
-        if len(self.sessions) >= self.settings.daemon.max_sessions:
-            await self._report(LipsyncError(errors.AT_CAPACITY, f"at capacity ({self.settings.daemon.max_sessions} "
-                               "sessions, daemon.max_sessions): retry later or add a GPU"),
-                               session_id=sid, reply=reply, reply_model=SessionStartReply)
+        refusal = self.admission.refusal(self._session_rates(), start.video.fps)
+        if refusal is not None:
+            await self._report(LipsyncError(errors.AT_CAPACITY, refusal), session_id=sid, reply=reply,
+                               reply_model=SessionStartReply)
             return
         session = Session(start, self._session_deps())
         self.sessions[sid] = session
-        self.metrics.sessions_active.set(len(self.sessions))
+        self._update_gauges()
         self._starting[sid] = asyncio.current_task()  # type: ignore[assignment]
         claimed = False
         try:
@@ -230,6 +333,7 @@ class Daemon:
         except BaseException as exc:
             if self.sessions.get(sid) is session:
                 del self.sessions[sid]
+                self.metrics.forget_session(sid)
                 await asyncio.shield(self._update_admission())
             if claimed:
                 await asyncio.shield(self.registry.release(sid))
@@ -250,7 +354,7 @@ class Daemon:
         finally:
             if self._starting.get(sid) is asyncio.current_task():
                 del self._starting[sid]
-            self.metrics.sessions_active.set(len(self.sessions))
+            self._update_gauges()
         self.metrics.sessions_started.inc()
         await self._reply_started(session, reply, existing_session=False)
 
@@ -293,18 +397,31 @@ class Daemon:
                 self._closing.discard(session)
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self.metrics.forget_session(session.id)
             if self.registry is not None:
                 await self.registry.release(session.id)
             await self._update_admission()
+        self._update_gauges()
+
+    def _session_rates(self) -> list[int]:
+        """The fps of every admitted session, live or starting: each may speak at any time."""
+        return [s.fps for s in self.sessions.values()]
+
+    def _update_gauges(self) -> None:
+        """Sessions, frame budget and demand, as /metrics shows them: after every change."""
         self.metrics.sessions_active.set(len(self.sessions))
+        capacity = self.admission.capacity()
+        self.metrics.capacity_fps.set(capacity.fps if capacity.fps is not None else math.nan)
+        self.metrics.demand_fps.set(self.admission.demand(self._session_rates()))
 
     async def _update_admission(self) -> None:
         """Several daemons sharing the start queue group (report_unknown_sessions off): a
-        full daemon leaves the group, so NATS hands new starts to one with room, and
-        rejoins when a session ends. A lone daemon stays and answers at_capacity."""
+        full daemon (one that would refuse a start at video.fps) leaves the group, so NATS
+        hands new starts to one with room, and rejoins when a session ends. A lone daemon
+        stays and answers at_capacity."""
         if self.settings.nats.report_unknown_sessions or self._service is None or not self.accepting:
             return
-        full = len(self.sessions) >= self.settings.daemon.max_sessions
+        full = self.admission.refusal(self._session_rates()) is not None
         endpoint = next((e for e in getattr(self._service, "_endpoints", []) if getattr(e, "_name", "") == "start"),
                         None)
         if endpoint is None or not hasattr(endpoint, "_subscription"):
@@ -414,10 +531,23 @@ class Daemon:
 
     def status(self) -> StatusReply:
         device = self.engine_host.device_info() if self.engine_host else {"model": "disabled"}
+        capacity = self.admission.capacity()
+        sessions = list(self.sessions.values())
+        counts = {s.id: s.speech.counts for s in sessions if s.speech is not None}
+        busy = getattr(self.engine_host, "busy_fraction", None)  # None: not measured on this host
+        admitted = self.admission.max_sessions_at()
         return StatusReply(
-            sessions=[s.status() for s in self.sessions.values()],
-            capacity=self.settings.daemon.max_sessions, active=len(self.sessions),
-            accepting=self.accepting, device=device,
+            sessions=[{**s.status(), "generated_fraction": generated_fraction(counts.get(s.id, {}))}
+                      for s in sessions],
+            capacity=admitted, active=len(sessions), accepting=self.accepting, device=device,
+            admission=StatusAdmission(
+                sessions=admitted, max_sessions=self.settings.daemon.max_sessions,
+                capacity_fps=capacity.fps, source=capacity.source,
+                demand_fps=self.admission.demand(self._session_rates()),
+                speech_duty=self.settings.daemon.speech_duty),
+            speaking=sum(1 for s in sessions if s.speech is not None and s.speech.speaking),
+            generated_fraction=generated_fraction(*counts.values()),
+            gpu_busy=busy() if callable(busy) else None,
         )
 
     # ---- health ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ Called from NATS callbacks, so it only validates and enqueues (no I/O, no waitin
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from daemon import errors
 from daemon.errors import LipsyncError
 
 SEQ_HEADER = "Lipsync-Seq"
+# Optional: the producer's wall-clock send time (Unix seconds), for end-to-end latency.
+SENT_HEADER = "Lipsync-Sent"
 
 
 @dataclass
@@ -21,6 +24,7 @@ class AudioChunk:
     pcm: np.ndarray  # int16 mono at the session's rate
     arrived: float  # monotonic seconds
     gap_fill: bool = False
+    sent: float | None = None  # the producer's Lipsync-Sent (Unix seconds), when given
 
 
 class AudioInbox:
@@ -61,6 +65,7 @@ class AudioInbox:
                 "limit (nats.max_audio_message_bytes): send smaller chunks",
             )
         seq = _parse_seq(headers)
+        sent = _parse_sent(headers)
         n = len(data) // 2
         gaps = 0
         if seq is not None and self.last_seq is not None:
@@ -94,7 +99,7 @@ class AudioInbox:
             self.gap_messages += gaps
             self.gap_samples += fill
         pcm = np.frombuffer(data, dtype="<i2").astype(np.int16, copy=True)
-        self._chunks.append(AudioChunk(pcm, now))
+        self._chunks.append(AudioChunk(pcm, now, sent=sent))
         self.buffered_samples += n
         self.received_samples += n
         self._last_chunk_samples = n
@@ -133,3 +138,20 @@ def _parse_seq(headers: dict[str, str] | None) -> int | None:
     if seq < 0:
         raise LipsyncError(errors.AUDIO_INVALID, f"header {SEQ_HEADER} must be >= 0, got {seq}")
     return seq
+
+
+def _parse_sent(headers: dict[str, str] | None) -> float | None:
+    raw = headers.get(SENT_HEADER) if headers else None
+    if raw is None:
+        return None
+    try:
+        sent = float(raw)
+    except ValueError:
+        raise LipsyncError(
+            errors.AUDIO_INVALID,
+            f"header {SENT_HEADER} must be the send time in Unix seconds (e.g. 1764622800.125), "
+            f"got {raw[:32]!r}",
+        ) from None
+    if not math.isfinite(sent) or sent <= 0:
+        raise LipsyncError(errors.AUDIO_INVALID, f"header {SENT_HEADER} must be a positive Unix time, got {raw[:32]!r}")
+    return sent

@@ -472,14 +472,22 @@ class DecodedVideo:
         return int(self.frames.nbytes)
 
     @functools.cached_property
-    def rgba(self) -> np.ndarray:
-        """(N, H, W, 4) frames as publishers take them: converted once per video and
-        shared by every session showing it, instead of once per frame per session."""
-        out = np.empty((*self.frames.shape[:3], 4), np.uint8)
-        out[..., :3] = self.frames
-        out[..., 3] = 255
-        out.setflags(write=False)
-        return out
+    def i420(self) -> np.ndarray:
+        """(N, i420_size) frames as publishers take them (daemon.frames): converted once
+        per video, in the decoding thread, and shared by every session showing it."""
+        return idle_i420(self.frames)
+
+
+def idle_i420(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) RGB -> (N, i420_size(W, H)) read-only I420 frames."""
+    from daemon.frames import i420_size, rgb_to_i420
+
+    n, h, w = frames.shape[:3]
+    out = np.empty((n, i420_size(w, h)), np.uint8)
+    for i in range(n):
+        out[i] = rgb_to_i420(frames[i])
+    out.setflags(write=False)
+    return out
 
 
 def decode_video(path: Path, settings: Settings, source: str | None = None) -> DecodedVideo:
@@ -546,10 +554,12 @@ def decode_video(path: Path, settings: Settings, source: str | None = None) -> D
             f"{label} is {duration:.2f} s long ({frames.shape[0]} frames), shorter than "
             f"fetch.min_video_s = {fetch.min_video_s:g} s"
         )
-    return DecodedVideo(
+    video = DecodedVideo(
         frames=frames, fps=fps, width=frames.shape[2], height=frames.shape[1],
         duration_s=duration,
     )
+    video.i420  # converted here, off the event loop
+    return video
 
 
 class _FrameBuffer:

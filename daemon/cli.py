@@ -260,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--random-weights", choices=["tiny", "full"], help="development: random weights")
     sp.set_defaults(fn=cmd_render)
 
-    sp = sub.add_parser("bench", help="GPU benchmark of the engine step (full-size random weights)",
-                        add_help=False)
+    sp = sub.add_parser("bench", help="GPU benchmark of the engine step, or with --reference-flow of "
+                        "MuseTalk's own realtime flow (full-size random weights)", add_help=False)
     # Its options are musetalk.bench's own (--device, --dtypes, --batch-sizes, --compile,
-    # --size, --json ...): passed through as they are.
+    # --size, --json, --reference-flow --frames ...): passed through as they are.
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("loadtest", help="capacity: N sessions speaking at once (GPU)")

@@ -8,6 +8,7 @@ field is documented in ``config.toml`` at the repository root. Secrets are ``Sec
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +27,29 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 class DaemonSection(BaseModel):
     state_dir: Path = Path("state")
     max_sessions: int = Field(16, ge=1)
+    # Frames/s the GPU sustains, for admission; 0 = the figure measured at start.
+    capacity_fps: float = 0.0
+    # Share of the time a session is expected to speak (1.0: any session may speak
+    # continuously, so each counts its full fps against the capacity).
+    speech_duty: float = 1.0
     shutdown_timeout_s: float = Field(10.0, gt=0)
     drain_utterances_s: float = Field(5.0, ge=0)
+
+    @field_validator("capacity_fps")
+    @classmethod
+    def _capacity_is_a_rate(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"daemon.capacity_fps {v!r} must be a positive number of frames/s the GPU "
+                             "sustains (e.g. 300), or 0 to use the figure measured at start")
+        return v
+
+    @field_validator("speech_duty")
+    @classmethod
+    def _duty_is_a_share(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0 < v <= 1:
+            raise ValueError(f"daemon.speech_duty {v!r} must be above 0 and at most 1: the share of the "
+                             "time a session speaks (1.0 = continuously; 0.5 = half the time)")
+        return v
 
 
 class NatsSection(BaseModel):
@@ -113,8 +135,10 @@ class LiveKitSection(BaseModel):
 
 class OutputSection(BaseModel):
     # "auto": LiveKit when livekit.url is set, else a local MP4 per session. "none":
-    # frames are counted and dropped (load tests of the model side).
-    sink: Literal["auto", "livekit", "file", "none"] = "auto"
+    # frames are counted and dropped (load tests of the model side). "livekit-local":
+    # through the real LiveKit sources without joining a room (load tests that include
+    # the cost of publishing).
+    sink: Literal["auto", "livekit", "livekit-local", "file", "none"] = "auto"
     recordings_dir: Path | None = None
 
 
@@ -136,14 +160,18 @@ class ModelSection(BaseModel):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     random_weights: bool = False
     random_weights_size: Literal["full", "tiny"] = "tiny"
-    compile: bool = False
+    compile: bool = True
+    compile_dynamic: bool = True
     max_batch: int = Field(32, ge=1)
+    bucket_step: int = Field(8, ge=1)
+    horizon_s: float = Field(1.0, gt=0, le=30)
     extra_margin: int = 10
     parsing_mode: Literal["jaw", "raw"] = "jaw"
     landmarks: Literal["auto", "onnx", "opencv"] = "auto"
     blend_frames: int = Field(3, ge=0)
     lookahead_frames: int = Field(0, ge=0)
-    playout_delay_frames: int = Field(4, ge=3, le=100)
+    playout_delay_frames: int | None = Field(None, ge=1, le=100)
+    processing_budget_ms: float | None = Field(None, gt=0, le=2000)
     audio_window_s: float | None = Field(None, ge=1.0, le=30.0)
     auto_flush_s: float = Field(2.0, gt=0)
 
@@ -188,7 +216,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    def sink_kind(self) -> Literal["livekit", "file", "none"]:
+    def sink_kind(self) -> Literal["livekit", "livekit-local", "file", "none"]:
         if self.output.sink == "auto":
             return "livekit" if self.livekit.url else "file"
         return self.output.sink

@@ -1,19 +1,19 @@
-"""The daemon's side of the model: loads it, prepares avatars, and runs every GPU call on
-one worker thread (a queue in, results out to the event loop), never on the loop.
+"""The daemon's side of the model: loads it, prepares avatars, and owns the generation
+worker (``daemon.worker``), the one thread that runs every GPU call, never the loop.
 
-Each worker iteration runs the queued calls (audio encoding, avatar registration) and
-then one batched generation step over the most urgent frames of all sessions, chosen by
-the scheduler. Avatar preparation runs on a second thread so that a new session's
-preparation never stalls the frames of live ones.
+Sessions talk to it through a few non-blocking calls (``open_stream``, ``push_audio``,
+``flush_audio``, ``plan_frames``, ``cancel``, ``close_stream``); generated boxes come
+back on the event loop through the callback given to ``open_stream``. Avatar
+preparation runs on a separate thread (on a low-priority CUDA stream), so a new
+session's preparation never delays the frames of live ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
-import threading
+import inspect
+import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,11 +22,14 @@ from daemon.config import Settings
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
 from daemon.metrics import Metrics
-from daemon.scheduler import BatchScheduler
+from daemon.worker import FramePlan, GenerationWorker, OnResult
 
 log = get_logger(__name__)
 
 MODEL_VERSION = "musetalk-1.5"
+# Of the frames/s measured at the best batch size, what admission counts on: the rest is
+# headroom for the audio rounds, host gaps and bucket padding.
+SUSTAINED_FRACTION = 0.85
 
 
 class EngineHost:
@@ -35,54 +38,77 @@ class EngineHost:
         self.metrics = metrics
         self.engine: Any = None
         self.whisper: Any = None
-        self.audio_window_s = 30.0
         self.landmarker: Any = None
         self.face_parser: Any = None
         self.device: Any = None
         self.model_dir: Path = settings.model.dir
         self.random_weights = settings.model.random_weights
+        self.measured_fps: float | None = None
+        self.warmup_ms: dict[int, float] = {}
+        self.load_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._cv = threading.Condition()
-        self._calls: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
-        self._encodes: list[tuple[Any, Any, asyncio.Future[Any]]] = []
-        self._scheduler = BatchScheduler()
-        self._stop = False
+        self._worker: GenerationWorker | None = None
         self._avatar_refs: dict[str, int] = {}
         self._avatars: dict[str, Any] = {}
         self._preparing: dict[str, asyncio.Task[Any]] = {}
         self._prepare_lock = asyncio.Lock()
-        self.steps = 0
-        self.frames_generated = 0
-        self.step_failures = 0
-        self.frames_dropped_late = 0
-        self._step_estimate_s = 0.0
-        self._recent_steps: deque[float] = deque(maxlen=9)
-        self.encode_s = 0.0
-        self.encode_calls = 0
-        self.step_s = 0.0
-        # Test hook and fault injection point: the function that runs one batch.
-        self.step_fn: Callable[[list[Any]], list[Any]] | None = None
+        self._prep_stream: Any = None
+        self._speaking = 0
 
     # ---- startup ---------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        t = time.perf_counter()
         await asyncio.to_thread(self._load)
-        self._thread = threading.Thread(target=self._run, name="lipsync-gpu", daemon=True)
-        self._thread.start()
+        self.load_s = time.perf_counter() - t
+        cfg = self.settings.model
+        self._worker = GenerationWorker(
+            self.engine, self._make_streams, self._loop, self.metrics,
+            max_batch=cfg.max_batch, horizon_s=cfg.horizon_s, initial_step_ms=self.warmup_ms,
+        )
+        self._worker.start()
+
+    def _make_streams(self, fps: int) -> Any:
+        from musetalk.audio_gpu import GpuAudioStreams
+
+        # Two voices per session (an utterance finishing while the next one starts).
+        slots = 2 * self.settings.daemon.max_sessions
+        return GpuAudioStreams(self.whisper, fps=fps, max_streams=slots,
+                               lookahead_frames=self.settings.model.lookahead_frames,
+                               **({"window_s": self.audio_window_s} if "window_s" in inspect.signature(GpuAudioStreams).parameters else {}))
+
+    @property
+    def audio_window_s(self) -> float:
+        cfg = self.settings.model
+        # The reference encodes 30 s windows; a CPU cannot do that every 40 ms, so it
+        # gets a shorter window (docs/AUDIO.md has the error either way).
+        return cfg.audio_window_s or (30.0 if self.device.type == "cuda" else 4.0)
+
+    def _compile_cache(self) -> None:
+        """Compiled kernels persist under the state dir: only the first start compiles."""
+        cache = self.settings.daemon.state_dir / "compile-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+        os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
     def _load(self) -> None:
-        import torch
-
         from musetalk import weights
-        from musetalk.engine import Engine
-        from musetalk.landmarks import HaarTemplateLandmarker, make_landmarker
-        from musetalk.models import load_models, resolve_device, resolve_dtype
-        from musetalk.whisper import load_whisper_encoder
+        from musetalk.models import resolve_device, resolve_dtype
 
         cfg = self.settings.model
         self.device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.compile and self.device.type == "cuda":
+            self._compile_cache()
+        import torch
+
+        from musetalk.engine import Engine
+        from musetalk.landmarks import HaarTemplateLandmarker, make_landmarker
+        from musetalk.models import load_models
+        from musetalk.whisper import load_whisper_encoder
+
         if self.random_weights:
             self.model_dir = self.settings.daemon.state_dir / f"random-models-{cfg.random_weights_size}"
             if not (self.model_dir / ".complete").exists():
@@ -106,15 +132,15 @@ class EngineHost:
                 f"{message}; or, for development only, set model.random_weights = true "
                 "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1)",
             ) from None
-        self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch)
+        self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch,
+                             compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step)
+        if self.device.type == "cuda":
+            self._prep_stream = torch.cuda.Stream(self.device, priority=0)
         self._warm_up()
-        # The reference encodes 30 s windows; on a CPU that costs ~0.3 s a step, so a
-        # shorter window keeps streaming real-time there (see docs/AUDIO.md for the error).
-        self.audio_window_s = cfg.audio_window_s or (30.0 if self.device.type == "cuda" else 4.0)
         if self.random_weights:
             # Random landmark/parsing networks would put the face anywhere: use the
             # bundled detector and the landmark mask, so the demo stays watchable.
-            self.landmarker = HaarTemplateLandmarker()
+            self.landmarker = _optional_haar(HaarTemplateLandmarker)
             self.face_parser = None
         else:
             self.landmarker = make_landmarker(cfg.landmarks, self.model_dir)
@@ -127,190 +153,134 @@ class EngineHost:
                             "(lower quality); `lipsync models download` fetches it")
                 self.face_parser = None
         log.info("model loaded", device=str(self.device), dtype=str(dtype).removeprefix("torch."),
-                 compile=cfg.compile, landmarks=getattr(self.landmarker, "quality", "?"),
+                 compile=self.engine.compiled, buckets=self.engine.bucket_sizes,
+                 landmarks=getattr(self.landmarker, "quality", "?"),
                  face_parser=self.face_parser is not None, random_weights=self.random_weights,
-                 torch=torch.__version__)
+                 measured_fps=self.measured_fps, torch=torch.__version__)
 
     def _warm_up(self) -> None:
-        """Kernel selection, allocation and (with model.compile) compilation happen here,
-        before `ready`, not in the first sessions' frames."""
+        """Kernel selection, allocation, compilation and CUDA-graph recording happen here,
+        before `ready`, not in the first sessions' frames; the step times measured after
+        it give the frames/s this device sustains (admission counts on it)."""
         if self.device.type != "cuda":
             return
         t = time.perf_counter()
-        sizes = self.engine.warmup()
-        log.info("model warmed up", batch_sizes=sizes, ms=round((time.perf_counter() - t) * 1000))
+        self.warmup_ms = self.engine.warmup()
+        best = max(size * 1000 / ms for size, ms in self.warmup_ms.items())
+        self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
+        log.info("model warmed up", step_ms={k: round(v, 2) for k, v in self.warmup_ms.items()},
+                 measured_fps=self.measured_fps, s=round(time.perf_counter() - t, 1))
 
     def device_info(self) -> dict[str, Any]:
+        w = self._worker
         info: dict[str, Any] = {
             "device": str(self.device), "random_weights": self.random_weights,
-            "pending_frames": len(self._scheduler), "steps": self.steps,
-            "frames_generated": self.frames_generated, "step_failures": self.step_failures,
-            "frames_dropped_late": self.frames_dropped_late,
-            "generation_s": round(self.step_s, 2), "audio_encode_calls": self.encode_calls,
-            "audio_encode_s": round(self.encode_s, 2),
-            "avatars": len(self._avatar_refs),
+            "pending_frames": w.pending_frames if w else 0, "steps": w.steps if w else 0,
+            "frames_generated": w.frames_generated if w else 0, "step_failures": w.step_failures if w else 0,
+            "frames_dropped_late": w.frames_dropped_late if w else 0,
+            "generation_s": round(w.est.step_s_total, 2) if w else 0.0,
+            "audio_rounds": w.audio_rounds if w else 0, "audio_round_s": round(w.audio_round_s, 2) if w else 0.0,
+            "avatars": len(self._avatar_refs), "measured_fps": self.measured_fps,
+            "compiled": bool(self.engine and self.engine.compiled),
+            "load_s": round(self.load_s, 1),
         }
         if self.device is not None and self.device.type == "cuda":
             import torch
 
             info["name"] = torch.cuda.get_device_name(self.device)
             info["memory_allocated_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20)
+            info["memory_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         return info
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker is not None and self._worker.alive()
 
-    # ---- calls into the worker -------------------------------------------------------
+    def busy_fraction(self) -> float | None:
+        """Fraction of the last 10 s the device spent in generation steps."""
+        return self._worker.busy_fraction() if self._worker else None
+
+    # Counters the benchmarks read.
+    @property
+    def steps(self) -> int:
+        return self._worker.steps if self._worker else 0
+
+    @property
+    def frames_generated(self) -> int:
+        return self._worker.frames_generated if self._worker else 0
+
+    @property
+    def step_s(self) -> float:
+        return self._worker.est.step_s_total if self._worker else 0.0
+
+    @property
+    def worker(self) -> GenerationWorker:
+        assert self._worker is not None, "EngineHost.start() first"
+        return self._worker
+
+    # ---- the sessions' calls (event loop; never block) ---------------------------------
     def call(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run ``fn`` on the worker thread before the next generation step."""
-        assert self._loop is not None
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        with self._cv:
-            self._calls.append((fn, fut))
-            self._cv.notify()
-        return fut
+        """Run ``fn`` on the worker thread between rounds."""
+        return self.worker.call(fn)
 
-    def encode(self, stream: Any, pcm: Any) -> asyncio.Future[Any]:
-        """Streaming audio features for one utterance stream (``pcm`` None = flush). The
-        worker runs all sessions' pending encodes as one batched encoder call."""
-        assert self._loop is not None
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        with self._cv:
-            self._encodes.append((stream, pcm, fut))
-            self._cv.notify()
-        return fut
+    def open_stream(self, session_id: str, fps: int, on_result: OnResult) -> None:
+        self.worker.post("open", session_id, fps, on_result)
 
-    def submit_frame(self, session_id: str, utterance: int, frame_no: int, deadline: float,
-                     job: Any, on_done: Callable[[Any, BaseException | None], None]) -> None:
-        """Queue one frame; ``on_done(rgba, error)`` runs on the event loop."""
-        with self._cv:
-            self._scheduler.add(session_id, utterance, frame_no, deadline, job, on_done)
-            self._cv.notify()
+    def push_audio(self, session_id: str, utterance: int, pcm16k: Any) -> None:
+        self.worker.post("audio", session_id, utterance, pcm16k)
 
-    def cancel(self, session_id: str, utterance: int | None = None, before_frame: int | None = None) -> int:
-        with self._cv:
-            return self._scheduler.cancel(session_id, utterance, before_frame)
+    def flush_audio(self, session_id: str, utterance: int) -> None:
+        self.worker.post("flush", session_id, utterance)
 
-    # ---- the worker thread -----------------------------------------------------------
-    def _run(self) -> None:
-        max_batch = self.settings.model.max_batch
-        while True:
-            with self._cv:
-                while not self._stop and not self._calls and not self._encodes and not len(self._scheduler):
-                    self._cv.wait()
-                calls, self._calls = self._calls, []
-                encodes, self._encodes = self._encodes, []
-                if self._stop:
-                    stopped = LipsyncError(errors.SHUTTING_DOWN, "model worker stopped")
-                    for fut in [f for _, f in calls] + [f for _, _, f in encodes]:
-                        self._deliver(fut, None, stopped)
-                    return
-            for fn, fut in calls:
-                try:
-                    self._deliver(fut, fn(), None)
-                except BaseException as exc:  # delivered to the awaiting task, which logs it
-                    self._deliver(fut, None, exc)
-            if encodes:
-                self._encode_batch(encodes)
-            with self._cv:
-                # Batch more frames per step while the most urgent one can wait: a step of
-                # many frames costs little more than a step of one.
-                slack = self._scheduler.earliest_deadline() - time.monotonic() - 2 * self._step_estimate_s
-                if (0.005 < slack < 1.0 and len(self._scheduler) < max_batch and not self._calls
-                        and not self._encodes and not self._stop):
-                    self._cv.wait(timeout=min(slack, 0.5 / self.settings.video.fps))
-                # Skip frames this step cannot deliver before their tick: GPU time goes to
-                # frames that can still be shown.
-                batch = self._scheduler.next_batch(max_batch, not_before=time.monotonic() + self._step_estimate_s)
-                self.frames_dropped_late += self._scheduler.dropped_late
-                if not batch and self._scheduler.dropped_late:
-                    # Everything judged too late: the estimate may be stale (one slow step);
-                    # shrink it so that the next frames get their chance.
-                    self._recent_steps.append(self._step_estimate_s / 2)
-                    self._step_estimate_s = statistics.median(self._recent_steps)
-            if batch:
-                self._step(batch)
+    def plan_frames(self, session_id: str, plans: list[FramePlan]) -> None:
+        if plans:
+            self.worker.post("plans", session_id, plans)
 
-    def _encode_batch(self, encodes: list[tuple[Any, Any, asyncio.Future[Any]]]) -> None:
-        """One batched whisper call for every session with new audio (each session has
-        at most one encode in flight, so each stream appears once)."""
-        from musetalk.audio import _step_streams
+    def cancel(self, session_id: str, utterance: int | None = None, before_frame: int | None = None) -> None:
+        self.worker.post("cancel", session_id, utterance, before_frame)
 
-        t = time.perf_counter()
-        try:
-            results = _step_streams([(stream, pcm, pcm is None) for stream, pcm, _ in encodes])
-        except Exception as exc:
-            if len(encodes) == 1:
-                log.error("audio feature step failed", error=repr(exc))
-                self._deliver(encodes[0][2], None, exc)
-                return
-            # One stream's failure must not cost the others their audio: retry each
-            # alone (streams that did not get to emit still hold their audio).
-            log.warning("batched audio feature step failed; retrying per session", error=repr(exc))
-            for item in encodes:
-                self._encode_batch([item])
-            return
-        self.encode_s += time.perf_counter() - t
-        self.encode_calls += 1
-        for (_, _, fut), tokens in zip(encodes, results):
-            self._deliver(fut, tokens, None)
+    def close_stream(self, session_id: str) -> None:
+        self.worker.post("close", session_id)
 
-    def _step(self, batch: list[Any]) -> None:
-        t = time.perf_counter()
-        try:
-            step = self.step_fn or self.engine.step
-            frames = step([p.job for p in batch])
-            error: BaseException | None = None
-        except Exception as exc:
-            frames, error = [None] * len(batch), exc
-            self.step_failures += 1
-            log.error("generation step failed", frames=len(batch), error=repr(exc))
-        self.steps += 1
-        elapsed = time.perf_counter() - t
-        self.step_s += elapsed
-        # A step's expected duration (moving average), to skip frames it cannot save.
-        self._recent_steps.append(elapsed)
-        # The median of recent steps: one slow step (a new batch size, a hiccup) does
-        # not make the worker give up on frames it could still deliver.
-        self._step_estimate_s = statistics.median(self._recent_steps)
-        self.metrics.gpu_step_seconds.observe(elapsed)
-        self.metrics.gpu_batch_size.observe(len(batch))
-        if error is None:
-            self.frames_generated += len(batch)
-        loop = self._loop
-        assert loop is not None
-        for item, frame in zip(batch, frames):
-            loop.call_soon_threadsafe(item.on_done, frame, error)
+    def processing_budget_s(self) -> float:
+        """Time from a frame's audio context being complete to its generated frame, at
+        the current load (config model.processing_budget_ms overrides)."""
+        ms = self.settings.model.processing_budget_ms
+        if ms is not None:
+            return ms / 1000
+        return self.worker.processing_budget_s(self._speaking + 1)
 
-    def _deliver(self, fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-        def settle() -> None:
-            if fut.done():
-                return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(value)
-
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(settle)
+    def speaking_changed(self, delta: int) -> None:
+        self._speaking = max(0, self._speaking + delta)
 
     # ---- avatars ---------------------------------------------------------------------
     def _landmarker_for(self, url: str | None, num_frames: int) -> Any:
-        """Packaged avatars (asset:NAME) may ship their landmarks as NAME.landmarks.npy,
-        made with the bundled detector: replaying them gives the same avatar without the
-        detector (absent from some OpenCV builds). Real DWPose landmarks win when present."""
+        """A video may ship its landmarks as a sidecar ``<video>.landmarks.npy``, (frames,
+        68, 2): packaged avatars (asset:NAME) and local files (file://PATH) made with the
+        bundled detector or a prepared pipeline. Replaying them gives the same avatar
+        without the detector (absent from some OpenCV builds). Real DWPose landmarks win
+        when present."""
+        from urllib.parse import unquote, urlsplit
+
         from daemon.config import ASSETS_DIR
         from musetalk.landmarks import PrecomputedLandmarker
 
-        quality = getattr(self.landmarker, "quality", "")
-        if url and url.startswith("asset:") and quality.startswith("opencv"):
+        quality = getattr(self.landmarker, "quality", "") if self.landmarker is not None else "none"
+        sidecar = None
+        if url and url.startswith("asset:"):
             sidecar = ASSETS_DIR / f"{url.removeprefix('asset:')}.landmarks.npy"
-            if sidecar.is_file():
-                import numpy as np
+        elif url and url.startswith("file:"):
+            sidecar = Path(unquote(urlsplit(url).path) + ".landmarks.npy")
+        if sidecar is not None and (quality.startswith("opencv") or quality == "none") and sidecar.is_file():
+            import numpy as np
 
-                landmarks = np.load(sidecar)
-                if len(landmarks) == num_frames:
-                    return PrecomputedLandmarker(landmarks, f"{quality}, {sidecar.name}")
+            landmarks = np.load(sidecar)
+            if len(landmarks) == num_frames:
+                return PrecomputedLandmarker(landmarks, f"{quality}, {sidecar.name}")
+        if self.landmarker is None:
+            raise LipsyncError(errors.AVATAR_PREPARATION_FAILED,
+                               "no face detector in this OpenCV build and no landmark sidecar "
+                               "(<video>.landmarks.npy) for this video: install opencv-python-headless<5 "
+                               "or fetch the DWPose model with `lipsync models download`")
         return self.landmarker
 
     async def acquire_avatar(self, video: Any, content_hash: str, log_: Any,
@@ -347,11 +317,21 @@ class EngineHost:
         directory = self.settings.daemon.state_dir / "avatars" / key
 
         def prepare():
-            return prepare_avatar(
-                video.frames, video.fps, landmarker=landmarker,
-                encode_latents=self.engine.models.encode_latents, face_parser=self.face_parser,
-                extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode, key=key,
-            )
+            import contextlib
+
+            import torch
+
+            # A low-priority stream: preparation never delays the live steps.
+            stream = torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else contextlib.nullcontext()
+            with stream:
+                avatar = prepare_avatar(
+                    video.frames, video.fps, landmarker=landmarker,
+                    encode_latents=self.engine.models.encode_latents, face_parser=self.face_parser,
+                    extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode, key=key,
+                )
+            if self._prep_stream is not None:
+                self._prep_stream.synchronize()
+            return avatar
 
         async with self._prepare_lock:
             t = time.perf_counter()
@@ -365,9 +345,7 @@ class EngineHost:
         timings = {"avatar_cache_ms" if cached else "avatar_prepare_ms": elapsed}
         # Registered here, once, by the task every concurrent acquirer shares.
         t = time.perf_counter()
-        # The decoded video's RGBA frames are the idle frames the sessions already show:
-        # the engine composes onto the same array instead of keeping its own copy.
-        await self.call(lambda: self.engine.register_avatar(avatar, frames_rgba=video.rgba))
+        await self.call(lambda: self.engine.register_avatar(avatar))
         timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
         self._avatars[key] = avatar
         log_.info("avatar ready", cached=cached, frames=avatar.num_frames,
@@ -397,9 +375,19 @@ class EngineHost:
 
     # ---- shutdown --------------------------------------------------------------------
     async def aclose(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        thread, self._thread = self._thread, None
+        if self._worker is None:
+            return
+        thread = self._worker.stop()
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
+
+
+def _optional_haar(factory: Callable[[], Any]) -> Any:
+    """The bundled face detector, or None where this OpenCV build lacks it (avatars then
+    need their landmarks as a sidecar file)."""
+    try:
+        return factory()
+    except RuntimeError as exc:
+        log.warning("no bundled face detector in this OpenCV build: avatars need landmark sidecars",
+                    error=str(exc))
+        return None

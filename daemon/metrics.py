@@ -19,6 +19,22 @@ class Metrics:
         self.frames_late = Counter(
             "lipsync_frames_late", "Frame ticks that ran more than one frame late", registry=r
         )
+        # Speech frames shown as the avatar's own frame because generation did not make
+        # the tick, per session: the label set is removed when the session closes
+        # (forget_session), so the series stay as many as the live sessions.
+        self.frames_degraded = Counter(
+            "lipsync_frames_degraded", "Speech frames published without a generated mouth (fallback)",
+            ["session_id"], registry=r,
+        )
+        self.capacity_fps = Gauge(
+            "lipsync_capacity_fps",
+            "Frames/s admission may promise (daemon.capacity_fps or measured); NaN: only max_sessions applies",
+            registry=r,
+        )
+        self.demand_fps = Gauge(
+            "lipsync_demand_fps", "Speaking demand of the admitted sessions: sum of fps x daemon.speech_duty",
+            registry=r,
+        )
         self.errors = Counter("lipsync_errors", "Errors reported to producers", ["code"], registry=r)
         self.audio_bytes = Counter("lipsync_audio_bytes", "PCM bytes received", registry=r)
         self.audio_gaps = Counter(
@@ -44,3 +60,11 @@ class Metrics:
             "lipsync_gpu_batch_frames", "Frames per generation step",
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop a closed session's per-session series (a label set per session id ever
+        seen would grow without bound)."""
+        try:
+            self.frames_degraded.remove(session_id)
+        except KeyError:
+            pass  # it never had a degraded frame

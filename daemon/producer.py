@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 
 SEQ_HEADER = "Lipsync-Seq"
+# time.time() of the send, as a decimal string: lets the daemon (and load tests) measure
+# latency from the producer's own clock rather than from arrival.
+SENT_HEADER = "Lipsync-Sent"
 
 
 def read_wav_mono16(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -41,7 +44,8 @@ def read_wav_mono16(path: Path, rate: int | None = None) -> tuple[np.ndarray, in
 
 async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: int, *,
                      realtime: bool, chunk_ms: int = 40, seq_start: int = 0) -> int:
-    """Publish PCM in chunks with increasing Lipsync-Seq; paced at real time if asked."""
+    """Publish PCM in chunks with increasing Lipsync-Seq and a Lipsync-Sent stamp; paced at
+    real time if asked."""
     chunk = max(1, rate * chunk_ms // 1000)
     subject = f"{prefix}.audio.{session_id}"
     t0 = time.monotonic()
@@ -53,7 +57,7 @@ async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: in
             if delay > 0:
                 await asyncio.sleep(delay)
         await nc.publish(subject, pcm[start:start + chunk].astype("<i2").tobytes(),
-                         headers={SEQ_HEADER: str(seq)})
+                         headers={SEQ_HEADER: str(seq), SENT_HEADER: f"{time.time():.6f}"})
         seq += 1
     await nc.flush()
     return seq

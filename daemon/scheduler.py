@@ -22,8 +22,8 @@ class PendingFrame:
     session_id: str = field(compare=False)
     utterance: int = field(compare=False)
     frame_no: int = field(compare=False)
-    job: Any = field(compare=False)  # musetalk.types.FrameJob
-    on_done: Callable[[Any, BaseException | None], None] = field(compare=False)
+    job: Any = field(compare=False)  # daemon.worker.FrameJob
+    on_done: Callable[[Any, BaseException | None], None] | None = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
 
 
@@ -33,9 +33,10 @@ class BatchScheduler:
         self._order = itertools.count()
         self._live = 0
         self.dropped_late = 0
+        self.last_dropped: list[PendingFrame] = []
 
     def add(self, session_id: str, utterance: int, frame_no: int, deadline: float, job: Any,
-            on_done: Callable[[Any, BaseException | None], None]) -> PendingFrame:
+            on_done: Callable[[Any, BaseException | None], None] | None = None) -> PendingFrame:
         item = PendingFrame(deadline, next(self._order), session_id, utterance, frame_no, job, on_done)
         heapq.heappush(self._heap, item)
         self._live += 1
@@ -68,12 +69,14 @@ class BatchScheduler:
         session shows its idle frame for the dropped ones)."""
         batch: list[PendingFrame] = []
         self.dropped_late = 0
+        self.last_dropped = []
         while self._heap and len(batch) < max_batch:
             item = heapq.heappop(self._heap)
             if item.cancelled:
                 continue
             if not_before is not None and item.deadline < not_before:
                 self.dropped_late += 1
+                self.last_dropped.append(item)
                 self._live -= 1
                 continue
             batch.append(item)
@@ -95,3 +98,18 @@ class BatchScheduler:
             if not item.cancelled:
                 counts[item.session_id] = counts.get(item.session_id, 0) + 1
         return counts
+
+
+def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: float, gpu_free_at: float,
+               full_step_s: float, margin_s: float, poll_s: float = 0.002) -> float:
+    """How long the worker may still wait for more frames before it launches a step: 0 =
+    launch now. It launches when the batch is full, or when the most urgent frame could
+    no longer make its deadline if the step waited (the GPU's queue, then a full step,
+    then delivery). Otherwise it waits in short slices, re-checking as frames arrive:
+    a new frame never ends the wait by itself (only a full batch or the deadline do)."""
+    if pending <= 0:
+        return poll_s
+    if pending >= max_batch:
+        return 0.0
+    launch_by = earliest_deadline - margin_s - full_step_s - max(0.0, gpu_free_at - now)
+    return 0.0 if now >= launch_by else min(launch_by - now, poll_s)

@@ -71,10 +71,12 @@ class AudioClock:
 
 
 class IdleSource:
-    """The avatar's own frames in ping-pong order, with silence."""
+    """The avatar's own frames (I420, daemon.frames) in ping-pong order, with silence."""
 
-    def __init__(self, frames_rgba: np.ndarray, clock: AudioClock) -> None:
-        self.frames = frames_rgba  # read-only, shared with other sessions of the avatar
+    def __init__(self, frames_i420: np.ndarray, width: int, height: int, clock: AudioClock) -> None:
+        self.frames = frames_i420  # read-only, shared with other sessions of the avatar
+        self.width = width
+        self.height = height
         self.clock = clock
 
     def avatar_index(self, tick: int) -> int:
@@ -160,7 +162,7 @@ class Session:
             self._video_hash = content_hash
             self.video = video
             timings["video_ms"] = _ms_since(t)
-            self.idle = IdleSource(video.rgba, self.clock)
+            self.idle = IdleSource(video.i420, video.width, video.height, self.clock)
             if self.deps.make_speech is not None:
                 t = time.perf_counter()
                 self.speech = await self.deps.make_speech(self)
@@ -280,6 +282,10 @@ class Session:
             and not self._loop_task.done()
             and time.monotonic() - self.last_tick_at < stall_s
         )
+
+    @property
+    def publisher(self) -> Publisher | None:
+        return self._publisher
 
     @property
     def publisher_healthy(self) -> bool:

@@ -1,13 +1,20 @@
-"""A session's speech: streamed PCM -> features -> frame jobs -> generated frames played
-in lockstep with their audio.
+"""A session's speech: streamed PCM -> the generation worker -> generated frames played in
+lockstep with their audio.
 
 Timeline. An utterance is placed on the session's frame clock when its first audio
-arrives: its frame 0 plays at tick ``start_tick = arrival tick + playout_delay_frames``
-(later if the previous utterance is still playing). Frame f then plays at tick
-start_tick + f together with the audio samples of its own span, so lips and voice leave
-the daemon in the same publisher call and cannot drift. The delay is the time the
-pipeline gets to produce frame f: its audio context (through frame f + 2) plus one
-generation step.
+arrives. Its frame 0 plays at the first tick at or after the moment its audio context
+(through the end of frame 2, plus ``lookahead_frames``) can have arrived at real time,
+plus the processing budget the worker measures at the current load (or
+``playout_delay_frames`` ticks after arrival when that is set); later if the previous
+utterance is still playing. Frame f then plays at tick start_tick + f together with the
+audio samples of its own span, so lips and voice leave the daemon in the same publisher
+call and cannot drift.
+
+Audio goes to the worker as it arrives (resampled to 16 kHz); the worker computes the
+frames' audio tokens on the device. For each frame the session sends a *plan* once the
+frame's audio level is known (which avatar frame, the mouth's blend, the deadline); the
+worker pairs it with the tokens and generates it. Generated frames come back as I420
+boxes (``musetalk.types.GeneratedBox``), written into the idle I420 frame at play time.
 
 At each tick, for the utterance's frame f:
 - its audio is complete and the frame is ready -> the generated frame ("speech");
@@ -17,6 +24,9 @@ At each tick, for the utterance's frame f:
 - its audio has not arrived (the producer is behind) -> idle + silence, and the
   utterance slides one tick later ("underrun").
 
+MuseTalk makes floor(seconds * fps) frames of an utterance; the audio may reach into one
+more frame, which plays with the mouth closed (the idle frame), not as a fallback.
+
 The generated mouth fades in over ``blend_frames`` frames, and follows the voice: the
 blend is gated by the audio level around the frame (with one frame of hangover), so the
 mouth closes within two frames of the end of speech and stays closed in pauses.
@@ -24,7 +34,6 @@ mouth closes within two frames of the end of speech and stays closed in pauses.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import deque
@@ -34,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from daemon import errors
+from daemon.frames import compose
 from daemon.log import get_logger
 from schemas import ErrorEvent, PlaybackFinishedEvent, SpeakingEvent
 
@@ -41,6 +51,9 @@ log = get_logger(__name__)
 
 SILENCE_DBFS = -50.0  # at or below: mouth closed
 SPEECH_DBFS = -40.0  # at or above: full blend (between: linear)
+CONTEXT_FRAMES = 2  # MuseTalk's audio context after a frame (frames f+1, f+2)
+# A generated frame must be ready this long before its tick (delivery to the loop).
+DEADLINE_MARGIN_S = 0.004
 
 
 class PcmBuffer:
@@ -70,19 +83,32 @@ class PcmBuffer:
 @dataclass
 class Utterance:
     id: int
-    stream: Any  # musetalk.audio.StreamingAudioFeatures
     start_tick: int
     audio: PcmBuffer = field(default_factory=PcmBuffer)
     flushed: bool = False
     total_frames: int | None = None  # frames of audio to play, known once flushed
-    tokens_received: int = 0
-    results: dict[int, Any] = field(default_factory=dict)  # frame -> RGBA or None (= idle)
+    generated_frames: int | None = None  # frames MuseTalk makes: floor(seconds * fps)
+    planned: int = 0  # frames whose plan went to the worker
+    results: dict[int, Any] = field(default_factory=dict)  # frame -> GeneratedBox, or None (= idle)
     played: int = 0
     started: bool = False
     last_audio_at: float = 0.0
-    arrivals: deque = field(default_factory=deque)  # (frame holding first sample, monotonic arrival)
+    # (frame holding the chunk's first sample, monotonic arrival, producer's send time or None)
+    arrivals: deque = field(default_factory=deque)
     error_sent: bool = False
     underruns: int = 0
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """One published frame, for benchmarks and status: what it was and, for the frame
+    holding an audio chunk's first sample, that chunk's latency."""
+
+    published_wall: float
+    kind: str  # idle | speech | fallback | underrun | playback
+    needed: bool  # it needed generation (speech audio, mouth open)
+    generated: bool  # a generated frame was shown
+    latency_s: float | None = None
 
 
 class SpeechPipeline:
@@ -113,20 +139,20 @@ class SpeechPipeline:
             from musetalk.audio import StreamResampler  # torch side: only with a model
 
             self.resampler = StreamResampler(self.rate)
+            host.open_stream(session.id, self.fps, self._on_results)
         self.utterances: deque[Utterance] = deque()
         self._next_id = 0
-        self._encode_queue: deque[tuple[int, Any, np.ndarray | None]] = deque()
-        self._encode_ready = asyncio.Event()
-        self._encoder = asyncio.create_task(self._encode_loop(), name=f"encode-{session.id}")
         self._events: list[Any] = []
-        self._last_generated: tuple[int, Any] | None = None  # (tick, frame)
         # The most recent chunks' latencies (a bounded window: status sorts it).
         self.latencies: deque[float] = deque(maxlen=5000)
-        self.counts = {"speech": 0, "fallback": 0, "playback": 0, "underrun": 0, "failed": 0}
+        self.counts = {"speech": 0, "fallback": 0, "playback": 0, "underrun": 0, "failed": 0, "needed": 0}
+        self.frame_records: deque[FrameRecord] = deque(maxlen=20000)
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
         self.timeline: deque[str] = deque(maxlen=250)
         self._closed = False
+        self._speaking_counted = False
+        self._pending_record: tuple[str, bool, bool] = ("idle", False, False)
 
     # ---- state -----------------------------------------------------------------------
     @property
@@ -140,39 +166,53 @@ class SpeechPipeline:
             total += max(0, u.audio.size - self.clock.start(u.played))
         return total
 
+    def _set_speaking(self) -> None:
+        if self.host is not None and self._speaking_counted != bool(self.utterances):
+            self._speaking_counted = bool(self.utterances)
+            self.host.speaking_changed(1 if self._speaking_counted else -1)
+
     # ---- input (event loop) ----------------------------------------------------------
-    def _open_utterance(self, now: float) -> Utterance:
-        start = self.session.next_tick + self.delay_frames
+    def _start_tick(self, arrived: float, first_chunk_samples: int) -> int:
+        next_tick = self.session.next_tick
+        if self.delay_frames is not None:
+            return next_tick + self.delay_frames
+        if not self.generates:
+            return next_tick
+        # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time that
+        # is here this long after the first chunk, which brought its own duration.
+        context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
+        due = arrived + max(0.0, context) + self.host.processing_budget_s()
+        tick = math.ceil((due - self.session.t0) * self.fps - 1e-9)
+        return max(next_tick, tick)
+
+    def _open_utterance(self, now: float, first_chunk_samples: int) -> Utterance:
+        start = self._start_tick(now, first_chunk_samples)
         if self.utterances:
             prev = self.utterances[-1]
             prev_end = prev.start_tick + (prev.total_frames or 0)
             start = max(start, prev_end)
-        stream = None
-        if self.generates:
-            from musetalk.audio import StreamingAudioFeatures
-
-            stream = StreamingAudioFeatures(self.host.whisper, fps=self.fps, lookahead_frames=self.lookahead_frames,
-                                            window_s=self.host.audio_window_s)
-        utt = Utterance(id=self._next_id, stream=stream, start_tick=start, last_audio_at=now)
+        utt = Utterance(id=self._next_id, start_tick=start, last_audio_at=now)
         self._next_id += 1
         self.utterances.append(utt)
+        self._set_speaking()
         return utt
 
     def on_audio(self, chunks: list[Any]) -> None:
         for chunk in chunks:
             utt = self.utterances[-1] if self.utterances and not self.utterances[-1].flushed else None
             if utt is None:
-                utt = self._open_utterance(chunk.arrived)
+                utt = self._open_utterance(chunk.arrived, len(chunk.pcm))
             first_sample = utt.audio.size
             utt.audio.append(chunk.pcm)
             utt.last_audio_at = chunk.arrived
             if not chunk.gap_fill:
-                utt.arrivals.append((first_sample * self.fps // self.rate, chunk.arrived))
+                utt.arrivals.append((first_sample * self.fps // self.rate, chunk.arrived, chunk.sent))
             if not self.generates:
                 continue
             pcm16k = self.resampler.push(chunk.pcm)
             if len(pcm16k):
-                self._queue_encode(utt, pcm16k)
+                self.host.push_audio(self.session.id, utt.id, pcm16k)
+            self._plan(utt)
 
     def flush(self) -> None:
         """End of utterance: render what is buffered, then playback_finished."""
@@ -184,13 +224,15 @@ class SpeechPipeline:
             return
         utt.flushed = True
         utt.total_frames = math.ceil(utt.audio.size * self.fps / self.rate)
+        utt.generated_frames = utt.audio.size * self.fps // self.rate
         self.session.inbox.last_seq = None  # the next utterance may number its chunks afresh
         if not self.generates:
             return
         tail = self.resampler.flush()
         if len(tail):
-            self._queue_encode(utt, tail)
-        self._queue_encode(utt, None)
+            self.host.push_audio(self.session.id, utt.id, tail)
+        self.host.flush_audio(self.session.id, utt.id)
+        self._plan(utt)
 
     def clear(self) -> None:
         """Interrupt: drop buffered audio and pending frames; idle from the next tick."""
@@ -200,94 +242,70 @@ class SpeechPipeline:
                 session_id=self.session.id, ts=time.time(),
                 position_s=round(active.played / self.fps, 3), interrupted=True))
         self.utterances.clear()
+        self._set_speaking()
         if self.resampler is not None:
             self.resampler.reset()
         self._cancel()
-        self._last_generated = None
 
     def abort(self) -> tuple[float, bool]:
         """Session closing: what was playing, if anything."""
         active = self.utterances[0] if self.utterances else None
         self.utterances.clear()
+        self._set_speaking()
         self._cancel()
         if active is None:
             return 0.0, False
         return round(active.played / self.fps, 3), True
 
-    # ---- features -> frame jobs ------------------------------------------------------
-    def _queue_encode(self, utt: Utterance, pcm16k: np.ndarray | None) -> None:
-        """Audio (or, with None, the flush) for the utterance's encoder, in order."""
-        self._encode_queue.append((utt.id, utt.stream, pcm16k))
-        self._encode_ready.set()
+    # ---- frame plans -> the worker ---------------------------------------------------
+    def _plan(self, utt: Utterance) -> None:
+        """Plan every frame whose audio level is known (its audio through frame f + 1,
+        or all of it once flushed). Frames past what MuseTalk generates, and silent
+        frames, are planned with blend 0: the avatar's own closed mouth, no GPU work."""
+        from daemon.worker import FramePlan
 
-    def _next_encode(self) -> tuple[int, Any, np.ndarray | None]:
-        """The next encoder step: a flush, or the audio queued for one utterance joined
-        together: when the worker is busy, fewer and larger steps keep up with real time."""
-        utt_id, stream, pcm = self._encode_queue.popleft()
-        if pcm is None:
-            return utt_id, stream, pcm
-        parts = [pcm]
-        while self._encode_queue and self._encode_queue[0][0] == utt_id and self._encode_queue[0][2] is not None:
-            parts.append(self._encode_queue.popleft()[2])
-        return utt_id, stream, np.concatenate(parts) if len(parts) > 1 else pcm
-
-    async def _encode_loop(self) -> None:
+        end = utt.generated_frames if utt.flushed else None
+        plans = []
+        idle = self.session.idle
         while True:
-            if not self._encode_queue:
-                self._encode_ready.clear()
-                await self._encode_ready.wait()
-                continue
-            utt_id, stream, pcm = self._next_encode()
-            if self._find(utt_id) is None:
-                continue  # interrupted: its audio is no longer wanted
-            try:
-                tokens = await self.host.encode(stream, pcm)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.log.error("audio feature step failed", error=repr(exc))
-                self._error_once(self._find(utt_id), errors.GENERATION_FAILED,
-                                 f"audio features failed ({exc}); showing the idle video for this utterance")
-                continue
+            f = utt.planned
+            if end is not None and f >= end:
+                break
+            if end is None and utt.audio.size < self.clock.start(f + 2):
+                break
+            utt.planned += 1
+            blend = self.blend_for(utt, f) if f >= utt.played else 0.0
+            if blend <= 0.0:
+                utt.results[f] = None
+            else:
+                self.counts["needed"] += 1
+            tick = utt.start_tick + f
+            plans.append(FramePlan(utt.id, f, self.avatar.key, idle.avatar_index(tick), blend,
+                                   self.session.tick_time(tick) - DEADLINE_MARGIN_S))
+        if end is not None:
+            for f in range(end, utt.total_frames or end):
+                utt.results.setdefault(f, None)  # the partial last frame: mouth closed
+        self.host.plan_frames(self.session.id, plans)
+
+    def _on_results(self, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
+        for utt_id, f, box, error in results:
             utt = self._find(utt_id)
-            if utt is not None:
-                self._on_tokens(utt, tokens)
+            if self._closed or utt is None or f < utt.played:
+                continue  # stale: interrupted, or its tick already went out as a fallback
+            if error is not None:
+                self.counts["failed"] += 1
+                self.log.error("frame generation failed", error=repr(error))
+                self._error_once(utt, errors.GENERATION_FAILED,
+                                 f"frame generation failed ({type(error).__name__}: {error}); "
+                                 "showing idle frames meanwhile, the session continues")
+                continue
+            utt.results[f] = box
 
     def _find(self, utt_id: int) -> Utterance | None:
         for u in self.utterances:
             if u.id == utt_id:
                 return u
         return None
-
-    def _on_tokens(self, utt: Utterance, tokens: list[np.ndarray]) -> None:
-        from musetalk.types import FrameJob
-
-        for tok in tokens:
-            f = utt.tokens_received
-            utt.tokens_received += 1
-            if f < utt.played:
-                continue  # its tick has passed (played as a fallback)
-            blend = self.blend_for(utt, f)
-            if blend <= 0.0:
-                utt.results[f] = None  # silent: the avatar's own closed mouth, no GPU work
-                continue
-            tick = utt.start_tick + f
-            job = FrameJob(self.avatar.key, self.session.idle.avatar_index(tick), tok, blend)
-            self.host.submit_frame(
-                self.session.id, utt.id, f, self.session.tick_time(tick), job,
-                lambda frame, error, u=utt, n=f: self._on_frame(u, n, frame, error),
-            )
-
-    def _on_frame(self, utt: Utterance, f: int, frame: Any, error: BaseException | None) -> None:
-        if self._closed or self._find(utt.id) is None or f < utt.played:
-            return  # stale: interrupted, or its tick already went out as a fallback
-        if error is not None:
-            self.counts["failed"] += 1
-            self._error_once(utt, errors.GENERATION_FAILED,
-                             f"frame generation failed ({type(error).__name__}: {error}); "
-                             "showing idle frames meanwhile, the session continues")
-            return
-        utt.results[f] = frame
 
     def _error_once(self, utt: Utterance | None, code: str, message: str) -> None:
         if utt is not None and utt.error_sent:
@@ -322,11 +340,11 @@ class SpeechPipeline:
         idle = self.session.idle
         utt = self.utterances[0] if self.utterances else None
         if utt is None or tick < utt.start_tick:
-            return idle.frame_for_tick(tick)
+            return self._record(idle.frame_for_tick(tick), False, False)
         f = tick - utt.start_tick
         if utt.flushed and utt.total_frames is not None and f >= utt.total_frames:
             self._finish(utt)  # flushed exactly at its end: nothing more to play
-            return idle.frame_for_tick(tick)
+            return self._record(idle.frame_for_tick(tick), False, False)
         need = self.clock.start(f + 1)
         if utt.audio.size < need and not utt.flushed:
             # The producer is behind real time: wait for it, keep the head moving.
@@ -338,43 +356,55 @@ class SpeechPipeline:
                 self.flush()
             frame, audio, _ = idle.frame_for_tick(tick)
             self.timeline.append("u")
-            return frame, audio, "underrun"
+            return self._record((frame, audio, "underrun"), False, False)
         audio = utt.audio.slice(self.clock.start(f), need)
         if not utt.started:
             utt.started = True
             self._events.append(SpeakingEvent(session_id=self.session.id, ts=time.time(),
                                               position_s=round(tick / self.fps, 3)))
+        needed = generated = False
         if f in utt.results:
-            frame = utt.results.pop(f)
+            box = utt.results.pop(f)
             kind = "speech"
-            if frame is None:
+            if box is None:
                 frame = idle.frame(tick)
             else:
-                self._last_generated = (tick, frame)
+                frame = compose(idle.frames[box.frame_index], box, idle.width, idle.height)
+                needed = generated = True
         else:
             # Not generated in time (or failed): the avatar's own frame for this tick.
             frame = idle.frame(tick)
             if self.generates:
                 self._cancel(utt.id, before_frame=f + 1)
                 kind = "fallback"
+                needed = True
+                self.session.deps.metrics.frames_degraded.labels(self.session.id).inc()
             else:
                 kind = "playback"  # no model: the voice over the avatar's own frames
         self.counts[kind] += 1
         self.timeline.append(kind[0])
         utt.played = f + 1
-        return frame, audio, kind
+        return self._record((frame, audio, kind), needed, generated)
+
+    def _record(self, out: tuple[np.ndarray, np.ndarray, str], needed: bool, generated: bool):
+        self._pending_record = (out[2], needed, generated)
+        return out
 
     async def after_publish(self, tick: int, now: float) -> None:
+        kind, needed, generated = self._pending_record
+        wall = time.time()
+        latency = None
         utt = self.utterances[0] if self.utterances else None
         if utt is not None and utt.started:
             last_played = utt.played - 1
             while utt.arrivals and utt.arrivals[0][0] <= last_played:
-                _, arrived = utt.arrivals.popleft()
-                latency = now - arrived
+                _, arrived, sent = utt.arrivals.popleft()
+                latency = (wall - sent) if sent is not None else (now - arrived)
                 self.latencies.append(latency)
                 self.session.deps.metrics.audio_to_frame_latency.observe(latency)
             if utt.flushed and utt.total_frames is not None and utt.played >= utt.total_frames:
                 self._finish(utt)
+        self.frame_records.append(FrameRecord(wall, kind, needed, generated, latency))
         # One at a time, removed once sent: a cancelled frame loop leaves the rest to
         # the session's close (take_events).
         while self._events:
@@ -384,6 +414,7 @@ class SpeechPipeline:
     def _finish(self, utt: Utterance) -> None:
         if self.utterances and self.utterances[0] is utt:
             self.utterances.popleft()
+        self._set_speaking()
         self._cancel(utt.id)
         self._events.append(PlaybackFinishedEvent(
             session_id=self.session.id, ts=time.time(),
@@ -399,17 +430,11 @@ class SpeechPipeline:
         if self._closed:
             return
         self._closed = True
-        self._encoder.cancel()
-        try:
-            await self._encoder
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            self.log.exception("audio encoder task had failed")
-        finally:
-            self._cancel()
-            if self.host is not None:
-                await self.host.release_avatar(self.avatar.key)
+        self.utterances.clear()
+        self._set_speaking()
+        if self.host is not None:
+            self.host.close_stream(self.session.id)
+            await self.host.release_avatar(self.avatar.key)
 
     def _cancel(self, utterance: int | None = None, before_frame: int | None = None) -> None:
         if self.host is not None:
@@ -418,5 +443,8 @@ class SpeechPipeline:
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
-        return {"counts": dict(self.counts), "timeline": "".join(self.timeline), "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
-                                                           "n": len(lat)}}
+        generated = sum(1 for r in self.frame_records if r.generated)
+        wanted = sum(1 for r in self.frame_records if r.needed)
+        return {"counts": dict(self.counts), "timeline": "".join(self.timeline),
+                "generated_fraction": round(generated / wanted, 4) if wanted else None,
+                "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "n": len(lat)}}

@@ -10,7 +10,7 @@ Cache layout (one directory per avatar, written atomically):
     frames.npy       (N, H, W, 3) uint8 RGB
     face_boxes.npy   (N, 4) int32
     blend_boxes.npy  (N, 4) int32
-    latents.npy      (N, 8, 32, 32) float16
+    latents.npy      (N, 8, 32, 32) float16 or float32: the encoder's precision, named in meta.json
     masks.npy        all masks, flattened and concatenated, uint8
     mask_offsets.npy (N + 1,) int64; mask i is masks[off[i]:off[i+1]] shaped by blend box i
 
@@ -39,15 +39,24 @@ from musetalk.types import FACE_SIZE, LATENT_SIZE, PreparedAvatar
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+# 2: latents keep the encoder's dtype (version 1 stored float16 whatever the model ran in).
+CACHE_FORMAT_VERSION = 2
 META_FILE = "meta.json"
 PARSE_SIZE = 512
 
 EncodeLatents = Callable[[np.ndarray], np.ndarray]
+LATENT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 class CacheInvalid(Exception):
-    """The cache directory is missing, from another format version, or for another key."""
+    """The cache directory is missing, from another format version, for another key, or
+    holds latents of another precision than wanted."""
+
+
+def latents_storage_dtype(dtype: Any) -> np.dtype:
+    """How latents of ``dtype`` are kept: float16 stays float16, anything else becomes
+    float32 (which holds float32 and bfloat16 exactly)."""
+    return np.dtype(np.float16) if np.dtype(dtype) == np.float16 else np.dtype(np.float32)
 
 
 class _Timer:
@@ -148,7 +157,8 @@ def prepare_avatar(
     """Prepare every frame of an idle video for generation.
 
     ``encode_latents`` maps (B, 256, 256, 3) uint8 RGB crops to (B, 8, 32, 32) latents
-    [masked 4 | reference 4], already scaled. ``face_parser`` has
+    [masked 4 | reference 4], already scaled; they are kept in its precision (float16
+    stays float16, float32 and anything else is kept as float32). ``face_parser`` has
     ``parse((B, 512, 512, 3) uint8) -> (B, 512, 512) uint8`` labels; without it the
     blend masks come from the landmark polygon.
     """
@@ -175,11 +185,13 @@ def prepare_avatar(
     crops = np.stack([blending.crop_face(frames[i], tuple(face_boxes[i])) for i in range(n)])
     timer.lap("crops")
 
-    latents = np.empty((n, 8, LATENT_SIZE, LATENT_SIZE), dtype=np.float16)
+    latents: np.ndarray | None = None
     for i in range(0, n, batch_size):
         out = np.asarray(encode_latents(crops[i : i + batch_size]))
         if out.shape != (min(batch_size, n - i), 8, LATENT_SIZE, LATENT_SIZE):
             raise ValueError(f"encode_latents returned shape {out.shape}, expected (B, 8, {LATENT_SIZE}, {LATENT_SIZE})")
+        if latents is None:
+            latents = np.empty((n, 8, LATENT_SIZE, LATENT_SIZE), dtype=latents_storage_dtype(out.dtype))
         latents[i : i + out.shape[0]] = out
     timer.lap("latents")
 
@@ -264,8 +276,14 @@ def save_prepared(
     model_version: str = "",
     options: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the avatar to ``directory`` (replaced atomically: readers never see half a cache)."""
+    """Write the avatar to ``directory`` (replaced atomically: readers never see half a cache).
+
+    Latents are written in their own precision (float16 or float32), never narrowed.
+    """
     directory = Path(directory)
+    latents = np.asarray(avatar.latents)
+    if latents.dtype not in LATENT_DTYPES:
+        latents = latents.astype(latents_storage_dtype(latents.dtype))
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -276,7 +294,7 @@ def save_prepared(
         np.save(tmp / "frames.npy", np.ascontiguousarray(avatar.frames, dtype=np.uint8))
         np.save(tmp / "face_boxes.npy", np.asarray(avatar.face_boxes, dtype=np.int32))
         np.save(tmp / "blend_boxes.npy", np.asarray(avatar.blend_boxes, dtype=np.int32))
-        np.save(tmp / "latents.npy", np.asarray(avatar.latents, dtype=np.float16))
+        np.save(tmp / "latents.npy", latents)
         np.save(tmp / "masks.npy", flat.astype(np.uint8))
         np.save(tmp / "mask_offsets.npy", offsets)
         meta = {
@@ -286,6 +304,7 @@ def save_prepared(
             "options": options or {},
             "fps": avatar.fps,
             "num_frames": avatar.num_frames,
+            "latents_dtype": latents.dtype.name,
             "height": avatar.height,
             "width": avatar.width,
             "landmark_source": avatar.landmark_source,
@@ -321,12 +340,29 @@ def read_cache_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_prepared(directory: str | Path, *, key: str | None = None, mmap: bool = True) -> PreparedAvatar:
-    """Open a cached avatar. Raises :class:`CacheInvalid` when it must be rebuilt."""
+def load_prepared(
+    directory: str | Path, *, key: str | None = None, mmap: bool = True, latents_dtype: Any = None
+) -> PreparedAvatar:
+    """Open a cached avatar. Raises :class:`CacheInvalid` when it must be rebuilt.
+
+    ``latents_dtype``: the precision the model wants (``MuseTalkModels.latents_dtype``).
+    A cache of narrower latents (float16 for a float32 model) is invalid: widening them
+    back would not restore what was rounded away. Wider ones are fine (the engine casts
+    them down on upload). None accepts any.
+    """
     directory = Path(directory)
     meta = read_cache_meta(directory)
     if key is not None and meta.get("key") != key:
         raise CacheInvalid(f"avatar cache {directory} is for key {meta.get('key')}, wanted {key}")
+    stored = meta.get("latents_dtype")
+    if stored not in {d.name for d in LATENT_DTYPES}:
+        raise CacheInvalid(f"avatar cache {directory} names latents dtype {stored!r}, not float16 or float32")
+    if latents_dtype is not None:
+        wanted = latents_storage_dtype(latents_dtype)
+        if np.dtype(stored).itemsize < wanted.itemsize:
+            raise CacheInvalid(
+                f"avatar cache {directory} holds {stored} latents; the model needs {wanted.name}"
+            )
     mode = "r" if mmap else None
     try:
         frames = np.load(directory / "frames.npy", mmap_mode=mode)
@@ -340,6 +376,8 @@ def load_prepared(directory: str | Path, *, key: str | None = None, mmap: bool =
     n = int(meta["num_frames"])
     if frames.shape[0] != n or latents.shape != (n, 8, LATENT_SIZE, LATENT_SIZE) or offsets.shape != (n + 1,):
         raise CacheInvalid(f"avatar cache {directory} has inconsistent array shapes")
+    if latents.dtype.name != stored:
+        raise CacheInvalid(f"avatar cache {directory}: latents.npy is {latents.dtype}, meta.json says {stored}")
     masks = []
     for i in range(n):
         x1, y1, x2, y2 = (int(v) for v in blend_boxes[i])
@@ -364,10 +402,12 @@ def load_or_prepare(
     *,
     model_version: str = "",
     options: dict[str, Any] | None = None,
+    latents_dtype: Any = None,
 ) -> tuple[PreparedAvatar, bool]:
-    """The cached avatar when valid for ``key``, else a fresh one (saved). Returns (avatar, from_cache)."""
+    """The cached avatar when valid for ``key`` (and, when given, holding latents at least
+    as precise as ``latents_dtype``), else a fresh one (saved). Returns (avatar, from_cache)."""
     try:
-        return load_prepared(directory, key=key), True
+        return load_prepared(directory, key=key, latents_dtype=latents_dtype), True
     except CacheInvalid as e:
         log.info("rebuilding avatar cache: %s", e)
     avatar = prepare()

@@ -3,8 +3,11 @@
 Measures, per dtype and batch size: ms per engine step (UNet + VAE decode + paste-back
 + copy of the RGBA frames to the host) and frames/s, split by stage with CUDA events;
 and the preparation time of an idle video (landmarks + VAE encode + masks).
+``--reference-flow`` instead runs only MuseTalk's own real-time flow
+(``musetalk.reference_flow``), the figure our capacity is stated against.
 
     python -m musetalk.bench --device cuda --json bench.json
+    python -m musetalk.bench --device cuda --reference-flow --frames 500 --json ref.json
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musetalk import reference_flow
 from musetalk.engine import Engine
 from musetalk.models import MuseTalkModels, resolve_device, resolve_dtype
 from musetalk.types import FrameJob, PreparedAvatar
@@ -249,7 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="full", choices=("full", "tiny"))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", type=Path)
+    p.add_argument("--reference-flow", action="store_true",
+                   help="run only MuseTalk's realtime_inference flow (uses --device, --size, --frames, "
+                        "--reference-batch, --json)")
+    reference_flow.add_arguments(p)
     a = p.parse_args(argv)
+    if a.reference_flow:
+        try:
+            res = reference_flow.run_reference_flow(a.device, a.frames, a.size, a.reference_batch)
+        except (ValueError, RuntimeError) as exc:  # no CUDA, bad sizes: say what to change
+            raise SystemExit(f"reference flow: {exc}") from None
+        reference_flow.write_result(res, a.json)
+        return
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
     res = run_bench(
         a.device, tuple(a.dtypes.split(",")), ints(a.batch_sizes), a.compile, a.prep_seconds,

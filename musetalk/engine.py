@@ -1,37 +1,41 @@
-"""The per-step generator: a batch of frame jobs of any mix of avatars -> RGBA frames.
+"""The per-step generator: a batch of frames of any mix of avatars -> blended mouth boxes.
 
 One step = gather latents -> UNet (timestep 0, cross-attention on the audio tokens)
--> VAE decode -> resize each 256x256 face to its face box and blend it into its blend
-box with the avatar's soft mask (scaled by the job's ``blend``), all on the device.
+-> VAE decode -> resize each 256x256 face to its face box and blend it into its box with
+the avatar's soft mask (scaled by the frame's ``blend``), all on the device
+(``musetalk.stages``). Two ways out:
 
-Memory layout (a deliberate split):
-- on the device, per avatar: latents (N, 8, 32, 32), and for paste-back only the
-  blend-box region of every frame and its mask, zero-padded to the avatar's largest
-  box (N, Hb, Wb, 3) / (N, Hb, Wb). That is what the blend reads; full frames would
-  cost 5-20x more device memory per avatar (1080p: ~1.5 GB for 10 s) for nothing.
-- on the host: the full idle frames, already RGBA. The device returns only the
-  blended box (through a reused pinned buffer) and the host copies it into a fresh
-  copy of the idle frame. No blending happens on the host, and every pixel outside
-  the blend box is the idle frame's own byte, by construction.
+- ``launch`` (the daemon's path): the blended boxes are converted to I420 on the device
+  (``musetalk.color``) and only they leave it, on a copy stream into pinned memory; the
+  call returns at once with a ``Launched`` handle, so the caller prepares the next step
+  while this one runs. The caller writes each box into the avatar's idle I420 frame.
+- ``step`` (offline render, tests, benchmarks): the same generation, returning full
+  RGBA frames composed on the host.
 
-Audio tokens arrive with MuseTalk's sinusoidal positional encoding already added
-(``musetalk.audio.frame_tokens``); the engine adds nothing to them.
+Boxes are the avatars' blend boxes widened to even coordinates (whole 2x2 chroma
+blocks); the widened pixels have mask 0, so they are the idle pixels, bit for bit.
 
+Memory layout: on the device, per avatar, latents (N, 8, 32, 32) and, for paste-back, the
+box pixels of every frame and its mask, zero-padded to the avatar's largest box. Full
+frames stay on the host.
+
+Audio tokens arrive with MuseTalk's sinusoidal positional encoding already added.
 Inference runs under ``torch.inference_mode()``; the class never touches asyncio.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from musetalk import stages
+from musetalk.color import pack_i420, rgb_to_i420_planes
 from musetalk.models import MuseTalkModels
-from musetalk.types import AUDIO_DIM, AUDIO_TOKENS, LATENT_SIZE, FrameJob, PreparedAvatar
-from musetalk.vae import decode_to_unit
+from musetalk.types import AUDIO_DIM, AUDIO_TOKENS, LATENT_SIZE, FrameJob, GeneratedBox, PreparedAvatar
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +44,85 @@ log = logging.getLogger(__name__)
 class _DeviceAvatar:
     key: str
     num_frames: int
+    width: int
+    height: int
     latents: torch.Tensor  # (N, 8, 32, 32) model dtype, device
-    crops: torch.Tensor  # (N, Hb, Wb, 3) uint8, device: blend-box pixels of each frame
+    crops: torch.Tensor  # (N, Hb, Wb, 3) uint8, device: box pixels of each frame
     masks: torch.Tensor  # (N, Hb, Wb) uint8, device
-    geometry: torch.Tensor  # (N, 8) float32, device: blend box then face box (x1, y1, x2, y2)
-    blend_boxes: np.ndarray  # (N, 4) int, host
-    frames_rgba: np.ndarray  # (N, H, W, 4) uint8, host
+    geometry: torch.Tensor  # (N, 8) float32, device: box then face box (x1, y1, x2, y2)
+    boxes: np.ndarray  # (N, 4) int, host: the even boxes
+    frames_rgb: np.ndarray  # (N, H, W, 3) uint8, host (read only)
+    frames_rgba: np.ndarray | None  # (N, H, W, 4) uint8, host, when the caller shares them
 
     @property
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latents, self.crops, self.masks))
+        return sum(t.numel() * t.element_size() for t in (self.latents, self.crops, self.masks, self.geometry))
 
 
-def _buckets(max_batch: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch)
-    return sizes
+def buckets(max_batch: int, step: int = 8) -> list[int]:
+    """Batch sizes a compiled engine pads to: 4, then multiples of ``step`` up to
+    ``max_batch`` (24 frames run as 24, not as 32)."""
+    sizes = [4] if max_batch > 4 else []
+    sizes += list(range(step, max_batch, step)) + [max_batch]
+    return sorted(set(sizes))
+
+
+def even_boxes(blend: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Blend boxes widened to even coordinates, inside the even part of the frame."""
+    b = np.asarray(blend, dtype=np.int64).copy()
+    b[:, 0] -= b[:, 0] & 1
+    b[:, 1] -= b[:, 1] & 1
+    b[:, 2] = np.minimum(b[:, 2] + (b[:, 2] & 1), width - (width & 1))
+    b[:, 3] = np.minimum(b[:, 3] + (b[:, 3] & 1), height - (height & 1))
+    return b
+
+
+class Launched:
+    """A step in flight: ``ready()`` without waiting, ``boxes()`` waits for the copy-out."""
+
+    def __init__(self, keys: list[str], indices: list[int], boxes: np.ndarray, host: torch.Tensor,
+                 hb: int, wb: int, event: "torch.cuda.Event | None", start: "torch.cuda.Event | None" = None,
+                 seconds: float | None = None) -> None:
+        self.keys, self.indices, self._boxes = keys, indices, boxes
+        self._host, self._hb, self._wb, self._event = host, hb, wb, event
+        self._start, self._seconds = start, seconds
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def gpu_seconds(self) -> float | None:
+        """Device time of the step (from its start on the stream to the end of its
+        copy-out), once it is done; the host time on a CPU."""
+        if self._start is not None and self._event is not None and self.ready():
+            return self._start.elapsed_time(self._event) / 1000
+        return self._seconds
+
+    def boxes(self) -> list[GeneratedBox]:
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host.numpy()
+        hb, wb = self._hb, self._wb
+        ny, nc = hb * wb, (hb // 2) * (wb // 2)
+        out = []
+        for b, (key, index) in enumerate(zip(self.keys, self.indices)):
+            x1, y1, x2, y2 = (int(v) for v in self._boxes[b])
+            h, w = y2 - y1, x2 - x1
+            row = host[b]
+            y = row[:ny].reshape(hb, wb)[:h, :w].copy()
+            u = row[ny : ny + nc].reshape(hb // 2, wb // 2)[: h // 2, : w // 2].copy()
+            v = row[ny + nc : ny + 2 * nc].reshape(hb // 2, wb // 2)[: h // 2, : w // 2].copy()
+            out.append(GeneratedBox(key, index, x1, y1, x2, y2, y, u, v))
+        return out
 
 
 class Engine:
     """Batched MuseTalk generation across avatars on one device.
 
     ``compile=True`` (CUDA only) wraps the UNet and the VAE decode in
-    ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and pads each batch up to
-    a bucket size (powers of two up to ``max_batch``) so that graphs are reused;
-    each bucket compiles on first use (about a minute on an H100).
+    ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, channels_last, cuDNN
+    autotuning) and pads each batch up to a bucket size (``buckets``) so that graphs are
+    reused. ``compile_dynamic`` compiles once with a symbolic batch size (one CUDA graph
+    recorded per bucket) instead of once per bucket.
     """
 
     def __init__(
@@ -77,7 +132,9 @@ class Engine:
         dtype: torch.dtype | None = None,
         compile: bool = False,
         max_batch: int = 32,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
+        compile_dynamic: bool = True,
+        bucket_step: int = 8,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -92,28 +149,42 @@ class Engine:
         self.compiled = bool(compile) and self.device.type == "cuda"
         if compile and not self.compiled:
             log.info("compile requested on %s: running eager (compile is CUDA only)", self.device)
+        if channels_last is None:
+            channels_last = self.compiled
         if channels_last:
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
-        self._buckets = _buckets(max_batch)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self._buckets = buckets(max_batch, bucket_step) if self.compiled else []
         self._avatars: dict[str, _DeviceAvatar] = {}
         self._timestep = torch.zeros((), dtype=torch.long, device=self.device)
-        self._pinned: torch.Tensor | None = None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.record_timings = False
         self.last_timings_ms: dict[str, float] = {}
 
         unet, vae, timestep = models.unet, models.vae, self._timestep
 
         def unet_fn(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-            return unet(latents, timestep, encoder_hidden_states=audio).sample
+            return stages.unet_step(unet, latents, audio, timestep)
 
         def decode_fn(latents: torch.Tensor) -> torch.Tensor:
-            return decode_to_unit(vae, latents)
+            return stages.decode(vae, latents)
 
         self._unet_fn, self._decode_fn = unet_fn, decode_fn
+        self._dynamic = compile_dynamic
         if self.compiled:
-            self._unet_fn = torch.compile(unet_fn, mode="reduce-overhead", dynamic=False)
-            self._decode_fn = torch.compile(decode_fn, mode="reduce-overhead", dynamic=False)
+            opts = dict(mode="reduce-overhead", dynamic=False if not compile_dynamic else None)
+            self._unet_fn = torch.compile(unet_fn, **opts)
+            self._decode_fn = torch.compile(decode_fn, **opts)
+
+    @property
+    def bucket_sizes(self) -> list[int]:
+        return list(self._buckets)
+
+    def bucket(self, n: int) -> int:
+        """The batch size a step of ``n`` frames runs at."""
+        return next((b for b in self._buckets if b >= n), n)
 
     # ------------------------------------------------------------------ avatars
 
@@ -121,8 +192,7 @@ class Engine:
         """Upload what generation needs for ``avatar``; returns the device bytes used.
 
         ``frames_rgba``: the avatar's frames as (N, H, W, 4) uint8, when the caller holds
-        them already (the daemon does, for its idle frames): shared instead of a second
-        host copy. Only read.
+        them already: used (only read) by ``step`` instead of composing from RGB.
         """
         n = avatar.num_frames
         if avatar.latents.shape != (n, 8, LATENT_SIZE, LATENT_SIZE):
@@ -142,7 +212,10 @@ class Engine:
             raise ValueError(f"avatar {avatar.key!r}: blend boxes must lie inside the {w}x{h} frame")
         if ((face[:, 2] <= face[:, 0]) | (face[:, 3] <= face[:, 1])).any():
             raise ValueError(f"avatar {avatar.key!r}: empty face box")
-        hb, wb = int(bh.max()), int(bw.max())
+        boxes = even_boxes(blend, w, h)
+        if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+            raise ValueError(f"avatar {avatar.key!r}: a blend box lies in the frame's odd last row/column")
+        hb, wb = int((boxes[:, 3] - boxes[:, 1]).max()), int((boxes[:, 2] - boxes[:, 0]).max())
         crops = np.zeros((n, hb, wb, 3), dtype=np.uint8)
         masks = np.zeros((n, hb, wb), dtype=np.uint8)
         for i in range(n):
@@ -153,28 +226,22 @@ class Engine:
                     f"avatar {avatar.key!r} frame {i}: mask {m.shape} does not match its "
                     f"blend box {(int(y2 - y1), int(x2 - x1))}"
                 )
-            crops[i, : y2 - y1, : x2 - x1] = avatar.frames[i, y1:y2, x1:x2]
-            masks[i, : y2 - y1, : x2 - x1] = m
-        if frames_rgba is not None:
-            if frames_rgba.shape != (n, h, w, 4) or frames_rgba.dtype != np.uint8:
-                raise ValueError(f"avatar {avatar.key!r}: frames_rgba {frames_rgba.shape} {frames_rgba.dtype}, "
-                                 f"expected ({n}, {h}, {w}, 4) uint8")
-            rgba = frames_rgba
-        else:
-            rgba = np.empty((n, h, w, 4), dtype=np.uint8)
-            rgba[..., :3] = avatar.frames
-            rgba[..., 3] = 255
+            ex1, ey1, ex2, ey2 = boxes[i]
+            crops[i, : ey2 - ey1, : ex2 - ex1] = avatar.frames[i, ey1:ey2, ex1:ex2]
+            # The mask sits at its blend box inside the even box (clipped where the even
+            # box had to stop before an odd last row/column).
+            my2, mx2 = min(y2, ey2), min(x2, ex2)
+            masks[i, y1 - ey1 : my2 - ey1, x1 - ex1 : mx2 - ex1] = m[: my2 - y1, : mx2 - x1]
+        if frames_rgba is not None and (frames_rgba.shape != (n, h, w, 4) or frames_rgba.dtype != np.uint8):
+            raise ValueError(f"avatar {avatar.key!r}: frames_rgba {frames_rgba.shape} {frames_rgba.dtype}, "
+                             f"expected ({n}, {h}, {w}, 4) uint8")
         dev = _DeviceAvatar(
-            key=avatar.key,
-            num_frames=n,
+            key=avatar.key, num_frames=n, width=w, height=h,
             latents=torch.from_numpy(np.ascontiguousarray(avatar.latents)).to(self.device, self.dtype),
             crops=torch.from_numpy(crops).to(self.device),
             masks=torch.from_numpy(masks).to(self.device),
-            geometry=torch.from_numpy(np.concatenate([blend, face], axis=1).astype(np.float32)).to(
-                self.device
-            ),
-            blend_boxes=blend,
-            frames_rgba=rgba,
+            geometry=torch.from_numpy(np.concatenate([boxes, face], axis=1).astype(np.float32)).to(self.device),
+            boxes=boxes, frames_rgb=avatar.frames, frames_rgba=frames_rgba,
         )
         self._avatars[avatar.key] = dev
         return dev.device_bytes
@@ -185,10 +252,22 @@ class Engine:
     def has_avatar(self, key: str) -> bool:
         return key in self._avatars
 
+    def device_bytes(self) -> int:
+        return sum(av.device_bytes for av in self._avatars.values())
+
     def idle_frame(self, avatar_key: str, index: int) -> np.ndarray:
         """The avatar's own frame as RGBA (host copy; no device work)."""
         av = self._avatar(avatar_key)
-        return av.frames_rgba[index % av.num_frames].copy()
+        return self._rgba(av, index % av.num_frames)
+
+    @staticmethod
+    def _rgba(av: _DeviceAvatar, index: int) -> np.ndarray:
+        if av.frames_rgba is not None:
+            return av.frames_rgba[index].copy()
+        frame = np.empty((av.height, av.width, 4), dtype=np.uint8)
+        frame[..., :3] = av.frames_rgb[index]
+        frame[..., 3] = 255
+        return frame
 
     def _avatar(self, key: str) -> _DeviceAvatar:
         try:
@@ -199,35 +278,157 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def warmup(self) -> list[int]:
+    def warmup(self) -> dict[int, float]:
         """Run the UNet and the decoder once per batch size a step can use (every bucket
-        when compiled: this is where compilation happens), so that the first sessions do
-        not pay for kernel selection or compilation. Returns the sizes run."""
+        when compiled: compilation and CUDA-graph recording happen here), so that the
+        first sessions do not pay for them. Returns ms per UNet + decode at each size,
+        measured after the warm-up (the frames/s the device sustains follows from it)."""
         sizes = self._buckets if self.compiled else sorted({1, min(8, self.max_batch), self.max_batch})
+        timings: dict[int, float] = {}
         for size in sizes:
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
             latents = torch.randn(size, 8, LATENT_SIZE, LATENT_SIZE, device=self.device, dtype=self.dtype)
             audio = torch.randn(size, AUDIO_TOKENS, AUDIO_DIM, device=self.device, dtype=self.dtype)
-            for _ in range(2 if self.compiled else 1):  # graphs are recorded on a later call
+            if self.compiled and self._dynamic and size >= 2:
+                torch._dynamo.mark_dynamic(latents, 0, min=2, max=max(2, self.max_batch))
+                torch._dynamo.mark_dynamic(audio, 0, min=2, max=max(2, self.max_batch))
+            for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
                 self._decode_fn(self._unet_fn(latents, audio))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return list(sizes)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t = time.perf_counter()
+            for _ in range(3):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._decode_fn(self._unet_fn(latents, audio))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            timings[size] = (time.perf_counter() - t) / 3 * 1000
+        return timings
+
+    def _check(self, keys: list[str], indices: list[int]) -> None:
+        for key, index in zip(keys, indices):
+            av = self._avatar(key)
+            if not 0 <= index < av.num_frames:
+                raise IndexError(f"avatar {key!r}: frame_index {index} outside 0..{av.num_frames - 1}")
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A small host array on the device without a blocking copy (pinned staging)."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def _generate(self, keys: list[str], indices: list[int], tokens: torch.Tensor, blends: np.ndarray):
+        """UNet -> decode -> paste for one batch; returns the (n, Hb, Wb, 3) RGB boxes."""
+        n = len(keys)
+        size = self.bucket(n)
+        pad = size - n
+        order: dict[str, tuple[list[int], list[int]]] = {}
+        for pos, (key, index) in enumerate(zip(keys, indices)):
+            p, i = order.setdefault(key, ([], []))
+            p.append(pos)
+            i.append(index)
+        if pad:  # bucket padding repeats the last frame
+            order[keys[-1]][0].extend(range(n, size))
+            order[keys[-1]][1].extend([indices[-1]] * pad)
+        flat = np.concatenate([np.concatenate([np.asarray(p), np.asarray(i)]) for p, i in order.values()])
+        index_dev = self._upload(flat.astype(np.int64))
+        blend_dev = self._upload(np.asarray(blends, dtype=np.float32))
+        if pad:
+            tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1, -1)])
+        tokens = tokens.to(self.dtype)
+        timing = self.record_timings and self.device.type == "cuda"
+        if timing:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            events[0].record()
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        latents = torch.empty((size, 8, LATENT_SIZE, LATENT_SIZE), dtype=self.dtype, device=self.device)
+        groups = []
+        offset = 0
+        for key, (p, _) in order.items():
+            k = len(p)
+            pos, idx = index_dev[offset : offset + k], index_dev[offset + k : offset + 2 * k]
+            offset += 2 * k
+            av = self._avatars[key]
+            latents[pos] = av.latents[idx]
+            groups.append((av, pos, idx))
+        pred = self._unet_fn(latents, tokens)
+        if timing:
+            events[1].record()
+        image = self._decode_fn(pred)[:n]
+        if timing:
+            events[2].record()
+        hb = max(av.crops.shape[1] for av, _, _ in groups)
+        wb = max(av.crops.shape[2] for av, _, _ in groups)
+        base = torch.zeros((n, hb, wb, 3), dtype=torch.uint8, device=self.device)
+        mask = torch.zeros((n, hb, wb), dtype=torch.uint8, device=self.device)
+        geom = torch.zeros((n, 8), dtype=torch.float32, device=self.device)
+        for av, pos, idx in groups:
+            if pad and av.key == keys[-1]:
+                pos, idx = pos[:-pad], idx[:-pad]
+            base[pos, : av.crops.shape[1], : av.crops.shape[2]] = av.crops[idx]
+            mask[pos, : av.masks.shape[1], : av.masks.shape[2]] = av.masks[idx]
+            geom[pos] = av.geometry[idx]
+        boxes = stages.paste(image, base, mask, geom, blend_dev[:n])
+        if timing:
+            events[3].record()
+        return boxes, (events if timing else None)
+
+    def _record(self, events, end: "torch.cuda.Event") -> None:
+        end.synchronize()
+        names = ("unet", "vae_decode", "paste")
+        self.last_timings_ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(names)}
+        self.last_timings_ms["copy_out"] = events[3].elapsed_time(end)
+        self.last_timings_ms["total"] = events[0].elapsed_time(end)
+
+    @torch.inference_mode()
+    def launch(self, keys: list[str], indices: list[int], tokens: torch.Tensor | np.ndarray,
+               blends: list[float] | np.ndarray) -> Launched:
+        """Start one step for ``len(keys)`` frames (avatar key, avatar frame index, its
+        [50, 384] tokens, its blend); the I420 boxes come back through the handle. At most
+        ``max_batch`` frames. Never waits for the device."""
+        n = len(keys)
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"a step takes 1..{self.max_batch} frames, got {n}")
+        self._check(keys, indices)
+        tokens = torch.as_tensor(tokens)
+        if tuple(tokens.shape) != (n, AUDIO_TOKENS, AUDIO_DIM):
+            raise ValueError(f"tokens must be ({n}, {AUDIO_TOKENS}, {AUDIO_DIM}), got {tuple(tokens.shape)}")
+        tokens = tokens.to(self.device, non_blocking=True)
+        t0 = time.perf_counter()
+        start = None
+        if self._copy_stream is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        rgb, events = self._generate(keys, indices, tokens, np.asarray(blends, dtype=np.float32))
+        packed = pack_i420(*rgb_to_i420_planes(rgb))
+        _, hb, wb, _ = rgb.shape
+        boxes = np.stack([self._avatars[k].boxes[i] for k, i in zip(keys, indices)])
+        if self._copy_stream is None:
+            return Launched(keys, indices, boxes, packed, hb, wb, None, seconds=time.perf_counter() - t0)
+        host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(self._copy_stream)
+        packed.record_stream(self._copy_stream)
+        if events is not None:
+            self._record(events, done)
+        return Launched(keys, indices, boxes, host, hb, wb, done, start)
 
     def step(self, jobs: list[FrameJob]) -> list[np.ndarray]:
-        """Generate one RGBA frame (H, W, 4) uint8 per job, in order."""
+        """Generate one full RGBA frame (H, W, 4) uint8 per job, in order (offline path)."""
         for job in jobs:
-            av = self._avatar(job.avatar_key)
-            if not 0 <= job.frame_index < av.num_frames:
-                raise IndexError(
-                    f"avatar {job.avatar_key!r}: frame_index {job.frame_index} outside "
-                    f"0..{av.num_frames - 1}"
-                )
             if np.shape(job.audio_tokens) != (AUDIO_TOKENS, AUDIO_DIM):
                 raise ValueError(
                     f"audio_tokens must be ({AUDIO_TOKENS}, {AUDIO_DIM}), got {np.shape(job.audio_tokens)}"
                 )
+        self._check([j.avatar_key for j in jobs], [j.frame_index for j in jobs])
         out: list[np.ndarray] = []
         for start in range(0, len(jobs), self.max_batch):
             out.extend(self._run_batch(jobs[start : start + self.max_batch]))
@@ -235,127 +436,27 @@ class Engine:
 
     @torch.inference_mode()
     def _run_batch(self, jobs: list[FrameJob]) -> list[np.ndarray]:
-        n = len(jobs)
-        if n == 0:
+        if not jobs:
             return []
-        padded = list(jobs)
-        if self.compiled:
-            size = next(b for b in self._buckets if b >= n)
-            padded += [jobs[-1]] * (size - n)
-        timing = self.record_timings and self.device.type == "cuda"
-        if timing:
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
-            events[0].record()
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-
-        groups = self._group(padded)
-        latents = torch.empty(
-            (len(padded), 8, LATENT_SIZE, LATENT_SIZE), dtype=self.dtype, device=self.device
-        )
-        for av, pos, idx in groups:
-            latents[pos] = av.latents[idx]
-        audio = torch.from_numpy(np.stack([j.audio_tokens for j in padded]).astype(np.float32))
+        keys, indices = [j.avatar_key for j in jobs], [j.frame_index for j in jobs]
+        tokens = self._upload(np.stack([j.audio_tokens for j in jobs]).astype(np.float32))
+        rgb, events = self._generate(keys, indices, tokens, np.array([float(j.blend) for j in jobs], np.float32))
         if self.device.type == "cuda":
-            audio = audio.pin_memory().to(self.device, non_blocking=True)
-        audio = audio.to(self.device, self.dtype)
-
-        pred = self._unet_fn(latents, audio)
-        if timing:
-            events[1].record()
-        image = self._decode_fn(pred)
-        if timing:
-            events[2].record()
-        boxes = self._paste(image[:n], groups, jobs)
-        if timing:
-            events[3].record()
-        frames = self._compose(boxes, jobs)
-        if timing:
-            events[4].record()
-            events[4].synchronize()
-            names = ("unet", "vae_decode", "paste", "copy_out")
-            self.last_timings_ms = {
-                name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(names)
-            }
-            self.last_timings_ms["total"] = events[0].elapsed_time(events[4])
-        return frames
-
-    def _group(self, jobs: list[FrameJob]):
-        """(avatar, batch positions, frame indices) per avatar present in ``jobs``."""
-        by_key: dict[str, tuple[list[int], list[int]]] = {}
-        for pos, job in enumerate(jobs):
-            p, i = by_key.setdefault(job.avatar_key, ([], []))
-            p.append(pos)
-            i.append(job.frame_index)
-        return [
-            (
-                self._avatars[key],
-                torch.tensor(p, device=self.device),
-                torch.tensor(i, device=self.device),
-            )
-            for key, (p, i) in by_key.items()
-        ]
-
-    def _paste(self, image: torch.Tensor, groups, jobs: list[FrameJob]) -> torch.Tensor:
-        """Blend each decoded face into its blend box: (B, Hb, Wb, 4) RGBA uint8, on the device."""
-        n = image.shape[0]
-        hb = max(av.crops.shape[1] for av, _, _ in groups)
-        wb = max(av.crops.shape[2] for av, _, _ in groups)
-        orig = torch.zeros((n, hb, wb, 3), dtype=torch.uint8, device=self.device)
-        mask = torch.zeros((n, hb, wb), dtype=torch.uint8, device=self.device)
-        geom = torch.zeros((n, 8), dtype=torch.float32, device=self.device)
-        for av, pos, idx in groups:
-            keep = pos < n  # drop bucket padding
-            pos, idx = pos[keep], idx[keep]
-            orig[pos, : av.crops.shape[1], : av.crops.shape[2]] = av.crops[idx]
-            mask[pos, : av.masks.shape[1], : av.masks.shape[2]] = av.masks[idx]
-            geom[pos] = av.geometry[idx]
-        blend = torch.tensor([float(j.blend) for j in jobs], device=self.device).clamp_(0, 1)
-
-        # The reference quantizes the decoded face to uint8 before resizing it.
-        face = (torch.nan_to_num(image.float(), nan=0.5) * 255).round()
-
-        # Face-crop coordinates of every blend-box pixel; the half-pixel mapping of
-        # grid_sample(align_corners=False, border) is cv2.resize's INTER_LINEAR mapping.
-        bx1, by1, fx1, fy1 = geom[:, 0], geom[:, 1], geom[:, 4], geom[:, 5]
-        fw, fh = geom[:, 6] - fx1, geom[:, 7] - fy1
-        u = torch.arange(wb, device=self.device, dtype=torch.float32)
-        v = torch.arange(hb, device=self.device, dtype=torch.float32)
-        fx = (bx1 - fx1)[:, None] + u[None, :]  # (B, Wb)
-        fy = (by1 - fy1)[:, None] + v[None, :]  # (B, Hb)
-        gx = (2 * (fx + 0.5) / fw[:, None] - 1)[:, None, :].expand(n, hb, wb)
-        gy = (2 * (fy + 0.5) / fh[:, None] - 1)[:, :, None].expand(n, hb, wb)
-        grid = torch.stack([gx, gy], dim=-1)
-        resized = F.grid_sample(
-            face, grid, mode="bilinear", padding_mode="border", align_corners=False
-        ).round().permute(0, 2, 3, 1)
-        inside = ((fx >= 0) & (fx < fw[:, None]))[:, None, :] & ((fy >= 0) & (fy < fh[:, None]))[:, :, None]
-        weight = (mask.float() / 255.0) * blend[:, None, None] * inside
-        weight = weight[..., None]
-        base = orig.float()
-        mixed = torch.lerp(base, resized, weight).round().clamp_(0, 255)
-        # Where the weight is zero the result must be the idle pixel itself.
-        rgb = torch.where(weight > 0, mixed, base).to(torch.uint8)
-        # RGBA, so that the host writes whole 4-byte pixels into the RGBA frame (a
-        # strided 3-of-4-channel copy is ~7x slower on the host).
-        alpha = torch.full((n, hb, wb, 1), 255, dtype=torch.uint8, device=self.device)
-        return torch.cat([rgb, alpha], dim=-1)
-
-    def _compose(self, boxes: torch.Tensor, jobs: list[FrameJob]) -> list[np.ndarray]:
-        if self.device.type == "cuda":
-            if self._pinned is None or self._pinned.numel() < boxes.numel():
-                self._pinned = torch.empty(boxes.numel(), dtype=torch.uint8, pin_memory=True)
-            host_t = self._pinned[: boxes.numel()].view(boxes.shape)
-            host_t.copy_(boxes, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
+            host_t = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+            host_t.copy_(rgb, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=events is not None)
+            done.record()
+            if events is not None:
+                self._record(events, done)
+            done.synchronize()
             host = host_t.numpy()
         else:
-            host = boxes.numpy()
+            host = rgb.numpy()
         frames = []
         for b, job in enumerate(jobs):
             av = self._avatars[job.avatar_key]
-            frame = av.frames_rgba[job.frame_index].copy()
-            x1, y1, x2, y2 = av.blend_boxes[job.frame_index]
-            frame[y1:y2, x1:x2] = host[b, : y2 - y1, : x2 - x1]
+            frame = self._rgba(av, job.frame_index)
+            x1, y1, x2, y2 = av.boxes[job.frame_index]
+            frame[y1:y2, x1:x2, :3] = host[b, : y2 - y1, : x2 - x1]
             frames.append(frame)
         return frames

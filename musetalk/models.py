@@ -54,11 +54,19 @@ class MuseTalkModels:
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def latents_dtype(self) -> np.dtype:
+        """The host dtype that keeps all of the model's latent precision: float16 for a
+        float16 model, float32 otherwise (numpy has no bfloat16; float32 holds it exactly)."""
+        return np.dtype(np.float16) if self.dtype == torch.float16 else np.dtype(np.float32)
+
     @torch.inference_mode()
     def encode_latents(
         self, crops: np.ndarray, seed: int = 0, batch_size: int = 16
     ) -> np.ndarray:
-        """Face crops (B, 256, 256, 3) uint8 RGB -> (B, 8, 32, 32) float16 latents.
+        """Face crops (B, 256, 256, 3) uint8 RGB -> (B, 8, 32, 32) latents in
+        ``latents_dtype`` (float32 for a float32 model: a float16 copy would round away
+        precision the model then runs with).
 
         Channels are [masked 4 | reference 4], each ``scaling_factor *
         vae.encode(x).latent_dist.sample()`` as the reference does; the sample noise
@@ -72,7 +80,7 @@ class MuseTalkModels:
                 f"got {crops.dtype} {crops.shape}"
             )
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        out = np.empty((len(crops), 8, LATENT_SIZE, LATENT_SIZE), dtype=np.float16)
+        out = np.empty((len(crops), 8, LATENT_SIZE, LATENT_SIZE), dtype=self.latents_dtype)
         for start in range(0, len(crops), batch_size):
             chunk = torch.from_numpy(crops[start : start + batch_size]).to(self.device)
             n = chunk.shape[0]

@@ -64,3 +64,23 @@ class FrameJob:
     frame_index: int
     audio_tokens: np.ndarray  # (50, 384) float32
     blend: float = 1.0
+
+
+@dataclass
+class GeneratedBox:
+    """A generated frame as it leaves the device: the I420 planes of its box.
+
+    (x1, y1)-(x2, y2) is the avatar frame's blend box widened to even coordinates; y is
+    (y2-y1, x2-x1), u and v are half that in each direction. Written into the idle I420
+    frame ``frame_index`` of the avatar, it gives the generated frame.
+    """
+
+    avatar_key: str
+    frame_index: int
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray

@@ -124,6 +124,28 @@ class WhisperAudioEncoder:
                 return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
         return stacked.float().cpu().numpy()
 
+    def device_hidden_states(self, mel: torch.Tensor) -> torch.Tensor:
+        """The 5 hidden states of full 30 s windows, left on the device: no host copy, no sync.
+
+        ``mel``: [B, n_mels, 3000] on ``self.device`` (any float dtype). Returns
+        [B, 1500, 5, d_model] in the encoder's dtype: ``encode_batch`` at offset 0 (so the
+        reference forward), for callers that keep features on the GPU (musetalk/audio_gpu.py).
+        """
+        expected = (self.num_mel_bins, WINDOW_MEL_FRAMES)
+        if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
+            raise ValueError(f"mel must be [B, {expected[0]}, {expected[1]}], got {tuple(mel.shape)}")
+        enc = self.encoder
+        with torch.inference_mode():
+            h = nn.functional.gelu(enc.conv1(mel.to(self.dtype)))
+            h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
+            h = h + enc.embed_positions.weight[: h.shape[1]]
+            states = [h]
+            for layer in enc.layers:
+                h = layer(h, None)
+                states.append(h)
+            states[-1] = enc.layer_norm(h)
+            return torch.stack(states, dim=2)
+
 
 def _check_files(model_dir: Path) -> None:
     if not model_dir.is_dir():

@@ -95,12 +95,34 @@ class ControlReply(_Strict):
     error: ErrorBody | None = None
 
 
+class StatusAdmission(_Strict):
+    """How the daemon admits sessions: their speaking demand against a frame budget."""
+
+    sessions: int = Field(description="most sessions at the default video.fps admitted: daemon.max_sessions, "
+                          "or fewer when the frame budget holds fewer")
+    max_sessions: int = Field(description="daemon.max_sessions: the upper bound whatever the budget")
+    capacity_fps: float | None = Field(description="frames/s admission may promise; null without a budget")
+    source: Literal["measured", "config", "max_sessions"] = Field(
+        description="measured: by the GPU worker at start; config: daemon.capacity_fps; max_sessions: no "
+        "frame budget (no model, or not measured), only the session count applies")
+    demand_fps: float = Field(description="sum over admitted sessions of fps x speech_duty")
+    speech_duty: float = Field(description="daemon.speech_duty: share of the time a session is counted speaking")
+
+
 class StatusReply(_Strict):
     sessions: list[dict[str, Any]]
-    capacity: int
+    capacity: int = Field(description="most sessions admitted at the default video.fps (admission.sessions)")
     active: int
     accepting: bool
     device: dict[str, Any]
+    # Added after the first v1 daemons: optional, so that replies of those still parse.
+    admission: StatusAdmission | None = None
+    speaking: int | None = Field(None, description="sessions with an utterance buffered or playing")
+    generated_fraction: float | None = Field(
+        None, description="over live sessions: speech frames generated / speech frames that needed "
+        "generation (generated + fallback); null when none needed generation")
+    gpu_busy: float | None = Field(None, description="share of recent time the GPU worker was busy; null when "
+                                   "not measured")
 
 
 class _EventBase(_Strict):

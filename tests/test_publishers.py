@@ -1,9 +1,11 @@
-"""Publishers: the MP4 file sink (decoded back with PyAV), the LiveKit publisher and the
-factory that picks one from the settings."""
+"""Publishers: the MP4 file sink (decoded back with PyAV), the LiveKit publisher, the
+livekit-local sink and the factory that picks one from the settings. Frames are I420
+(daemon.frames), made from known RGB pictures."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import signal
 import socket
@@ -20,10 +22,14 @@ from structlog.testing import capture_logs
 
 from daemon.config import LiveKitSection, OutputSection, Settings
 from daemon.errors import INVALID_MESSAGE, PUBLISHER_FAILED, LipsyncError
+from daemon.frames import i420_size, rgb_to_i420
 from daemon.publishers.base import MediaFormat
 from daemon.publishers.factory import make_publisher
 from daemon.publishers.filesink import FileSinkPublisher
 from daemon.publishers.livekit import LiveKitPublisher, RtcRoomConnector, mint_token
+from daemon.publishers.livekit_local import LiveKitLocalPublisher
+from daemon.publishers.livekit_sources import LiveKitSources
+from daemon.publishers.null import NullPublisher
 
 FPS = 25
 RATE = 24_000
@@ -36,10 +42,21 @@ PALETTE = np.array([(r, g, b) for r in LEVELS for g in LEVELS for b in LEVELS], 
 
 
 def flat_frame(index: int, width: int, height: int) -> np.ndarray:
-    frame = np.empty((height, width, 4), np.uint8)
-    frame[..., :3] = PALETTE[index]
-    frame[..., 3] = 255
-    return frame
+    """I420 of a picture filled with PALETTE[index]."""
+    return rgb_to_i420(np.ascontiguousarray(np.broadcast_to(PALETTE[index], (height, width, 3))))
+
+
+def structured_picture() -> np.ndarray:
+    """A 64x48 RGB picture with structure in both directions and in every channel: four
+    coloured quadrants, a horizontal grey ramp across the bottom and a vertical bar."""
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[:20, :32] = (200, 40, 40)
+    img[:20, 32:] = (40, 180, 60)
+    img[20:36, :32] = (50, 70, 210)
+    img[20:36, 32:] = (230, 210, 40)
+    img[36:] = np.linspace(16, 235, 64).astype(np.uint8)[None, :, None]
+    img[:36, 28:36] = (250, 250, 250)
+    return img
 
 
 def tone_from(start_frame: int, frames: int) -> np.ndarray:
@@ -98,14 +115,36 @@ async def test_file_sink_writes_decodable_mp4_with_aligned_audio(tmp_path: Path)
     assert peak_hz == pytest.approx(440, abs=4)
 
 
+async def test_file_sink_recording_decodes_to_the_pushed_picture(tmp_path: Path) -> None:
+    """I420 from daemon.frames.rgb_to_i420 is encoded as it is: the decoded frame is the
+    RGB picture it was made from, up to chroma subsampling and H.264 at crf 20."""
+    picture = structured_picture()
+    fmt = MediaFormat(width=64, height=48, fps=FPS, sample_rate=16_000)
+    sink = FileSinkPublisher(tmp_path / "pic.mp4", fmt, "pic")
+    await sink.start()
+    for _ in range(3):
+        await sink.push(rgb_to_i420(picture), np.zeros(640, np.int16))
+    await sink.aclose()
+    video, _, _, _ = decode(tmp_path / "pic.mp4")
+    assert len(video) == 3
+    rgb = video[-1].to_ndarray(format="rgb24").astype(int)
+    error = np.abs(rgb - picture.astype(int))
+    assert error.mean() < 4, f"mean error {error.mean():.1f}"
+    # Away from colour edges (where 2x2 chroma blocks mix two colours) every pixel is close.
+    for y1, y2, x1, x2 in ((2, 18, 2, 26), (2, 18, 38, 62), (22, 34, 2, 26), (22, 34, 38, 62), (38, 48, 0, 64)):
+        assert error[y1:y2, x1:x2].max() <= 24, (y1, x1)
+    # The planes are not swapped: the quadrants keep their hue.
+    assert rgb[10, 10].argmax() == 0 and rgb[10, 50].argmax() == 1 and rgb[28, 10].argmax() == 2
+
+
 async def test_file_sink_pads_odd_sizes_to_even(tmp_path: Path) -> None:
     fmt = MediaFormat(width=65, height=49, fps=FPS, sample_rate=16_000)
     sink = FileSinkPublisher(tmp_path / "odd.mp4", fmt, "odd")
     await sink.start()
-    frame = np.zeros((49, 65, 4), np.uint8)
-    frame[..., 3] = 255
-    frame[:, :32, 0] = 224  # left half red, right half green: the padding repeats green
-    frame[:, 32:, 1] = 224
+    picture = np.zeros((49, 65, 3), np.uint8)
+    picture[:, :32, 0] = 224  # left half red, right half green: the padding repeats green
+    picture[:, 32:, 1] = 224
+    frame = rgb_to_i420(picture)
     for _ in range(5):
         # Idle frames may come without audio: the sink fills silence.
         await sink.push(frame, np.zeros(0, np.int16))
@@ -116,7 +155,9 @@ async def test_file_sink_pads_odd_sizes_to_even(tmp_path: Path) -> None:
     rgb = video[-1].to_ndarray(format="rgb24").astype(int)
     assert rgb.shape == (50, 66, 3)
     assert np.abs(rgb[10:40, 40:, :] - [0, 224, 0]).max() <= 24
+    assert np.abs(rgb[10:40, :28, :] - [224, 0, 0]).max() <= 24
     assert np.abs(rgb[:, 65] - [0, 224, 0]).max() <= 32  # the added column
+    assert np.abs(rgb[49, 40:] - [0, 224, 0]).max() <= 32  # the added row
     assert 5 * 16_000 // FPS <= pcm.size < 5 * 16_000 // FPS + 1024
     assert np.abs(pcm).max() < 1e-3
 
@@ -126,6 +167,9 @@ async def test_file_sink_close_is_idempotent_and_push_after_close_fails(tmp_path
     sink = FileSinkPublisher(tmp_path / "c.mp4", fmt, "c")
     await sink.start()
     await sink.push(flat_frame(3, 32, 32), np.zeros(640, np.int16))
+    # An RGBA picture (the old frame format) is refused, saying what is expected.
+    with pytest.raises(ValueError, match=f"I420 uint8 of {i420_size(32, 32)} bytes for 32x32"):
+        await sink.push(np.zeros((32, 32, 4), np.uint8), np.zeros(640, np.int16))
     await asyncio.gather(sink.aclose(), sink.aclose())
     await sink.aclose()
     with pytest.raises(LipsyncError) as err:
@@ -164,7 +208,7 @@ async def test_file_sink_reports_a_failed_writer_once(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, old_limit[1]))
         try:
             for _ in range(40):  # noise frames do not compress: ~10 kB each
-                await sink.push(rng.integers(0, 256, (64, 64, 4), np.uint8),
+                await sink.push(rng.integers(0, 256, i420_size(64, 64), np.uint8),
                                 np.zeros(640, np.int16))
             await sink.aclose()
         finally:
@@ -258,7 +302,8 @@ def assert_published_av(room: FakeRoom) -> None:
     }
 
 
-async def push_realtime(pub: LiveKitPublisher, frames: int, start: int = 0) -> float:
+async def push_realtime(pub: LiveKitPublisher | LiveKitLocalPublisher, frames: int,
+                        start: int = 0) -> float:
     """Pushes at the session's pace; returns the slowest push in seconds."""
     t0 = time.monotonic()
     slowest = 0.0
@@ -352,8 +397,6 @@ async def test_livekit_aclose_releases_everything_once() -> None:
     pub = lk_publisher(connector)
     await pub.start()
     await push_realtime(pub, 3)
-    before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-    assert before, "the synchronizer's capture task should be running"
     await asyncio.gather(pub.aclose(), pub.aclose())
     await pub.aclose()
     assert not pub.healthy
@@ -363,6 +406,17 @@ async def test_livekit_aclose_releases_everything_once() -> None:
         await pub.push(flat_frame(0, 64, 48), np.zeros(SPF, np.int16))
     # Dropping the room after close does not start a reconnect.
     connector.rooms[0].drop()
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    # A reconnect in flight is cancelled by the close, not left behind.
+    connector = FakeConnector()
+    pub = lk_publisher(connector)
+    await pub.start()
+    connector.hang = True
+    connector.rooms[0].drop()
+    await asyncio.sleep(0.05)
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "livekit-reconnect"]
+    await pub.aclose()
     assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
@@ -386,6 +440,115 @@ async def test_livekit_start_times_out() -> None:
         await pub.start()
     assert time.monotonic() - began < 1.0
     assert err.value.code == PUBLISHER_FAILED
+
+
+async def test_livekit_sources_hand_the_sdk_the_i420_picture_with_increasing_timestamps() -> None:
+    """A local track on the source (the SDK runs without a server) receives exactly the
+    pushed picture, every frame, in order; timestamps must increase."""
+    fmt = MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE)
+    sources = LiveKitSources(fmt)
+    stream = rtc.VideoStream(rtc.LocalVideoTrack.create_video_track("v", sources.video))
+    received: list[tuple[int, np.ndarray]] = []
+
+    async def read() -> None:
+        async for event in stream:
+            buffer = event.frame.convert(rtc.VideoBufferType.I420)
+            received.append((event.timestamp_us, np.frombuffer(buffer.data, np.uint8).copy()))
+
+    reader = asyncio.create_task(read())
+    picture = structured_picture()
+    frames = [rgb_to_i420(np.roll(picture, 4 * i, axis=1)) for i in range(8)]
+    frames[3].setflags(write=False)  # a shared, read-only idle frame works as well
+    t0 = int(time.monotonic() * 1e6)
+    for i, frame in enumerate(frames):
+        await sources.capture(frame, tone_from(0, 1), t0 + i * 1_000_000 // FPS)
+        await asyncio.sleep(1 / FPS)
+    with pytest.raises(ValueError, match="increase"):
+        await sources.capture(frames[0], np.zeros(0, np.int16), t0)
+    with pytest.raises(ValueError, match="I420"):
+        await sources.capture(np.zeros((48, 64, 4), np.uint8), np.zeros(0, np.int16), None)
+    deadline = time.monotonic() + 2
+    while len(received) < len(frames) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await stream.aclose()
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+    await sources.aclose()
+    assert len(received) == len(frames)
+    for (_, got), sent in zip(received, frames):
+        assert np.array_equal(got, sent)
+    stamps = np.diff([ts for ts, _ in received])
+    assert (stamps > 0).all()
+    assert len(sources.capture_times) == len(frames)
+
+
+async def test_livekit_sources_audio_is_paced_at_real_time_without_a_room() -> None:
+    """The audio source's native queue drains 10 ms at a time with no room: real-time
+    pushes never wait, and a burst is held back to real time past the queue's 200 ms."""
+    fmt = MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE)
+    sources = LiveKitSources(fmt, audio_queue_size_ms=200)
+    stream = rtc.AudioStream(rtc.LocalAudioTrack.create_audio_track("a", sources.audio),
+                             sample_rate=RATE, num_channels=1)
+    heard: list[np.ndarray] = []
+
+    async def listen() -> None:
+        async for event in stream:
+            heard.append(np.frombuffer(event.frame.data, np.int16).copy())
+
+    listener = asyncio.create_task(listen())
+    frame = flat_frame(0, 64, 48)
+    audio = tone_from(0, FPS)  # one second
+    began = time.monotonic()
+    slowest = 0.0
+    for i in range(FPS):
+        t = time.monotonic()
+        await sources.capture(frame, audio[i * SPF : (i + 1) * SPF], None)
+        slowest = max(slowest, time.monotonic() - t)
+    burst_s = time.monotonic() - began
+    await asyncio.sleep(0.4)
+    await stream.aclose()
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+    await sources.aclose()
+    assert 0.6 < burst_s < 1.3, f"1 s of audio pushed at once took {burst_s:.2f} s"
+    assert slowest < 2 / FPS
+    pcm = np.concatenate(heard)
+    voiced = np.flatnonzero(np.abs(pcm) > 100)
+    # All of it played out, contiguous: nothing dropped, no gap inserted.
+    assert voiced[-1] - voiced[0] == pytest.approx(FPS * SPF, abs=SPF // 4)
+
+
+async def test_livekit_local_sink_captures_every_frame_at_real_time() -> None:
+    fmt = MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE)
+    pub = LiveKitLocalPublisher(fmt, "local1")
+    assert await pub.start() == {"kind": "livekit-local"}
+    with pytest.raises(LipsyncError):
+        await pub.start()
+    slowest = await push_realtime(pub, 30)
+    assert slowest < 1 / FPS, f"a push took {slowest * 1000:.1f} ms, over one frame period"
+    assert pub.frames_pushed == 30
+    times = np.array(pub.capture_times)
+    assert len(times) == 30
+    intervals = np.diff(times)
+    assert np.median(intervals) == pytest.approx(1 / FPS, rel=0.15)
+    assert pub.video_fps == pytest.approx(FPS, rel=0.15)
+    with pytest.raises(ValueError, match="I420"):
+        await pub.push(np.zeros((48, 64, 4), np.uint8), np.zeros(SPF, np.int16))
+    await asyncio.gather(pub.aclose(), pub.aclose())
+    with pytest.raises(LipsyncError) as err:
+        await pub.push(flat_frame(0, 64, 48), np.zeros(SPF, np.int16))
+    assert err.value.code == PUBLISHER_FAILED
+    assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+
+async def test_null_sink_checks_the_frame_size() -> None:
+    pub = NullPublisher(MediaFormat(65, 49, FPS, RATE), "n")
+    await pub.push(np.zeros(i420_size(65, 49), np.uint8), np.zeros(SPF, np.int16))
+    assert (pub.frames, pub.samples) == (1, SPF)
+    with pytest.raises(ValueError, match=f"{i420_size(65, 49)} bytes for 65x49"):
+        await pub.push(np.zeros(65 * 49 * 3 // 2, np.uint8), np.zeros(0, np.int16))
 
 
 def closed_loopback_port() -> int:
@@ -430,6 +593,12 @@ def test_factory_file_sink_names_a_recording_per_session(tmp_path: Path) -> None
     path = pub._path
     assert path.parent == tmp_path
     assert path.name.startswith("sess-1-") and path.suffix == ".mp4"
+
+
+def test_factory_livekit_local_needs_no_room_or_credentials(tmp_path: Path) -> None:
+    s = Settings(output=OutputSection(sink="livekit-local"))
+    assert s.sink_kind() == "livekit-local"
+    assert isinstance(make_publisher(s, "s1", FMT, None, None), LiveKitLocalPublisher)
 
 
 def test_factory_livekit_needs_a_room(tmp_path: Path) -> None:

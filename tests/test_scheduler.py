@@ -65,3 +65,24 @@ def test_earliest_deadline_skips_cancelled():
     s.add("b", 0, 0, deadline=2.0, job=1, on_done=_noop)
     s.cancel("a")
     assert s.earliest_deadline() == 2.0
+
+
+def test_batch_wait_fills_the_batch_while_the_most_urgent_frame_can_wait():
+    from daemon.scheduler import batch_wait
+
+    # 3 of 8 frames, due in 200 ms, a full step takes 50 ms: keep gathering (in slices).
+    assert 0 < batch_wait(10.0, 3, 8, 10.2, 10.0, 0.05, 0.004) <= 0.002
+    # A new frame does not end the wait; the full batch does.
+    assert batch_wait(10.0, 7, 8, 10.2, 10.0, 0.05, 0.004) > 0
+    assert batch_wait(10.0, 8, 8, 10.2, 10.0, 0.05, 0.004) == 0.0
+
+
+def test_batch_wait_launches_a_frame_that_cannot_wait_alone():
+    from daemon.scheduler import batch_wait
+
+    # Due in 50 ms with a 50 ms full step: launch now, even as a batch of one.
+    assert batch_wait(10.0, 1, 8, 10.05, 10.0, 0.05, 0.004) == 0.0
+    # The GPU is busy for 150 ms more: a frame due in 200 ms cannot wait either.
+    assert batch_wait(10.0, 1, 8, 10.2, 10.15, 0.05, 0.004) == 0.0
+    # Nothing pending: just poll.
+    assert batch_wait(10.0, 0, 8, float("inf"), 10.0, 0.05, 0.004) > 0

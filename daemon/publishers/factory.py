@@ -27,6 +27,10 @@ def make_publisher(
     """Raises LipsyncError when the start message or the config lacks what the sink needs."""
     if settings.sink_kind() == "none":
         return NullPublisher(fmt, session_id)
+    if settings.sink_kind() == "livekit-local":
+        from daemon.publishers.livekit_local import LiveKitLocalPublisher  # loads the SDK
+
+        return LiveKitLocalPublisher(fmt, session_id)
     if settings.sink_kind() == "file":
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         path = settings.recordings_dir() / f"{session_id}-{stamp}.mp4"

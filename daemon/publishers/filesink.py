@@ -1,6 +1,7 @@
 """A local MP4 per session (H.264 yuv420p + AAC): the development and preview sink.
 
-All PyAV work runs on one writer thread per session, fed through a bounded queue, so
+Frames arrive as I420, which is the encoder's own yuv420p: they are encoded as they are,
+with no colour conversion. All PyAV work runs on one writer thread per session, fed through a bounded queue, so
 encoding never runs on the event loop. Video frame ``i`` gets pts ``i`` (time base
 1/fps) and audio is laid down by sample count on the same timeline, so sound and
 picture are aligned by construction rather than by wall-clock timestamps.
@@ -19,8 +20,9 @@ import av
 import numpy as np
 
 from daemon.errors import PUBLISHER_FAILED, LipsyncError
+from daemon.frames import planes
 from daemon.log import get_logger
-from daemon.publishers.base import MediaFormat, Publisher
+from daemon.publishers.base import MediaFormat, Publisher, check_frame
 
 _log = get_logger(__name__)
 
@@ -35,12 +37,17 @@ def even_size(width: int, height: int) -> tuple[int, int]:
     return width + (width & 1), height + (height & 1)
 
 
-def pad_to_even(frame_rgba: np.ndarray) -> np.ndarray:
-    h, w = frame_rgba.shape[:2]
-    ew, eh = even_size(w, h)
-    if (ew, eh) == (w, h):
-        return frame_rgba
-    return np.pad(frame_rgba, ((0, eh - h), (0, ew - w), (0, 0)), mode="edge")
+def yuv420p_array(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A flat I420 frame as the (H * 3/2, W) array PyAV's ``from_ndarray(format="yuv420p")``
+    reads, at the even size. The chroma planes of an odd size are already
+    ceil(W/2) x ceil(H/2), the even size's own: only the luma grows, by repeating its last
+    row/column."""
+    ew, eh = even_size(width, height)
+    if (ew, eh) == (width, height):
+        return frame.reshape(height * 3 // 2, width)
+    y, u, v = planes(frame, width, height)
+    y = np.pad(y, ((0, eh - height), (0, ew - width)), mode="edge")
+    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(eh * 3 // 2, ew)
 
 
 class _Mp4Writer:
@@ -76,7 +83,7 @@ class _Mp4Writer:
     def _video_start_sample(self, frame_index: int) -> int:
         return round(frame_index * self._fmt.sample_rate / self._fmt.fps)
 
-    def write(self, frame_rgba: np.ndarray, audio: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
         index = self.frames_written
         # Audio that arrives short (an idle frame with no samples, say) is filled with
         # silence up to this frame's start, so a gap never shifts later audio earlier
@@ -87,8 +94,9 @@ class _Mp4Writer:
         if audio.size:
             self._write_audio(audio)
 
-        video_frame = av.VideoFrame.from_ndarray(pad_to_even(frame_rgba), format="rgba")
-        video_frame = video_frame.reformat(format="yuv420p")
+        video_frame = av.VideoFrame.from_ndarray(
+            yuv420p_array(frame, self._fmt.width, self._fmt.height), format="yuv420p"
+        )
         video_frame.pts = index
         video_frame.time_base = Fraction(1, self._fmt.fps)
         for packet in self._video.encode(video_frame):
@@ -191,14 +199,12 @@ class FileSinkPublisher(Publisher):
         self._path.parent.mkdir(parents=True, exist_ok=True)
         return _Mp4Writer(self._path, self._fmt, crf=self._crf, preset=self._preset)
 
-    async def push(self, frame_rgba: np.ndarray, audio: np.ndarray) -> None:
+    async def push(self, frame: np.ndarray, audio: np.ndarray,
+                   timestamp_us: int | None = None) -> None:
+        """``timestamp_us`` is not used: frame i is at i / fps in the file."""
         if self._slots is None or self._closing:
             raise LipsyncError(PUBLISHER_FAILED, f"file sink {self._path} is not open")
-        if frame_rgba.shape != (self._fmt.height, self._fmt.width, 4):
-            raise ValueError(
-                f"frame shape {frame_rgba.shape} does not match the sink's "
-                f"{(self._fmt.height, self._fmt.width, 4)}"
-            )
+        check_frame(frame, self._fmt)
         if self._error is not None:
             self.frames_dropped += 1
             return
@@ -208,7 +214,7 @@ class FileSinkPublisher(Publisher):
             self.frames_dropped += 1
             return
         # Copies: the caller may reuse its buffers once push returns.
-        self._jobs.put((np.array(frame_rgba, dtype=np.uint8),
+        self._jobs.put((frame.copy(),
                         np.array(audio, dtype=np.int16).reshape(-1)))
         self.frames_pushed += 1
 

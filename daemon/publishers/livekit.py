@@ -1,16 +1,17 @@
 """Publishes a session's audio and video to a LiveKit room.
 
-The session calls ``push`` once per frame period. Audio goes straight into the
-``AudioSource`` (whose native queue plays out in real time and makes ``capture_frame``
-wait only when more than ``audio_queue_size_ms`` is queued); video goes into the
-``AVSynchronizer``'s bounded queue, which a task drains at exactly ``fps``. So at the
-session's pace neither waits, and when the consumer falls behind a video frame is
-dropped after one frame period instead of letting queues grow.
+The session calls ``push`` once per frame period with an I420 frame, the audio of that
+frame and the frame's due time. Both go straight into the session's LiveKit sources
+(``LiveKitSources``): the I420 planes are copied into a native buffer with the due time
+as the capture timestamp, so WebRTC sees the session's own frame clock; the audio joins
+the ``AudioSource``'s native queue, which plays out in real time and makes the capture
+wait only when more than ``audio_queue_size_ms`` is queued. At the session's pace neither
+waits.
 
-If the room drops, the sources and the synchronizer stay; a background task mints a
-fresh token, reconnects with capped exponential backoff and publishes new tracks on the
-same sources. Pushes meanwhile are accepted and dropped (counted), so the session's
-clock never stalls on the network.
+If the room drops, the sources stay; a background task mints a fresh token, reconnects
+with capped exponential backoff and publishes new tracks on the same sources. Pushes
+meanwhile are accepted and dropped (counted), so the session's clock never stalls on the
+network.
 
 The room connection is the one seam (``RoomConnector``): everything else is the real
 livekit SDK.
@@ -29,7 +30,8 @@ from pydantic import SecretStr
 
 from daemon.errors import PUBLISHER_FAILED, LipsyncError
 from daemon.log import get_logger
-from daemon.publishers.base import MediaFormat, Publisher
+from daemon.publishers.base import MediaFormat, Publisher, check_frame
+from daemon.publishers.livekit_sources import LiveKitSources
 
 _log = get_logger(__name__)
 
@@ -123,7 +125,6 @@ class LiveKitPublisher(Publisher):
         room_connector: RoomConnector | None = None,
         *,
         reconnect_initial_backoff_s: float = 0.5,
-        video_queue_size_ms: float = 100.0,
         audio_queue_size_ms: int = 200,
     ) -> None:
         self._url = url
@@ -137,15 +138,11 @@ class LiveKitPublisher(Publisher):
         self._initial_backoff_s = min(reconnect_initial_backoff_s, reconnect_max_backoff_s)
         self._connect_timeout_s = connect_timeout_s
         self._connector: RoomConnector = room_connector or RtcRoomConnector()
-        self._video_queue_size_ms = video_queue_size_ms
         self._audio_queue_size_ms = audio_queue_size_ms
-        self._frame_period_s = 1.0 / fmt.fps
         self._log = _log.bind(session_id=session_id, sink="livekit", room=room,
                               identity=identity)
 
-        self._video_source: rtc.VideoSource | None = None
-        self._audio_source: rtc.AudioSource | None = None
-        self._sync: rtc.AVSynchronizer | None = None
+        self._sources: LiveKitSources | None = None
         self._room: RoomLike | None = None
         # Bumped per connection so a late "disconnected" from an old room is ignored.
         self._generation = 0
@@ -167,16 +164,7 @@ class LiveKitPublisher(Publisher):
         if self._started or self._closing:
             raise LipsyncError(PUBLISHER_FAILED, "LiveKit publisher was already started")
         self._started = True
-        self._video_source = rtc.VideoSource(self._fmt.width, self._fmt.height)
-        self._audio_source = rtc.AudioSource(
-            self._fmt.sample_rate, 1, queue_size_ms=self._audio_queue_size_ms
-        )
-        self._sync = rtc.AVSynchronizer(
-            audio_source=self._audio_source,
-            video_source=self._video_source,
-            video_fps=self._fmt.fps,
-            video_queue_size_ms=self._video_queue_size_ms,
-        )
+        self._sources = LiveKitSources(self._fmt, audio_queue_size_ms=self._audio_queue_size_ms)
         try:
             await self._connect_and_publish()
         except BaseException:
@@ -198,18 +186,9 @@ class LiveKitPublisher(Publisher):
                 self._reconnect_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._reconnect_task
-            # Reverse order of creation: synchronizer, sources, then the room.
-            if self._sync is not None:
-                await self._sync.aclose()
-                # aclose only cancels the capture task; wait for it so no task outlives us.
-                capture = getattr(self._sync, "_capture_video_task", None)
-                if capture is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await capture
-            if self._audio_source is not None:
-                await self._audio_source.aclose()
-            if self._video_source is not None:
-                await self._video_source.aclose()
+            # Reverse order of creation: the sources, then the room.
+            if self._sources is not None:
+                await self._sources.aclose()
             room, self._room = self._room, None
             if room is not None:
                 await self._disconnect_quietly(room)
@@ -225,43 +204,26 @@ class LiveKitPublisher(Publisher):
     @property
     def video_fps(self) -> float:
         """Video frames per second actually handed to the source over the last second."""
-        return self._sync.actual_fps if self._sync is not None else 0.0
+        return self._sources.video_fps if self._sources is not None else 0.0
 
     # -- media -----------------------------------------------------------------------
 
-    async def push(self, frame_rgba: np.ndarray, audio: np.ndarray) -> None:
-        if not self._started or self._closing or self._sync is None:
+    async def push(self, frame: np.ndarray, audio: np.ndarray,
+                   timestamp_us: int | None = None) -> None:
+        if not self._started or self._closing or self._sources is None:
             raise LipsyncError(PUBLISHER_FAILED, "LiveKit publisher is not running")
-        height, width = self._fmt.height, self._fmt.width
-        if frame_rgba.shape != (height, width, 4) or frame_rgba.dtype != np.uint8:
-            raise ValueError(
-                f"frame must be uint8 {(height, width, 4)}, got {frame_rgba.dtype} "
-                f"{frame_rgba.shape}"
-            )
+        check_frame(frame, self._fmt)
         if not self._connected:
             self.frames_dropped += 1
             return
-        samples = np.ascontiguousarray(audio, dtype=np.int16).reshape(-1)
-        if samples.size:
-            await self._sync.push(
-                rtc.AudioFrame(samples.tobytes(), self._fmt.sample_rate, 1, samples.size)
-            )
-        video = rtc.VideoFrame(
-            width, height, rtc.VideoBufferType.RGBA, np.ascontiguousarray(frame_rgba).tobytes()
-        )
-        try:
-            # A cancelled Queue.put inserts nothing, so a timed-out frame is simply gone.
-            await asyncio.wait_for(self._sync.push(video), timeout=self._frame_period_s)
-        except TimeoutError:
-            self.frames_dropped += 1
-            return
+        await self._sources.capture(frame, audio, timestamp_us)
         self.frames_pushed += 1
 
     # -- connection ------------------------------------------------------------------
 
     async def _connect_and_publish(self) -> None:
         """One attempt: token, connect, publish both tracks. Raises LipsyncError."""
-        assert self._video_source is not None and self._audio_source is not None
+        assert self._sources is not None
         token = mint_token(self._api_key, self._api_secret, self._room_name, self._identity,
                            self._token_ttl_s)
         self._last_token = token
@@ -279,10 +241,10 @@ class LiveKitPublisher(Publisher):
                 # New tracks per connection: a track belongs to the room it was
                 # published in, the sources outlive rooms.
                 video_track = rtc.LocalVideoTrack.create_video_track(
-                    "avatar-video", self._video_source
+                    "avatar-video", self._sources.video
                 )
                 audio_track = rtc.LocalAudioTrack.create_audio_track(
-                    "avatar-audio", self._audio_source
+                    "avatar-audio", self._sources.audio
                 )
                 await room.local_participant.publish_track(
                     video_track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
@@ -344,10 +306,6 @@ class LiveKitPublisher(Publisher):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff_s)
                 continue
-            assert self._sync is not None
-            # Frames stopped while away: restart the pacing clock instead of letting
-            # the synchronizer believe it is behind.
-            self._sync.reset()
             self.reconnects += 1
             self._connected = True
             self._log.info("livekit_reconnected", attempt=attempt,

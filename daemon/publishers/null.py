@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.publishers.base import MediaFormat, Publisher
+from daemon.publishers.base import MediaFormat, Publisher, check_frame
 
 
 class NullPublisher(Publisher):
@@ -19,9 +19,9 @@ class NullPublisher(Publisher):
     async def start(self) -> dict[str, Any]:
         return {"kind": "none"}
 
-    async def push(self, frame_rgba: np.ndarray, audio: np.ndarray) -> None:
-        if frame_rgba.shape != (self.fmt.height, self.fmt.width, 4):
-            raise ValueError(f"frame of shape {frame_rgba.shape}, expected {(self.fmt.height, self.fmt.width, 4)}")
+    async def push(self, frame: np.ndarray, audio: np.ndarray,
+                   timestamp_us: int | None = None) -> None:
+        check_frame(frame, self.fmt)
         self.frames += 1
         self.samples += len(audio)
 

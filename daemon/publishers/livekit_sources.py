@@ -1,0 +1,92 @@
+"""A session's two LiveKit sources, and how one frame and its audio enter them.
+
+Shared by the LiveKit publisher (which publishes tracks of these sources in a room) and
+the livekit-local sink (which never joins one), so both pay the same costs:
+``VideoSource.capture_frame`` copies the I420 planes into a native buffer during the
+call, and ``AudioSource.capture_frame`` appends to the source's native queue, which a
+native task drains 10 ms at a time at real time whether or not a room is connected. That
+queue makes a capture wait only while more than ``audio_queue_size_ms`` is queued, so
+pushes at the session's real-time pace never wait.
+
+Video is captured here, with the caller's timestamp, rather than through
+``rtc.AVSynchronizer``: its ``push(frame, timestamp)`` keeps the timestamp for its own
+bookkeeping and captures with ``timestamp_us=0`` (the SDK then stamps the wall clock at
+capture), and its pacing task would add a second clock and queue behind the session's,
+which already paces every push.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+from livekit import rtc
+
+from daemon.publishers.base import MediaFormat, check_frame
+
+
+class LiveKitSources:
+    def __init__(self, fmt: MediaFormat, *, audio_queue_size_ms: int = 200,
+                 capture_window: int | None = None) -> None:
+        """Must be built on the event loop (the audio source binds to it).
+        ``capture_window``: how many video capture times to keep (default: one second's)."""
+        if audio_queue_size_ms <= 0 or audio_queue_size_ms % 10:
+            raise ValueError(f"audio_queue_size_ms must be a positive multiple of 10, got {audio_queue_size_ms}")
+        self.fmt = fmt
+        self.video = rtc.VideoSource(fmt.width, fmt.height)
+        self.audio = rtc.AudioSource(fmt.sample_rate, 1, queue_size_ms=audio_queue_size_ms)
+        # time.monotonic() right after each video capture: the published frame rate and
+        # its interval jitter, as the SDK received the frames.
+        self.capture_times: deque[float] = deque(maxlen=capture_window or fmt.fps + 1)
+        self._last_timestamp_us = 0
+        self._closed = False
+
+    async def capture(self, frame: np.ndarray, audio: np.ndarray, timestamp_us: int | None) -> None:
+        """One frame and its audio into the sources (see Publisher.push)."""
+        check_frame(frame, self.fmt)
+        if timestamp_us is None:
+            ts = max(int(time.monotonic() * 1e6), self._last_timestamp_us + 1)
+        else:
+            ts = int(timestamp_us)
+        if ts <= self._last_timestamp_us:
+            # 0 would make the SDK stamp the wall clock instead; a repeated or earlier
+            # time would make WebRTC drop the frame.
+            raise ValueError(f"timestamp_us must increase from frame to frame and be > 0: "
+                             f"got {ts} after {self._last_timestamp_us}")
+        self._last_timestamp_us = ts
+        self.video.capture_frame(
+            rtc.VideoFrame(self.fmt.width, self.fmt.height, rtc.VideoBufferType.I420,
+                           _native_readable(frame)),
+            timestamp_us=ts,
+        )
+        self.capture_times.append(time.monotonic())
+        samples = np.ascontiguousarray(audio, dtype=np.int16).reshape(-1)
+        if samples.size:
+            await self.audio.capture_frame(
+                rtc.AudioFrame(samples.tobytes(), self.fmt.sample_rate, 1, samples.size)
+            )
+
+    @property
+    def video_fps(self) -> float:
+        """Video frames per second captured over the last ``capture_window`` frames."""
+        times = self.capture_times
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.audio.aclose()
+        await self.video.aclose()
+
+
+def _native_readable(frame: np.ndarray) -> memoryview | bytes:
+    """The frame's memory for the SDK, which copies it during ``capture_frame``: a view
+    when the SDK can take its address (writable, contiguous), else one copy (the SDK
+    cannot take the address of a read-only view, e.g. an avatar's shared idle frame)."""
+    if frame.flags.writeable and frame.flags.c_contiguous:
+        return memoryview(frame)
+    return frame.tobytes()

@@ -1,0 +1,496 @@
+"""The generation worker: one thread that owns every GPU call and runs a loop of rounds.
+
+One round: apply the sessions' messages in order (audio, flush, frame plans, cancels) ->
+one batched whisper call for every session with a newly computable frame (its tokens
+stay on the device, ``musetalk.audio_gpu``) -> frames whose tokens and plan are both
+there join the scheduler -> launch a step when the batch is full or the most urgent
+frame cannot wait any longer -> hand back the steps that finished. Launching never
+waits for the device: a step's boxes are copied out on a copy stream while the worker
+prepares the next round; at most two steps are in flight.
+
+The event loop talks to the worker only through ``post`` (messages, applied between
+rounds) and receives finished frames through ``loop.call_soon_threadsafe``: features and
+tokens never leave the device, and no frame waits for an event-loop round trip before
+it can be batched.
+
+A frame's *plan* comes from its session (which avatar frame it is pasted on, how
+strongly the mouth is blended, when it is due); its *tokens* from the audio streams.
+Frames with blend 0 are planned too (so the worker knows they are done) but never
+generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from daemon import errors
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+from daemon.scheduler import BatchScheduler, PendingFrame, batch_wait
+
+log = get_logger(__name__)
+
+# Time between a step's end and its frame's tick that delivery needs (copy-out wait,
+# the event loop's callback, composing the frame).
+DELIVERY_MARGIN_S = 0.004
+MAX_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    utterance: int
+    frame: int
+    avatar_key: str
+    avatar_index: int
+    blend: float
+    deadline: float  # monotonic time by which the frame must be generated
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    """What the scheduler holds for a frame ready to generate."""
+
+    stream: "_Stream"
+    voice: "_Voice"
+    plan: FramePlan
+    token_row: int
+
+
+# The callback a session gets results through, on the event loop:
+# on_result([(utterance, frame, box or None, error or None), ...]).
+OnResult = Callable[[list[tuple[int, int, Any, BaseException | None]]], None]
+
+
+@dataclass
+class _Voice:
+    """One utterance's audio slot. A session alternates two, so that the next utterance's
+    audio never overwrites tokens of the one still finishing."""
+
+    slot: int
+    utterance: int | None = None
+    flushed: bool = False
+    plans: dict[int, FramePlan] = field(default_factory=dict)  # frame -> plan, tokens not yet made
+    tokens: dict[int, int] = field(default_factory=dict)  # frame -> token row, not yet planned
+    parked: list[tuple[float, int]] = field(default_factory=list)  # (deadline, frame) beyond the horizon
+    outstanding: set[int] = field(default_factory=set)  # frames with tokens not yet consumed
+    done_below: int = 0  # every frame below this one is launched, dropped or not needed
+
+    def reset(self, utterance: int | None) -> None:
+        self.utterance, self.flushed = utterance, False
+        self.plans.clear()
+        self.tokens.clear()
+        self.parked.clear()
+        self.outstanding.clear()
+        self.done_below = 0
+
+
+@dataclass
+class _Stream:
+    session_id: str
+    fps: int
+    on_result: OnResult
+    streams: Any  # musetalk.audio_gpu.GpuAudioStreams of this fps
+    voices: tuple[_Voice, _Voice]
+    closed: bool = False
+
+    def voice(self, utterance: int) -> _Voice:
+        return self.voices[utterance % 2]
+
+
+class _Estimates:
+    """Step time per bucket (median of recent GPU times), audio round time, busy time."""
+
+    def __init__(self, initial_ms: dict[int, float]) -> None:
+        self._steps: dict[int, deque[float]] = {b: deque([ms / 1000], maxlen=9) for b, ms in initial_ms.items()}
+        self._round: deque[float] = deque([0.002], maxlen=9)
+        self._busy: deque[tuple[float, float]] = deque()
+        self.step_s_total = 0.0
+
+    def step(self, bucket: int) -> float:
+        known = self._steps.get(bucket)
+        if known:
+            return statistics.median(known)
+        if not self._steps:
+            return 0.01
+        # Interpolate from the nearest measured bucket (time grows about linearly).
+        near = min(self._steps, key=lambda b: abs(b - bucket))
+        return statistics.median(self._steps[near]) * max(1.0, bucket / near) if bucket > near else \
+            statistics.median(self._steps[near])
+
+    def add_step(self, bucket: int, seconds: float, now: float) -> None:
+        self._steps.setdefault(bucket, deque(maxlen=9)).append(seconds)
+        self.step_s_total += seconds
+        self._busy.append((now, seconds))
+        while self._busy and now - self._busy[0][0] > 10.0:
+            self._busy.popleft()
+
+    def round(self) -> float:
+        return statistics.median(self._round)
+
+    def add_round(self, seconds: float) -> None:
+        self._round.append(seconds)
+
+    def busy_fraction(self, now: float) -> float | None:
+        if not self._busy:
+            return 0.0
+        span = min(10.0, max(1e-3, now - self._busy[0][0] + self._busy[0][1]))
+        return min(1.0, sum(s for _, s in self._busy) / span)
+
+
+class GenerationWorker:
+    """See the module docstring. ``engine`` is a musetalk.engine.Engine; ``make_streams(fps)``
+    builds the GpuAudioStreams for a frame rate (one per rate in use)."""
+
+    def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
+                 metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float]) -> None:
+        self.engine = engine
+        self._make_streams = make_streams
+        self._streams_by_fps: dict[int, Any] = {}
+        self._loop = loop
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.horizon_s = horizon_s
+        self.est = _Estimates(initial_step_ms)
+        self.scheduler = BatchScheduler()
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Any, ...]] = []
+        self._sessions: dict[str, _Stream] = {}
+        self._in_flight: deque[tuple[Any, list[PendingFrame], int, float]] = deque()
+        self._gpu_free_at = 0.0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.frames_generated = 0
+        self.frames_dropped_late = 0
+        self.step_failures = 0
+        self.audio_rounds = 0
+        self.audio_round_s = 0.0
+        # Test hook and fault injection point: replaces the engine's launch for a batch.
+        self.step_fn: Callable[[list[PendingFrame]], Any] | None = None
+
+    # ---- the event loop's side (any thread) --------------------------------------------
+    def post(self, *message: Any) -> None:
+        with self._cv:
+            self._inbox.append(message)
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``fn`` on the worker thread between rounds; the future settles on the loop."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self.post("call", fn, fut)
+        return fut
+
+    def start(self, name: str = "lipsync-gpu") -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> threading.Thread | None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        return self._thread
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self.scheduler)
+
+    def busy_fraction(self) -> float | None:
+        return self.est.busy_fraction(time.monotonic())
+
+    def processing_budget_s(self, speaking: int) -> float:
+        """How long after a frame's audio context is complete its generated frame can be
+        expected: an audio round, the step in flight and its own step, and a margin."""
+        bucket = self.engine.bucket(max(1, min(self.max_batch, speaking)))
+        return self.est.round() + 2 * self.est.step(bucket) + 0.010
+
+    # ---- the worker thread -------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            import torch
+
+            if self.engine.device.type == "cuda":
+                # Live steps on a high-priority stream: avatar preparation (its own
+                # low-priority stream) never delays them.
+                torch.cuda.set_stream(torch.cuda.Stream(self.engine.device, priority=-1))
+            with torch.inference_mode():
+                self._loop_rounds()
+        except BaseException:
+            log.exception("generation worker crashed")
+            raise
+
+    def _loop_rounds(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop:
+                    break
+                messages, self._inbox = self._inbox, []
+            dirty = self._apply(messages)
+            if dirty:
+                self._audio_round()
+            now = time.monotonic()
+            self._unpark(now)
+            self._collect(block=len(self._in_flight) >= MAX_IN_FLIGHT)
+            wait = self._launch_or_wait(now)
+            if wait > 0:
+                with self._cv:
+                    if not self._inbox and not self._stop:
+                        self._cv.wait(timeout=wait)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        stopped = LipsyncError(errors.SHUTTING_DOWN, "model worker stopped")
+        with self._cv:
+            messages, self._inbox = self._inbox, []
+        for message in messages:
+            if message[0] == "call":
+                self._settle(message[2], None, stopped)
+        while self._in_flight:
+            self._collect(block=True)
+
+    # ---- messages ----------------------------------------------------------------------
+    def _apply(self, messages: list[tuple[Any, ...]]) -> bool:
+        dirty = False
+        for message in messages:
+            kind = message[0]
+            if kind == "call":
+                _, fn, fut = message
+                try:
+                    self._settle(fut, fn(), None)
+                except BaseException as exc:  # delivered to the awaiting task, which logs it
+                    self._settle(fut, None, exc)
+                continue
+            st = self._sessions.get(message[1])
+            if kind == "open":
+                _, sid, fps, on_result = message
+                streams = self._streams_by_fps.get(fps)
+                if streams is None:
+                    streams = self._streams_by_fps[fps] = self._make_streams(fps)
+                self._sessions[sid] = _Stream(sid, fps, on_result, streams,
+                                              (_Voice(streams.open()), _Voice(streams.open())))
+            elif st is None:
+                continue  # closed meanwhile
+            elif kind == "audio":
+                _, _, utterance, pcm16k = message
+                voice = st.voice(utterance)
+                if voice.utterance != utterance:
+                    st.streams.reset(voice.slot)
+                    voice.reset(utterance)
+                st.streams.push(voice.slot, pcm16k)
+                dirty = True
+            elif kind == "flush":
+                voice = st.voice(message[2])
+                if voice.utterance == message[2] and not voice.flushed:
+                    st.streams.flush(voice.slot)
+                    voice.flushed = True
+                    dirty = True
+            elif kind == "plans":
+                for plan in message[2]:
+                    self._on_plan(st, plan)
+            elif kind == "cancel":
+                _, _, utterance, before = message
+                self._cancel(st, utterance, before)
+            elif kind == "close":
+                self._cancel(st, None, None)
+                for voice in st.voices:
+                    st.streams.close(voice.slot)
+                st.closed = True
+                del self._sessions[st.session_id]
+        return dirty
+
+    def _cancel(self, st: _Stream, utterance: int | None, before: int | None) -> None:
+        self.scheduler.cancel(st.session_id, utterance, before)
+        for voice in st.voices:
+            if voice.utterance is None or (utterance is not None and voice.utterance != utterance):
+                continue
+            if before is None:
+                # The whole utterance: its audio is dropped too.
+                st.streams.reset(voice.slot)
+                voice.reset(None)
+                continue
+            for f in [f for f in voice.plans if f < before]:
+                del voice.plans[f]
+            for f in [f for f in voice.tokens if f < before]:
+                del voice.tokens[f]
+            voice.parked = [(d, f) for d, f in voice.parked if f >= before]
+            heapq.heapify(voice.parked)
+            voice.outstanding = {f for f in voice.outstanding if f >= before}
+            self._advance(st, voice)
+
+    def _on_plan(self, st: _Stream, plan: FramePlan) -> None:
+        voice = st.voice(plan.utterance)
+        if voice.utterance != plan.utterance:
+            return  # cancelled, or replaced by a later utterance
+        row = voice.tokens.pop(plan.frame, None)
+        if row is None:
+            voice.plans[plan.frame] = plan
+            return
+        self._ready(st, voice, plan, row)
+
+    def _ready(self, st: _Stream, voice: _Voice, plan: FramePlan, row: int) -> None:
+        """Tokens and plan are both there: schedule it, park it, or (blend 0) skip it."""
+        if plan.blend <= 0.0:
+            voice.outstanding.discard(plan.frame)
+            self._advance(st, voice)
+            return
+        if plan.deadline - time.monotonic() > self.horizon_s:
+            heapq.heappush(voice.parked, (plan.deadline, plan.frame))
+            voice.plans[plan.frame] = plan
+            voice.tokens[plan.frame] = row
+            return
+        self.scheduler.add(st.session_id, plan.utterance, plan.frame, plan.deadline,
+                           FrameJob(st, voice, plan, row), None)
+
+    def _unpark(self, now: float) -> None:
+        for st in self._sessions.values():
+            for voice in st.voices:
+                while voice.parked and voice.parked[0][0] - now <= self.horizon_s:
+                    _, f = heapq.heappop(voice.parked)
+                    plan, row = voice.plans.pop(f, None), voice.tokens.pop(f, None)
+                    if plan is not None and row is not None:
+                        self.scheduler.add(st.session_id, plan.utterance, f, plan.deadline,
+                                           FrameJob(st, voice, plan, row), None)
+
+    def _advance(self, st: _Stream, voice: _Voice) -> None:
+        """Tell the audio streams which token rows the worker no longer needs."""
+        low = min(voice.outstanding) if voice.outstanding else st.streams.frames_ready(voice.slot)
+        if low > voice.done_below:
+            voice.done_below = low
+            st.streams.consumed(voice.slot, low)
+
+    # ---- audio -------------------------------------------------------------------------
+    def _audio_round(self) -> None:
+        t = time.perf_counter()
+        made: list[tuple[int, int, int]] = []
+        for streams in self._streams_by_fps.values():
+            made += [(id(streams), *m) for m in streams.round()]
+        self.audio_rounds += 1
+        elapsed = time.perf_counter() - t
+        self.audio_round_s += elapsed
+        self.est.add_round(elapsed)
+        if not made:
+            return
+        by_slot = {(id(st.streams), v.slot): (st, v) for st in self._sessions.values() for v in st.voices}
+        for streams_id, slot, first, count in made:
+            found = by_slot.get((streams_id, slot))
+            if found is None or found[1].utterance is None:
+                continue
+            st, voice = found
+            for f in range(first, first + count):
+                row = st.streams.token_index(slot, f)
+                voice.outstanding.add(f)
+                plan = voice.plans.pop(f, None)
+                if plan is None:
+                    voice.tokens[f] = row
+                else:
+                    self._ready(st, voice, plan, row)
+
+    # ---- generation --------------------------------------------------------------------
+    def _launch_or_wait(self, now: float) -> float:
+        """Launch a step now, or return how long to wait for more frames (0: loop again)."""
+        n = len(self.scheduler)
+        if n == 0:
+            return 0.001 if self._in_flight else 0.05
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            return 0.0005
+        gpu_free = max(now, self._gpu_free_at)
+        wait = batch_wait(now, n, self.max_batch, self.scheduler.earliest_deadline(), gpu_free,
+                          self.est.step(self.engine.bucket(self.max_batch)), DELIVERY_MARGIN_S)
+        if wait > 0:
+            return wait
+        size = self.engine.bucket(min(n, self.max_batch))
+        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + self.est.step(size) + DELIVERY_MARGIN_S)
+        late = self.scheduler.dropped_late
+        if late:
+            self.frames_dropped_late += late
+            for item in self.scheduler.last_dropped:
+                self._consume(item)
+        if not batch:
+            return 0.0
+        for item in batch:
+            self._consume(item)
+        self._launch(batch, now)
+        return 0.0
+
+    def _consume(self, item: PendingFrame) -> None:
+        job: FrameJob = item.job
+        job.voice.outstanding.discard(item.frame_no)
+        self._advance(job.stream, job.voice)
+
+    def _launch(self, batch: list[PendingFrame], now: float) -> None:
+        size = self.engine.bucket(len(batch))
+        try:
+            if self.step_fn is not None:
+                handle = self.step_fn(batch)
+            else:
+                jobs = [item.job for item in batch]
+                rows = self.engine._upload(np.array([j.token_row for j in jobs], dtype=np.int64))
+                table = jobs[0].stream.streams.tokens
+                tokens = table.view(-1, *table.shape[-2:]).index_select(0, rows)
+                handle = self.engine.launch([j.plan.avatar_key for j in jobs], [j.plan.avatar_index for j in jobs],
+                                            tokens, [j.plan.blend for j in jobs])
+        except Exception as exc:
+            self.step_failures += 1
+            log.error("generation step failed", frames=len(batch), error=repr(exc))
+            self._deliver(batch, None, exc)
+            return
+        self._gpu_free_at = max(now, self._gpu_free_at) + self.est.step(size)
+        self._in_flight.append((handle, batch, size, time.perf_counter()))
+
+    def _collect(self, block: bool) -> None:
+        while self._in_flight:
+            handle, batch, size, launched = self._in_flight[0]
+            if not block and not handle.ready():
+                return
+            block = False
+            self._in_flight.popleft()
+            try:
+                boxes = handle.boxes()
+                error: BaseException | None = None
+            except Exception as exc:
+                boxes, error = None, exc
+                self.step_failures += 1
+                log.error("generation step failed", frames=len(batch), error=repr(exc))
+            now = time.monotonic()
+            gpu_s = handle.gpu_seconds() if error is None else None
+            self.est.add_step(size, gpu_s if gpu_s is not None else time.perf_counter() - launched, now)
+            self.steps += 1
+            self.metrics.gpu_step_seconds.observe(gpu_s or 0.0)
+            self.metrics.gpu_batch_size.observe(len(batch))
+            if error is None:
+                self.frames_generated += len(batch)
+            if not self._in_flight:
+                self._gpu_free_at = now
+            self._deliver(batch, boxes, error)
+
+    def _deliver(self, batch: list[PendingFrame], boxes: list[Any] | None, error: BaseException | None) -> None:
+        by_session: dict[int, tuple[_Stream, list[tuple[int, int, Any, BaseException | None]]]] = {}
+        for i, item in enumerate(batch):
+            st: _Stream = item.job.stream
+            entry = by_session.setdefault(id(st), (st, []))
+            entry[1].append((item.utterance, item.frame_no, boxes[i] if boxes is not None else None, error))
+        for st, results in by_session.values():
+            if not st.closed:
+                self._loop.call_soon_threadsafe(st.on_result, results)
+
+    def _settle(self, fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+        def settle() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+        self._loop.call_soon_threadsafe(settle)

@@ -1,0 +1,698 @@
+"""Streaming MuseTalk audio tokens for many sessions at once, kept on one device.
+
+``musetalk.audio.StreamingAudioFeatures`` (window 30 s) computes each session's log-mel
+on the host, copies a 0.96 MB mel to the GPU per encode and the features back per
+session; with many sessions that host work, not the GPU, is the capacity wall
+(docs/AUDIO.md). ``GpuAudioStreams`` gives the same tokens with only the new samples
+crossing to the device:
+
+- ``push`` stages float32 16 kHz samples on the host (no GPU work, any thread);
+- ``round`` (the GPU worker thread) uploads every slot's staged samples with one copy
+  from a reused pinned buffer, appends them to each slot's 30 s segment on the device,
+  computes the log-mel there (``log_mel_device``) for every slot whose next frames became
+  computable, runs one batched encoder call, and writes each new frame's [50, 384]
+  tokens into the ring ``tokens[slot, frame % ring_frames]``. Nothing goes back to the
+  host and nothing waits for the device.
+
+Semantics are StreamingAudioFeatures' with ``window_s=30``: frame f is computed once the
+audio through the end of its last feature frame (plus ``lookahead_frames``) has arrived,
+from the current segment zero-padded to 30 s (what the reference feeds its last segment);
+a frame whose ten feature frames straddle a segment boundary takes the previous
+segment's features from that segment's final, complete encoding (a small tail of it is
+kept per slot). At a flush the features after floor(samples / 320) are zero, as offline.
+
+The ring: a slot never runs more than ``ring_frames`` frames ahead of what its caller
+reported with ``consumed``; past that, ``round`` leaves its further frames for later
+rounds and its audio waits, so an unconsumed row is never overwritten. Samples of the
+next 30 s segment also stay staged until the slot's frames reach the segment's end
+(device memory is one segment per slot).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from musetalk.audio import (
+    FEATURE_RATE,
+    FEATURES_PER_FRAME,
+    HIDDEN_STATES,
+    SAMPLES_PER_FEATURE,
+    frame_feature_start,
+    num_feature_frames,
+    num_video_frames,
+    padding_frames,
+    positional_encoding,
+)
+from musetalk.types import AUDIO_DIM, AUDIO_TOKENS
+from musetalk.whisper import (
+    HOP_LENGTH,
+    N_FFT,
+    SAMPLE_RATE,
+    WINDOW_FEATURES,
+    WINDOW_SAMPLES,
+    WhisperAudioEncoder,
+)
+
+# Features of a segment's final encoding kept per slot for frames that straddle into the
+# next segment: a frame spans 10, and a slot rolls over only once its next frame starts
+# within this many features of the boundary.
+TAIL_FEATURES = 2 * FEATURES_PER_FRAME
+
+# Source of one feature row of a frame's window.
+_ZERO, _STATE, _TAIL = 0, 1, 2
+
+
+def log_mel_device(audio: torch.Tensor, mel_filters_t: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Whisper's normalized log-mel of [B, 480000] zero-padded segments -> [B, n_mels, 3000].
+
+    As ``WhisperFeatureExtractor``: centered STFT (reflect padding), |.|^2, mel filters
+    (``mel_filters_t`` [n_mels, 201]), log10 with floor 1e-10, clamp to (item max - 8),
+    (x + 4) / 4; float32 throughout. ``window``: the periodic Hann window of 400.
+    """
+    spec = torch.stft(
+        audio, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
+    )
+    power = (spec[..., :-1].abs() ** 2).contiguous()
+    log_spec = torch.clamp(mel_filters_t @ power, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+@dataclass
+class _Slot:
+    """Host-side bookkeeping of one stream (one utterance at a time)."""
+
+    open: bool = False
+    staged: list[np.ndarray] = field(default_factory=list)  # samples not yet on the device
+    samples: int = 0  # received in this utterance, staged or uploaded
+    segment: int = 0  # index of the 30 s segment held in the device buffer
+    fill: int = 0  # samples of that segment on the device
+    frames_ready: int = 0
+    consumed: int = 0
+    ended: bool = False
+    tails: list[int] = field(default_factory=lambda: [-1, -1])  # segment whose tail is at parity 0 / 1
+    dirty: bool = False  # the device buffer holds samples of a dropped utterance
+
+    def clear(self) -> None:
+        self.dirty = self.dirty or self.fill > 0 or self.segment > 0
+        self.staged = []
+        self.samples = self.segment = self.fill = self.frames_ready = self.consumed = 0
+        self.ended = False
+        self.tails = [-1, -1]
+
+
+@dataclass
+class _SlotPlan:
+    """What one round does for one slot (filled by ``_plan``, executed by ``_launch``)."""
+
+    slot: int
+    segment: int  # the device segment after this round's uploads
+    first: int = 0
+    stop: int = 0  # frames first .. stop - 1 are made
+    limit: int | None = None  # features from here on are zero (flushed utterance)
+    current: bool = False  # encodes the device segment
+    final: bool = False  # encodes the previous segment, complete, before its buffer is reused
+    store_current_tail: bool = False
+    current_item: int = -1
+    final_item: int = -1
+
+
+class _HostBuffer:
+    """A reused (pinned on CUDA) host staging buffer and its device twin.
+
+    Two of each kind alternate between rounds; before a buffer is refilled, the copy
+    that last read it (two rounds ago, long done in practice) is waited for.
+    """
+
+    def __init__(self, dtype: torch.dtype, capacity: int, device: torch.device):
+        self.dtype = dtype
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(capacity, dtype=dtype, pin_memory=self.cuda)
+        self.dev = torch.empty(capacity, dtype=dtype, device=device) if self.cuda else None
+        self.event: torch.cuda.Event | None = None
+
+    def fill(self, parts: list[np.ndarray]) -> int:
+        n = sum(len(p) for p in parts)
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if n > self.host.numel():
+            capacity = max(n, 2 * self.host.numel())
+            self.host = torch.empty(capacity, dtype=self.dtype, pin_memory=self.cuda)
+            if self.cuda:
+                self.dev = torch.empty(capacity, dtype=self.dtype, device=self.device)
+        view = self.host.numpy()
+        pos = 0
+        for p in parts:
+            view[pos : pos + len(p)] = p
+            pos += len(p)
+        return n
+
+    def upload(self, n: int) -> torch.Tensor:
+        if not self.cuda:
+            return self.host[:n]
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return self.dev[:n]
+
+
+class GpuAudioStreams:
+    """Streaming MuseTalk audio tokens for many sessions at once, on one device.
+
+    One slot per utterance stream: ``open`` -> ``push`` ... ``flush`` -> (next utterance)
+    -> ``close``. The worker thread calls ``round()`` once per iteration and reads the
+    frames it reports from ``tokens`` (``token_index``), then reports ``consumed``.
+    Host methods take a lock, so ``push`` may come from another thread than ``round``.
+    """
+
+    def __init__(
+        self,
+        encoder: WhisperAudioEncoder,
+        fps: int = 25,
+        max_streams: int = 64,
+        ring_frames: int = 64,
+        lookahead_frames: int = 0,
+    ):
+        if int(fps) != fps or not 1 <= fps <= FEATURE_RATE:
+            raise ValueError(f"fps must be an integer in 1..{FEATURE_RATE}, got {fps}")
+        if int(max_streams) != max_streams or max_streams < 1:
+            raise ValueError(f"max_streams must be a positive integer, got {max_streams}")
+        if int(ring_frames) != ring_frames or ring_frames < 1:
+            raise ValueError(f"ring_frames must be a positive integer, got {ring_frames}")
+        if int(lookahead_frames) != lookahead_frames or lookahead_frames < 0:
+            raise ValueError(f"lookahead_frames must be an integer >= 0, got {lookahead_frames}")
+        if encoder.d_model != AUDIO_DIM or encoder.num_hidden_states != HIDDEN_STATES:
+            raise ValueError(
+                f"MuseTalk needs whisper-tiny's {HIDDEN_STATES} hidden states of width {AUDIO_DIM}; "
+                f"this encoder has {encoder.num_hidden_states} of width {encoder.d_model}"
+            )
+        self.encoder = encoder
+        self.device = encoder.device
+        self.dtype = encoder.dtype
+        self.fps = int(fps)
+        self.max_streams = int(max_streams)
+        self.ring_frames = int(ring_frames)
+        self.lookahead_frames = int(lookahead_frames)
+        self._lookahead_samples = -(-self.lookahead_frames * SAMPLE_RATE // self.fps)
+        self._slots = [_Slot() for _ in range(self.max_streams)]
+        self._lock = threading.Lock()
+        self._rounds = 0
+
+        device, d = self.device, AUDIO_DIM
+        self.tokens = torch.zeros((self.max_streams, self.ring_frames, AUDIO_TOKENS, d), dtype=self.dtype, device=device)
+        self._audio = torch.zeros((self.max_streams, WINDOW_SAMPLES), dtype=torch.float32, device=device)
+        self._tails = torch.zeros(
+            (self.max_streams * 2, TAIL_FEATURES, HIDDEN_STATES, d), dtype=self.dtype, device=device
+        )
+        self._pe = torch.from_numpy(positional_encoding()).to(device)
+        self._window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=device)
+        self._mel_filters_t = torch.from_numpy(np.ascontiguousarray(encoder.mel_filters.T, dtype=np.float32)).to(
+            device
+        )
+        self._sample_buffers = [_HostBuffer(torch.float32, self.max_streams * SAMPLE_RATE, device) for _ in range(2)]
+        self._index_buffers = [_HostBuffer(torch.int64, 1 << 14, device) for _ in range(2)]
+
+    # ------------------------------------------------------------------ host API
+
+    def open(self) -> int:
+        """A free slot, empty, ready for an utterance."""
+        with self._lock:
+            for index, slot in enumerate(self._slots):
+                if not slot.open:
+                    slot.clear()
+                    slot.open = True
+                    return index
+        raise RuntimeError(
+            f"all {self.max_streams} audio streams are in use: close finished ones or raise "
+            f"max_streams (GpuAudioStreams(max_streams=...))"
+        )
+
+    def close(self, slot: int) -> None:
+        """Free a slot; its audio and counters are dropped."""
+        with self._lock:
+            s = self._slot(slot)
+            s.clear()
+            s.open = False
+
+    def reset(self, slot: int) -> None:
+        """Drop the slot's audio and counters (interrupt); the next push starts frame 0."""
+        with self._lock:
+            self._slot(slot).clear()
+
+    def push(self, slot: int, pcm16k: np.ndarray) -> None:
+        """Stage float32 16 kHz samples (host only); after a flush this starts a new utterance.
+
+        Starting a new utterance needs the flushed one's frames made and consumed (their
+        ring rows are reused): reset() drops them, or open another slot to overlap.
+        """
+        x = np.asarray(pcm16k)
+        if x.dtype.kind != "f":
+            raise TypeError(
+                f"push float32 16 kHz samples in [-1, 1), got {x.dtype}: convert PCM with "
+                "musetalk.audio.resample_to_16k or StreamResampler"
+            )
+        if x.ndim != 1:
+            raise ValueError(f"push mono samples as a 1-D array, got shape {x.shape}")
+        x = np.array(x, dtype=np.float32)  # a copy: the caller may reuse its buffer
+        if not np.isfinite(x).all():
+            raise ValueError("audio samples must be finite (got NaN or inf)")
+        with self._lock:
+            s = self._slot(slot)
+            if s.ended:
+                if s.frames_ready < self._frames_total(s) or s.consumed < self._frames_total(s):
+                    raise RuntimeError(
+                        f"slot {slot}: the flushed utterance has {self._frames_total(s)} frames, "
+                        f"{s.frames_ready} made and {s.consumed} consumed; a new utterance reuses the "
+                        "ring: run round() and consumed() until both are done, reset() to drop them, "
+                        "or open another slot for the next utterance"
+                    )
+                s.clear()
+            if len(x):
+                s.staged.append(x)
+                s.samples += len(x)
+
+    def flush(self, slot: int) -> None:
+        """End of utterance: frames up to floor(seconds * fps) become computable, the right
+        context zero-padded as offline. The next push starts a new utterance."""
+        with self._lock:
+            self._slot(slot).ended = True
+
+    def consumed(self, slot: int, frame: int) -> None:
+        """The caller is done with the slot's frames before ``frame``: their rows may be reused."""
+        with self._lock:
+            s = self._slot(slot)
+            if frame > s.frames_ready:
+                raise ValueError(f"slot {slot}: cannot consume frame {frame - 1}, only {s.frames_ready} are made")
+            s.consumed = max(s.consumed, int(frame))
+
+    def token_index(self, slot: int, frame: int) -> int:
+        """Row of the slot's frame in ``tokens.view(-1, 50, 384)`` (ready once the round's
+        device work has run: read it on the same stream)."""
+        with self._lock:
+            s = self._slot(slot)
+            if not s.frames_ready - self.ring_frames <= frame < s.frames_ready:
+                raise ValueError(
+                    f"slot {slot}: frame {frame} is not in the ring (made: {s.frames_ready}, "
+                    f"ring of {self.ring_frames} frames)"
+                )
+            return slot * self.ring_frames + frame % self.ring_frames
+
+    def frames_ready(self, slot: int) -> int:
+        """Frames made so far (their tokens are in the ring)."""
+        with self._lock:
+            return self._slot(slot).frames_ready
+
+    def samples_received(self, slot: int) -> int:
+        with self._lock:
+            return self._slot(slot).samples
+
+    def frames_total(self, slot: int) -> int:
+        """Frames the utterance has so far if it ended now: floor(seconds * fps)."""
+        with self._lock:
+            return self._frames_total(self._slot(slot))
+
+    def flushed(self, slot: int) -> bool:
+        with self._lock:
+            return self._slot(slot).ended
+
+    def _slot(self, slot: int) -> _Slot:
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.max_streams:
+            raise ValueError(f"slot must be an integer in 0..{self.max_streams - 1}, got {slot!r}")
+        s = self._slots[slot]
+        if not s.open:
+            raise ValueError(f"slot {slot} is not open: call open() for a slot")
+        return s
+
+    def _frames_total(self, s: _Slot) -> int:
+        return num_video_frames(s.samples, self.fps)
+
+    # ------------------------------------------------------------------ the round
+
+    def round(self) -> list[tuple[int, int, int]]:
+        """Upload, encode and window everything that became computable: (slot, first, count).
+
+        Only launches device work: the returned frames' tokens are valid for work queued
+        after this call on the same stream.
+        """
+        with self._lock, torch.inference_mode():
+            plans, uploads = self._plan()
+            if plans or uploads.any_work:
+                self._launch(plans, uploads)
+            self._rounds += 1
+            return [(p.slot, p.first, p.stop - p.first) for p in plans if p.stop > p.first]
+
+    def _plan(self) -> tuple[list[_SlotPlan], _Uploads]:
+        """Pure bookkeeping: which samples go where, which frames are made, from what."""
+        up = _Uploads()
+        plans: list[_SlotPlan] = []
+        for index, s in enumerate(self._slots):
+            if not s.open:
+                continue
+            if s.dirty:
+                up.zero_before.append(index)
+                s.dirty = False
+            plan = _SlotPlan(index, s.segment)
+            self._plan_uploads(index, s, plan, up)
+            self._plan_frames(s, plan)
+            if plan.stop > plan.first or plan.final:
+                plans.append(plan)
+        items = 0
+        for plan in plans:
+            if plan.current:
+                plan.current_item = items
+                items += 1
+        for plan in plans:
+            if plan.final:
+                plan.final_item = items
+                items += 1
+        return plans, up
+
+    def _plan_uploads(self, index: int, s: _Slot, plan: _SlotPlan, up: _Uploads) -> None:
+        if not s.staged:
+            return
+        staged = s.staged[0] if len(s.staged) == 1 else np.concatenate(s.staged)
+        pre = min(len(staged), WINDOW_SAMPLES - s.fill)
+        post = 0
+        if len(staged) > pre:
+            # The segment is full and the next one has begun: move on once no frame still
+            # needs more of this segment than its tail.
+            boundary = (s.segment + 1) * WINDOW_FEATURES
+            if frame_feature_start(s.frames_ready, self.fps) >= boundary - TAIL_FEATURES:
+                post = min(len(staged) - pre, WINDOW_SAMPLES)
+        if pre:
+            up.pre_parts.append(staged[:pre])
+            up.pre_delta.append(index * WINDOW_SAMPLES + s.fill - up.pre_n)
+            up.pre_lens.append(pre)
+            up.pre_n += pre
+            s.fill += pre
+        if post:
+            if s.tails[s.segment % 2] != s.segment:
+                plan.final = True
+                up.final_rows.append(index)
+                s.tails[s.segment % 2] = s.segment
+            up.zero_between.append(index)
+            up.post_parts.append(staged[pre : pre + post])
+            up.post_delta.append(index * WINDOW_SAMPLES - up.post_n)
+            up.post_lens.append(post)
+            up.post_n += post
+            s.segment += 1
+            s.fill = post
+            plan.segment = s.segment
+        rest = staged[pre + post :]
+        s.staged = [rest] if len(rest) else []
+
+    def _plan_frames(self, s: _Slot, plan: _SlotPlan) -> None:
+        plan.first = f = s.frames_ready
+        plan.limit = num_feature_frames(s.samples) if s.ended else None
+        cap = min(self._frames_total(s), s.consumed + self.ring_frames)
+        seg_lo = s.segment * WINDOW_FEATURES
+        prev_tail = plan.final or s.tails[(s.segment - 1) % 2] == s.segment - 1
+        while f < cap:
+            a = frame_feature_start(f, self.fps)
+            if not s.ended and (a + FEATURES_PER_FRAME) * SAMPLES_PER_FEATURE + self._lookahead_samples > s.samples:
+                break
+            lo = max(a, 0)
+            hi = a + FEATURES_PER_FRAME if plan.limit is None else min(a + FEATURES_PER_FRAME, plan.limit)
+            if hi > lo:
+                if hi > seg_lo + WINDOW_FEATURES:
+                    break  # needs the next segment, still staged
+                if lo < seg_lo and (lo < seg_lo - TAIL_FEATURES or not prev_tail):
+                    raise RuntimeError(f"internal: frame {f} needs features {lo}.. of a dropped segment")
+                if hi > seg_lo:
+                    plan.current = True
+            f += 1
+        plan.stop = f
+        s.frames_ready = f
+        if plan.current and s.fill == WINDOW_SAMPLES:
+            plan.store_current_tail = True
+            s.tails[s.segment % 2] = s.segment
+
+    def _gather_rows(self, plans: list[_SlotPlan]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per new frame: its ring row; per feature of its window: source and row."""
+        token_rows, state_rows, tail_rows, codes = [], [], [], []
+        offsets = np.arange(FEATURES_PER_FRAME)
+        for p in plans:
+            if p.stop <= p.first:
+                continue
+            frames = np.arange(p.first, p.stop)
+            token_rows.append(p.slot * self.ring_frames + frames % self.ring_frames)
+            starts = (frames * FEATURE_RATE) // self.fps - padding_frames(self.fps)[0]
+            t = starts[:, None] + offsets[None, :]
+            seg_lo = p.segment * WINDOW_FEATURES
+            zero = t < 0
+            if p.limit is not None:
+                zero |= t >= p.limit
+            current = ~zero & (t >= seg_lo)
+            previous = ~zero & (t < seg_lo)
+            code = np.full(t.shape, _ZERO, dtype=np.int64)
+            state = np.zeros(t.shape, dtype=np.int64)
+            tail = np.zeros(t.shape, dtype=np.int64)
+            code[current] = _STATE
+            state[current] = p.current_item * WINDOW_FEATURES + t[current] - seg_lo
+            if p.final:
+                code[previous] = _STATE
+                state[previous] = p.final_item * WINDOW_FEATURES + t[previous] - (seg_lo - WINDOW_FEATURES)
+            else:
+                code[previous] = _TAIL
+                parity = p.segment % 2
+                tail[previous] = (p.slot * 2 + parity) * TAIL_FEATURES + t[previous] - (seg_lo - TAIL_FEATURES)
+            state_rows.append(state.reshape(-1))
+            tail_rows.append(tail.reshape(-1))
+            codes.append(code.reshape(-1))
+        if not token_rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty
+        return tuple(np.concatenate(x) for x in (token_rows, state_rows, tail_rows, codes))
+
+    def _launch(self, plans: list[_SlotPlan], up: _Uploads) -> None:
+        """Device work of one round, in stream order; no host sync."""
+        token_rows, state_rows, tail_rows, codes = self._gather_rows(plans)
+        current_rows = [p.slot for p in plans if p.current]
+        tail_store = [(p.current_item, p.slot * 2 + p.segment % 2) for p in plans if p.store_current_tail]
+        tail_store += [(p.final_item, p.slot * 2 + (p.segment - 1) % 2) for p in plans if p.final]
+        ints = [
+            up.zero_before, up.pre_delta, up.pre_lens, up.final_rows, up.zero_between,
+            up.post_delta, up.post_lens, current_rows, token_rows, state_rows, tail_rows, codes,
+            [i for i, _ in tail_store], [r for _, r in tail_store],
+        ]
+        ints = [np.asarray(x, dtype=np.int64) for x in ints]
+        which = self._rounds % 2
+        samples_buffer, index_buffer = self._sample_buffers[which], self._index_buffers[which]
+        n_samples = samples_buffer.fill(up.pre_parts + up.post_parts)
+        n_ints = index_buffer.fill(ints)
+        samples = samples_buffer.upload(n_samples) if n_samples else None
+        flat = index_buffer.upload(n_ints)
+        views, pos = [], 0
+        for x in ints:
+            views.append(flat[pos : pos + len(x)])
+            pos += len(x)
+        (zero_before, pre_delta, pre_lens, final_rows, zero_between, post_delta, post_lens,
+         current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst) = views
+
+        audio = self._audio
+        if len(up.zero_before):
+            audio.index_fill_(0, zero_before, 0.0)
+        if up.pre_n:
+            self._scatter(samples[: up.pre_n], pre_delta, pre_lens, up.pre_n)
+        final_audio = audio.index_select(0, final_rows) if len(up.final_rows) else None
+        if len(up.zero_between):
+            audio.index_fill_(0, zero_between, 0.0)
+        if up.post_n:
+            self._scatter(samples[up.pre_n :], post_delta, post_lens, up.post_n)
+        items = []
+        if current_rows:
+            items.append(audio.index_select(0, current_rows_t))
+        if final_audio is not None:
+            items.append(final_audio)
+        states = None
+        if items:
+            mel = log_mel_device(torch.cat(items) if len(items) > 1 else items[0], self._mel_filters_t, self._window)
+            states = self.encoder.device_hidden_states(mel)  # [items, 1500, 5, 384]
+        if len(token_rows):
+            from_tail = self._tails.view(-1, HIDDEN_STATES, AUDIO_DIM).index_select(0, tail_rows_t)
+            code = codes_t.view(-1, 1, 1)
+            window = torch.where(code == _TAIL, from_tail, 0.0)
+            if states is not None:
+                from_state = states.reshape(-1, HIDDEN_STATES, AUDIO_DIM).index_select(0, state_rows_t)
+                window = torch.where(code == _STATE, from_state, window)
+            tokens = window.view(-1, AUDIO_TOKENS, AUDIO_DIM).float() + self._pe
+            self.tokens.view(-1, AUDIO_TOKENS, AUDIO_DIM).index_copy_(0, token_rows_t, tokens.to(self.dtype))
+        if tail_store:
+            tails = states.index_select(0, tail_items)[:, WINDOW_FEATURES - TAIL_FEATURES :]
+            self._tails.index_copy_(0, tail_dst, tails)
+
+    def _scatter(self, samples: torch.Tensor, delta: torch.Tensor, lens: torch.Tensor, n: int) -> None:
+        """Sample i of piece p goes to flat position i + delta[p] of the segment buffers."""
+        shift = torch.repeat_interleave(delta, lens, output_size=n)
+        dst = torch.arange(n, device=self.device) + shift
+        self._audio.view(-1).index_copy_(0, dst, samples)
+
+
+@dataclass
+class _Uploads:
+    """The samples of one round: pieces before (pre) and after (post) a segment rollover."""
+
+    zero_before: list[int] = field(default_factory=list)  # dropped utterances: clear first
+    pre_parts: list[np.ndarray] = field(default_factory=list)
+    pre_delta: list[int] = field(default_factory=list)
+    pre_lens: list[int] = field(default_factory=list)
+    pre_n: int = 0
+    final_rows: list[int] = field(default_factory=list)  # segments encoded once complete
+    zero_between: list[int] = field(default_factory=list)  # buffers reused for the next segment
+    post_parts: list[np.ndarray] = field(default_factory=list)
+    post_delta: list[int] = field(default_factory=list)
+    post_lens: list[int] = field(default_factory=list)
+    post_n: int = 0
+
+    @property
+    def any_work(self) -> bool:
+        return bool(self.pre_n or self.post_n or self.zero_before)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def drain(streams: GpuAudioStreams, out: dict[int, list[np.ndarray]] | None = None) -> int:
+    """Run rounds until none makes a frame, copying the new tokens to the host and
+    reporting them consumed (``out[slot]``, a list of [50, 384] float32 arrays per slot).
+
+    For tests and measurements: the daemon's worker reads the tokens on the device.
+    Returns the number of rounds that made frames.
+    """
+    productive = 0
+    while made := streams.round():
+        productive += 1
+        for slot, first, count in made:
+            rows = [streams.token_index(slot, f) for f in range(first, first + count)]
+            tokens = streams.tokens.view(-1, AUDIO_TOKENS, AUDIO_DIM)[rows].float().cpu().numpy()
+            if out is not None:
+                out.setdefault(slot, []).extend(tokens)
+            streams.consumed(slot, first + count)
+    return productive
+
+
+def gpu_stream_tokens(
+    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, chunk_samples: int, fps: int = 25, lookahead_frames: int = 0
+) -> np.ndarray:
+    """Tokens [floor(seconds * fps), 50, 384] of one utterance pushed in fixed-size chunks
+    through ``GpuAudioStreams``, rounds after every push (as ``musetalk.audio.stream_tokens``)."""
+    streams = GpuAudioStreams(encoder, fps=fps, max_streams=1, lookahead_frames=lookahead_frames)
+    slot = streams.open()
+    out: dict[int, list[np.ndarray]] = {}
+    for start in range(0, len(pcm16k), chunk_samples):
+        streams.push(slot, pcm16k[start : start + chunk_samples])
+        drain(streams, out)
+    streams.flush(slot)
+    drain(streams, out)
+    tokens = out.get(slot, [])
+    return np.stack(tokens) if tokens else np.zeros((0, AUDIO_TOKENS, AUDIO_DIM), dtype=np.float32)
+
+
+def time_rounds(
+    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int
+) -> dict[str, float]:
+    """Steady state: every round each of ``slots`` streams gets one chunk; frames are
+    consumed at once. Returns ms per round (host launch time, and with the device
+    synchronized) over the rounds that made frames."""
+    import time
+
+    streams = GpuAudioStreams(encoder, max_streams=slots)
+    ids = [streams.open() for _ in range(slots)]
+    need = (rounds + warmup) * chunk_samples + len(ids) * 1601
+    x = np.resize(pcm16k, need)
+    cuda = streams.device.type == "cuda"
+    host_ms, total_ms, frames = [], [], 0
+    for r in range(rounds + warmup):
+        for i, slot in enumerate(ids):
+            start = i * 1601 + r * chunk_samples  # a different phase per slot
+            streams.push(slot, x[start : start + chunk_samples])
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        made = streams.round()
+        t1 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        for slot, first, count in made:
+            streams.consumed(slot, first + count)
+        if r >= warmup and made:
+            host_ms.append(1e3 * (t1 - t0))
+            total_ms.append(1e3 * (t2 - t0))
+            frames += sum(count for _, _, count in made)
+    return {
+        "rounds": len(total_ms),
+        "frames": frames,
+        "host_ms_mean": float(np.mean(host_ms)) if host_ms else 0.0,
+        "round_ms_mean": float(np.mean(total_ms)) if total_ms else 0.0,
+        "round_ms_max": float(np.max(total_ms)) if total_ms else 0.0,
+    }
+
+
+def _main() -> None:
+    import argparse
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from musetalk.audio import offline_tokens, resample_to_16k, stream_tokens, token_errors
+    from musetalk.whisper import load_whisper_encoder, write_random_whisper
+
+    parser = argparse.ArgumentParser(description="Measure GPU-resident streamed vs offline audio tokens and round cost.")
+    parser.add_argument("--wav", default="tests/data/speech.wav")
+    parser.add_argument("--model", help="whisper folder; default: random weights of --size")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16"), help="default: float16 on cuda, else float32")
+    parser.add_argument("--chunks-ms", default="20,40")
+    parser.add_argument("--lookahead", type=int, default=0)
+    parser.add_argument("--slots", help="B values for the round timing; default 1,8,24,64 on cuda, 1,4 on the CPU")
+    parser.add_argument("--rounds", type=int, help="timed rounds per B; default 50 on cuda, 3 on the CPU")
+    parser.add_argument("--against-stream", action="store_true", help="also compare with StreamingAudioFeatures")
+    args = parser.parse_args()
+
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    slots = [int(b) for b in (args.slots or ("1,8,24,64" if cuda else "1,4")).split(",")]
+    rounds = args.rounds or (50 if cuda else 3)
+    pcm, rate = sf.read(args.wav, dtype="int16")
+    x = resample_to_16k(pcm, rate)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else write_random_whisper(Path(tmp), args.size)
+        encoder = load_whisper_encoder(model_dir, device=args.device, dtype=dtype)
+        offline = offline_tokens(encoder, x)
+        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+            t0 = time.perf_counter()
+            streamed = gpu_stream_tokens(encoder, x, 16 * chunk_ms, lookahead_frames=args.lookahead)
+            errors = token_errors(streamed, offline)
+            line = (
+                f"size={args.size} device={args.device} dtype={str(dtype).split('.')[-1]} chunk={chunk_ms}ms "
+                f"lookahead={args.lookahead} frames={len(streamed)} "
+                + " ".join(f"{k}={v:.3g}" for k, v in errors.items())
+                + f" wall={time.perf_counter() - t0:.1f}s"
+            )
+            if args.against_stream:
+                reference = stream_tokens(encoder, x, 16 * chunk_ms, lookahead_frames=args.lookahead)
+                line += f" vs_StreamingAudioFeatures_max_abs={np.abs(streamed - reference).max():.3g}"
+            print(line, flush=True)
+        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+            for b in slots:
+                timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2)
+                print(
+                    f"round B={b} chunk={chunk_ms}ms: {timing['round_ms_mean']:.2f} ms per round with frames "
+                    f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
+                    f"{timing['rounds']} rounds, {timing['frames']} frames",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,93 @@
+"""I420 frames: the host and device conversions agree bit for bit, and the engine's
+box-only output composed into the idle frame equals the full-frame path exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.frames import compose, i420_size, i420_to_rgb, planes, rgb_to_i420
+from daemon.avatars import idle_i420
+from musetalk.color import pack_i420, rgb_to_i420_planes
+from musetalk.engine import Engine, buckets, even_boxes
+from musetalk.types import FrameJob
+from tests.test_engine import avatars, make_avatar, model_dir, models, tokens  # noqa: F401 (fixtures)
+
+torch.set_num_threads(1)
+
+
+def test_host_and_device_conversions_are_identical():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 36, 50, 3), dtype=np.uint8)
+    y, u, v = rgb_to_i420_planes(torch.from_numpy(rgb))
+    packed = pack_i420(y, u, v).numpy()
+    for i in range(3):
+        np.testing.assert_array_equal(packed[i], rgb_to_i420(rgb[i]))
+
+
+def test_conversion_is_bt601_limited_range():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    back = i420_to_rgb(rgb_to_i420(rgb), 32, 24)
+    # Luma exact to rounding; chroma subsampling costs detail, so compare 2x2 means.
+    mean = lambda a: a.astype(np.float32).reshape(12, 2, 16, 2, 3).mean(axis=(1, 3))  # noqa: E731
+    assert np.abs(mean(back) - mean(rgb)).mean() < 6.0
+    grey = np.full((4, 4, 3), 128, np.uint8)
+    y, u, v = planes(rgb_to_i420(grey), 4, 4)
+    assert (y == 126).all() and (u == 128).all() and (v == 128).all()
+    white = rgb_to_i420(np.full((2, 2, 3), 255, np.uint8))
+    assert list(white) == [235] * 4 + [128, 128]
+
+
+def test_odd_sizes_have_rounded_up_chroma():
+    rgb = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = rgb_to_i420(rgb)
+    assert out.shape == (i420_size(7, 5),) == (7 * 5 + 2 * 4 * 3,)
+    with pytest.raises(ValueError, match="uint8"):
+        rgb_to_i420(rgb.astype(np.float32))
+
+
+def test_even_boxes_hold_the_blend_box_on_whole_chroma_blocks():
+    boxes = even_boxes(np.array([[3, 5, 10, 11], [0, 0, 7, 9]]), 9, 10)
+    assert boxes.tolist() == [[2, 4, 8, 10], [0, 0, 8, 10]]
+    assert buckets(32) == [4, 8, 16, 24, 32] and buckets(4) == [4] and buckets(1) == [1]
+
+
+def test_box_output_composed_into_the_idle_frame_equals_the_full_frame_path(models, avatars):
+    odd = make_avatar("odd", 2, 61, 77, (21, 13, 57, 49), seed=5)  # odd sizes and box edges
+    engine = Engine(models, max_batch=8)
+    for av in (*avatars, odd):
+        engine.register_avatar(av)
+    jobs = [FrameJob("anna", 0, tokens(0)), FrameJob("ben", 1, tokens(1), blend=0.5),
+            FrameJob("odd", 1, tokens(2)), FrameJob("anna", 2, tokens(3), blend=0.0)]
+    full = engine.step(jobs)
+    launched = engine.launch([j.avatar_key for j in jobs], [j.frame_index for j in jobs],
+                             np.stack([j.audio_tokens for j in jobs]), [j.blend for j in jobs])
+    assert launched.ready()
+    boxes = launched.boxes()
+    by_key = {av.key: av for av in (*avatars, odd)}
+    for job, frame, box in zip(jobs, full, boxes):
+        av = by_key[job.avatar_key]
+        idle = idle_i420(av.frames)
+        composed = compose(idle[box.frame_index], box, av.width, av.height)
+        np.testing.assert_array_equal(composed, rgb_to_i420(frame[..., :3]))
+        assert box.x1 % 2 == 0 and box.y1 % 2 == 0 and box.y.shape == (box.y2 - box.y1, box.x2 - box.x1)
+    # blend 0: the box is the idle frame's own pixels, so the composed frame is the idle frame
+    anna = by_key["anna"]
+    np.testing.assert_array_equal(compose(idle_i420(anna.frames)[2], boxes[3], anna.width, anna.height),
+                                  idle_i420(anna.frames)[2])
+    # and a generated mouth really changed something
+    assert not np.array_equal(compose(idle_i420(anna.frames)[0], boxes[0], anna.width, anna.height),
+                              idle_i420(anna.frames)[0])
+
+
+def test_launch_validates_its_batch(models, avatars):
+    engine = Engine(models, max_batch=2)
+    engine.register_avatar(avatars[0])
+    with pytest.raises(ValueError, match="1..2 frames"):
+        engine.launch(["anna"] * 3, [0, 1, 2], np.zeros((3, 50, 384), np.float32), [1, 1, 1])
+    with pytest.raises(ValueError, match="tokens must be"):
+        engine.launch(["anna"], [0], np.zeros((1, 10, 384), np.float32), [1])
+    with pytest.raises(IndexError, match="frame_index 7"):
+        engine.launch(["anna"], [7], np.zeros((1, 50, 384), np.float32), [1])

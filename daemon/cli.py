@@ -183,10 +183,25 @@ def cmd_demo(args, settings) -> int:
 
 
 def cmd_loadtest(args, settings) -> int:
-    from daemon.loadtest import run_loadtest
+    from daemon.loadtest import LoadtestOptions, Slo, run_loadtest
 
-    return run_loadtest(settings, [int(n) for n in args.sessions.split(",")], args.seconds,
-                        Path(args.wav) if args.wav else None, Path(args.json) if args.json else None)
+    sessions = None
+    if args.sessions is not None:
+        try:
+            sessions = tuple(int(n) for n in args.sessions.split(","))
+        except ValueError:
+            print(f"lipsync loadtest: --sessions {args.sessions!r} must be comma-separated positive "
+                  "integers, like 1,4,8", file=sys.stderr)
+            return 2
+    options = LoadtestOptions(
+        sessions=sessions, find_capacity=args.find_capacity, start=args.start, step=args.step,
+        max_sessions=args.max_sessions, seconds=args.seconds, warmup_s=args.warmup_s,
+        chunk_ms=args.chunk_ms, fps=args.fps, sink=args.sink, rate=args.rate,
+        wav=Path(args.wav) if args.wav else None,
+        slo=Slo(generated_pct=args.slo_generated_pct, latency_p95_ms=args.slo_latency_ms),
+        json_path=Path(args.json) if args.json else None,
+    )
+    return run_loadtest(settings, options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,11 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     # --size, --json, --reference-flow --frames ...): passed through as they are.
     sp.set_defaults(fn=cmd_bench)
 
-    sp = sub.add_parser("loadtest", help="capacity: N sessions speaking at once (GPU)")
-    sp.add_argument("--sessions", default="1,4,8,16", help="comma-separated session counts")
-    sp.add_argument("--seconds", type=float, default=15.0, help="speech per round")
-    sp.add_argument("--wav")
-    sp.add_argument("--json", help="also write the results here")
+    sp = sub.add_parser("loadtest", help="capacity: N sessions speaking at once, as a user sees them")
+    sp.add_argument("--sessions", help="comma-separated session counts (default 1,4,8; with "
+                    "--find-capacity: the counts to try, in order)")
+    sp.add_argument("--find-capacity", action="store_true", help="raise the session count until the "
+                    "SLO fails (--start, --start + --step, ... unless --sessions is given); report the "
+                    "last count that met it")
+    sp.add_argument("--start", type=int, default=1, help="--find-capacity: first session count")
+    sp.add_argument("--step", type=int, default=4, help="--find-capacity: sessions added per round")
+    sp.add_argument("--max-sessions", type=int, default=64, help="--find-capacity: stop after this count")
+    sp.add_argument("--seconds", type=float, default=60.0, help="measured speech per round, per session")
+    sp.add_argument("--warmup-s", type=float, default=5.0, help="speech before the measured seconds, "
+                    "left out of every figure")
+    sp.add_argument("--chunk-ms", type=int, default=40, help="producers' PCM chunk length")
+    sp.add_argument("--fps", type=int, help="session frame rate (default: video.fps on CUDA, 10 on the CPU)")
+    sp.add_argument("--sink", choices=["livekit-local", "none"], default="livekit-local",
+                    help="livekit-local: through the real LiveKit sources (no room); none: dropped")
+    sp.add_argument("--rate", type=int, default=16000, help="sample rate the producers send")
+    sp.add_argument("--wav", help="speech WAV, looped (default: the bundled sample)")
+    sp.add_argument("--slo-generated-pct", type=float, default=99.0,
+                    help="SLO: least share of needed frames generated in time, per session")
+    sp.add_argument("--slo-latency-ms", type=float, default=180.0,
+                    help="SLO: most p95 latency of generated frames, per session")
+    sp.add_argument("--json", help="also write the report here")
     sp.set_defaults(fn=cmd_loadtest)
 
     sp = sub.add_parser("demo", help="the whole loop on this machine: daemon + demo avatar + speech -> MP4")

@@ -42,7 +42,7 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
         # A CPU runs the tiny model at ~10 frames/s: a lower frame rate keeps the demo
         # real-time there. On a GPU the daemon's own defaults apply.
         fps = 10
-        model["playout_delay_frames"] = max(model["playout_delay_frames"], 8)
+        model["playout_delay_frames"] = max(model["playout_delay_frames"] or 0, 8)
         print("No CUDA device: demo at 10 fps with the tiny random model (a GPU runs 25 fps).", flush=True)
     demo_settings = in_process_settings(settings, model=model)
     import uvloop

@@ -11,7 +11,6 @@ session's preparation never delays the frames of live ones.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import time
 from pathlib import Path
@@ -75,7 +74,7 @@ class EngineHost:
         slots = 2 * self.settings.daemon.max_sessions
         return GpuAudioStreams(self.whisper, fps=fps, max_streams=slots,
                                lookahead_frames=self.settings.model.lookahead_frames,
-                               **({"window_s": self.audio_window_s} if "window_s" in inspect.signature(GpuAudioStreams).parameters else {}))
+                               window_s=self.audio_window_s)
 
     @property
     def audio_window_s(self) -> float:
@@ -162,10 +161,12 @@ class EngineHost:
         """Kernel selection, allocation, compilation and CUDA-graph recording happen here,
         before `ready`, not in the first sessions' frames; the step times measured after
         it give the frames/s this device sustains (admission counts on it)."""
-        if self.device.type != "cuda":
-            return
         t = time.perf_counter()
         self.warmup_ms = self.engine.warmup()
+        if self.device.type != "cuda":
+            # The step times seed the worker's estimates; a CPU's frames/s is not a
+            # capacity worth admitting sessions by.
+            return
         best = max(size * 1000 / ms for size, ms in self.warmup_ms.items())
         self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
         log.info("model warmed up", step_ms={k: round(v, 2) for k, v in self.warmup_ms.items()},
@@ -337,7 +338,8 @@ class EngineHost:
             t = time.perf_counter()
             try:
                 avatar, cached = await asyncio.to_thread(
-                    load_or_prepare, directory, key, prepare, model_version=MODEL_VERSION, options=options)
+                    load_or_prepare, directory, key, prepare, model_version=MODEL_VERSION, options=options,
+                    latents_dtype=self.engine.models.latents_dtype)
             except ValueError as exc:
                 raise LipsyncError(errors.AVATAR_PREPARATION_FAILED,
                                    f"cannot prepare the avatar: {exc}") from None

@@ -1,127 +1,758 @@
-"""`lipsync loadtest`: capacity of one daemon on this machine's GPU.
+"""`lipsync loadtest`: how many sessions one daemon serves on this machine, measured as a
+user would see them (docs: /work/shared/CAPACITY.md, "Measuring what a user sees").
 
-Runs the daemon in-process on an embedded NATS server, then for each session count N:
-starts N sessions on the demo avatar, has every one of them speak continuously (the
-sample WAV, looped, streamed at real time from staggered start times) for a while, and
-reports what the sessions published: generated vs fallback frames, audio->frame latency
-p50/p95/p99 over all chunks, frame-loop lateness, GPU steps and batch sizes. Speed does
-not depend on weight values: use `model.random_weights` with size "full" on a GPU.
+The daemon runs in this process on an embedded NATS server and publishes through the
+real LiveKit sources without a room (output.sink "livekit-local"; ``--sink none`` drops
+frames instead). The producers do not run here: each session's speech comes from a
+process of its own (``daemon.loadproducer``) that streams real speech (the sample WAV,
+looped) at real time and stamps every chunk with its send time (``Lipsync-Sent``).
+Sessions take four avatars made from the demo video (mirrored, colour-shifted,
+time-reversed, scaled and moved), round-robin. Each round of N sessions speaks for
+``warmup_s + seconds``; the first ``warmup_s`` are left out of every figure.
+
+Per session, from the daemon's record of every published frame
+(``session.speech.frame_records``, ``daemon.speech.FrameRecord``): frames that needed
+generation, those generated in time, fallbacks, underruns, latency of generated frames
+(publication of the frame holding a chunk's first sample minus the chunk's send time)
+and the interval jitter of the frames captured by the LiveKit video source. Per round:
+event-loop lag (a 5 ms sleeper on the daemon's loop), GPU busy fraction (NVML), mean
+batch and step time (the GPU worker's counters) and peak GPU memory.
+
+The SLO: every session gets >= ``slo_generated_pct`` % of its needed frames generated
+in time, with p95 generated-frame latency <= ``slo_latency_ms``. ``--find-capacity``
+raises N (``--start``, ``--start + --step``, ... up to ``--max-sessions``, or the
+``--sessions`` list in order) until a round fails it; the capacity is the last N that
+met it. Speed does not depend on weight values: on a GPU use ``model.random_weights``
+with size "full".
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
+import os
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 
-from daemon.config import Settings
+from daemon.config import ASSETS_DIR, Settings
+from daemon.errors import LipsyncError
 from daemon.inprocess import SAMPLE_WAV, in_process_settings
 
-
-def run_loadtest(settings: Settings, counts: list[int], seconds: float, wav: Path | None,
-                 out: Path | None) -> int:
-    s = in_process_settings(settings, output={"sink": "none"}, daemon={"max_sessions": max(counts)})
-    import uvloop
-
-    results = uvloop.run(_loadtest(s, counts, seconds, wav or SAMPLE_WAV))
-    print(f"{'sessions':>8} {'gen fps':>8} {'speech%':>8} {'fallback%':>9} {'lat p50':>8} {'p95':>6} "
-          f"{'p99':>6} {'late ticks':>10} {'batch':>6} {'step ms':>8}")
-    for r in results:
-        print(f"{r['sessions']:>8} {r['generated_fps']:>8} {r['speech_pct']:>8} {r['fallback_pct']:>9} "
-              f"{r['latency_ms']['p50']:>8} {r['latency_ms']['p95']:>6} {r['latency_ms']['p99']:>6} "
-              f"{r['late_ticks']:>10} {r['mean_batch']:>6} {r['mean_step_ms']:>8}")
-    if out is not None:
-        out.write_text(json.dumps(results, indent=2))
-    return 0
+# Producers start within this many seconds of each other (each its own random offset).
+START_JITTER_S = 1.0
+# How long after the measured window the producers keep speaking, so that the last
+# measured frames still have their audio.
+TAIL_S = 1.0
+# Bumped when the avatar recipe changes, so that stale generated avatars are not reused.
+AVATAR_VERSION = 1
 
 
-def _pct(values: list[float], q: float) -> float | None:
+class LoadtestError(Exception):
+    """A round could not run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Slo:
+    generated_pct: float = 99.0
+    latency_p95_ms: float = 180.0
+
+
+@dataclass(frozen=True)
+class LoadtestOptions:
+    sessions: tuple[int, ...] | None = None  # None: (1, 4, 8), or start/step with find_capacity
+    find_capacity: bool = False
+    start: int = 1
+    step: int = 4
+    max_sessions: int = 64
+    seconds: float = 60.0
+    warmup_s: float = 5.0
+    chunk_ms: int = 40
+    fps: int | None = None  # None: video.fps on CUDA, 10 on the CPU
+    sink: str = "livekit-local"
+    rate: int = 16000
+    wav: Path | None = None
+    slo: Slo = Slo()
+    json_path: Path | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if self.sessions is not None and (not self.sessions or min(self.sessions) < 1):
+            problems.append("--sessions must be comma-separated positive integers, like 1,4,8")
+        if self.start < 1 or self.step < 1 or self.max_sessions < self.start:
+            problems.append("--start and --step must be >= 1 and --max-sessions >= --start")
+        if self.seconds <= 0 or self.warmup_s < 0:
+            problems.append("--seconds must be > 0 and --warmup-s >= 0")
+        if not 10 <= self.chunk_ms <= 200:
+            problems.append(f"--chunk-ms {self.chunk_ms} must be 10..200 (a TTS sends 20-40 ms chunks)")
+        if self.fps is not None and not 1 <= self.fps <= 60:
+            problems.append(f"--fps {self.fps} must be 1..60")
+        if self.sink not in ("livekit-local", "none"):
+            problems.append(f"--sink {self.sink!r} must be livekit-local or none")
+        if not 8000 <= self.rate <= 48000:
+            problems.append(f"--rate {self.rate} must be 8000..48000 Hz")
+        if not 0 < self.slo.generated_pct <= 100 or self.slo.latency_p95_ms <= 0:
+            problems.append("--slo-generated-pct must be in (0, 100] and --slo-latency-ms > 0")
+        if self.wav is not None and not self.wav.is_file():
+            problems.append(f"--wav {self.wav} is not a file")
+        if problems:
+            raise LoadtestError("; ".join(problems))
+
+    def ladder(self) -> list[int]:
+        """Session counts in the order they run."""
+        if self.sessions is not None:
+            return list(self.sessions)
+        if not self.find_capacity:
+            return [1, 4, 8]
+        return list(range(self.start, self.max_sessions + 1, self.step))
+
+
+# --------------------------------------------------------------------------- avatars
+
+# iBUG 68-point landmarks under a horizontal mirror: point i of the mirrored face is
+# point MIRROR_68[i] of the original (left and right swap; the midline stays).
+MIRROR_68 = np.array(
+    list(range(16, -1, -1))  # jaw
+    + list(range(26, 21, -1)) + list(range(21, 16, -1))  # brows
+    + [27, 28, 29, 30] + [35, 34, 33, 32, 31]  # nose
+    + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]  # eyes
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
+    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lips
+)
+
+
+def _mirror(frames: np.ndarray, lms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = frames.shape[2]
+    out = lms[:, MIRROR_68].copy()
+    out[..., 0] = (w - 1) - out[..., 0]
+    return np.ascontiguousarray(frames[:, :, ::-1]), out
+
+
+def _warm(frames: np.ndarray, lms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    shifted = frames.astype(np.float32) * np.array([1.12, 1.0, 0.8], np.float32) + np.array([10, 0, -8], np.float32)
+    return np.clip(shifted, 0, 255).astype(np.uint8), lms.copy()
+
+
+def _reversed(frames: np.ndarray, lms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(frames[::-1]), lms[::-1].copy()
+
+
+def _inset(frames: np.ndarray, lms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled to 80 % about the centre and moved right/down, edges repeated."""
+    import cv2
+
+    h, w = frames.shape[1:3]
+    s, tx, ty = 0.8, 0.06 * w, 0.04 * h
+    m = np.array([[s, 0, (1 - s) * (w - 1) / 2 + tx], [0, s, (1 - s) * (h - 1) / 2 + ty]], np.float32)
+    out = np.stack([cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+                    for f in frames])
+    moved = lms @ m[:, :2].T + m[:, 2]
+    return out, moved.astype(np.float32)
+
+
+AVATAR_RECIPES = {
+    "lt-mirror": ("the demo video mirrored left-right", _mirror),
+    "lt-warm": ("the demo video colour-shifted warmer", _warm),
+    "lt-reversed": ("the demo video played backwards", _reversed),
+    "lt-inset": ("the demo video scaled to 80 % and moved right/down", _inset),
+}
+
+
+def make_avatars(state_dir: Path) -> dict[str, Path]:
+    """Writes the load-test avatars once into ``state_dir`` (reused when present): each an
+    MP4 at the demo video's size (512x512) and frame rate with its landmarks beside it
+    as ``<video>.landmarks.npy``, transformed with the same geometry as the pictures.
+    Returns avatar id -> video path."""
+    folder = Path(state_dir) / f"loadtest-avatars-v{AVATAR_VERSION}"
+    paths = {name: folder / f"{name}.mp4" for name in AVATAR_RECIPES}
+    if all(p.is_file() and Path(f"{p}.landmarks.npy").is_file() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    frames, fps = _decode(ASSETS_DIR / "demo.mp4")
+    landmarks = np.load(ASSETS_DIR / "demo.mp4.landmarks.npy")
+    if len(landmarks) != len(frames):
+        raise LoadtestError(f"daemon/assets/demo.mp4 has {len(frames)} frames but its landmarks "
+                            f"{len(landmarks)}: regenerate them together (python -m daemon.demo_avatar)")
+    for name, (_, recipe) in AVATAR_RECIPES.items():
+        video, lms = recipe(frames, landmarks)
+        tmp = paths[name].with_suffix(".tmp.mp4")
+        _encode(tmp, video, fps)
+        np.save(f"{paths[name]}.landmarks.npy", lms.astype(np.float32))
+        tmp.replace(paths[name])  # the video last: a present video means a complete pair
+    return paths
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        fps = int(round(float(stream.average_rate or 25)))
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(stream)])
+    return frames, fps
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def percentile_ms(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of seconds, in ms (None when there are no values)."""
     if not values:
         return None
     v = sorted(values)
     return round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 1)
 
 
-async def _loadtest(settings: Settings, counts: list[int], seconds: float, wav: Path) -> list[dict[str, Any]]:
+def session_figures(session_id: str, records: Iterable[Any], capture_times: Sequence[float] | None,
+                    wall_window: tuple[float, float], mono_window: tuple[float, float],
+                    fps: int) -> dict[str, Any]:
+    """One session's row of the report, from its FrameRecords (published_wall inside
+    ``wall_window``) and its video capture times (monotonic, inside ``mono_window``)."""
+    t0, t1 = wall_window
+    inside = [r for r in records if t0 <= r.published_wall < t1]
+    needed = sum(1 for r in inside if r.needed)
+    generated = sum(1 for r in inside if r.needed and r.generated)
+    latencies = [r.latency_s for r in inside if r.generated and r.latency_s is not None]
+    jitter = None
+    if capture_times is not None:
+        m0, m1 = mono_window
+        times = np.array([t for t in capture_times if m0 <= t < m1])
+        if len(times) >= 2:
+            deviation = np.abs(np.diff(times) - 1.0 / fps)
+            jitter = percentile_ms(deviation.tolist(), 0.99)
+    return {
+        "session_id": session_id,
+        "needed": needed,
+        "generated": generated,
+        "generated_pct": round(100 * generated / needed, 2) if needed else None,
+        "fallbacks": sum(1 for r in inside if r.kind == "fallback"),
+        "underruns": sum(1 for r in inside if r.kind == "underrun"),
+        "latency_ms": {"p50": percentile_ms(latencies, 0.5), "p95": percentile_ms(latencies, 0.95),
+                       "p99": percentile_ms(latencies, 0.99)},
+        "jitter_ms_p99": jitter,
+    }
+
+
+def slo_met(per_session: list[dict[str, Any]], slo: Slo) -> bool:
+    """Every session: some frames needed generation, enough of them generated in time,
+    p95 latency of the generated ones within the bound."""
+    return bool(per_session) and all(
+        s["generated_pct"] is not None and s["generated_pct"] >= slo.generated_pct
+        and s["latency_ms"]["p95"] is not None and s["latency_ms"]["p95"] <= slo.latency_p95_ms
+        for s in per_session
+    )
+
+
+# --------------------------------------------------------------------------- probes
+
+
+class LoopLagProbe:
+    """A task on the daemon's loop that sleeps 5 ms at a time and records how late it
+    wakes: the delay that every frame tick, NATS callback and capture on the loop sees.
+    Records only between ``record()`` and ``take()``."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self._samples: list[float] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loadtest-loop-lag")
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.interval_s)
+            if self._samples is not None:
+                self._samples.append(max(0.0, time.monotonic() - t - self.interval_s))
+
+    def record(self) -> None:
+        self._samples = []
+
+    def take(self) -> list[float]:
+        samples, self._samples = self._samples or [], None
+        return samples
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+class GpuBusySampler:
+    """NVML utilisation of the daemon's GPU every 100 ms on a thread (the share of time a
+    kernel ran); ``available`` is False without NVML (no nvidia-ml-py, no driver)."""
+
+    def __init__(self, torch_device: Any, period_s: float = 0.1) -> None:
+        self.period_s = period_s
+        self._handle: Any = None
+        self._nvml: Any = None
+        self._samples: list[float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if torch_device is None or getattr(torch_device, "type", "") != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = _nvml_handle(pynvml, torch_device)
+        except Exception:  # no NVML library or driver: GPU busy is reported as None
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        if self.available:
+            self._thread = threading.Thread(target=self._run, name="loadtest-nvml", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            if self._samples is not None:
+                try:
+                    self._samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100)
+                except Exception:  # a failed read is a missing sample, not a failed run
+                    pass
+
+    def record(self) -> None:
+        self._samples = []
+
+    def take(self) -> float | None:
+        samples, self._samples = self._samples, None
+        if not self.available or not samples:
+            return None
+        return round(float(np.mean(samples)), 3)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # shutting down anyway
+                pass
+
+
+def _nvml_handle(pynvml: Any, torch_device: Any) -> Any:
+    """The NVML device that is torch's (by PCI bus id: CUDA_VISIBLE_DEVICES renumbers)."""
+    import torch
+
+    index = torch_device.index if torch_device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    try:
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+    except Exception:  # older torch without PCI ids: assume the numbering matches
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def prepare_settings(settings: Settings, options: LoadtestOptions, avatars: dict[str, Path],
+                     cuda: bool) -> tuple[Settings, int]:
+    """The daemon's settings for the run and the frame rate the sessions use."""
+    model = settings.model.model_dump()
+    if not model["random_weights"] and not _weights_present(settings):
+        print(f"MuseTalk weights are not in {settings.model.dir}/: running with RANDOM weights "
+              "(model.random_weights; speed does not depend on weight values).", flush=True)
+        model["random_weights"] = True
+    fps = options.fps or (settings.video.fps if cuda else 10)
+    if not cuda:
+        print(f"No CUDA device: sessions at {fps} fps with the {model['random_weights_size']} "
+              "random model on the CPU.", flush=True)
+    most = max(options.ladder())
+    s = in_process_settings(
+        settings,
+        model=model,
+        video={"fps": fps},
+        output={"sink": options.sink},
+        # The load test finds the capacity itself: admission must let every session in.
+        daemon={"max_sessions": most, "capacity_fps": 1e9},
+        fetch={"allow_file_urls": True},
+        avatars={name: {"idle_video_url": path.resolve().as_uri()} for name, path in avatars.items()},
+    )
+    return s, fps
+
+
+def _weights_present(settings: Settings) -> bool:
+    from musetalk.weights import check
+
+    return all(st.ok or not st.file.required for st in check(settings.model.dir))
+
+
+def _cuda_wanted(settings: Settings) -> bool:
+    import torch
+
+    device = settings.model.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
+    try:
+        options.validate()
+    except LoadtestError as exc:
+        print(f"lipsync loadtest: {exc}", file=sys.stderr)
+        return 2
+    avatars = make_avatars(settings.daemon.state_dir)
+    run_settings, fps = prepare_settings(settings, options, avatars, _cuda_wanted(settings))
+    import uvloop
+
+    try:
+        report = uvloop.run(_loadtest(run_settings, options, list(avatars), fps))
+    except (LoadtestError, LipsyncError) as exc:
+        print(f"lipsync loadtest: {exc}", file=sys.stderr)
+        return 1
+    print_report(report)
+    if options.json_path is not None:
+        options.json_path.parent.mkdir(parents=True, exist_ok=True)
+        options.json_path.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any) -> dict[str, Any]:
+    m = settings.model
+    return {
+        "fps": fps, "sink": options.sink, "sample_rate": options.rate, "chunk_ms": options.chunk_ms,
+        "seconds": options.seconds, "warmup_s": options.warmup_s,
+        "slo": asdict(options.slo), "find_capacity": options.find_capacity,
+        "model": {"enabled": m.enabled, "device": str(device) if device is not None else m.device,
+                  "dtype": m.dtype,
+                  "random_weights": m.random_weights, "random_weights_size": m.random_weights_size,
+                  "compile": m.compile, "max_batch": m.max_batch,
+                  "playout_delay_frames": m.playout_delay_frames, "audio_window_s": m.audio_window_s},
+        "avatars": {name: AVATAR_RECIPES[name][0] for name in AVATAR_RECIPES},
+    }
+
+
+async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: list[str],
+                    fps: int) -> dict[str, Any]:
     import nats
 
     from daemon.app import Daemon
-    from daemon.producer import read_wav_mono16, stream_pcm
 
-    pcm, rate = read_wav_mono16(wav, 16000)
+    t = time.monotonic()
     daemon = Daemon(settings)
-    await daemon.start()
-    host = daemon.engine_host
-    nc = await nats.connect(daemon.nats_url)
-    prefix = settings.nats.subject_prefix
-    results = []
+    probe = LoopLagProbe()
+    gpu: GpuBusySampler | None = None
+    device: Any = None
+    nc = None
+    rows: list[dict[str, Any]] = []
+    capacity: int | None = None
     try:
-        for n in counts:
-            sids = [f"load{n}-{i}" for i in range(n)]
-            for sid in sids:
-                msg = await nc.request(f"{prefix}.session.start", json.dumps({
-                    "v": 1, "session_id": sid, "avatar_id": "demo", "audio": {"sample_rate": rate}}).encode(),
-                    timeout=600)
-                assert json.loads(msg.data)["ok"], msg.data
-            steps0, frames0 = host.steps, host.frames_generated
-            step_sum0 = _hist_sum(daemon.metrics.gpu_step_seconds)
-            t0 = time.monotonic()
-
-            async def speak(sid: str) -> None:
-                await asyncio.sleep(random.uniform(0, 1.0))
-                seq = 0
-                while time.monotonic() - t0 < seconds:
-                    seq = await stream_pcm(nc, prefix, sid, pcm, rate, realtime=True, chunk_ms=40, seq_start=seq)
-                await nc.publish(f"{prefix}.control.{sid}", b'{"op": "flush"}')
-
-            await asyncio.gather(*(speak(sid) for sid in sids))
-            deadline = time.monotonic() + 30
-            while any(daemon.sessions[s].speech.speaking for s in sids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            elapsed = time.monotonic() - t0
-            lat: list[float] = []
-            counts_sum = {"speech": 0, "fallback": 0, "underrun": 0}
-            late = 0
-            for sid in sids:
-                sp = daemon.sessions[sid].speech
-                lat.extend(sp.latencies)
-                for k in counts_sum:
-                    counts_sum[k] += sp.counts[k]
-                late += daemon.sessions[sid].late_ticks
-            steps = host.steps - steps0
-            frames = host.frames_generated - frames0
-            played = counts_sum["speech"] + counts_sum["fallback"]
-            results.append({
-                "sessions": n, "seconds": round(elapsed, 1),
-                "generated_fps": round(frames / elapsed, 1),
-                "speech_pct": round(100 * counts_sum["speech"] / max(1, played), 1),
-                "fallback_pct": round(100 * counts_sum["fallback"] / max(1, played), 1),
-                "underruns": counts_sum["underrun"],
-                "latency_ms": {"p50": _pct(lat, 0.5), "p95": _pct(lat, 0.95), "p99": _pct(lat, 0.99), "n": len(lat)},
-                "late_ticks": late, "steps": steps,
-                "mean_batch": round(frames / max(1, steps), 1),
-                "mean_step_ms": round(1000 * (_hist_sum(daemon.metrics.gpu_step_seconds) - step_sum0) / max(1, steps), 1),
-                "device": host.device_info(),
-            })
-            print(json.dumps(results[-1]), flush=True)
-            for sid in sids:
-                await nc.request(f"{prefix}.session.stop", json.dumps({"v": 1, "session_id": sid}).encode(),
-                                 timeout=30)
+        await daemon.start()
+        print(f"daemon up in {time.monotonic() - t:.1f} s", flush=True)
+        host = daemon.engine_host
+        device = host.device if host is not None else None
+        probe.start()
+        gpu = GpuBusySampler(device)
+        gpu.start()
+        nc = await nats.connect(daemon.nats_url)
+        for n in options.ladder():
+            row = await _round(daemon, nc, n, options, avatar_ids, fps, probe, gpu)
+            rows.append(row)
+            print_row(row, flush=True)
+            if row["slo_met"]:
+                capacity = n if capacity is None or options.find_capacity else max(capacity, n)
+            elif options.find_capacity:
+                break
     finally:
-        await nc.close()
+        if nc is not None:
+            await nc.close()
+        await probe.aclose()
+        if gpu is not None:
+            gpu.close()
         await daemon.shutdown()
-    return results
+    card = "cpu"
+    if device is not None and device.type == "cuda":
+        import torch
+
+        card = torch.cuda.get_device_name(device)
+    return {"commit": _commit(), "config": _config(settings, options, fps, device), "card": card,
+            "rows": rows, "capacity": capacity}
 
 
-def _hist_sum(hist: Any) -> float:
-    for metric in hist.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_sum"):
-                return float(sample.value)
-    return 0.0
+async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_ids: list[str],
+                 fps: int, probe: LoopLagProbe, gpu: GpuBusySampler) -> dict[str, Any]:
+    prefix = daemon.settings.nats.subject_prefix
+    sids = [f"lt{n}-{i}" for i in range(n)]
+    t = time.monotonic()
+    try:
+        started = await asyncio.gather(
+            *(_start_session(nc, prefix, sid, avatar_ids[i % len(avatar_ids)], options.rate, fps)
+              for i, sid in enumerate(sids)),
+            return_exceptions=True)
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        print(f"{n} session(s) started in {time.monotonic() - t:.1f} s; speaking for "
+              f"{options.warmup_s:g} + {options.seconds:g} s", flush=True)
+        for sid in sids:
+            if not hasattr(daemon.sessions[sid].speech, "frame_records"):
+                raise LoadtestError("the daemon's speech pipeline keeps no frame_records "
+                                    "(daemon.speech.FrameRecord): this load test reads them")
+        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu)
+    finally:
+        await asyncio.gather(*(_stop_session(nc, prefix, sid) for sid in sids if sid in daemon.sessions))
 
 
+async def _start_session(nc: Any, prefix: str, sid: str, avatar: str, rate: int, fps: int) -> None:
+    body = {"v": 1, "session_id": sid, "avatar_id": avatar, "audio": {"sample_rate": rate},
+            "video": {"fps": fps}}
+    msg = await nc.request(f"{prefix}.session.start", json.dumps(body).encode(), timeout=900)
+    reply = json.loads(msg.data)
+    if not reply.get("ok"):
+        raise LoadtestError(f"session {sid} (avatar {avatar}) did not start: {reply.get('error')}")
+
+
+async def _stop_session(nc: Any, prefix: str, sid: str) -> None:
+    try:
+        await nc.request(f"{prefix}.session.stop", json.dumps({"v": 1, "session_id": sid}).encode(), timeout=30)
+    except Exception as exc:  # the daemon's shutdown stops whatever is left
+        print(f"lipsync loadtest: stopping {sid} failed: {exc!r}", file=sys.stderr)
+
+
+@dataclass
+class _RoundSamples:
+    """What a round's run leaves to compute its row from."""
+
+    window: tuple[float, float]  # the measured span, Unix time
+    wall_to_mono: float  # add to a Unix time for the monotonic clock
+    counters: tuple[tuple[int, int, float], tuple[int, int, float]]  # engine, at both ends
+    loop_lags: list[float]
+    gpu_busy: float | None
+    gpu_memory_mb: float | None
+    producers: list[dict[str, Any]]  # each producer's summary
+
+
+async def _speak_and_measure(daemon: Any, nc: Any, sids: list[str], options: LoadtestOptions, fps: int,
+                             probe: LoopLagProbe, gpu: GpuBusySampler) -> dict[str, Any]:
+    samples = await _speak(daemon, sids, options, probe, gpu)
+    return _row(daemon, sids, options, fps, samples)
+
+
+async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: LoopLagProbe,
+                 gpu: GpuBusySampler) -> _RoundSamples:
+    """Every session's producer speaks from a common start (each with its own offset)
+    to a common end; the probes record only the measured window."""
+    host = daemon.engine_host
+    producers: list[Any] = []
+    try:
+        for i, sid in enumerate(sids):
+            producers.append(await _spawn_producer(daemon, sid, i, options))
+        await asyncio.gather(*(_expect_line(daemon, p, sid, "ready", 120) for p, sid in zip(producers, sids)))
+        # Wall and monotonic clocks, tied once: frame records are stamped with the
+        # first, captures and probes with the second.
+        wall_to_mono = time.monotonic() - time.time()
+        start_wall = time.time() + 0.5
+        window = (start_wall + START_JITTER_S + options.warmup_s,
+                  start_wall + START_JITTER_S + options.warmup_s + options.seconds)
+        end_wall = window[1] + TAIL_S
+        for p in producers:
+            assert p.stdin is not None
+            p.stdin.write(f"{start_wall:.6f} {end_wall:.6f}\n".encode())
+            await p.stdin.drain()
+
+        await _sleep_until(window[0] + wall_to_mono)
+        counters0 = _engine_counters(host)
+        probe.record()
+        gpu.record()
+        _reset_peak_memory(host)
+        await _sleep_until(window[1] + wall_to_mono)
+        counters1 = _engine_counters(host)
+        lags, busy, memory = probe.take(), gpu.take(), _peak_memory_mb(host)
+
+        summaries = await asyncio.gather(*(_producer_summary(daemon, p, sid, end_wall - time.time() + 60)
+                                           for p, sid in zip(producers, sids)))
+    finally:
+        for p in producers:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, busy, memory, list(summaries))
+
+
+def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples) -> dict[str, Any]:
+    window = samples.window
+    mono_window = (window[0] + samples.wall_to_mono, window[1] + samples.wall_to_mono)
+    per_session = []
+    for sid in sids:
+        session = daemon.sessions[sid]
+        records = list(session.speech.frame_records)
+        if records and records[0].published_wall > window[0]:
+            raise LoadtestError(f"session {sid} kept fewer frame records than the round has frames "
+                                "(speech.frame_records is bounded): shorten --seconds")
+        publisher = session.publisher
+        captures = list(publisher.capture_times) if hasattr(publisher, "capture_times") else None
+        if captures and captures[0] > mono_window[0]:
+            raise LoadtestError(f"session {sid}'s sink kept fewer capture times than the round has "
+                                "frames (livekit_local.CAPTURE_WINDOW_S): shorten --seconds")
+        per_session.append(session_figures(sid, records, captures, window, mono_window, fps))
+    late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
+    if late:
+        print(f"note: {len(late)} producer(s) sent a chunk over one chunk late (worst "
+              f"{max(s['late_max_ms'] for s in late)} ms): underruns may be the producers' own", flush=True)
+    (steps0, frames0, step_s0), (steps1, frames1, step_s1) = samples.counters
+    steps = steps1 - steps0
+    judged = [s["generated_pct"] for s in per_session if s["generated_pct"] is not None]
+    return {
+        "sessions": len(sids),
+        "seconds": options.seconds,
+        "per_session": per_session,
+        # None when a session needed no generated frame at all (nothing to judge it by).
+        "generated_pct_min": min(judged) if judged and len(judged) == len(per_session) else None,
+        "latency_p95_ms_max": max((s["latency_ms"]["p95"] for s in per_session
+                                   if s["latency_ms"]["p95"] is not None), default=None),
+        "gpu_busy": samples.gpu_busy,
+        "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
+        "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
+        "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
+        "gpu_memory_mb": samples.gpu_memory_mb,
+        "slo_met": slo_met(per_session, options.slo),
+    }
+
+
+async def _spawn_producer(daemon: Any, sid: str, index: int, options: LoadtestOptions) -> Any:
+    root = str(Path(__file__).resolve().parent.parent)  # so that `-m daemon.loadproducer` resolves
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    log = _producer_log(daemon, sid)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # stderr to a file, not a pipe nobody reads (a full pipe would stall the producer).
+    with log.open("wb") as stderr:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.loadproducer", "--nats", daemon.nats_url,
+            "--prefix", daemon.settings.nats.subject_prefix, "--session", sid,
+            "--wav", str(options.wav or SAMPLE_WAV), "--rate", str(options.rate),
+            "--chunk-ms", str(options.chunk_ms), "--jitter-s", str(START_JITTER_S), "--seed", str(index),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env,
+        )
+
+
+def _producer_log(daemon: Any, sid: str) -> Path:
+    return Path(daemon.settings.daemon.state_dir) / "loadtest-logs" / f"{sid}.log"
+
+
+async def _expect_line(daemon: Any, proc: Any, sid: str, expected: str, timeout: float) -> None:
+    line = await _read_line(daemon, proc, sid, timeout)
+    if line != expected:
+        raise LoadtestError(f"producer for {sid} said {line!r} instead of {expected!r}")
+
+
+async def _producer_summary(daemon: Any, proc: Any, sid: str, timeout: float) -> dict[str, Any]:
+    line = await _read_line(daemon, proc, sid, timeout)
+    await proc.wait()
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise LoadtestError(f"producer for {sid} ended with {line!r} instead of its summary") from None
+
+
+async def _read_line(daemon: Any, proc: Any, sid: str, timeout: float) -> str:
+    try:
+        raw = await asyncio.wait_for(proc.stdout.readline(), timeout=max(1.0, timeout))
+    except asyncio.TimeoutError:
+        raise LoadtestError(f"producer for {sid} said nothing within {timeout:.0f} s "
+                            f"(its log: {_producer_log(daemon, sid)})") from None
+    if not raw:
+        await proc.wait()
+        log = _producer_log(daemon, sid)
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.is_file() else []
+        raise LoadtestError(f"producer for {sid} exited with code {proc.returncode}: {' | '.join(tail)} "
+                            f"(its log: {log})")
+    return raw.decode().strip()
+
+
+async def _sleep_until(mono: float) -> None:
+    delay = mono - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _engine_counters(host: Any) -> tuple[int, int, float]:
+    if host is None:
+        return 0, 0, 0.0
+    return host.steps, host.frames_generated, host.step_s
+
+
+def _reset_peak_memory(host: Any) -> None:
+    if host is not None and host.device is not None and host.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(host.device)
+
+
+def _peak_memory_mb(host: Any) -> float | None:
+    if host is None or host.device is None or host.device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(host.device) / 2**20, 1)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_row(row: dict[str, Any], flush: bool = False) -> None:
+    print(f"{row['sessions']:>3} sessions: generated min {_fmt(row['generated_pct_min'])} %, "
+          f"latency p95 max {_fmt(row['latency_p95_ms_max'])} ms, loop lag p99 "
+          f"{_fmt(row['loop_lag_p99_ms'])} ms, GPU busy {_fmt(row['gpu_busy'])}, batch "
+          f"{_fmt(row['mean_batch'])}, step {_fmt(row['step_ms'])} ms, GPU memory "
+          f"{_fmt(row['gpu_memory_mb'])} MB: SLO {'met' if row['slo_met'] else 'NOT met'}", flush=flush)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    slo = report["config"]["slo"]
+    print(f"\ncard {report['card']}, commit {report['commit'] or '?'}, {report['config']['fps']} fps, "
+          f"sink {report['config']['sink']}, {report['config']['seconds']:g} s measured per round; SLO: "
+          f">= {slo['generated_pct']:g} % generated, p95 <= {slo['latency_p95_ms']:g} ms")
+    print(f"{'session':>10} {'needed':>7} {'gen':>7} {'gen %':>7} {'fallbk':>7} {'undrun':>7} "
+          f"{'p50':>7} {'p95':>7} {'p99':>7} {'jitter':>7}")
+    for row in report["rows"]:
+        for s in row["per_session"]:
+            lat = s["latency_ms"]
+            print(f"{s['session_id']:>10} {s['needed']:>7} {s['generated']:>7} {_fmt(s['generated_pct']):>7} "
+                  f"{s['fallbacks']:>7} {s['underruns']:>7} {_fmt(lat['p50']):>7} {_fmt(lat['p95']):>7} "
+                  f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7}")
+        print_row(row)
+    print(f"capacity: {_fmt(report['capacity'])} sessions")

@@ -119,6 +119,30 @@ class _SlotPlan:
     store_current_tail: bool = False
     current_item: int = -1
     final_item: int = -1
+    need_lo: int = WINDOW_FEATURES  # features of the device segment the frames read (segment coordinates)
+    need_hi: int = 0
+    current_start: int = 0  # first feature of the encoded window (short windows)
+
+
+@dataclass
+class _Uploads:
+    """The samples of one round: pieces before (pre) and after (post) a segment rollover."""
+
+    zero_before: list[int] = field(default_factory=list)  # dropped utterances: clear first
+    pre_parts: list[np.ndarray] = field(default_factory=list)
+    pre_delta: list[int] = field(default_factory=list)
+    pre_lens: list[int] = field(default_factory=list)
+    pre_n: int = 0
+    final_rows: list[int] = field(default_factory=list)  # segments encoded once complete
+    zero_between: list[int] = field(default_factory=list)  # buffers reused for the next segment
+    post_parts: list[np.ndarray] = field(default_factory=list)
+    post_delta: list[int] = field(default_factory=list)
+    post_lens: list[int] = field(default_factory=list)
+    post_n: int = 0
+
+    @property
+    def any_work(self) -> bool:
+        return bool(self.pre_n or self.post_n or self.zero_before)
 
 
 class _HostBuffer:
@@ -167,8 +191,14 @@ class GpuAudioStreams:
 
     One slot per utterance stream: ``open`` -> ``push`` ... ``flush`` -> (next utterance)
     -> ``close``. The worker thread calls ``round()`` once per iteration and reads the
-    frames it reports from ``tokens`` (``token_index``), then reports ``consumed``.
-    Host methods take a lock, so ``push`` may come from another thread than ``round``.
+    frames it reports from ``tokens`` (``token_index``) on the same CUDA stream, then
+    reports ``consumed`` once the work that reads them is queued. A slot never runs more
+    than ``ring_frames`` frames ahead of its consumption. Host methods take a lock, so
+    ``push`` may come from another thread than ``round`` (it waits for a round's launches).
+
+    ``tokens``: [max_streams, ring_frames, 50, 384] in the encoder's dtype on its device;
+    frame f of a slot is at ``tokens[slot, f % ring_frames]``. Device memory besides it:
+    one 30 s float32 segment per slot (1.9 MB) and two 20-feature tails.
     """
 
     def __init__(
@@ -178,6 +208,7 @@ class GpuAudioStreams:
         max_streams: int = 64,
         ring_frames: int = 64,
         lookahead_frames: int = 0,
+        window_s: float = 30.0,
     ):
         if int(fps) != fps or not 1 <= fps <= FEATURE_RATE:
             raise ValueError(f"fps must be an integer in 1..{FEATURE_RATE}, got {fps}")
@@ -199,13 +230,23 @@ class GpuAudioStreams:
         self.max_streams = int(max_streams)
         self.ring_frames = int(ring_frames)
         self.lookahead_frames = int(lookahead_frames)
+        # The encoder window: 30 s (the reference's own, features equal offline) or a
+        # shorter one (a CPU cannot encode 30 s every 40 ms): the recent window_s seconds
+        # of the segment with their own positional embeddings, as StreamingAudioFeatures.
+        self.window_features = int(round(float(window_s) * FEATURE_RATE))
+        if not 50 <= self.window_features <= WINDOW_FEATURES:
+            raise ValueError(f"window_s must be in 1..30 s, got {window_s}")
+        # Features one round's frames may span in a short window (a quarter of it stays
+        # for right context, as StreamingAudioFeatures' groups).
+        self._span_limit = max(FEATURES_PER_FRAME + 2, (self.window_features * 3) // 4)
         self._lookahead_samples = -(-self.lookahead_frames * SAMPLE_RATE // self.fps)
         self._slots = [_Slot() for _ in range(self.max_streams)]
         self._lock = threading.Lock()
         self._rounds = 0
 
         device, d = self.device, AUDIO_DIM
-        self.tokens = torch.zeros((self.max_streams, self.ring_frames, AUDIO_TOKENS, d), dtype=self.dtype, device=device)
+        shape = (self.max_streams, self.ring_frames, AUDIO_TOKENS, d)
+        self.tokens = torch.zeros(shape, dtype=self.dtype, device=device)
         self._audio = torch.zeros((self.max_streams, WINDOW_SAMPLES), dtype=torch.float32, device=device)
         self._tails = torch.zeros(
             (self.max_streams * 2, TAIL_FEATURES, HIDDEN_STATES, d), dtype=self.dtype, device=device
@@ -425,7 +466,11 @@ class GpuAudioStreams:
                 if lo < seg_lo and (lo < seg_lo - TAIL_FEATURES or not prev_tail):
                     raise RuntimeError(f"internal: frame {f} needs features {lo}.. of a dropped segment")
                 if hi > seg_lo:
+                    if plan.current and max(plan.need_hi, hi - seg_lo) - plan.need_lo > self._span_limit:
+                        break  # the rest in a later round: one window must hold them
                     plan.current = True
+                    plan.need_lo = min(plan.need_lo, max(lo, seg_lo) - seg_lo)
+                    plan.need_hi = max(plan.need_hi, hi - seg_lo)
             f += 1
         plan.stop = f
         s.frames_ready = f
@@ -453,14 +498,15 @@ class GpuAudioStreams:
             code = np.full(t.shape, _ZERO, dtype=np.int64)
             state = np.zeros(t.shape, dtype=np.int64)
             tail = np.zeros(t.shape, dtype=np.int64)
+            w = self.window_features
             code[current] = _STATE
-            state[current] = p.current_item * WINDOW_FEATURES + t[current] - seg_lo
+            state[current] = p.current_item * w + t[current] - seg_lo - p.current_start
             if p.final:
                 code[previous] = _STATE
-                state[previous] = p.final_item * WINDOW_FEATURES + t[previous] - (seg_lo - WINDOW_FEATURES)
+                state[previous] = p.final_item * w + t[previous] - (seg_lo - WINDOW_FEATURES) - (WINDOW_FEATURES - w)
             else:
                 code[previous] = _TAIL
-                parity = p.segment % 2
+                parity = (p.segment - 1) % 2
                 tail[previous] = (p.slot * 2 + parity) * TAIL_FEATURES + t[previous] - (seg_lo - TAIL_FEATURES)
             state_rows.append(state.reshape(-1))
             tail_rows.append(tail.reshape(-1))
@@ -470,16 +516,32 @@ class GpuAudioStreams:
             return empty, empty, empty, empty
         return tuple(np.concatenate(x) for x in (token_rows, state_rows, tail_rows, codes))
 
+    def _window_start(self, p: _SlotPlan) -> int:
+        """First feature of the encoded window of the device segment (0 with 30 s)."""
+        w = self.window_features
+        if w == WINDOW_FEATURES:
+            return 0
+        if p.store_current_tail:
+            return WINDOW_FEATURES - w  # the segment's last features are kept as its tail
+        # A quarter of the window after the newest needed feature (zero-padded future, as a
+        # segment's tail is offline), the rest as left context; never outside the segment.
+        return min(p.need_lo, max(0, p.need_hi + w // 4 - w), WINDOW_FEATURES - w)
+
     def _launch(self, plans: list[_SlotPlan], up: _Uploads) -> None:
         """Device work of one round, in stream order; no host sync."""
+        for p in plans:
+            if p.current:
+                p.current_start = self._window_start(p)
         token_rows, state_rows, tail_rows, codes = self._gather_rows(plans)
         current_rows = [p.slot for p in plans if p.current]
         tail_store = [(p.current_item, p.slot * 2 + p.segment % 2) for p in plans if p.store_current_tail]
         tail_store += [(p.final_item, p.slot * 2 + (p.segment - 1) % 2) for p in plans if p.final]
+        starts = [p.current_start for p in plans if p.current] + [WINDOW_FEATURES - self.window_features] * sum(
+            1 for p in plans if p.final)
         ints = [
             up.zero_before, up.pre_delta, up.pre_lens, up.final_rows, up.zero_between,
             up.post_delta, up.post_lens, current_rows, token_rows, state_rows, tail_rows, codes,
-            [i for i, _ in tail_store], [r for _, r in tail_store],
+            [i for i, _ in tail_store], [r for _, r in tail_store], starts,
         ]
         ints = [np.asarray(x, dtype=np.int64) for x in ints]
         which = self._rounds % 2
@@ -493,7 +555,7 @@ class GpuAudioStreams:
             views.append(flat[pos : pos + len(x)])
             pos += len(x)
         (zero_before, pre_delta, pre_lens, final_rows, zero_between, post_delta, post_lens,
-         current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst) = views
+         current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst, starts_t) = views
 
         audio = self._audio
         if len(up.zero_before):
@@ -513,7 +575,13 @@ class GpuAudioStreams:
         states = None
         if items:
             mel = log_mel_device(torch.cat(items) if len(items) > 1 else items[0], self._mel_filters_t, self._window)
-            states = self.encoder.device_hidden_states(mel)  # [items, 1500, 5, 384]
+            if self.window_features == WINDOW_FEATURES:
+                states = self.encoder.device_hidden_states(mel)  # [items, 1500, 5, 384]
+            else:
+                w = self.window_features
+                cols = 2 * starts_t[:, None] + torch.arange(2 * w, device=self.device)[None, :]
+                mel = torch.gather(mel, 2, cols[:, None, :].expand(-1, mel.shape[1], -1))
+                states = self.encoder.device_hidden_states(mel, starts_t)  # [items, w, 5, 384]
         if len(token_rows):
             from_tail = self._tails.view(-1, HIDDEN_STATES, AUDIO_DIM).index_select(0, tail_rows_t)
             code = codes_t.view(-1, 1, 1)
@@ -524,7 +592,7 @@ class GpuAudioStreams:
             tokens = window.view(-1, AUDIO_TOKENS, AUDIO_DIM).float() + self._pe
             self.tokens.view(-1, AUDIO_TOKENS, AUDIO_DIM).index_copy_(0, token_rows_t, tokens.to(self.dtype))
         if tail_store:
-            tails = states.index_select(0, tail_items)[:, WINDOW_FEATURES - TAIL_FEATURES :]
+            tails = states.index_select(0, tail_items)[:, self.window_features - TAIL_FEATURES :]
             self._tails.index_copy_(0, tail_dst, tails)
 
     def _scatter(self, samples: torch.Tensor, delta: torch.Tensor, lens: torch.Tensor, n: int) -> None:
@@ -532,27 +600,6 @@ class GpuAudioStreams:
         shift = torch.repeat_interleave(delta, lens, output_size=n)
         dst = torch.arange(n, device=self.device) + shift
         self._audio.view(-1).index_copy_(0, dst, samples)
-
-
-@dataclass
-class _Uploads:
-    """The samples of one round: pieces before (pre) and after (post) a segment rollover."""
-
-    zero_before: list[int] = field(default_factory=list)  # dropped utterances: clear first
-    pre_parts: list[np.ndarray] = field(default_factory=list)
-    pre_delta: list[int] = field(default_factory=list)
-    pre_lens: list[int] = field(default_factory=list)
-    pre_n: int = 0
-    final_rows: list[int] = field(default_factory=list)  # segments encoded once complete
-    zero_between: list[int] = field(default_factory=list)  # buffers reused for the next segment
-    post_parts: list[np.ndarray] = field(default_factory=list)
-    post_delta: list[int] = field(default_factory=list)
-    post_lens: list[int] = field(default_factory=list)
-    post_n: int = 0
-
-    @property
-    def any_work(self) -> bool:
-        return bool(self.pre_n or self.post_n or self.zero_before)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -597,20 +644,32 @@ def gpu_stream_tokens(
 def time_rounds(
     encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int
 ) -> dict[str, float]:
-    """Steady state: every round each of ``slots`` streams gets one chunk; frames are
-    consumed at once. Returns ms per round (host launch time, and with the device
-    synchronized) over the rounds that made frames."""
+    """Steady state mid-utterance: each of ``slots`` streams starts with 1 s of audio
+    (its frames made and consumed untimed), then every round each gets one chunk and
+    its frames are consumed at once. Returns ms per round (host launch time, and with
+    the device synchronized) over the rounds that made frames."""
     import time
 
     streams = GpuAudioStreams(encoder, max_streams=slots)
     ids = [streams.open() for _ in range(slots)]
-    need = (rounds + warmup) * chunk_samples + len(ids) * 1601
-    x = np.resize(pcm16k, need)
+    prefill = SAMPLE_RATE
+    x = np.resize(pcm16k, prefill + (rounds + warmup) * chunk_samples + slots * 1601)
     cuda = streams.device.type == "cuda"
+
+    def round_and_consume() -> list[tuple[int, int, int]]:
+        made = streams.round()
+        for slot, first, count in made:
+            streams.consumed(slot, first + count)
+        return made
+
+    for i, slot in enumerate(ids):
+        streams.push(slot, x[i * 1601 : i * 1601 + prefill])  # a different phase per slot
+    while round_and_consume():
+        pass
     host_ms, total_ms, frames = [], [], 0
     for r in range(rounds + warmup):
         for i, slot in enumerate(ids):
-            start = i * 1601 + r * chunk_samples  # a different phase per slot
+            start = i * 1601 + prefill + r * chunk_samples
             streams.push(slot, x[start : start + chunk_samples])
         if cuda:
             torch.cuda.synchronize()
@@ -646,7 +705,7 @@ def _main() -> None:
     from musetalk.audio import offline_tokens, resample_to_16k, stream_tokens, token_errors
     from musetalk.whisper import load_whisper_encoder, write_random_whisper
 
-    parser = argparse.ArgumentParser(description="Measure GPU-resident streamed vs offline audio tokens and round cost.")
+    parser = argparse.ArgumentParser(description="Measure device-resident streamed vs offline tokens and round cost.")
     parser.add_argument("--wav", default="tests/data/speech.wav")
     parser.add_argument("--model", help="whisper folder; default: random weights of --size")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
@@ -692,6 +751,31 @@ def _main() -> None:
                     f"{timing['rounds']} rounds, {timing['frames']} frames",
                     flush=True,
                 )
+        if cuda:
+            for b in slots:
+                mel_ms, encoder_ms = _time_stages(encoder, b)
+                print(f"stages B={b}: log-mel {mel_ms:.2f} ms, encoder {encoder_ms:.2f} ms", flush=True)
+
+
+def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float]:
+    """Device ms of the two big stages of a round with ``items`` encodes."""
+    window = torch.hann_window(N_FFT, device=encoder.device)
+    filters = torch.from_numpy(np.ascontiguousarray(encoder.mel_filters.T, dtype=np.float32)).to(encoder.device)
+    audio = 0.1 * torch.randn(items, WINDOW_SAMPLES, device=encoder.device)
+    mel = log_mel_device(audio, filters, window)
+
+    def ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / repeat
+
+    return ms(lambda: log_mel_device(audio, filters, window)), ms(lambda: encoder.device_hidden_states(mel))
 
 
 if __name__ == "__main__":

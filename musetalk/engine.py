@@ -283,7 +283,12 @@ class Engine:
         when compiled: compilation and CUDA-graph recording happen here), so that the
         first sessions do not pay for them. Returns ms per UNet + decode at each size,
         measured after the warm-up (the frames/s the device sustains follows from it)."""
-        sizes = self._buckets if self.compiled else sorted({1, min(8, self.max_batch), self.max_batch})
+        if self.compiled:
+            sizes = self._buckets
+        elif self.device.type == "cuda":
+            sizes = sorted({1, min(8, self.max_batch), self.max_batch})
+        else:  # a CPU: enough to seed the step-time estimates, cheaply
+            sizes = sorted({1, min(4, self.max_batch)})
         timings: dict[int, float] = {}
         for size in sizes:
             latents = torch.randn(size, 8, LATENT_SIZE, LATENT_SIZE, device=self.device, dtype=self.dtype)

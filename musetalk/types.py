@@ -35,7 +35,7 @@ class PreparedAvatar:
     face_boxes: np.ndarray  # (N, 4) int32
     blend_boxes: np.ndarray  # (N, 4) int32
     masks: list[np.ndarray]  # N x (bh, bw) uint8
-    latents: np.ndarray  # (N, 8, 32, 32) float16
+    latents: np.ndarray  # (N, 8, 32, 32) float16 or float32 (the encoder's precision)
     landmark_source: str = "unknown"
     timings_ms: dict[str, float] = field(default_factory=dict)
 

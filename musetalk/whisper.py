@@ -124,21 +124,29 @@ class WhisperAudioEncoder:
                 return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
         return stacked.float().cpu().numpy()
 
-    def device_hidden_states(self, mel: torch.Tensor) -> torch.Tensor:
-        """The 5 hidden states of full 30 s windows, left on the device: no host copy, no sync.
+    def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The 5 hidden states of mel windows, left on the device: no host copy, no sync.
 
-        ``mel``: [B, n_mels, 3000] on ``self.device`` (any float dtype). Returns
-        [B, 1500, 5, d_model] in the encoder's dtype: ``encode_batch`` at offset 0 (so the
-        reference forward), for callers that keep features on the GPU (musetalk/audio_gpu.py).
+        ``mel``: [B, n_mels, N] on ``self.device`` (any float dtype); N = 3000 (a full 30 s
+        window) unless ``offsets`` (a [B] long tensor on the device) gives each window's
+        first feature position inside the 30 s window it stands for. Returns
+        [B, N/2, 5, d_model] in the encoder's dtype: ``encode_batch`` (so the reference
+        forward at a full window), for callers that keep features on the GPU
+        (musetalk/audio_gpu.py).
         """
-        expected = (self.num_mel_bins, WINDOW_MEL_FRAMES)
-        if mel.ndim != 3 or tuple(mel.shape[1:]) != expected:
-            raise ValueError(f"mel must be [B, {expected[0]}, {expected[1]}], got {tuple(mel.shape)}")
+        if offsets is None and (mel.ndim != 3 or tuple(mel.shape[1:]) != (self.num_mel_bins, WINDOW_MEL_FRAMES)):
+            raise ValueError(f"mel must be [B, {self.num_mel_bins}, {WINDOW_MEL_FRAMES}], got {tuple(mel.shape)}")
+        if mel.ndim != 3 or mel.shape[1] != self.num_mel_bins or mel.shape[2] % 2:
+            raise ValueError(f"mel must be [B, {self.num_mel_bins}, even N], got {tuple(mel.shape)}")
         enc = self.encoder
         with torch.inference_mode():
             h = nn.functional.gelu(enc.conv1(mel.to(self.dtype)))
             h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-            h = h + enc.embed_positions.weight[: h.shape[1]]
+            if offsets is None:
+                h = h + enc.embed_positions.weight[: h.shape[1]]
+            else:
+                positions = offsets[:, None] + torch.arange(h.shape[1], device=h.device)[None, :]
+                h = h + enc.embed_positions(positions)
             states = [h]
             for layer in enc.layers:
                 h = layer(h, None)

@@ -82,6 +82,15 @@ def test_device_log_mel_equals_feature_extractor(encoder, speech16k):
     assert not np.allclose(mel[0, :, :100], mel[2, :, :100])
 
 
+def test_device_hidden_states_equal_reference_forward(encoder, speech16k):
+    mel = encoder.log_mel(speech16k)[None]
+    states = encoder.device_hidden_states(torch.from_numpy(mel))
+    assert isinstance(states, torch.Tensor) and states.shape == (1, 1500, 5, 384)
+    np.testing.assert_allclose(states.numpy(), encoder.reference_hidden_states(mel), atol=1e-5)
+    with pytest.raises(ValueError, match="3000"):
+        encoder.device_hidden_states(torch.zeros(1, 80, 200))
+
+
 # --------------------------------------------------------------------------- streaming
 
 
@@ -324,3 +333,28 @@ def test_cuda_rounds_match_cpu_and_never_sync(tmp_path, encoder, speech16k, long
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert made >= 4 * 10 and streams.frames_ready(slots[0]) > 750
+
+
+def test_short_window_equals_the_host_streaming_path(encoder):
+    """A CPU's short encoder window: the same tokens as StreamingAudioFeatures with the
+    same window (they choose the same window per frame group)."""
+    from musetalk.audio import StreamingAudioFeatures
+    from musetalk.audio_gpu import GpuAudioStreams, drain
+
+    rng = np.random.default_rng(11)
+    pcm = (0.1 * rng.standard_normal(16000 * 6)).astype(np.float32)
+    host = StreamingAudioFeatures(encoder, fps=25, window_s=4.0)
+    gpu = GpuAudioStreams(encoder, fps=25, max_streams=1, window_s=4.0)
+    slot = gpu.open()
+    want, got = [], {}
+    for start in range(0, len(pcm), 640):
+        want += host.push(pcm[start:start + 640])
+        gpu.push(slot, pcm[start:start + 640])
+        drain(gpu, got)
+    want += host.flush()
+    gpu.flush(slot)
+    drain(gpu, got)
+    assert len(got[slot]) == len(want) == 150
+    np.testing.assert_allclose(np.stack(got[slot]), np.stack(want), atol=2e-4)
+    with pytest.raises(ValueError, match="window_s"):
+        GpuAudioStreams(encoder, window_s=0.5)

@@ -118,3 +118,14 @@ def test_render_cli_with_random_tiny_weights(tmp_path):
         assert {s.type for s in c.streams} == {"video", "audio"}
         frames = sum(1 for _ in c.decode(video=0))
     assert frames == int(3.17827664399093 * 25)
+
+
+def test_loadtest_rejects_bad_options_before_starting_anything():
+    bad = lipsync("loadtest", "--sessions", "1,x")
+    assert bad.returncode == 2
+    assert "--sessions '1,x' must be comma-separated positive integers" in bad.stderr
+    bad = lipsync("loadtest", "--sessions", "2", "--chunk-ms", "5", "--seconds", "0")
+    assert bad.returncode == 2
+    assert "--chunk-ms 5 must be 10..200" in bad.stderr and "--seconds must be > 0" in bad.stderr
+    bad = lipsync("loadtest", "--sink", "file")
+    assert bad.returncode == 2 and "invalid choice: 'file'" in bad.stderr

@@ -181,7 +181,7 @@ async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, cli
     def broken(jobs):
         raise RuntimeError("CUDA error: an illegal memory access (injected)")
 
-    host.step_fn = broken
+    host.worker.step_fn = broken
     pcm, rate = read_wav_mono16(SPEECH, RATE)
     await stream_pcm(client.nc, "lipsync", "boom", pcm[: rate], rate, realtime=False)
     await client.nc.publish("lipsync.control.boom", json.dumps({"op": "flush"}).encode())
@@ -194,7 +194,7 @@ async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, cli
     assert session.loop_alive()
     # One error event for the utterance, not one per frame.
     assert len(client.events_of("boom", "error")) == 1
-    host.step_fn = None
+    host.worker.step_fn = None
 
 
 async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client):
@@ -204,7 +204,7 @@ async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client)
         await start(client, sid)
     host = speech_daemon.engine_host
     seen_sessions: list[int] = []
-    real_next = host._scheduler.next_batch
+    real_next = host.worker.scheduler.next_batch
 
     def recording_next(max_batch, not_before=None):
         batch = real_next(max_batch, not_before)
@@ -212,7 +212,7 @@ async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client)
             seen_sessions.append(len({p.session_id for p in batch}))
         return batch
 
-    host._scheduler.next_batch = recording_next
+    host.worker.scheduler.next_batch = recording_next
     try:
         pcm, rate = read_wav_mono16(SPEECH, RATE)
         half = pcm[: int(rate * 1.5)]
@@ -226,7 +226,7 @@ async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client)
             assert ev["position_s"] == pytest.approx(math.ceil(len(half) * FPS / rate) / FPS)
             assert speech_daemon.sessions[sid].speech.counts["speech"] > 0
     finally:
-        del host._scheduler.next_batch
+        del host.worker.scheduler.next_batch
     assert max(seen_sessions) == 2, seen_sessions  # at least one step served both sessions
 
 

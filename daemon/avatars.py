@@ -1,8 +1,9 @@
 """Where an avatar's idle video comes from: Firestore (or the config table), the URL
 fetch with its disk cache, the decode to RGB frames, and a shared in-memory store.
 
-asyncio side only: no torch here. ``decode_video`` blocks (PyAV); callers run it in a
-thread, as ``AvatarStore`` does.
+asyncio side only: no torch here. ``decode_video`` blocks (PyAV, through
+``musetalk.video``, the decoder ``lipsync render`` uses too); callers run it in a thread,
+as ``AvatarStore`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
-import av
 import numpy as np
 from yarl import URL
 
@@ -27,6 +27,7 @@ from daemon import errors
 from daemon.config import ASSETS_DIR, Settings
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
+from musetalk.video import VideoError, VideoLimits, decode_frames
 
 log = get_logger(__name__)
 
@@ -495,122 +496,33 @@ def decode_video(path: Path, settings: Settings, source: str | None = None) -> D
 
     ``source`` names the video in error messages (the URL it came from); the path is
     used when it is not given. Decoding stops as soon as a cap is passed, so a huge
-    file costs at most the caps in memory.
+    file costs at most the caps in memory; the errors name the config field to change.
     """
-    label = display_url(source) if source else str(path)
-    fetch, video = settings.fetch, settings.video
+    fetch, video_cfg = settings.fetch, settings.video
+    limits = VideoLimits(
+        max_width=video_cfg.max_width, max_height=video_cfg.max_height,
+        max_seconds=fetch.max_video_s, max_frames=fetch.max_frames_in_memory,
+        min_seconds=fetch.min_video_s, fallback_fps=video_cfg.fps, names=_LIMIT_NAMES,
+    )
     try:
-        container = av.open(str(path), mode="r")
-    except av.FFmpegError as exc:
-        raise _invalid(f"{label} is not a readable video file ({_short_error(exc)})") from None
-    with container:
-        if not container.streams.video:
-            found = ", ".join(s.type for s in container.streams) or "no streams"
-            raise _invalid(f"{label} has no video stream (found: {found})")
-        stream = container.streams.video[0]
-        ctx = stream.codec_context
-        if ctx is None:  # PyAV gives no codec context when FFmpeg has no decoder for it
-            raise _invalid(f"{label}: its video codec is not supported by this FFmpeg build")
-        width, height = int(ctx.width or 0), int(ctx.height or 0)
-        _check_size(label, width, height, settings)
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else 0.0
-        if not 0.5 <= fps <= 240:
-            fps = float(video.fps)  # no usable rate in the container: the output rate
-        known_s = _known_duration(stream, container)
-        if known_s is not None and known_s > fetch.max_video_s + 1.0 / fps:
-            raise _too_long(label, known_s, fetch.max_video_s)
-
-        max_frames = min(fetch.max_frames_in_memory, int(fetch.max_video_s * fps + 1.5))
-        expected = stream.frames if 0 < stream.frames <= max_frames else 64
-        buffer = _FrameBuffer(expected)
-        try:
-            for frame in container.decode(stream):
-                if buffer.count >= max_frames:
-                    if buffer.count >= fetch.max_frames_in_memory:
-                        raise _invalid(
-                            f"{label} has more than {fetch.max_frames_in_memory} frames; "
-                            "raise fetch.max_frames_in_memory or use a shorter video"
-                        )
-                    raise _too_long(label, (buffer.count + 1) / fps, fetch.max_video_s)
-                if frame.width != width or frame.height != height:
-                    width, height = frame.width, frame.height
-                    _check_size(label, width, height, settings)
-                    if buffer.count:
-                        raise _invalid(f"{label} changes its frame size mid-stream")
-                buffer.append(frame.to_ndarray(format="rgb24"))
-        except av.FFmpegError as exc:
-            raise _invalid(
-                f"{label}: cannot decode its {stream.codec_context.name} video "
-                f"({_short_error(exc)})"
-            ) from None
-
-    if buffer.count == 0:
-        raise _invalid(f"{label} has a video stream but no decodable frames")
-    frames = buffer.result()
-    duration = frames.shape[0] / fps
-    if duration < fetch.min_video_s:
-        raise _invalid(
-            f"{label} is {duration:.2f} s long ({frames.shape[0]} frames), shorter than "
-            f"fetch.min_video_s = {fetch.min_video_s:g} s"
-        )
+        decoded = decode_frames(path, limits, label=display_url(source) if source else str(path))
+    except VideoError as exc:
+        raise _invalid(str(exc)) from None
+    frames = decoded.frames
     video = DecodedVideo(
-        frames=frames, fps=fps, width=frames.shape[2], height=frames.shape[1],
-        duration_s=duration,
+        frames=frames, fps=decoded.fps, width=frames.shape[2], height=frames.shape[1],
+        duration_s=decoded.duration_s,
     )
     video.i420  # converted here, off the event loop
     return video
 
 
-class _FrameBuffer:
-    """Frames in one preallocated array, grown by doubling; avoids np.stack's 2x peak."""
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = max(1, capacity)
-        self._data: np.ndarray | None = None
-        self.count = 0
-
-    def append(self, frame: np.ndarray) -> None:
-        if self._data is None:
-            self._data = np.empty((self._capacity, *frame.shape), dtype=np.uint8)
-        elif self.count == self._data.shape[0]:
-            grown = np.empty((self.count * 2, *self._data.shape[1:]), dtype=np.uint8)
-            grown[: self.count] = self._data
-            self._data = grown
-        self._data[self.count] = frame
-        self.count += 1
-
-    def result(self) -> np.ndarray:
-        assert self._data is not None
-        if self.count == self._data.shape[0]:
-            return self._data
-        return self._data[: self.count].copy()  # drop the unused tail's memory
-
-
-def _known_duration(stream: Any, container: Any) -> float | None:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
-    return None
-
-
-def _check_size(label: str, width: int, height: int, settings: Settings) -> None:
-    v = settings.video
-    if width <= 0 or height <= 0:
-        raise _invalid(f"{label} has a video stream without a frame size")
-    if width > v.max_width or height > v.max_height:
-        raise _invalid(
-            f"{label} is {width}x{height}, larger than video.max_width x video.max_height "
-            f"= {v.max_width}x{v.max_height}; scale the video down or raise those settings"
-        )
-
-
-def _too_long(label: str, seconds: float, max_s: float) -> LipsyncError:
-    return _invalid(
-        f"{label} is longer than fetch.max_video_s = {max_s:g} s (at least {seconds:.1f} s); "
-        "trim it or raise fetch.max_video_s"
-    )
+# The config fields behind each decoding limit, for the errors.
+_LIMIT_NAMES = {
+    "max_width": "video.max_width", "max_height": "video.max_height",
+    "max_seconds": "fetch.max_video_s", "max_frames": "fetch.max_frames_in_memory",
+    "min_seconds": "fetch.min_video_s",
+}
 
 
 def _invalid(message: str) -> LipsyncError:

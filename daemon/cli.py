@@ -157,14 +157,26 @@ def cmd_models(args, settings) -> int:
 
 
 def cmd_render(args, settings) -> int:
+    from daemon.demo import download_command, weights_present
+
+    models_dir = Path(args.models) if args.models else settings.model.dir
+    if args.random_weights is None and not weights_present(models_dir):
+        print(f"lipsync render: MuseTalk weights are not in {models_dir}/. For real lip-sync run: "
+              f"{download_command(models_dir)} (or try the pipeline with --random-weights tiny: "
+              "the mouth is noise)", file=sys.stderr)
+        return 1
     from musetalk.render import render_offline
 
-    render_offline(
-        Path(args.video), Path(args.audio), Path(args.out),
-        models_dir=Path(args.models) if args.models else settings.model.dir,
-        device=args.device or settings.model.device, dtype=settings.model.dtype,
-        random_weights=args.random_weights,
-    )
+    cfg = settings.model
+    try:
+        render_offline(
+            Path(args.video), Path(args.audio), Path(args.out), models_dir=models_dir,
+            device=args.device or cfg.device, dtype=cfg.dtype, random_weights=args.random_weights,
+            landmarks=cfg.landmarks, extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode,
+        )
+    except (ValueError, OSError) as exc:  # a bad input file, no face in the video, ...
+        print(f"lipsync render: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

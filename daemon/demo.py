@@ -1,15 +1,19 @@
 """`lipsync demo`: the whole loop on this machine, as the README's main job.
 
 Embedded NATS, the daemon, the demo avatar, a speech WAV streamed at real time into a
-session, the lip-synced MP4 recorded, and a summary measured on that recording.
+session, the lip-synced MP4 recorded, and a summary measured on that recording. The
+summary says what each figure should be on this device and why (:class:`Expectation`),
+and flags the figures that are not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +21,22 @@ import numpy as np
 
 from daemon.config import Settings
 from daemon.inprocess import SAMPLE_WAV, in_process_settings, read_recording
+from daemon.speech import CONTEXT_FRAMES
 
-def _weights_present(settings: Settings) -> bool:
+CHUNK_MS = 40  # the demo's producer sends 40 ms chunks
+# The CPU demo's playout delay: the tiny model on a CPU needs about that long per frame.
+CPU_PLAYOUT_DELAY_FRAMES = 8
+
+
+def weights_present(model_dir: Path) -> bool:
     from musetalk.weights import check
 
-    return all(st.ok or not st.file.required for st in check(settings.model.dir))
+    return all(st.ok or not st.file.required for st in check(model_dir))
+
+
+def download_command(model_dir: Path) -> str:
+    """What fetches the real weights (also the hint of `lipsync render`)."""
+    return f".venv/bin/lipsync models download --dir {model_dir}"
 
 
 def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
@@ -29,20 +44,23 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
 
     wav = wav or SAMPLE_WAV
     model = settings.model.model_dump()
-    if not settings.model.random_weights and not _weights_present(settings):
+    if not settings.model.random_weights and not weights_present(settings.model.dir):
         print(f"MuseTalk weights are not in {settings.model.dir}/. For real lip-sync run:\n"
-              f"    .venv/bin/lipsync models download --dir {settings.model.dir}\n"
+              f"    {download_command(settings.model.dir)}\n"
               "Running now with RANDOM weights (model.random_weights = true, a development "
               "switch): the loop is real, the mouth is noise.\n", flush=True)
         model["random_weights"] = True
     cuda = torch.cuda.is_available() and settings.model.device in ("auto", "cuda") or \
         settings.model.device.startswith("cuda")
     fps = settings.video.fps
+    delay_why = "model.playout_delay_frames"
     if not cuda:
         # A CPU runs the tiny model at ~10 frames/s: a lower frame rate keeps the demo
         # real-time there. On a GPU the daemon's own defaults apply.
         fps = 10
-        model["playout_delay_frames"] = max(model["playout_delay_frames"] or 0, 8)
+        if (model["playout_delay_frames"] or 0) < CPU_PLAYOUT_DELAY_FRAMES:
+            model["playout_delay_frames"] = CPU_PLAYOUT_DELAY_FRAMES
+            delay_why = "the demo's choice for a CPU, which needs about that long to generate a frame"
         print("No CUDA device: demo at 10 fps with the tiny random model (a GPU runs 25 fps).", flush=True)
     demo_settings = in_process_settings(settings, model=model)
     import uvloop
@@ -52,7 +70,17 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(summary["recording"], out)
         summary["copied_to"] = str(out)
+    if summary.get("ok"):
+        m = demo_settings.model
+        expectation = Expectation(
+            fps=fps, chunk_ms=CHUNK_MS, playout_delay_frames=m.playout_delay_frames,
+            processing_budget_ms=summary.get("processing_budget_ms"), lookahead_frames=m.lookahead_frames,
+            generates=m.enabled, delay_why=delay_why,
+        )
+        summary.update(assess(summary, expectation))
     print(json.dumps(summary, indent=2))
+    for line in verdict_lines(summary):
+        print(line)
     return 0 if summary.get("ok") else 1
 
 
@@ -92,7 +120,7 @@ async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
         session = daemon.sessions[sid]
         await asyncio.sleep(1.0)
         print(f"speaking {len(pcm) / rate:.2f}s of {wav.name} at real time...", flush=True)
-        await stream_pcm(nc, settings.nats.subject_prefix, sid, pcm, rate, realtime=True, chunk_ms=40)
+        await stream_pcm(nc, settings.nats.subject_prefix, sid, pcm, rate, realtime=True, chunk_ms=CHUNK_MS)
         await nc.publish(f"{settings.nats.subject_prefix}.control.{sid}", b'{"op": "flush"}')
         deadline = time.monotonic() + len(pcm) / rate + 60
         while not any(e["type"] == "playback_finished" for e in events) and time.monotonic() < deadline:
@@ -100,12 +128,16 @@ async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         stats = session.speech.stats() if session.speech else {}
         boxes = session.speech.avatar.blend_boxes if session.speech else None
+        host = daemon.engine_host
+        if host is not None and settings.model.playout_delay_frames is None:
+            # The budget the utterance started with: one session speaking.
+            summary["processing_budget_ms"] = round(host.processing_budget_s() * 1000, 1)
         idle_frames = session.video.frames
         await nc.request(f"{settings.nats.subject_prefix}.session.stop",
                          json.dumps({"v": 1, "session_id": sid}).encode(), timeout=30)
         path = Path(reply["output"]["path"])
         summary.update(recording=str(path), generation=stats.get("counts"),
-                       latency_ms=stats.get("latency_ms"), device=daemon.engine_host.device_info()
+                       timeline=stats.get("timeline"), latency_ms=stats.get("latency_ms"), device=daemon.engine_host.device_info()
                        if daemon.engine_host else None)
         summary.update(measure_recording(path, idle_frames, boxes, fps))
         summary["ok"] = True
@@ -132,3 +164,149 @@ def measure_recording(path: Path, idle_frames: np.ndarray, blend_boxes: np.ndarr
         out["av_offset_note"] = "first moving mouth minus first voiced audio frame, at frame resolution"
         out["mouth_closed_frames_after_voice"] = moved[-1] - int(voiced[-1])
     return out
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the demo's figures should be on this device, derived from how the session
+    schedules speech (daemon.speech): the playout delay, the frame rate, the chunk size."""
+
+    fps: int
+    chunk_ms: int = CHUNK_MS
+    playout_delay_frames: int | None = None  # None: the adaptive start
+    processing_budget_ms: float | None = None  # the adaptive start's budget, as measured
+    lookahead_frames: int = 0
+    generates: bool = True  # False: model.enabled = false, speech over the idle video
+    delay_why: str = "model.playout_delay_frames"
+    # The frame loop's own jitter: publishing a frame is not instantaneous.
+    slack_ms: float = 25.0
+    min_generated_pct: float = 99.0
+
+    @property
+    def frame_ms(self) -> float:
+        return 1000.0 / self.fps
+
+    def start_delay(self) -> tuple[float, str]:
+        """(ms, why) from an utterance's first chunk arriving to the earliest tick its
+        frame 0 may play at."""
+        f = self.frame_ms
+        if self.playout_delay_frames is not None:
+            ms = self.playout_delay_frames * f
+            return ms, (f"a playout delay of {self.playout_delay_frames} frames at {self.fps} fps "
+                        f"= {ms:g} ms ({self.delay_why})")
+        if not self.generates:
+            return 0.0, "no model: speech starts at the next tick"
+        context = max(0.0, (CONTEXT_FRAMES + 1 + self.lookahead_frames) * f - self.chunk_ms)
+        budget = self.processing_budget_ms or 0.0
+        return context + budget, (
+            f"the adaptive start: frame 0 needs its audio through frame {CONTEXT_FRAMES + self.lookahead_frames} "
+            f"({context:g} ms after a {self.chunk_ms} ms first chunk) plus the processing budget "
+            f"measured for one session ({budget:g} ms)")
+
+    def latency_range(self) -> tuple[float, float, str]:
+        """Each chunk's latency (its first sample's frame on screen minus its arrival):
+        the start delay, plus up to one frame waiting for the next tick, minus the chunk's
+        position inside its frame (none when chunks are whole frames)."""
+        base, why = self.start_delay()
+        f = self.frame_ms
+        # Chunk k starts k*chunk into the utterance, its frame floor(k*chunk/f)*f: the
+        # largest lag of a chunk behind its frame's start is f - gcd(chunk, f).
+        phase = f - math.gcd(round(self.chunk_ms * self.fps), 1000) / self.fps
+        low, high = base - phase, base + f + self.slack_ms
+        why += f", plus up to one frame ({f:g} ms) waiting for the next tick"
+        if phase:
+            why += f", minus up to {phase:g} ms where a {self.chunk_ms} ms chunk starts inside a frame"
+        return round(low, 1), round(high, 1), why + f", plus {self.slack_ms:g} ms for publishing"
+
+    def av_offset_range(self) -> tuple[float, float, str]:
+        return round(-self.frame_ms, 1), 0.0, (
+            "the lips lead the voice by one frame by design: the mouth opens with the sound of "
+            "its own frame or of the next one (daemon.speech blend_for); 0 when the speech starts "
+            "voiced, as the utterance's first frame has nothing before it")
+
+
+def assess(summary: dict[str, Any], expected: Expectation) -> dict[str, Any]:
+    """What the summary's figures should be and why ("expected"), the figures that are
+    not ("flags", each saying what it is, what was expected and the likely cause) and a
+    one-line "verdict"."""
+    out: dict[str, Any] = {}
+    flags: list[str] = []
+    f = expected.frame_ms
+    timeline = summary.get("timeline") or ""
+    leading_fallbacks = len(timeline) - len(timeline.lstrip("f"))
+
+    low, high, why = expected.latency_range()
+    out["latency_ms"] = {"range": [low, high], "why": why}
+    latency = summary.get("latency_ms") or {}
+    if not latency.get("n"):
+        flags.append("no audio chunk reached the screen: no latency was measured")
+    for q in ("p50", "p95"):
+        value = latency.get(q)
+        if value is not None and not low <= value <= high:
+            cause = ""
+            underruns = (summary.get("generation") or {}).get("underrun", 0)
+            if value > high and underruns:
+                cause = f"; the producer fell behind real time {underruns} times, each a frame later"
+            flags.append(f"latency {q} {value:g} ms is outside the expected {low:g}..{high:g} ms{cause}")
+
+    gen = summary.get("generation") or {}
+    needed = gen.get("needed")
+    if expected.generates and needed:
+        fallback = gen.get("fallback", 0)
+        pct = 100.0 * (needed - fallback) / needed
+        out["generated_pct"] = {"min": expected.min_generated_pct,
+                                "why": "every frame whose audio opens the mouth is generated in time"}
+        if pct < expected.min_generated_pct:
+            flags.append(f"{fallback} of {needed} frames that needed the model fell back to the "
+                         f"idle picture ({pct:.0f} % generated in time, expected >= "
+                         f"{expected.min_generated_pct:g} %): generation did not keep up on this device")
+    if gen.get("underrun"):
+        flags.append(f"{gen['underrun']} underruns: the producer fell behind real time")
+
+    if summary.get("video_s") is not None and summary.get("audio_s") is not None:
+        drift = abs(summary["video_s"] - summary["audio_s"])
+        out["video_minus_audio_s"] = {"range": [-2 * f / 1000, 2 * f / 1000],
+                                      "why": "each tick publishes one frame with its own audio"}
+        if drift > 2 * f / 1000:
+            flags.append(f"the recording's video ({summary['video_s']} s) and audio "
+                         f"({summary['audio_s']} s) differ by more than two frames")
+
+    if expected.generates:
+        low, high, why = expected.av_offset_range()
+        out["av_offset_ms"] = {"range": [low, high], "why": why}
+        offset = summary.get("av_offset_ms")
+        if offset is None:
+            flags.append("the mouth never moved in the recording: no generated frame reached it")
+        elif not low <= offset <= high:
+            cause = ""
+            if offset > high and leading_fallbacks:
+                cause = (f"; the utterance's first {leading_fallbacks} frames fell back to the idle "
+                         "picture, so the mouth started late")
+            flags.append(f"av_offset_ms {offset:g} is outside the expected {low:g}..{high:g} ms{cause}")
+        closed = summary.get("mouth_closed_frames_after_voice")
+        out["mouth_closed_frames_after_voice"] = {
+            "range": [0, 1], "why": "the mouth closes one frame after the voice (a half-strength hangover)"}
+        if closed is not None and not 0 <= closed <= 1:
+            flags.append(f"mouth_closed_frames_after_voice {closed} is outside the expected 0..1")
+
+    verdict = "as expected" if not flags else f"{len(flags)} outside expectation (see flags)"
+    return {"expected": out, "flags": flags, "verdict": verdict}
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The summary's verdict for a person: the expectations met, then each flag."""
+    if "verdict" not in summary:
+        return []
+    lines = [f"verdict: {summary['verdict']}"]
+    expected = summary.get("expected", {})
+    if "latency_ms" in expected:
+        lo, hi = expected["latency_ms"]["range"]
+        lines.append(f"  latency expected {lo:g}..{hi:g} ms: {expected['latency_ms']['why']}")
+    if "av_offset_ms" in expected:
+        lo, hi = expected["av_offset_ms"]["range"]
+        lines.append(f"  A/V offset expected {lo:g}..{hi:g} ms: {expected['av_offset_ms']['why']}")
+    lines += [f"  FLAG: {flag}" for flag in summary.get("flags", [])]
+    return lines

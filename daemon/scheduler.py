@@ -111,5 +111,7 @@ def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: floa
         return poll_s
     if pending >= max_batch:
         return 0.0
-    launch_by = earliest_deadline - margin_s - full_step_s - max(0.0, gpu_free_at - now)
+    # One wait slice early: the loop wakes up to a slice late, and a frame launched
+    # after its last safe moment would only be dropped as too late.
+    launch_by = earliest_deadline - margin_s - full_step_s - max(0.0, gpu_free_at - now) - 2 * poll_s
     return 0.0 if now >= launch_by else min(launch_by - now, poll_s)

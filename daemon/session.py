@@ -359,7 +359,8 @@ class Session:
                 if publisher is None:
                     return
                 self.publishing = True
-                await publisher.push(frame, audio)
+                # Explicit, strictly increasing capture times on the session clock.
+                await publisher.push(frame, audio, timestamp_us=max(1, round(self.tick_time(self.tick) * 1e6)))
                 self.frame_counts[kind] = self.frame_counts.get(kind, 0) + 1
                 self.deps.metrics.frames_published.labels(kind).inc()
                 if self.speech is not None:

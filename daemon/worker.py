@@ -116,15 +116,18 @@ class _Estimates:
         self.step_s_total = 0.0
 
     def step(self, bucket: int) -> float:
+        """Expected device time of a step at ``bucket``: its own recent median, else the
+        next larger measured bucket's (an upper bound), else scaled from the largest."""
         known = self._steps.get(bucket)
         if known:
             return statistics.median(known)
         if not self._steps:
             return 0.01
-        # Interpolate from the nearest measured bucket (time grows about linearly).
-        near = min(self._steps, key=lambda b: abs(b - bucket))
-        return statistics.median(self._steps[near]) * max(1.0, bucket / near) if bucket > near else \
-            statistics.median(self._steps[near])
+        larger = [b for b in self._steps if b > bucket]
+        if larger:
+            return statistics.median(self._steps[min(larger)])
+        top = max(self._steps)
+        return statistics.median(self._steps[top]) * bucket / top
 
     def add_step(self, bucket: int, seconds: float, now: float) -> None:
         self._steps.setdefault(bucket, deque(maxlen=9)).append(seconds)
@@ -405,12 +408,17 @@ class GenerationWorker:
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             return 0.0005
         gpu_free = max(now, self._gpu_free_at)
-        wait = batch_wait(now, n, self.max_batch, self.scheduler.earliest_deadline(), gpu_free,
-                          self.est.step(self.engine.bucket(self.max_batch)), DELIVERY_MARGIN_S)
+        size = self.engine.bucket(min(n, self.max_batch))
+        # The wait budgets for the slower of a full step and this one (estimates are
+        # medians and need not grow with the batch): a frame launched at the end of its
+        # wait is never then judged too late.
+        step_s = self.est.step(size)
+        full_s = max(step_s, self.est.step(self.engine.bucket(self.max_batch)))
+        wait = batch_wait(now, n, self.max_batch, self.scheduler.earliest_deadline(), gpu_free, full_s,
+                          DELIVERY_MARGIN_S)
         if wait > 0:
             return wait
-        size = self.engine.bucket(min(n, self.max_batch))
-        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + self.est.step(size) + DELIVERY_MARGIN_S)
+        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + step_s + DELIVERY_MARGIN_S)
         late = self.scheduler.dropped_late
         if late:
             self.frames_dropped_late += late

@@ -1,8 +1,13 @@
 """Avatar preparation (once per idle video) and its on-disk cache.
 
-Pipeline: landmarks per frame -> face boxes (reference geometry, then temporal
-smoothing) -> 256x256 crops -> VAE latents [masked 4 | reference 4] -> blend boxes and
-soft masks (face parsing when installed, landmark polygon otherwise).
+Pipeline: landmarks per frame (detections far from the video's usual face dropped) ->
+face boxes (reference geometry, then temporal smoothing) -> 256x256 crops -> VAE latents
+[masked 4 | reference 4] -> blend boxes and soft masks (face parsing when installed,
+landmark polygon otherwise).
+
+The daemon and ``lipsync render`` prepare the same way: :class:`PreparationTools` picks
+the landmarker and face parser (and a video's shipped landmarks), :func:`prepare_avatar`
+does the rest.
 
 Cache layout (one directory per avatar, written atomically):
 
@@ -27,6 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,10 @@ META_FILE = "meta.json"
 PARSE_SIZE = 512
 
 EncodeLatents = Callable[[np.ndarray], np.ndarray]
+# A tqdm-like factory: progress(total=N, desc=stage) -> an object with update(n), close().
+Progress = Callable[..., Any]
 LATENT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+SIDECAR_SUFFIX = ".landmarks.npy"
 
 
 class CacheInvalid(Exception):
@@ -75,11 +84,89 @@ class _Timer:
         return self.timings
 
 
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(progress: Progress | None, total: int, stage: str) -> Any:
+    return progress(total=total, desc=stage) if progress is not None else _NoProgress()
+
+
+# ------------------------------------------------------------------ tools
+
+
+@dataclass
+class PreparationTools:
+    """The networks preparation runs besides the VAE: the landmarker and the optional face
+    parser, loaded once per process. ``landmarker`` is None where this OpenCV build has no
+    face detector and no DWPose model is used: avatars then need shipped landmarks."""
+
+    landmarker: Landmarker | None
+    face_parser: Any = None
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: Any, *, landmarks: str = "auto",
+             random_weights: bool = False) -> PreparationTools:
+        """``landmarks``: "auto" (DWPose when installed), "onnx" or "opencv".
+
+        With random weights, random landmark and parsing networks would put the face
+        anywhere (the mouth lands on the collar and jumps from frame to frame): the
+        bundled detector and the landmark mask are used instead, so the output stays
+        watchable.
+        """
+        from musetalk.landmarks import HaarTemplateLandmarker, make_landmarker
+
+        if random_weights:
+            try:
+                return cls(HaarTemplateLandmarker(), None)
+            except RuntimeError as exc:
+                log.warning("no bundled face detector in this OpenCV build: avatars need "
+                            "landmark sidecars (%s)", exc)
+                return cls(None, None)
+        landmarker = make_landmarker(landmarks, model_dir)
+        try:
+            from musetalk.face_parsing import load_face_parser
+
+            face_parser = load_face_parser(model_dir, device)
+        except FileNotFoundError:
+            log.warning("face-parsing model absent: blend masks use the landmark polygon "
+                        "(lower quality); `lipsync models download` fetches it")
+            face_parser = None
+        return cls(landmarker, face_parser)
+
+    def landmarker_for(self, video_path: str | Path | None, num_frames: int) -> Landmarker:
+        """The landmarker for one video. A video may ship its landmarks as a sidecar
+        ``<video>.landmarks.npy``, (frames, 68, 2), made with the bundled detector or a
+        prepared pipeline: replaying them gives the same avatar without the detector
+        (absent from some OpenCV builds). Real DWPose landmarks win when present."""
+        from musetalk.landmarks import PrecomputedLandmarker
+
+        quality = getattr(self.landmarker, "quality", "") if self.landmarker is not None else "none"
+        if video_path is not None and (quality.startswith("opencv") or quality == "none"):
+            sidecar = Path(f"{video_path}{SIDECAR_SUFFIX}")
+            if sidecar.is_file():
+                landmarks = np.load(sidecar)
+                if len(landmarks) == num_frames:
+                    return PrecomputedLandmarker(landmarks, f"{quality}, {sidecar.name}")
+        if self.landmarker is None:
+            raise ValueError(
+                "no face detector in this OpenCV build and no landmark sidecar "
+                f"(<video>{SIDECAR_SUFFIX}) for this video: install opencv-python-headless<5 "
+                "or fetch the DWPose model with `lipsync models download`"
+            )
+        return self.landmarker
+
+
 def detect_all(
     frames: np.ndarray,
     landmarker: Landmarker,
     max_missing_fraction: float = 0.5,
     outlier_tolerance: float | None = 0.6,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, 68, 2) landmarks for every frame and a bool array of frames that had a face.
 
@@ -90,7 +177,12 @@ def detect_all(
     idle video that is a false detection (a pattern on clothes), not a head movement.
     """
     n = frames.shape[0]
-    found: list[np.ndarray | None] = [landmarker.detect(frames[i]) for i in range(n)]
+    bar = _bar(progress, n, "landmarks")
+    found: list[np.ndarray | None] = []
+    for i in range(n):
+        found.append(landmarker.detect(frames[i]))
+        bar.update(1)
+    bar.close()
     if outlier_tolerance is not None:
         found = _drop_outliers(found, outlier_tolerance)
     detected = np.array([f is not None for f in found])
@@ -153,6 +245,7 @@ def prepare_avatar(
     smooth_window: int = 5,
     cheek_width: int = 90,
     batch_size: int = 16,
+    progress: Progress | None = None,
 ) -> PreparedAvatar:
     """Prepare every frame of an idle video for generation.
 
@@ -160,7 +253,8 @@ def prepare_avatar(
     [masked 4 | reference 4], already scaled; they are kept in its precision (float16
     stays float16, float32 and anything else is kept as float32). ``face_parser`` has
     ``parse((B, 512, 512, 3) uint8) -> (B, 512, 512) uint8`` labels; without it the
-    blend masks come from the landmark polygon.
+    blend masks come from the landmark polygon. ``progress`` (a tqdm-like factory) gets
+    one bar per stage: landmarks, latents, masks.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -172,7 +266,7 @@ def prepare_avatar(
     n, h, w, _ = frames.shape
     timer = _Timer()
 
-    landmarks, _ = detect_all(frames, landmarker, max_missing_fraction, outlier_tolerance)
+    landmarks, _ = detect_all(frames, landmarker, max_missing_fraction, outlier_tolerance, progress)
     timer.lap("landmarks")
 
     raw_boxes = np.array(
@@ -186,6 +280,7 @@ def prepare_avatar(
     timer.lap("crops")
 
     latents: np.ndarray | None = None
+    bar = _bar(progress, n, "latents")
     for i in range(0, n, batch_size):
         out = np.asarray(encode_latents(crops[i : i + batch_size]))
         if out.shape != (min(batch_size, n - i), 8, LATENT_SIZE, LATENT_SIZE):
@@ -193,11 +288,15 @@ def prepare_avatar(
         if latents is None:
             latents = np.empty((n, 8, LATENT_SIZE, LATENT_SIZE), dtype=latents_storage_dtype(out.dtype))
         latents[i : i + out.shape[0]] = out
+        bar.update(out.shape[0])
+    bar.close()
     timer.lap("latents")
 
+    bar = _bar(progress, n, "masks")
     blend_boxes, masks = _masks(
-        frames, face_boxes, squares, landmarks, face_parser, parsing_mode, cheek_width, batch_size
+        frames, face_boxes, squares, landmarks, face_parser, parsing_mode, cheek_width, batch_size, bar
     )
+    bar.close()
     timer.lap("masks")
 
     source = getattr(landmarker, "quality", type(landmarker).__name__)
@@ -224,6 +323,7 @@ def _masks(
     parsing_mode: str,
     cheek_width: int,
     batch_size: int,
+    bar: Any,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     n, h, w, _ = frames.shape
     blend_boxes = np.empty((n, 4), dtype=np.int32)
@@ -252,6 +352,7 @@ def _masks(
             box, m = blending.clip_square(m, sq, w, h)
             blend_boxes[i] = box
             masks.append(m)
+        bar.update(len(idx))
     return blend_boxes, masks
 
 

@@ -1,15 +1,18 @@
 """Offline rendering: idle video + speech file -> talking MP4 (``lipsync render``).
 
-The same pieces the daemon uses, run over a whole file: avatar preparation, reference
-(whole-utterance) whisper features, batched engine steps, then H.264 + AAC with the
-speech muxed in. Video frames: floor(audio duration * fps); frame i shows avatar frame
+The same pieces the daemon uses, run over a whole file: its video decoder
+(``musetalk.video``), its avatar preparation (``PreparationTools`` + ``prepare_avatar``),
+reference (whole-utterance) whisper features, batched engine steps, then H.264 + AAC with
+the speech muxed in. Video frames: floor(audio duration * fps); frame i shows avatar frame
 i in ping-pong order (0, 1, .., N-1, N-1, .., 0, 0, 1, ..) as the reference does.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ import torch
 from musetalk.engine import Engine
 from musetalk.models import load_models
 from musetalk.types import FrameJob
-from musetalk.weights import model_path, write_random_weights
+from musetalk.video import VideoLimits, decode_frames
+from musetalk.weights import write_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +49,6 @@ def ping_pong(i: int, n: int) -> int:
         return 0
     j = i % (2 * n)
     return j if j < n else 2 * n - 1 - j
-
-
-def read_video(path: Path) -> tuple[np.ndarray, Fraction]:
-    """All frames (N, H, W, 3) uint8 RGB and the frame rate."""
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as exc:
-        raise ValueError(f"cannot open the idle video {path}: {exc}") from exc
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ValueError(f"{path}: unknown frame rate")
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    if not frames:
-        raise ValueError(f"{path}: the video has no frames")
-    return np.stack(frames), Fraction(rate)
 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
@@ -93,6 +78,12 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     if not chunks:
         raise ValueError(f"{path}: the audio stream is empty")
     return np.concatenate(chunks).astype(np.int16), int(rate)
+
+
+def _tqdm():
+    from tqdm.auto import tqdm
+
+    return tqdm
 
 
 def _audio_tokens(features: np.ndarray, num_frames: int, fps: Fraction) -> np.ndarray:
@@ -154,24 +145,39 @@ def render_offline(
     models_dir: str | Path,
     device: str = "auto",
     dtype: str | torch.dtype | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     random_weights: str | None = None,
     *,
     batch_size: int = 16,
+    landmarks: str = "auto",
+    extra_margin: int = 10,
+    parsing_mode: str = "jaw",
+    video_limits: VideoLimits | None = None,
 ) -> RenderResult:
     """Render ``audio_path`` spoken by the person of ``video_path`` into ``out_path``.
 
     ``random_weights`` ("tiny" or "full") writes random weights in the real formats to
     a temporary folder and uses them instead of ``models_dir``: for trying the pipeline
-    without downloads (the mouth is noise then).
+    without downloads (the mouth is noise then). ``landmarks``, ``extra_margin`` and
+    ``parsing_mode`` are the daemon's ``model.*`` settings of the same names.
+    ``progress``: progress bars on stderr; None shows them when stderr is a terminal.
     """
     from musetalk.audio import offline_features, resample_to_16k
-    from musetalk.avatar import prepare_avatar
-    from musetalk.landmarks import HaarTemplateLandmarker, OnnxLandmarker
+    from musetalk.avatar import PreparationTools, prepare_avatar
     from musetalk.whisper import load_whisper_encoder
 
     video_path, audio_path, out_path = Path(video_path), Path(audio_path), Path(out_path)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bars = functools.partial(_tqdm(), unit="frame", disable=not progress)
     timings: dict[str, float] = {}
+    # The inputs first: a bad file is reported before the models load.
+    t = time.perf_counter()
+    video = decode_frames(video_path, video_limits)
+    fps = video.rate
+    pcm, rate = read_audio(audio_path)
+    timings["decode"] = time.perf_counter() - t
+
     with tempfile.TemporaryDirectory() as tmp:
         if random_weights is not None:
             models_dir = write_random_weights(Path(tmp) / "models", size=random_weights)
@@ -183,23 +189,13 @@ def render_offline(
         timings["load_models"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        frames, fps = read_video(video_path)
-        pcm, rate = read_audio(audio_path)
-        timings["decode"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if model_path(models_dir, "dwpose").is_file():
-            landmarker = OnnxLandmarker(models_dir)
-        else:
-            landmarker = HaarTemplateLandmarker()
-        face_parser = None
-        if model_path(models_dir, "face_parse").is_file():
-            from musetalk.face_parsing import load_face_parser
-
-            face_parser = load_face_parser(models_dir, models.device)
+        tools = PreparationTools.load(models_dir, models.device, landmarks=landmarks,
+                                      random_weights=random_weights is not None)
         avatar = prepare_avatar(
-            frames, float(fps), landmarker=landmarker, encode_latents=models.encode_latents,
-            face_parser=face_parser, key=video_path.stem or "avatar",
+            video.frames, video.fps, landmarker=tools.landmarker_for(video_path, video.num_frames),
+            encode_latents=models.encode_latents, face_parser=tools.face_parser,
+            extra_margin=extra_margin, parsing_mode=parsing_mode, key=video_path.stem or "avatar",
+            progress=bars,
         )
         timings["prepare_avatar"] = time.perf_counter() - t
 
@@ -220,9 +216,7 @@ def render_offline(
                      avatar.width, avatar.height, width, height)
 
         def generated():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="render")
+            bar = bars(total=num_frames, desc="render")
             for start in range(0, num_frames, batch_size):
                 jobs = [
                     FrameJob(avatar.key, ping_pong(i, avatar.num_frames), tokens[i])

@@ -81,7 +81,7 @@ def test_batch_wait_launches_a_frame_that_cannot_wait_alone():
     from daemon.scheduler import batch_wait
 
     # Due in 50 ms with a 50 ms full step: launch now, even as a batch of one.
-    assert batch_wait(10.0, 1, 8, 10.05, 10.0, 0.05, 0.004) == 0.0
+    assert batch_wait(10.0, 1, 8, 10.055, 10.0, 0.05, 0.004) == 0.0
     # The GPU is busy for 150 ms more: a frame due in 200 ms cannot wait either.
     assert batch_wait(10.0, 1, 8, 10.2, 10.15, 0.05, 0.004) == 0.0
     # Nothing pending: just poll.

@@ -1,0 +1,150 @@
+"""The generation worker on the CPU: a real tiny Engine, real GPU-resident audio streams
+(on the CPU device), a real thread, results back on the asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.metrics import Metrics
+from daemon.worker import FramePlan, GenerationWorker
+from musetalk.audio_gpu import GpuAudioStreams
+from musetalk.engine import Engine
+from musetalk.whisper import load_whisper_encoder, write_random_whisper
+from tests.test_engine import avatars, make_avatar, model_dir, models  # noqa: F401 (fixtures)
+
+torch.set_num_threads(1)
+FPS = 25
+DEBUG = None
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return load_whisper_encoder(write_random_whisper(tmp_path_factory.mktemp("whisper"), "tiny"))
+
+
+@pytest.fixture
+async def worker(models, avatars, encoder):
+    engine = Engine(models, max_batch=4)
+    for av in avatars:
+        engine.register_avatar(av)
+    sizes: list[int] = []
+    real_launch = engine.launch
+
+    def launch(keys, indices, tokens, blends):
+        sizes.append(len(keys))
+        return real_launch(keys, indices, tokens, blends)
+
+    engine.launch = launch
+    w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=4, horizon_s=5.0,
+                         initial_step_ms={1: 5.0, 4: 10.0})
+    w.launched_sizes = sizes
+    global DEBUG
+    DEBUG = lambda: (len(w.scheduler), w.steps, w.frames_dropped_late, sizes, {k: (sorted(v.plans) for v in s.voices) for k, s in w._sessions.items()}, w.alive(), w.scheduler.earliest_deadline() - time.monotonic())
+    w.start()
+    yield w
+    thread = w.stop()
+    await asyncio.to_thread(thread.join, 10)
+
+
+def speech(seconds: float, seed: int) -> np.ndarray:
+    return (0.2 * np.random.default_rng(seed).standard_normal(int(16000 * seconds))).astype(np.float32)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, object, BaseException | None]] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, results) -> None:
+        self.items += results
+        self.arrived.set()
+
+    async def wait_for(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.items) < n:
+            assert time.monotonic() < deadline, f"{len(self.items)} of {n} frames after {timeout} s: {DEBUG and DEBUG()}"
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), 0.2)
+            except TimeoutError:
+                pass
+
+
+def plans(utt: int, frames: range, key: str, deadline: float, blend: float = 1.0) -> list[FramePlan]:
+    return [FramePlan(utt, f, key, f % 2, blend, deadline) for f in frames]
+
+
+async def test_frames_that_can_wait_fill_the_batch_to_its_cap(worker):
+    out = [Results() for _ in range(3)]
+    far = time.monotonic() + 4.0
+    for i, r in enumerate(out):
+        worker.post("open", f"s{i}", FPS, r)
+    for i in range(3):
+        worker.post("audio", f"s{i}", 0, speech(0.4, i))
+        worker.post("flush", f"s{i}", 0)
+        worker.post("plans", f"s{i}", plans(0, range(10), "anna" if i % 2 else "ben", far))
+    for r in out:
+        await r.wait_for(10)
+    # 30 frames with room to wait: full steps of 4 (the last one holds the rest).
+    assert sum(worker.launched_sizes) == 30
+    assert worker.launched_sizes.count(4) >= 7, worker.launched_sizes
+    for i, r in enumerate(out):
+        assert sorted(f for _, f, _, _ in r.items) == list(range(10))
+        assert all(box is not None and err is None for _, _, box, err in r.items)
+        box = r.items[0][2]
+        assert box.avatar_key == ("anna" if i % 2 else "ben") and box.y.dtype == np.uint8
+
+
+async def test_a_frame_that_cannot_wait_is_launched_alone(worker):
+    r = Results()
+    worker.post("open", "solo", FPS, r)
+    worker.post("audio", "solo", 0, speech(0.2, 7))
+    due = time.monotonic() + 1.5
+    worker.post("plans", "solo", plans(0, range(1), "anna", due))
+    await r.wait_for(1, timeout=10)
+    assert worker.launched_sizes == [1]  # nothing else came: it went alone, in time
+    assert r.items[0][2] is not None and time.monotonic() < due + 0.5
+
+
+async def test_silent_frames_are_not_generated_and_a_cancel_drops_pending_frames(worker):
+    r = Results()
+    worker.post("open", "quiet", FPS, r)
+    worker.post("audio", "quiet", 0, speech(0.6, 3))
+    worker.post("flush", "quiet", 0)
+    far = time.monotonic() + 3.0
+    worker.post("plans", "quiet", plans(0, range(0, 5), "anna", far, blend=0.0))
+    worker.post("plans", "quiet", plans(0, range(5, 15), "anna", far))
+    worker.post("cancel", "quiet", 0, 10)  # frames 0..9 were played meanwhile
+    await r.wait_for(5)
+    await asyncio.sleep(0.3)
+    assert sorted(f for _, f, _, _ in r.items) == list(range(10, 15))
+    assert sum(worker.launched_sizes) == 5
+    assert worker.pending_frames == 0
+
+
+async def test_a_failing_step_reports_to_its_frames_and_the_worker_goes_on(worker):
+    r = Results()
+    worker.post("open", "boom", FPS, r)
+
+    def broken(batch):
+        raise RuntimeError("injected")
+
+    worker.step_fn = broken
+    worker.post("audio", "boom", 0, speech(0.3, 4))
+    worker.post("flush", "boom", 0)
+    worker.post("plans", "boom", plans(0, range(7), "anna", time.monotonic() + 2))
+    await r.wait_for(7)
+    assert all(isinstance(err, RuntimeError) for _, _, _, err in r.items)
+    worker.step_fn = None
+    worker.post("audio", "boom", 1, speech(0.3, 5))
+    worker.post("flush", "boom", 1)
+    worker.post("plans", "boom", plans(1, range(7), "anna", time.monotonic() + 2))
+    await r.wait_for(14)
+    assert all(err is None and box is not None for u, _, box, err in r.items if u == 1)
+    assert worker.alive()

@@ -127,7 +127,8 @@ async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         stats = session.speech.stats() if session.speech else {}
-        boxes = session.speech.avatar.blend_boxes if session.speech else None
+        avatar = session.speech.avatar if session.speech else None  # None without a model
+        boxes = avatar.blend_boxes if avatar is not None else None
         host = daemon.engine_host
         if host is not None and settings.model.playout_delay_frames is None:
             # The budget the utterance started with: one session speaking.

@@ -65,7 +65,7 @@ class EngineHost:
             self.engine, self._make_streams, self._loop, self.metrics,
             max_batch=cfg.max_batch, horizon_s=cfg.horizon_s, initial_step_ms=self.warmup_ms,
         )
-        self._worker.start()
+        self._worker.start(warm_fps=self.settings.video.fps)
 
     def _make_streams(self, fps: int) -> Any:
         from musetalk.audio_gpu import GpuAudioStreams

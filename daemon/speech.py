@@ -181,8 +181,11 @@ class SpeechPipeline:
         # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time that
         # is here this long after the first chunk, which brought its own duration.
         context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
-        due = arrived + max(0.0, context) + self.host.processing_budget_s()
+        budget = self.host.processing_budget_s()
+        due = arrived + max(0.0, context) + budget
         tick = math.ceil((due - self.session.t0) * self.fps - 1e-9)
+        self.log.info("utterance placed", budget_ms=round(budget * 1000, 1), context_ms=round(context * 1000, 1),
+                      start_in_ms=round((self.session.tick_time(max(next_tick, tick)) - time.monotonic()) * 1000, 1))
         return max(next_tick, tick)
 
     def _open_utterance(self, now: float, first_chunk_samples: int) -> Utterance:

@@ -110,8 +110,9 @@ class _Estimates:
     """Step time per bucket (median of recent GPU times), audio round time, busy time."""
 
     def __init__(self, initial_ms: dict[int, float]) -> None:
-        self._steps: dict[int, deque[float]] = {b: deque([ms / 1000], maxlen=9) for b, ms in initial_ms.items()}
-        self._round: deque[float] = deque([0.002], maxlen=9)
+        # Seeded three deep: one slow first step or round moves the median little.
+        self._steps: dict[int, deque[float]] = {b: deque([ms / 1000] * 3, maxlen=9) for b, ms in initial_ms.items()}
+        self._round: deque[float] = deque([0.002] * 3, maxlen=9)
         self._busy: deque[tuple[float, float]] = deque()
         self.step_s_total = 0.0
 
@@ -141,6 +142,10 @@ class _Estimates:
 
     def add_round(self, seconds: float) -> None:
         self._round.append(seconds)
+
+    def seed_round(self, seconds: float) -> None:
+        self._round.clear()
+        self._round.extend([seconds] * 3)
 
     def busy_fraction(self, now: float) -> float | None:
         if not self._busy:
@@ -192,9 +197,36 @@ class GenerationWorker:
         self.post("call", fn, fut)
         return fut
 
-    def start(self, name: str = "lipsync-gpu") -> None:
+    def start(self, name: str = "lipsync-gpu", warm_fps: int | None = None) -> None:
+        """Start the thread; with ``warm_fps``, first build that rate's audio streams and
+        time an audio round (first calls are slow; the estimate then starts right)."""
+        if warm_fps is not None:
+            self.est.seed_round(self._warm_audio(warm_fps))
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def _warm_audio(self, fps: int) -> float:
+        import torch
+
+        streams = self._streams_by_fps.get(fps)
+        if streams is None:
+            streams = self._streams_by_fps[fps] = self._make_streams(fps)
+        slot = streams.open()
+        noise = (0.1 * np.random.default_rng(0).standard_normal(16000 // 2)).astype(np.float32)
+        elapsed = 0.0
+        try:
+            for part in (noise[:4000], noise[4000:]):  # the second round is the one timed
+                streams.push(slot, part)
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    for _, first, count in streams.round():
+                        streams.consumed(slot, first + count)
+                if self.engine.device.type == "cuda":
+                    torch.cuda.synchronize(self.engine.device)
+                elapsed = time.perf_counter() - t
+        finally:
+            streams.close(slot)
+        return elapsed
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -214,9 +246,10 @@ class GenerationWorker:
 
     def processing_budget_s(self, speaking: int) -> float:
         """How long after a frame's audio context is complete its generated frame can be
-        expected: an audio round, the step in flight and its own step, and a margin."""
+        expected: the round and step in progress, then its own round and step (rounds and
+        steps run one after another on the worker's stream), and a margin."""
         bucket = self.engine.bucket(max(1, min(self.max_batch, speaking)))
-        return self.est.round() + 2 * self.est.step(bucket) + 0.010
+        return 2 * (self.est.round() + self.est.step(bucket)) + 0.010
 
     # ---- the worker thread -------------------------------------------------------------
     def _run(self) -> None:

@@ -26,7 +26,7 @@ from daemon.loadtest import (
 from daemon.speech import FrameRecord
 
 ROOT = Path(__file__).resolve().parent.parent
-FPS = 10
+FPS = 5
 
 
 def records(start: float, kinds: str, latency_every: int = 4) -> list[FrameRecord]:
@@ -120,13 +120,14 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
                LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu")
-    # CPU-sized: 10 fps (a frame is 100 ms, so the latency floor is ~3 frames, not the
+    # CPU-sized: 5 fps (the tiny model makes ~7 frames/s of 512x512 on one core; a frame
+    # is 200 ms, so the latency floor is ~3 frames = 600 ms plus a step, not the
     # GPU's 180 ms), and 95 % so that one late frame in 80 on a shared 2-core runner
     # does not fail CI; the SLO arithmetic itself is tested above.
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
          "--seconds", "8", "--warmup-s", "2", "--fps", str(FPS), "--slo-generated-pct", "95",
-         "--slo-latency-ms", "1000", "--json", str(report_path)],
+         "--slo-latency-ms", "1500", "--json", str(report_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

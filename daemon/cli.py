@@ -99,33 +99,88 @@ def cmd_status(args, settings) -> int:
 
 
 def cmd_events(args, settings) -> int:
-    async def run() -> None:
-        nc = await _connect(_nats_url(settings, args.nats))
-        done = asyncio.Event()
-        subject = f"{settings.nats.subject_prefix}.events.{args.session_id or '>'}"
+    """Print events until --until, --timeout or Ctrl-C. When NATS goes away (with the
+    embedded server: the daemon stopped), say so on stderr and exit 1, or with --follow
+    wait for it to come back and go on printing."""
+    import nats
+
+    url = _nats_url(settings, args.nats)
+    prefix = settings.nats.subject_prefix
+
+    def note(text: str) -> None:
+        print(f"lipsync events: {text}", file=sys.stderr, flush=True)
+
+    async def run() -> int:
+        done = asyncio.Event()  # --until seen
+        closed = asyncio.Event()  # the connection is gone for good (no --follow)
 
         async def on_msg(msg) -> None:
-            print(f"{msg.subject} {msg.data.decode(errors='replace')}", flush=True)
-            if args.until and args.until in msg.data.decode(errors="replace"):
+            text = msg.data.decode(errors="replace")
+            print(f"{msg.subject} {text}", flush=True)
+            if args.until and args.until in text:
                 done.set()
 
-        await nc.subscribe(subject, cb=on_msg)
-        await nc.subscribe(f"{settings.nats.subject_prefix}.errors", cb=on_msg)
+        async def on_error(exc: Exception) -> None:
+            pass  # the loss itself is said once, by the callbacks below
+
+        async def on_disconnected() -> None:
+            if args.follow and not done.is_set():
+                note(f"lost NATS at {url} (the daemon stopped?): waiting for it to come back (Ctrl-C to quit)")
+
+        async def on_reconnected() -> None:
+            note(f"reconnected to NATS at {url}: following again")
+
+        async def on_closed() -> None:
+            closed.set()
+
+        options = dict(connect_timeout=2, error_cb=on_error, disconnected_cb=on_disconnected,
+                       reconnected_cb=on_reconnected, closed_cb=on_closed)
+        if args.follow:
+            options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        else:
+            options.update(allow_reconnect=False, max_reconnect_attempts=0)
+        waited = False
+        while True:
+            try:
+                nc = await asyncio.wait_for(nats.connect(url, **options), timeout=4)
+                break
+            except (Exception, asyncio.TimeoutError) as exc:
+                if not args.follow:
+                    note(f"cannot reach NATS at {url} ({str(exc) or type(exc).__name__}): is lipsyncd "
+                         "running? (--nats to point elsewhere; --follow to wait for it)")
+                    return 1
+                if not waited:
+                    note(f"NATS at {url} is not there yet: waiting for it (Ctrl-C to quit)")
+                    waited = True
+                await asyncio.sleep(1.0)
+        if waited:
+            note(f"connected to NATS at {url}")
+        await nc.subscribe(f"{prefix}.events.{args.session_id or '>'}", cb=on_msg)
+        await nc.subscribe(f"{prefix}.errors", cb=on_msg)
+        waits = [asyncio.create_task(done.wait()), asyncio.create_task(closed.wait())]
         try:
-            await asyncio.wait_for(done.wait(), timeout=args.timeout) if args.timeout else await done.wait()
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=args.timeout or None, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await nc.close()
+            for task in waits:
+                task.cancel()
+            lost = closed.is_set() and not done.is_set()  # before our own close sets it too
+            if not nc.is_closed:
+                await nc.close()
+        if lost:
+            note(f"the connection to NATS at {url} closed: the daemon stopped (its embedded nats-server "
+                 "stops with it) or NATS went away; use --follow to wait for it to come back")
+            return 1
+        return 0
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 def cmd_say(args, settings) -> int:
+    if args.dump_chunks:
+        return _dump_chunks(args, settings)
     from daemon.producer import say
 
     return asyncio.run(say(
@@ -134,13 +189,81 @@ def cmd_say(args, settings) -> int:
     ))
 
 
+def _dump_chunks(args, settings) -> int:
+    """`lipsync say SID WAV --dump-chunks DIR`: the chunks `say` would send, written to
+    files at the session's rate (--rate, or asked from the daemon's status), sent nowhere."""
+    from daemon.producer import dump_chunks, read_wav_mono16, session_rate
+    from schemas import SUPPORTED_SAMPLE_RATES
+
+    prefix = settings.nats.subject_prefix
+    if args.chunk_ms <= 0:
+        print(f"lipsync say: --chunk-ms must be positive, not {args.chunk_ms}", file=sys.stderr)
+        return 2
+    rate = args.rate
+    if rate is None:
+        url = _nats_url(settings, args.nats)
+
+        async def ask() -> int | None:
+            nc = await _connect(url)
+            try:
+                return await session_rate(nc, prefix, args.session_id)
+            finally:
+                await nc.close()
+
+        try:
+            rate = asyncio.run(ask())
+        except SystemExit as exc:
+            raise SystemExit(f"{exc}; or give the session's rate with --rate") from None
+        if rate is None:
+            print(f"lipsync say: session '{args.session_id}' is not live on the daemon at {url}, so its "
+                  "rate is unknown: start it first, or give the rate with --rate", file=sys.stderr)
+            return 1
+    if rate not in SUPPORTED_SAMPLE_RATES:
+        print(f"lipsync say: --rate {rate} is not a session rate: one of "
+              f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}", file=sys.stderr)
+        return 2
+    try:
+        pcm, _ = read_wav_mono16(Path(args.wav), rate)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        print(f"lipsync say: cannot read {args.wav} as a WAV: {exc}", file=sys.stderr)
+        return 1
+    if not len(pcm):
+        print(f"lipsync say: {args.wav} holds no samples", file=sys.stderr)
+        return 1
+    try:
+        paths = dump_chunks(pcm, rate, args.chunk_ms, Path(args.dump_chunks))
+    except (FileExistsError, OSError) as exc:
+        print(f"lipsync say: --dump-chunks: {exc}", file=sys.stderr)
+        return 1
+    folder = Path(args.dump_chunks)
+    print(f"wrote {len(paths)} chunks of {args.chunk_ms} ms ({paths[0].stat().st_size} bytes, the last "
+          f"{paths[-1].stat().st_size}) of {rate} Hz s16le mono to {folder}/{paths[0].name} .. "
+          f"{paths[-1].name}; nothing was sent. Send them in order, then flush:")
+    print(f"  i=0; for f in {folder}/chunk*.pcm; do nats pub {prefix}.audio.{args.session_id} "
+          f"--header Lipsync-Seq:$i --force-stdin --no-templates < \"$f\"; i=$((i+1)); done; "
+          f"nats req {prefix}.control.{args.session_id} '{{\"op\":\"flush\"}}'")
+    return 0
+
+
 def cmd_models(args, settings) -> int:
     from musetalk import weights
 
     model_dir = Path(args.dir) if args.dir else settings.model.dir
     only = [k.strip() for k in args.only.split(",")] if args.only else None
+    try:
+        for key in only or ():
+            weights.model_file(key)
+    except KeyError as exc:  # the message lists the known keys
+        print(f"lipsync models: --only: {exc.args[0]}", file=sys.stderr)
+        return 2
     if args.action == "download":
-        weights.download(model_dir, only=only, progress=True)
+        try:
+            weights.download(model_dir, only=only, progress=True)
+        except (weights.DownloadError, weights.ModelFileError) as exc:
+            # Said in a few lines (what failed, what is missing, how to go on), not as
+            # the HTTP stack's traceback.
+            print(f"lipsync models download: {exc}", file=sys.stderr)
+            return 1
     missing = 0
     for st in weights.check(model_dir):
         if only and st.file.key not in only:
@@ -259,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--until", help="exit after an event containing this text (e.g. stopped)")
     sp.add_argument("--nats")
     sp.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds (0: never)")
+    sp.add_argument("--follow", action="store_true", help="when NATS goes away (the daemon stopped or "
+                    "restarts), wait for it and go on, instead of exiting with status 1")
     sp.set_defaults(fn=cmd_events)
 
     sp = sub.add_parser("say", help="stream a WAV into a session as TTS-like PCM chunks")
@@ -269,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rate", type=int, help="resample to this rate before sending (default: the "
                     "session's own rate, asked from the daemon)")
     sp.add_argument("--no-flush", action="store_true", help="do not send flush at the end")
+    sp.add_argument("--dump-chunks", metavar="DIR", help="send nothing: write the chunks it would send "
+                    "as DIR/chunk0000.pcm, ... (s16le mono at the session's rate: --rate, or asked "
+                    "from the daemon), the bodies for `nats pub`")
     nats_opts(sp)
     sp.set_defaults(fn=cmd_say)
 

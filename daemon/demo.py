@@ -236,8 +236,8 @@ def assess(summary: dict[str, Any], expected: Expectation) -> dict[str, Any]:
     out: dict[str, Any] = {}
     flags: list[str] = []
     f = expected.frame_ms
+    # One letter per frame of the utterance: s speech, f fallback, u underrun (daemon.speech).
     timeline = summary.get("timeline") or ""
-    leading_fallbacks = len(timeline) - len(timeline.lstrip("f"))
 
     low, high, why = expected.latency_range()
     out["latency_ms"] = {"range": [low, high], "why": why}
@@ -283,9 +283,10 @@ def assess(summary: dict[str, Any], expected: Expectation) -> dict[str, Any]:
             flags.append("the mouth never moved in the recording: no generated frame reached it")
         elif not low <= offset <= high:
             cause = ""
-            if offset > high and leading_fallbacks:
-                cause = (f"; the utterance's first {leading_fallbacks} frames fell back to the idle "
-                         "picture, so the mouth started late")
+            first = timeline[: round(offset / f) + 1] if offset > high else ""
+            if "f" in first:
+                cause = (f"; {first.count('f')} of the utterance's first {len(first)} frames fell back "
+                         "to the idle picture, so the mouth started late")
             flags.append(f"av_offset_ms {offset:g} is outside the expected {low:g}..{high:g} ms{cause}")
         closed = summary.get("mouth_closed_frames_after_voice")
         out["mouth_closed_frames_after_voice"] = {

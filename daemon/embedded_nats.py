@@ -7,6 +7,7 @@ It listens on loopback only, with JetStream on and its data under the state dir,
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import socket
 import subprocess
@@ -34,13 +35,30 @@ def find_nats_server() -> str:
     )
 
 
-def port_is_free(host: str, port: int) -> bool:
+def port_problem(host: str, port: int) -> str | None:
+    """Why nats-server could not listen on host:port, or None when it can.
+
+    The probe binds the way nats-server does (Go sets SO_REUSEADDR on listeners): a port
+    whose last connections linger in TIME_WAIT after a clean stop is free for the server,
+    and must not be reported as taken; a port another program listens on still fails.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"{host}:{port} is in use by another program (see which with "
+                    f"`ss -ltnp 'sport = :{port}'`). Stop it, choose another port with "
+                    f"nats.embedded_port (env LIPSYNC_NATS__EMBEDDED_PORT), or, if it is a NATS "
+                    f"server, use it: nats.url = \"nats://{host}:{port}\""
+                )
+            return (
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): check nats.embedded_host "
+                "and nats.embedded_port (env LIPSYNC_NATS__EMBEDDED_HOST / _PORT)"
+            )
+    return None
 
 
 class EmbeddedNatsServer:
@@ -55,12 +73,9 @@ class EmbeddedNatsServer:
         return f"nats://{self.host}:{self.port}"
 
     async def start(self, timeout_s: float = 5.0) -> None:
-        if self.port and not port_is_free(self.host, self.port):
-            raise LipsyncError(
-                "nats_unavailable",
-                f"cannot start the embedded nats-server: {self.host}:{self.port} is in use. "
-                "Stop the other server, change nats.embedded_port, or point nats.url at it",
-            )
+        problem = port_problem(self.host, self.port) if self.port else None
+        if problem is not None:
+            raise LipsyncError("nats_unavailable", f"cannot start the embedded nats-server: {problem}")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             find_nats_server(),

@@ -39,6 +39,7 @@ class EngineHost:
         self.whisper: Any = None
         self.landmarker: Any = None
         self.face_parser: Any = None
+        self.tools: Any = None  # musetalk.avatar.PreparationTools
         self.device: Any = None
         self.model_dir: Path = settings.model.dir
         self.random_weights = settings.model.random_weights
@@ -57,15 +58,19 @@ class EngineHost:
     # ---- startup ---------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         await asyncio.to_thread(self._load)
-        self.load_s = time.perf_counter() - t
         cfg = self.settings.model
-        self._worker = GenerationWorker(
-            self.engine, self._make_streams, self._loop, self.metrics,
-            max_batch=cfg.max_batch, horizon_s=cfg.horizon_s, initial_step_ms=self.warmup_ms,
-        )
-        self._worker.start(warm_fps=self.settings.video.fps)
+        self._worker = GenerationWorker(self.engine, self._make_streams, self._loop, self.metrics,
+                                        max_batch=cfg.max_batch, horizon_s=cfg.horizon_s)
+        t = time.perf_counter()
+        warmed = self._worker.start(warm_fps=self.settings.video.fps, warm_engine=self.engine.warmup)
+        await asyncio.to_thread(warmed.wait)
+        if self._worker.warm_error is not None:
+            raise LipsyncError(errors.INTERNAL, f"the model failed to warm up on {self.device}: "
+                               f"{type(self._worker.warm_error).__name__}: {self._worker.warm_error}")
+        self._warmed_up(self._worker.warmup_ms, time.perf_counter() - t)
+        self.load_s = time.perf_counter() - t0
 
     def _make_streams(self, fps: int) -> Any:
         from musetalk.audio_gpu import GpuAudioStreams
@@ -104,7 +109,6 @@ class EngineHost:
         import torch
 
         from musetalk.engine import Engine
-        from musetalk.landmarks import HaarTemplateLandmarker, make_landmarker
         from musetalk.models import load_models
         from musetalk.whisper import load_whisper_encoder
 
@@ -129,48 +133,36 @@ class EngineHost:
             raise LipsyncError(
                 "models_missing",
                 f"{message}; or, for development only, set model.random_weights = true "
-                "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1)",
+                "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1); or run with no model at all, the speech "
+                "over the idle video: model.enabled = false (env LIPSYNC_MODEL__ENABLED=false)",
             ) from None
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch,
                              compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step)
         if self.device.type == "cuda":
             self._prep_stream = torch.cuda.Stream(self.device, priority=0)
-        self._warm_up()
-        if self.random_weights:
-            # Random landmark/parsing networks would put the face anywhere: use the
-            # bundled detector and the landmark mask, so the demo stays watchable.
-            self.landmarker = _optional_haar(HaarTemplateLandmarker)
-            self.face_parser = None
-        else:
-            self.landmarker = make_landmarker(cfg.landmarks, self.model_dir)
-            try:
-                from musetalk.face_parsing import load_face_parser
+        from musetalk.avatar import PreparationTools
 
-                self.face_parser = load_face_parser(self.model_dir, self.device)
-            except FileNotFoundError:
-                log.warning("face-parsing model absent: blend masks use the landmark polygon "
-                            "(lower quality); `lipsync models download` fetches it")
-                self.face_parser = None
+        # One choice of landmarker and face parser for the daemon and `lipsync render`.
+        self.tools = PreparationTools.load(self.model_dir, self.device, landmarks=cfg.landmarks,
+                                           random_weights=self.random_weights)
+        self.landmarker, self.face_parser = self.tools.landmarker, self.tools.face_parser
         log.info("model loaded", device=str(self.device), dtype=str(dtype).removeprefix("torch."),
                  compile=self.engine.compiled, buckets=self.engine.bucket_sizes,
                  landmarks=getattr(self.landmarker, "quality", "?"),
                  face_parser=self.face_parser is not None, random_weights=self.random_weights,
-                 measured_fps=self.measured_fps, torch=torch.__version__)
+                 torch=torch.__version__)
 
-    def _warm_up(self) -> None:
-        """Kernel selection, allocation, compilation and CUDA-graph recording happen here,
-        before `ready`, not in the first sessions' frames; the step times measured after
-        it give the frames/s this device sustains (admission counts on it)."""
-        t = time.perf_counter()
-        self.warmup_ms = self.engine.warmup()
-        if self.device.type != "cuda":
-            # The step times seed the worker's estimates; a CPU's frames/s is not a
-            # capacity worth admitting sessions by.
-            return
-        best = max(size * 1000 / ms for size, ms in self.warmup_ms.items())
-        self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
-        log.info("model warmed up", step_ms={k: round(v, 2) for k, v in self.warmup_ms.items()},
-                 measured_fps=self.measured_fps, s=round(time.perf_counter() - t, 1))
+    def _warmed_up(self, step_ms: dict[int, float], seconds: float) -> None:
+        """Kernel selection, allocation, compilation and CUDA-graph recording happened on
+        the worker thread before `ready`, not in the first sessions' frames; the step times
+        measured after it give the frames/s this device sustains (admission counts on it;
+        a CPU's figure only seeds the worker's estimates)."""
+        self.warmup_ms = step_ms
+        if self.device.type == "cuda" and step_ms:
+            best = max(size * 1000 / ms for size, ms in step_ms.items())
+            self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
+        log.info("model warmed up", step_ms={k: round(v, 2) for k, v in step_ms.items()},
+                 measured_fps=self.measured_fps, s=round(seconds, 1))
 
     def device_info(self) -> dict[str, Any]:
         w = self._worker
@@ -255,34 +247,21 @@ class EngineHost:
 
     # ---- avatars ---------------------------------------------------------------------
     def _landmarker_for(self, url: str | None, num_frames: int) -> Any:
-        """A video may ship its landmarks as a sidecar ``<video>.landmarks.npy``, (frames,
-        68, 2): packaged avatars (asset:NAME) and local files (file://PATH) made with the
-        bundled detector or a prepared pipeline. Replaying them gives the same avatar
-        without the detector (absent from some OpenCV builds). Real DWPose landmarks win
-        when present."""
+        """Packaged avatars (asset:NAME) and local files (file://PATH) may ship their
+        landmarks as a sidecar ``<video>.landmarks.npy`` (musetalk.avatar.PreparationTools)."""
         from urllib.parse import unquote, urlsplit
 
         from daemon.config import ASSETS_DIR
-        from musetalk.landmarks import PrecomputedLandmarker
 
-        quality = getattr(self.landmarker, "quality", "") if self.landmarker is not None else "none"
-        sidecar = None
+        path = None
         if url and url.startswith("asset:"):
-            sidecar = ASSETS_DIR / f"{url.removeprefix('asset:')}.landmarks.npy"
+            path = ASSETS_DIR / url.removeprefix("asset:")
         elif url and url.startswith("file:"):
-            sidecar = Path(unquote(urlsplit(url).path) + ".landmarks.npy")
-        if sidecar is not None and (quality.startswith("opencv") or quality == "none") and sidecar.is_file():
-            import numpy as np
-
-            landmarks = np.load(sidecar)
-            if len(landmarks) == num_frames:
-                return PrecomputedLandmarker(landmarks, f"{quality}, {sidecar.name}")
-        if self.landmarker is None:
-            raise LipsyncError(errors.AVATAR_PREPARATION_FAILED,
-                               "no face detector in this OpenCV build and no landmark sidecar "
-                               "(<video>.landmarks.npy) for this video: install opencv-python-headless<5 "
-                               "or fetch the DWPose model with `lipsync models download`")
-        return self.landmarker
+            path = Path(unquote(urlsplit(url).path))
+        try:
+            return self.tools.landmarker_for(path, num_frames)
+        except ValueError as exc:
+            raise LipsyncError(errors.AVATAR_PREPARATION_FAILED, str(exc)) from None
 
     async def acquire_avatar(self, video: Any, content_hash: str, log_: Any,
                              url: str | None = None) -> tuple[Any, dict[str, float]]:
@@ -382,14 +361,3 @@ class EngineHost:
         thread = self._worker.stop()
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
-
-
-def _optional_haar(factory: Callable[[], Any]) -> Any:
-    """The bundled face detector, or None where this OpenCV build lacks it (avatars then
-    need their landmarks as a sidecar file)."""
-    try:
-        return factory()
-    except RuntimeError as exc:
-        log.warning("no bundled face detector in this OpenCV build: avatars need landmark sidecars",
-                    error=str(exc))
-        return None

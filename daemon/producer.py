@@ -63,6 +63,26 @@ async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: in
     return seq
 
 
+def dump_chunks(pcm: np.ndarray, rate: int, chunk_ms: int, out_dir: Path) -> list[Path]:
+    """Write the chunks `say` would send, one file each, as out_dir/chunk0000.pcm,
+    chunk0001.pcm, ... (raw s16le mono at ``rate``; every chunk ``chunk_ms`` long but the
+    last): the bodies for `nats pub <prefix>.audio.<sid>`, one message per file, in the
+    order their names sort. Refuses a folder that already holds chunks, so that stale
+    ones from a longer WAV are never sent after these."""
+    chunk = max(1, rate * chunk_ms // 1000)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.glob("chunk*.pcm")):
+        raise FileExistsError(f"{out_dir} already holds chunk*.pcm files: use an empty folder")
+    count = -(-len(pcm) // chunk)
+    width = max(4, len(str(count - 1)))  # names sort in sending order
+    paths = []
+    for i in range(count):
+        path = out_dir / f"chunk{i:0{width}d}.pcm"
+        path.write_bytes(pcm[i * chunk:(i + 1) * chunk].astype("<i2").tobytes())
+        paths.append(path)
+    return paths
+
+
 async def session_rate(nc, prefix: str, session_id: str) -> int | None:
     """The sample rate a live session expects (from the daemon's status), so that a WAV
     at another rate is resampled before it is sent; None when it cannot be asked."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 @dataclass(order=True)
 class PendingFrame:
     deadline: float
-    order: int
+    order: tuple[int, int]  # (tie-break rank, insertion order): equal deadlines go to the lower rank
     session_id: str = field(compare=False)
     utterance: int = field(compare=False)
     frame_no: int = field(compare=False)
@@ -36,8 +36,10 @@ class BatchScheduler:
         self.last_dropped: list[PendingFrame] = []
 
     def add(self, session_id: str, utterance: int, frame_no: int, deadline: float, job: Any,
-            on_done: Callable[[Any, BaseException | None], None] | None = None) -> PendingFrame:
-        item = PendingFrame(deadline, next(self._order), session_id, utterance, frame_no, job, on_done)
+            on_done: Callable[[Any, BaseException | None], None] | None = None, rank: int = 0) -> PendingFrame:
+        """``rank`` breaks ties between equal deadlines (lower first): the worker passes
+        how many frames the session was served, so equal deadlines take turns."""
+        item = PendingFrame(deadline, (rank, next(self._order)), session_id, utterance, frame_no, job, on_done)
         heapq.heappush(self._heap, item)
         self._live += 1
         return item

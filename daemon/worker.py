@@ -101,6 +101,7 @@ class _Stream:
     streams: Any  # musetalk.audio_gpu.GpuAudioStreams of this fps
     voices: tuple[_Voice, _Voice]
     closed: bool = False
+    served: int = 0  # frames launched for it (breaks deadline ties fairly)
 
     def voice(self, utterance: int) -> _Voice:
         return self.voices[utterance % 2]
@@ -143,6 +144,10 @@ class _Estimates:
     def add_round(self, seconds: float) -> None:
         self._round.append(seconds)
 
+    def seed_steps(self, ms_by_bucket: dict[int, float]) -> None:
+        for b, ms in ms_by_bucket.items():
+            self._steps[b] = deque([ms / 1000] * 3, maxlen=9)
+
     def seed_round(self, seconds: float) -> None:
         self._round.clear()
         self._round.extend([seconds] * 3)
@@ -159,7 +164,7 @@ class GenerationWorker:
     builds the GpuAudioStreams for a frame rate (one per rate in use)."""
 
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
-                 metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float]) -> None:
+                 metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -167,7 +172,7 @@ class GenerationWorker:
         self.metrics = metrics
         self.max_batch = max_batch
         self.horizon_s = horizon_s
-        self.est = _Estimates(initial_step_ms)
+        self.est = _Estimates(initial_step_ms or {})
         self.scheduler = BatchScheduler()
         self._cv = threading.Condition()
         self._inbox: list[tuple[Any, ...]] = []
@@ -180,6 +185,8 @@ class GenerationWorker:
         self.frames_generated = 0
         self.frames_dropped_late = 0
         self.step_failures = 0
+        self.warmup_ms: dict[int, float] = {}
+        self.warm_error: BaseException | None = None
         self.audio_rounds = 0
         self.audio_round_s = 0.0
         # Test hook and fault injection point: replaces the engine's launch for a batch.
@@ -197,13 +204,18 @@ class GenerationWorker:
         self.post("call", fn, fut)
         return fut
 
-    def start(self, name: str = "lipsync-gpu", warm_fps: int | None = None) -> None:
-        """Start the thread; with ``warm_fps``, first build that rate's audio streams and
-        time an audio round (first calls are slow; the estimate then starts right)."""
-        if warm_fps is not None:
-            self.est.seed_round(self._warm_audio(warm_fps))
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+    def start(self, name: str = "lipsync-gpu", warm_fps: int | None = None,
+              warm_engine: Callable[[], dict[int, float]] | None = None) -> threading.Event:
+        """Start the thread. Before its first round it runs ``warm_engine`` (compilation
+        and CUDA-graph recording belong to the thread that replays them) and, with
+        ``warm_fps``, builds that rate's audio streams and times an audio round (first
+        calls are slow; the estimates then start right). The returned event is set when
+        that is done (``warm_error`` holds what failed, if anything)."""
+        warmed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(warm_engine, warm_fps, warmed), name=name,
+                                        daemon=True)
         self._thread.start()
+        return warmed
 
     def _warm_audio(self, fps: int) -> float:
         import torch
@@ -252,14 +264,27 @@ class GenerationWorker:
         return 2 * (self.est.round() + self.est.step(bucket)) + 0.010
 
     # ---- the worker thread -------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            import torch
+    def _run(self, warm_engine: Callable[[], dict[int, float]] | None, warm_fps: int | None,
+             warmed: threading.Event) -> None:
+        import torch
 
+        try:
             if self.engine.device.type == "cuda":
                 # Live steps on a high-priority stream: avatar preparation (its own
                 # low-priority stream) never delays them.
                 torch.cuda.set_stream(torch.cuda.Stream(self.engine.device, priority=-1))
+            if warm_engine is not None:
+                self.warmup_ms = warm_engine()
+                self.est.seed_steps(self.warmup_ms)
+            if warm_fps is not None:
+                self.est.seed_round(self._warm_audio(warm_fps))
+        except BaseException as exc:
+            self.warm_error = exc
+            warmed.set()
+            log.exception("generation worker failed to warm up")
+            return
+        warmed.set()
+        try:
             with torch.inference_mode():
                 self._loop_rounds()
         except BaseException:
@@ -386,7 +411,7 @@ class GenerationWorker:
             voice.tokens[plan.frame] = row
             return
         self.scheduler.add(st.session_id, plan.utterance, plan.frame, plan.deadline,
-                           FrameJob(st, voice, plan, row), None)
+                           FrameJob(st, voice, plan, row), None, rank=st.served)
 
     def _unpark(self, now: float) -> None:
         for st in self._sessions.values():
@@ -396,7 +421,7 @@ class GenerationWorker:
                     plan, row = voice.plans.pop(f, None), voice.tokens.pop(f, None)
                     if plan is not None and row is not None:
                         self.scheduler.add(st.session_id, plan.utterance, f, plan.deadline,
-                                           FrameJob(st, voice, plan, row), None)
+                                           FrameJob(st, voice, plan, row), None, rank=st.served)
 
     def _advance(self, st: _Stream, voice: _Voice) -> None:
         """Tell the audio streams which token rows the worker no longer needs."""
@@ -451,7 +476,9 @@ class GenerationWorker:
                           DELIVERY_MARGIN_S)
         if wait > 0:
             return wait
-        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + step_s + DELIVERY_MARGIN_S)
+        # Given up only when even a step a quarter faster than usual could not save it: a
+        # worker woken a little late must not drop what it waited for.
+        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S)
         late = self.scheduler.dropped_late
         if late:
             self.frames_dropped_late += late
@@ -461,6 +488,7 @@ class GenerationWorker:
             return 0.0
         for item in batch:
             self._consume(item)
+            item.job.stream.served += 1
         self._launch(batch, now)
         return 0.0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from musetalk.engine import Engine
 from musetalk.models import load_models
@@ -78,12 +79,6 @@ def read_audio(path: Path) -> tuple[np.ndarray, int]:
     if not chunks:
         raise ValueError(f"{path}: the audio stream is empty")
     return np.concatenate(chunks).astype(np.int16), int(rate)
-
-
-def _tqdm():
-    from tqdm.auto import tqdm
-
-    return tqdm
 
 
 def _audio_tokens(features: np.ndarray, num_frames: int, fps: Fraction) -> np.ndarray:
@@ -169,7 +164,7 @@ def render_offline(
     video_path, audio_path, out_path = Path(video_path), Path(audio_path), Path(out_path)
     if progress is None:
         progress = sys.stderr.isatty()
-    bars = functools.partial(_tqdm(), unit="frame", disable=not progress)
+    bars = functools.partial(tqdm, unit="frame", disable=not progress)
     timings: dict[str, float] = {}
     # The inputs first: a bad file is reported before the models load.
     t = time.perf_counter()

@@ -55,6 +55,22 @@ class ModelFileError(RuntimeError):
         self.path = Path(path)
 
 
+class FetchFailed(RuntimeError):
+    """A source could not deliver a file: ``url`` is what was asked, ``reason`` the
+    network's or the hub's answer in a few words."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class DownloadError(RuntimeError):
+    """A download stopped before every file was in place. The message is for a person at
+    a terminal: which host failed, which files are still missing, and the ways on without
+    the network (copying the files by hand, random weights, no model)."""
+
+
 @dataclass(frozen=True)
 class ModelFile:
     key: str
@@ -238,15 +254,15 @@ Fetch = Callable[[ModelFile, Path, bool], Fetched]
 
 
 def hub_fetch(file: ModelFile, model_dir: Path, progress: bool) -> Fetched:
-    """Fetch one file from the Hugging Face hub into the models directory (resumable)."""
+    """Fetch one file from the Hugging Face hub into the models directory (resumable).
+
+    Network and hub failures come out as FetchFailed (the URL and the reason), not as the
+    HTTP stack's own traceback."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import HTTPError  # the HTTP library's base error, whichever it is
     from tqdm.auto import tqdm
 
-    meta = get_hf_file_metadata(hf_hub_url(file.repo_id, file.filename))
-    # For LFS files the etag is the sha256 of the content; for small git files it is a
-    # git blob hash, which says nothing about sha256.
-    etag = (meta.etag or "").strip('"').removeprefix("W/").strip('"')
-    sha = etag if _SHA256_RE.match(etag) else None
+    url = hf_hub_url(file.repo_id, file.filename)
     # local_dir keeps the repo-relative name; the repo's own folder prefix is added
     # where the hub repo is not itself the folder (TMElyralab/MuseTalk holds musetalkV15/).
     target_root = model_dir / file.local_path.removesuffix(file.filename).rstrip("/")
@@ -255,8 +271,46 @@ def hub_fetch(file: ModelFile, model_dir: Path, progress: bool) -> Fetched:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    got = hf_hub_download(file.repo_id, file.filename, local_dir=target_root, **kwargs)
+    try:
+        meta = get_hf_file_metadata(url)
+        got = hf_hub_download(file.repo_id, file.filename, local_dir=target_root, **kwargs)
+    except (OSError, HTTPError) as exc:
+        raise FetchFailed(url, _short_reason(exc)) from exc
+    # For LFS files the etag is the sha256 of the content; for small git files it is a
+    # git blob hash, which says nothing about sha256.
+    etag = (meta.etag or "").strip('"').removeprefix("W/").strip('"')
+    sha = etag if _SHA256_RE.match(etag) else None
     return Fetched(Path(got), meta.size, sha)
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The first line of an exception's text (hub errors carry paragraphs), or its type."""
+    text = str(exc).strip().splitlines()
+    reason = text[0].strip() if text else ""
+    return (reason[:200] or type(exc).__name__)
+
+
+def download_failure(model_dir: Path, wanted: Iterable[ModelFile], failed: FetchFailed) -> str:
+    """What to tell a person whose download stopped at ``failed``: a few short lines."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(failed.url).netloc or failed.url
+    statuses = {st.file.key: st for st in check(model_dir)}
+    missing = [f for f in wanted if not statuses[f.key].ok]
+    required = [f.local_path for f in missing if f.required]
+    optional = [f.local_path for f in missing if not f.required]
+    lines = [f"cannot download the model files from {host}: {failed.reason} (fetching {failed.url})"]
+    if required or optional:
+        listed = ", ".join(required) + (" (required)" if required else "")
+        if optional:
+            listed += ("; " if required else "") + ", ".join(optional) + " (optional)"
+        lines.append(f"missing in {model_dir}: {listed}")
+        lines.append(f"by hand: copy each file to that path under {model_dir} (sources: the table in "
+                     f"docs/MODEL.md, section Weights), then run `lipsync models check --dir {model_dir}`")
+    lines.append("without them: model.random_weights = true (LIPSYNC_MODEL__RANDOM_WEIGHTS=1: all real "
+                 "but the mouth is noise) or model.enabled = false (LIPSYNC_MODEL__ENABLED=false: speech "
+                 "over the idle video, no model)")
+    return "\n".join(lines)
 
 
 def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
@@ -301,7 +355,8 @@ def download(
     """Fetch the model files (all, or the keys in ``only``), verify them, return ``check``.
 
     Files already verified (manifest size matches) are skipped. ``fetch`` defaults to
-    the hub; a test or a mirror can pass its own.
+    the hub; a test or a mirror can pass its own. A fetch that fails (FetchFailed) stops
+    the download with DownloadError, which says what is missing and how to go on.
     """
     wanted = [model_file(k) for k in only] if only else [
         f for f in MODEL_FILES if f.required or (include_optional and f.default)
@@ -316,7 +371,10 @@ def download(
         if rec and dest.is_file() and dest.stat().st_size == rec.get("size"):
             log.info("model file %s already verified", dest)
             continue
-        fetched = fetch(f, model_dir, progress)
+        try:
+            fetched = fetch(f, model_dir, progress)
+        except FetchFailed as exc:
+            raise DownloadError(download_failure(model_dir, wanted, exc)) from None
         if fetched.path.resolve() != dest.resolve():
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(fetched.path), dest)

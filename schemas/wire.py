@@ -185,5 +185,19 @@ def all_json_schemas() -> dict[str, Any]:
             "contentMediaType": "audio/L16",
         },
         "<prefix>.events.<session_id>": TypeAdapter(Event).json_schema(),
+        "<prefix>.errors": _errors_subject_schema(),
         "lipsync service: status": StatusReply.model_json_schema(),
     }
+
+
+def _errors_subject_schema() -> dict[str, Any]:
+    """``<prefix>.errors`` carries the same ``error`` event as a session's events subject,
+    for a bad message that names no usable session id and has no reply subject: its
+    ``session_id`` is then always ""."""
+    schema = ErrorEvent.model_json_schema()
+    schema["description"] = (
+        "error event for a bad start or stop message that names no usable session id "
+        "and has no reply subject; session_id is \"\""
+    )
+    schema["properties"]["session_id"] = {**schema["properties"]["session_id"], "const": ""}
+    return schema

@@ -26,18 +26,19 @@ from daemon.loadtest import (
 from daemon.speech import FrameRecord
 
 ROOT = Path(__file__).resolve().parent.parent
-FPS = 5
+FPS = 5  # the CPU run's rate
+UNIT_FPS = 10  # the figures' unit tests
 
 
 def records(start: float, kinds: str, latency_every: int = 4) -> list[FrameRecord]:
-    """One record per letter, 1/FPS apart: i idle, s speech (generated), f fallback,
+    """One record per letter, 1/UNIT_FPS apart: i idle, s speech (generated), f fallback,
     u underrun, q quiet speech (mouth closed: not needed). Every ``latency_every``-th
     frame holds a chunk's first sample, with a latency of 100 ms + 1 ms per frame."""
     out = []
     for i, k in enumerate(kinds):
         kind = {"i": "idle", "s": "speech", "f": "fallback", "u": "underrun", "q": "speech"}[k]
         latency = (0.1 + 0.001 * i) if i % latency_every == 0 else None
-        out.append(FrameRecord(start + i / FPS, kind, needed=k in "sf", generated=k == "s",
+        out.append(FrameRecord(start + i / UNIT_FPS, kind, needed=k in "sf", generated=k == "s",
                                latency_s=latency))
     return out
 
@@ -45,8 +46,8 @@ def records(start: float, kinds: str, latency_every: int = 4) -> list[FrameRecor
 def test_session_figures_count_only_the_window_and_generated_latencies() -> None:
     recs = records(1000.0, "ffff" + "s" * 90 + "ffqqu" + "uuuu")
     window = (1000.35, 1009.85)  # frames 4..98: leaves out the first four (warm-up) fallbacks
-    captures = [50.0 + i / FPS + (0.004 if i % 10 == 5 else 0.0) for i in range(103)]
-    fig = session_figures("s1", recs, captures, window, (50.35, 59.85), FPS)
+    captures = [50.0 + i / UNIT_FPS + (0.004 if i % 10 == 5 else 0.0) for i in range(103)]
+    fig = session_figures("s1", recs, captures, window, (50.35, 59.85), UNIT_FPS)
     assert fig["session_id"] == "s1"
     assert (fig["needed"], fig["generated"], fig["fallbacks"]) == (92, 90, 2)
     assert fig["underruns"] == 1  # only the first underrun is inside the window
@@ -57,7 +58,7 @@ def test_session_figures_count_only_the_window_and_generated_latencies() -> None
     assert fig["latency_ms"]["p99"] == round(expected[-1] * 1000, 1)
     # One capture in ten 4 ms late: intervals 104 and 96 ms around it.
     assert fig["jitter_ms_p99"] == pytest.approx(4.0, abs=0.01)
-    assert session_figures("s2", recs, None, window, (0, 1), FPS)["jitter_ms_p99"] is None
+    assert session_figures("s2", recs, None, window, (0, 1), UNIT_FPS)["jitter_ms_p99"] is None
 
 
 def test_slo_needs_every_session_within_both_bounds() -> None:

@@ -16,14 +16,17 @@ import sys
 import termios
 import threading
 import wave
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from musetalk.bench import _idle_video
 from musetalk.landmarks import HaarFaceDetector
 from musetalk.render import ping_pong
+from musetalk.video import VideoError, VideoLimits, decode_frames
 from tests.media import decode_video_frames, write_color_video
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
@@ -167,3 +170,28 @@ def test_render_without_a_face_is_one_line_and_no_bar_off_a_terminal(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "lipsync render: no face found in any of the 6 frames" in run.stderr
     assert "landmarks:" not in run.stderr
+
+
+def test_the_decoder_keeps_exact_rates_and_states_its_limits(tmp_path):
+    """`render` and the daemon decode with musetalk.video: an NTSC rate stays exact (the
+    audio windows need it), and without config names a limit is stated as a number."""
+    path = tmp_path / "ntsc.mp4"
+    frames = np.zeros((12, 32, 48, 3), np.uint8)
+    frames[:, :, :, 1] = np.arange(12)[:, None, None] * 20
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(30000, 1001))
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = decode_frames(path)
+    assert video.rate == Fraction(30000, 1001) and video.frames.shape == (12, 32, 48, 3)
+    assert np.abs(video.frames[6, :, :, 1].astype(int) - 120).max() < 10
+
+    with pytest.raises(VideoError) as info:
+        decode_frames(path, VideoLimits(max_seconds=0.2))
+    assert str(info.value) == f"{path} is longer than 0.2 s (at least 0.4 s); trim it"
+    with pytest.raises(VideoError, match=r"is 48x32, larger than 40x40; scale the video down$"):
+        decode_frames(path, VideoLimits(max_width=40, max_height=40))

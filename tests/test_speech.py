@@ -285,3 +285,20 @@ async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_da
         assert not host.engine.has_avatar(key)
     finally:
         del host.engine.register_avatar
+
+
+async def test_the_partial_last_frame_plays_with_the_mouth_closed(speech_daemon, client):
+    """MuseTalk makes floor(seconds * fps) frames; audio reaching into one more frame
+    plays it with the avatar's own frame (not a fallback, not a stale mouth)."""
+    await start(client, "tail")
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    cut = pcm[: int(rate * 0.8) + rate // (2 * FPS)]  # 8.5 frames of loud speech
+    await stream_pcm(client.nc, "lipsync", "tail", cut, rate, realtime=True)
+    await client.nc.publish("lipsync.control.tail", json.dumps({"op": "flush"}).encode())
+    ev = await client.wait_event("tail", "playback_finished", timeout=30)
+    assert ev["position_s"] == pytest.approx(9 / FPS)  # every sample played
+    speech = speech_daemon.sessions["tail"].speech
+    played = [r for r in speech.frame_records if r.kind in ("speech", "fallback")]
+    assert len(played) == 9
+    assert played[-1].kind == "speech" and not played[-1].needed and not played[-1].generated
+    assert speech.counts["fallback"] == 0 and speech.counts["needed"] <= 8

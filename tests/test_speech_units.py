@@ -58,7 +58,7 @@ def test_mouth_follows_the_voice_and_closes_within_two_frames():
     t = np.arange(20 * spf) / rate
     tone = (0.25 * 32767 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
     pcm = np.concatenate([np.zeros(10 * spf, np.int16), tone, np.zeros(10 * spf, np.int16)])
-    utt = Utterance(id=0, stream=None, start_tick=0)
+    utt = Utterance(id=0, start_tick=0)
     utt.audio.append(pcm)
     p = _Clockless(fps, rate, blend_frames=3)
     blend = [p.blend_for(utt, f) for f in range(40)]
@@ -68,7 +68,7 @@ def test_mouth_follows_the_voice_and_closes_within_two_frames():
     assert 0 < blend[30] < 1  # one frame of hangover
     assert all(b == 0 for b in blend[31:])  # closed within two frames after the voice
     # Fade-in at the start of an utterance.
-    utt2 = Utterance(id=1, stream=None, start_tick=0)
+    utt2 = Utterance(id=1, start_tick=0)
     utt2.audio.append(tone)
     ramp = [p.blend_for(utt2, f) for f in range(5)]
     assert ramp == [0.25, 0.5, 0.75, 1.0, 1.0]

@@ -381,6 +381,7 @@ class Daemon:
             release_video=self.store.release, make_publisher=publisher,
             on_fatal=self._close_later,
             make_speech=self.engine_host.make_speech if self.engine_host else None,
+            default_fps=(lambda: self.engine_host.default_fps) if self.engine_host else None,
         )
 
     def _close_later(self, session: Session, reason: str) -> None:

@@ -144,7 +144,7 @@ def cmd_events(args, settings) -> int:
             try:
                 nc = await asyncio.wait_for(nats.connect(url, **options), timeout=4)
                 break
-            except (Exception, asyncio.TimeoutError) as exc:
+            except Exception as exc:  # refused, timed out, a bad URL: said once
                 if not args.follow:
                     note(f"cannot reach NATS at {url} ({str(exc) or type(exc).__name__}): is lipsyncd "
                          "running? (--nats to point elsewhere; --follow to wait for it)")
@@ -232,7 +232,7 @@ def _dump_chunks(args, settings) -> int:
         return 1
     try:
         paths = dump_chunks(pcm, rate, args.chunk_ms, Path(args.dump_chunks))
-    except (FileExistsError, OSError) as exc:
+    except OSError as exc:  # the folder holds chunks already, or cannot be written
         print(f"lipsync say: --dump-chunks: {exc}", file=sys.stderr)
         return 1
     folder = Path(args.dump_chunks)

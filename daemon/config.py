@@ -107,6 +107,7 @@ class FetchSection(BaseModel):
 
 class VideoSection(BaseModel):
     fps: int = Field(25, ge=1, le=60)
+    auto_fps: bool = True
     max_width: int = 1920
     max_height: int = 1920
 

@@ -44,6 +44,10 @@ class EngineHost:
         self.model_dir: Path = settings.model.dir
         self.random_weights = settings.model.random_weights
         self.measured_fps: float | None = None
+        # The frame rate of sessions that ask for none (video.fps, or what this device can
+        # sustain for one speaking session when it cannot do video.fps: video.auto_fps).
+        self.default_fps: int = settings.video.fps
+        self.one_session_fps: float | None = None
         self.warmup_ms: dict[int, float] = {}
         self.load_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,8 +165,20 @@ class EngineHost:
         if self.device.type == "cuda" and step_ms:
             best = max(size * 1000 / ms for size, ms in step_ms.items())
             self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
+        if step_ms:
+            # One speaking session: a frame's step and its audio round, one after another.
+            per_frame = step_ms[min(step_ms)] / 1000 / min(step_ms) + self.worker.est.round()
+            self.one_session_fps = round(SUSTAINED_FRACTION / per_frame, 1)
+        video = self.settings.video
+        if self.one_session_fps is not None and self.one_session_fps < video.fps and video.auto_fps:
+            self.default_fps = max(1, int(self.one_session_fps))
+            log.warning(
+                f"this {self.device.type} generates about {self.one_session_fps:g} frames/s for one speaking "
+                f"session, less than video.fps = {video.fps}: sessions that give no fps run at "
+                f"{self.default_fps} fps (a GPU runs {video.fps}; video.auto_fps = false keeps {video.fps})",
+                device=str(self.device), one_session_fps=self.one_session_fps, default_fps=self.default_fps)
         log.info("model warmed up", step_ms={k: round(v, 2) for k, v in step_ms.items()},
-                 measured_fps=self.measured_fps, s=round(seconds, 1))
+                 measured_fps=self.measured_fps, one_session_fps=self.one_session_fps, s=round(seconds, 1))
 
     def device_info(self) -> dict[str, Any]:
         w = self._worker

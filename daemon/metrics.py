@@ -52,6 +52,11 @@ class Metrics:
         self.loop_lag = Gauge(
             "lipsync_event_loop_lag_seconds", "How late the last heartbeat ran (event loop blocked)", registry=r
         )
+        self.utterance_generated = Histogram(
+            "lipsync_utterance_generated_ratio",
+            "Per finished utterance: frames generated in time / frames that needed generation",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0), registry=r,
+        )
         self.gpu_step_seconds = Histogram(
             "lipsync_gpu_step_seconds", "One batched generation step",
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56), registry=r,

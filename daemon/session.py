@@ -25,7 +25,6 @@ from daemon.publishers.base import MediaFormat, Publisher
 from schemas import (
     ControlMessage,
     ErrorEvent,
-    PlaybackFinishedEvent,
     ReadyEvent,
     SessionStart,
     StoppedEvent,
@@ -103,6 +102,8 @@ class SessionDeps:
     on_fatal: Callable[["Session", str], None] = lambda session, reason: None
     # Builds the speech pipeline for a session (daemon.speech); None = idle only.
     make_speech: Callable[["Session"], Awaitable[Any]] | None = None
+    # The frame rate of a session whose start message gives none (video.auto_fps).
+    default_fps: Callable[[], int] | None = None
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Session:
         self.deps = deps
         self.settings = deps.settings
         self.log = log.bind(session_id=self.id)
-        self.fps = request.video.fps or self.settings.video.fps
+        self.fps = request.video.fps or (deps.default_fps() if deps.default_fps else self.settings.video.fps)
         self.sample_rate = request.audio.sample_rate
         self.inbox = AudioInbox(
             self.sample_rate,
@@ -232,8 +233,7 @@ class Session:
                     await self.emit(event)
                 position, interrupted = self.speech.abort()
                 if interrupted:
-                    await self.emit(PlaybackFinishedEvent(
-                        session_id=self.id, ts=time.time(), position_s=position, interrupted=True))
+                    await self.emit(self.speech.finished_event(position, interrupted=True))
             await self._release()
             await self.emit(StoppedEvent(session_id=self.id, ts=time.time(), reason=reason))
             self.log.info("session stopped", reason=reason, frames=self.frame_counts,

@@ -97,6 +97,8 @@ class Utterance:
     arrivals: deque = field(default_factory=deque)
     error_sent: bool = False
     underruns: int = 0
+    needed: int = 0  # played frames that needed generation
+    fallbacks: int = 0  # ... of which the idle picture was shown
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,7 @@ class SpeechPipeline:
         utt = self.utterances[-1] if self.utterances and not self.utterances[-1].flushed else None
         if utt is None:
             # Nothing buffered: the utterance is already finished.
-            self._events.append(PlaybackFinishedEvent(
-                session_id=self.session.id, ts=time.time(), position_s=0.0, interrupted=False))
+            self._events.append(self.finished_event(0.0, interrupted=False))
             return
         utt.flushed = True
         utt.total_frames = math.ceil(utt.audio.size * self.fps / self.rate)
@@ -241,9 +242,7 @@ class SpeechPipeline:
         """Interrupt: drop buffered audio and pending frames; idle from the next tick."""
         active = self.utterances[0] if self.utterances else None
         if active is not None:
-            self._events.append(PlaybackFinishedEvent(
-                session_id=self.session.id, ts=time.time(),
-                position_s=round(active.played / self.fps, 3), interrupted=True))
+            self._events.append(self.finished_event(active.played / self.fps, interrupted=True))
         self.utterances.clear()
         self._set_speaking()
         if self.resampler is not None:
@@ -363,8 +362,9 @@ class SpeechPipeline:
         audio = utt.audio.slice(self.clock.start(f), need)
         if not utt.started:
             utt.started = True
+            at = round(tick / self.fps, 3)
             self._events.append(SpeakingEvent(session_id=self.session.id, ts=time.time(),
-                                              position_s=round(tick / self.fps, 3)))
+                                              session_position_s=at, position_s=at))
         needed = generated = False
         if f in utt.results:
             box = utt.results.pop(f)
@@ -374,6 +374,7 @@ class SpeechPipeline:
             else:
                 frame = compose(idle.frames[box.frame_index], box, idle.width, idle.height)
                 needed = generated = True
+                utt.needed += 1
         else:
             # Not generated in time (or failed): the avatar's own frame for this tick.
             frame = idle.frame(tick)
@@ -381,6 +382,8 @@ class SpeechPipeline:
                 self._cancel(utt.id, before_frame=f + 1)
                 kind = "fallback"
                 needed = True
+                utt.needed += 1
+                utt.fallbacks += 1
                 self.session.deps.metrics.frames_degraded.labels(self.session.id).inc()
             else:
                 kind = "playback"  # no model: the voice over the avatar's own frames
@@ -419,11 +422,38 @@ class SpeechPipeline:
             self.utterances.popleft()
         self._set_speaking()
         self._cancel(utt.id)
-        self._events.append(PlaybackFinishedEvent(
-            session_id=self.session.id, ts=time.time(),
-            position_s=round((utt.total_frames or 0) / self.fps, 3), interrupted=False))
+        self._events.append(self.finished_event((utt.total_frames or 0) / self.fps, interrupted=False))
         self.log.info("utterance finished", frames=utt.total_frames, underruns=utt.underruns,
                       counts=dict(self.counts))
+        self._report_degraded(utt)
+
+    def _report_degraded(self, utt: Utterance) -> None:
+        """Once per utterance: when most of its frames showed the idle mouth, say so with
+        the figures and what to change (a mouth that never moves looks like a broken
+        daemon otherwise)."""
+        if not utt.needed:
+            return
+        generated = utt.needed - utt.fallbacks
+        self.session.deps.metrics.utterance_generated.observe(generated / utt.needed)
+        if utt.fallbacks * 2 <= utt.needed:
+            return
+        device = self.host.device_info() if self.host is not None else {}
+        rate = getattr(self.host, "one_session_fps", None)
+        self.log.warning(
+            f"{utt.fallbacks} of {utt.needed} speech frames of this utterance were not generated in time "
+            f"and showed the idle mouth: this device ({device.get('device', '?')}) generates about "
+            f"{rate if rate is not None else '?'} frames/s for one session, the session runs {self.fps} fps; "
+            "start it with a lower video.fps, leave video.auto_fps on, or run on a GPU",
+            needed=utt.needed, fallbacks=utt.fallbacks, fps=self.fps)
+
+    def finished_event(self, utterance_s: float, interrupted: bool) -> PlaybackFinishedEvent:
+        """playback_finished with both clocks: how much of the utterance played, and the
+        session time at which it ended (the tick being published)."""
+        played = round(utterance_s, 3)
+        return PlaybackFinishedEvent(
+            session_id=self.session.id, ts=time.time(), utterance_position_s=played,
+            session_position_s=round(self.session.next_tick / self.fps, 3), position_s=played,
+            interrupted=interrupted)
 
     def take_events(self) -> list[Any]:
         events, self._events = self._events, []

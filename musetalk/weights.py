@@ -287,7 +287,7 @@ def _short_reason(exc: BaseException) -> str:
     """The first line of an exception's text (hub errors carry paragraphs), or its type."""
     text = str(exc).strip().splitlines()
     reason = text[0].strip() if text else ""
-    return (reason[:200] or type(exc).__name__)
+    return reason[:200] or type(exc).__name__
 
 
 def download_failure(model_dir: Path, wanted: Iterable[ModelFile], failed: FetchFailed) -> str:
@@ -307,9 +307,9 @@ def download_failure(model_dir: Path, wanted: Iterable[ModelFile], failed: Fetch
         lines.append(f"missing in {model_dir}: {listed}")
         lines.append(f"by hand: copy each file to that path under {model_dir} (sources: the table in "
                      f"docs/MODEL.md, section Weights), then run `lipsync models check --dir {model_dir}`")
-    lines.append("without them: model.random_weights = true (LIPSYNC_MODEL__RANDOM_WEIGHTS=1: all real "
-                 "but the mouth is noise) or model.enabled = false (LIPSYNC_MODEL__ENABLED=false: speech "
-                 "over the idle video, no model)")
+    lines.append("without them: model.random_weights = true (LIPSYNC_MODEL__RANDOM_WEIGHTS=1: all real but "
+                 "the mouth, which is noise) or model.enabled = false (LIPSYNC_MODEL__ENABLED=false: the "
+                 "speech over the idle video, no model)")
     return "\n".join(lines)
 
 

@@ -141,12 +141,26 @@ class ReadyEvent(_EventBase):
 
 
 class SpeakingEvent(_EventBase):
+    """The utterance's first frame is being published."""
+
     type: Literal["speaking"] = "speaking"
+    # Where the utterance starts on the session's clock (seconds since the session was ready).
+    session_position_s: float
+    # Always 0 here: the utterance's own clock at its start (in both events for symmetry).
+    utterance_position_s: float = 0.0
+    # Kept for v1 producers: equal to session_position_s in this event.
     position_s: float
 
 
 class PlaybackFinishedEvent(_EventBase):
+    """The utterance ended: played to its end, or interrupted (clear, stop)."""
+
     type: Literal["playback_finished"] = "playback_finished"
+    # How much of the utterance was played (its own clock, seconds).
+    utterance_position_s: float
+    # Where it ended on the session's clock (seconds since the session was ready).
+    session_position_s: float
+    # Kept for v1 producers: equal to utterance_position_s in this event.
     position_s: float
     interrupted: bool
 

@@ -296,9 +296,60 @@ async def test_the_partial_last_frame_plays_with_the_mouth_closed(speech_daemon,
     await stream_pcm(client.nc, "lipsync", "tail", cut, rate, realtime=True)
     await client.nc.publish("lipsync.control.tail", json.dumps({"op": "flush"}).encode())
     ev = await client.wait_event("tail", "playback_finished", timeout=30)
-    assert ev["position_s"] == pytest.approx(9 / FPS)  # every sample played
+    assert ev["position_s"] == ev["utterance_position_s"] == pytest.approx(9 / FPS)  # every sample played
+    spoke = client.events_of("tail", "speaking")[0]
+    assert spoke["position_s"] == spoke["session_position_s"] > 0 and spoke["utterance_position_s"] == 0
+    # Both clocks: it ended 9 frames (or a tick more) after it started on the session clock.
+    assert ev["session_position_s"] - spoke["session_position_s"] == pytest.approx(9 / FPS, abs=1.01 / FPS)
     speech = speech_daemon.sessions["tail"].speech
     played = [r for r in speech.frame_records if r.kind in ("speech", "fallback")]
     assert len(played) == 9
     assert played[-1].kind == "speech" and not played[-1].needed and not played[-1].generated
     assert speech.counts["fallback"] == 0 and speech.counts["needed"] <= 8
+
+
+async def test_a_cpu_picks_a_frame_rate_it_can_sustain(speech_daemon, client):
+    """No fps in the start message, a device that cannot make 25 frames/s: the session
+    runs at the rate measured at start, and its speech shows a moving mouth."""
+    host = speech_daemon.engine_host
+    assert host.one_session_fps is not None and host.one_session_fps < 25
+    reply = await client.request("lipsync.session.start", {
+        "v": 1, "session_id": "auto", "avatar_id": "face", "audio": {"sample_rate": RATE}}, timeout=120)
+    assert reply["ok"], reply
+    ready = await client.wait_event("auto", "ready")
+    assert ready["fps"] == host.default_fps == max(1, int(host.one_session_fps)) < 25
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", "auto", pcm[: rate * 2], rate, realtime=True)
+    await client.nc.publish("lipsync.control.auto", json.dumps({"op": "flush"}).encode())
+    await client.wait_event("auto", "playback_finished", timeout=30)
+    counts = speech_daemon.sessions["auto"].speech.counts
+    assert counts["speech"] > counts["fallback"], counts
+
+
+def test_an_utterance_that_mostly_fell_back_says_why_once():
+    import structlog
+
+    from daemon.metrics import Metrics
+    from daemon.speech import SpeechPipeline, Utterance
+
+    class _Session:
+        deps = type("Deps", (), {"metrics": Metrics()})()
+
+    class _Host:
+        one_session_fps = 6.5
+
+        def device_info(self):
+            return {"device": "cpu"}
+
+    p = SpeechPipeline.__new__(SpeechPipeline)
+    p.session, p.host, p.fps = _Session(), _Host(), 25
+    p.log = structlog.get_logger()
+    mostly_idle = Utterance(id=0, start_tick=0, needed=40, fallbacks=31)
+    fine = Utterance(id=1, start_tick=0, needed=40, fallbacks=3)
+    with structlog.testing.capture_logs() as logs:
+        p._report_degraded(mostly_idle)
+        p._report_degraded(fine)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1
+    text = warnings[0]["event"]
+    assert "31 of 40" in text and "6.5 frames/s" in text and "25 fps" in text and "video.fps" in text

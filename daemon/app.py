@@ -121,6 +121,23 @@ class Admission:
         return min(self.cfg.max_sessions, fitting)
 
 
+# How a reported error is named in the log: a failure of the daemon's own parts (the
+# publisher, the avatar's video and its preparation) or a refusal, apart from a
+# producer's bad message ("bad input", every other code).
+_LOG_EVENTS = {
+    errors.PUBLISHER_FAILED: "publisher failed",
+    errors.AVATAR_PREPARATION_FAILED: "avatar failed",
+    errors.AVATAR_NO_VIDEO: "avatar failed",
+    errors.FIRESTORE_UNAVAILABLE: "avatar failed",
+    errors.VIDEO_FETCH_FAILED: "avatar failed",
+    errors.VIDEO_TOO_LARGE: "avatar failed",
+    errors.VIDEO_INVALID: "avatar failed",
+    errors.AT_CAPACITY: "start refused",
+    errors.SHUTTING_DOWN: "start refused",
+    errors.INTERNAL: "internal error",
+}
+
+
 def _num(x: float) -> str:
     """A rate for people: 300, 312.5, 0.25."""
     return f"{x:.2f}".rstrip("0").rstrip(".")
@@ -173,8 +190,16 @@ class Daemon:
         self._update_gauges()
 
     # ---- startup ---------------------------------------------------------------------
+    def check_config(self) -> None:
+        """Raise, before anything starts, on a config that would fail every session
+        later (LiveKit without its credentials): the daemon must not come up "ready"."""
+        problem = self.settings.livekit_problem()
+        if problem is not None:
+            raise LipsyncError("config_invalid", problem)
+
     async def start(self) -> None:
         s = self.settings
+        self.check_config()
         s.daemon.state_dir.mkdir(parents=True, exist_ok=True)
         if s.nats.url == "embedded":
             self._embedded = EmbeddedNatsServer(
@@ -259,7 +284,8 @@ class Daemon:
         """One error, told once: as the reply when there is a reply subject, else as an
         error event on the session's events subject (or <prefix>.errors without one)."""
         self.metrics.errors.labels(err.code).inc()
-        log.warning("bad input", session_id=session_id, code=err.code, error=err.message, subject=subject)
+        log.warning(_LOG_EVENTS.get(err.code, "bad input"), session_id=session_id, code=err.code,
+                    error=err.message, subject=subject)
         if reply is not None and reply_model is not None:
             body = reply_model(ok=False, session_id=session_id, error=err.to_dict())
             await reply(body.model_dump_json(exclude_none=True).encode())

@@ -181,12 +181,34 @@ def cmd_events(args, settings) -> int:
 def cmd_say(args, settings) -> int:
     if args.dump_chunks:
         return _dump_chunks(args, settings)
-    from daemon.producer import say
+    from daemon.producer import SayError, read_speech, say
+    from schemas import SUPPORTED_SAMPLE_RATES
 
-    return asyncio.run(say(
-        _nats_url(settings, args.nats), settings.nats.subject_prefix, args.session_id, Path(args.wav),
-        realtime=args.realtime, chunk_ms=args.chunk_ms, flush=not args.no_flush, rate=args.rate,
-    ))
+    if args.chunk_ms <= 0:
+        print(f"lipsync say: --chunk-ms must be positive, not {args.chunk_ms}", file=sys.stderr)
+        return 2
+    if args.rate is not None and args.rate not in SUPPORTED_SAMPLE_RATES:
+        print(f"lipsync say: --rate {args.rate} is not a session rate: one of "
+              f"{', '.join(map(str, SUPPORTED_SAMPLE_RATES))}", file=sys.stderr)
+        return 2
+    wav = Path(args.wav)
+
+    async def run() -> int:
+        read_speech(wav)  # a bad file is said before anything connects or is sent
+        nc = await _connect(_nats_url(settings, args.nats))
+        try:
+            return await say(nc, settings.nats.subject_prefix, args.session_id, wav, realtime=args.realtime,
+                             chunk_ms=args.chunk_ms, flush=not args.no_flush, rate=args.rate)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(run())
+    except SayError as exc:  # a bad WAV, the session's error event, no playback_finished
+        print(f"lipsync say: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _dump_chunks(args, settings) -> int:
@@ -307,7 +329,19 @@ def cmd_render(args, settings) -> int:
 def cmd_bench(args, settings) -> int:
     from musetalk.bench import main as bench_main
 
-    bench_main(args.bench_args)  # the benchmark's own options (`lipsync bench --help`)
+    # The benchmark's parser takes its program name from sys.argv[0]: its usage and
+    # --help then read "lipsync bench", not "lipsync" (or "cli.py" under python -m).
+    argv0, sys.argv[0] = sys.argv[0], "lipsync bench"
+    try:
+        bench_main(args.bench_args)  # the benchmark's own options (`lipsync bench --help`)
+    except (RuntimeError, ValueError) as exc:  # no CUDA, a bad dtype, out of memory: one line
+        hint = ""
+        if "CUDA is not available" in str(exc):
+            hint = " (without a GPU, time the tiny models: lipsync bench --device cpu --size tiny)"
+        print(f"lipsync bench: {exc}{hint}", file=sys.stderr)
+        return 1
+    finally:
+        sys.argv[0] = argv0
     return 0
 
 

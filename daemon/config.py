@@ -225,6 +225,32 @@ class Settings(BaseSettings):
     def recordings_dir(self) -> Path:
         return self.output.recordings_dir or self.daemon.state_dir / "recordings"
 
+    def livekit_problem(self) -> str | None:
+        """Why sessions could not publish to LiveKit with this config, in words that say
+        what to change; None when the output is not LiveKit or it has what it needs.
+        Asked at start-up, so that a daemon missing its credentials does not come up
+        "ready" and then fail every session."""
+        if self.sink_kind() != "livekit":
+            return None
+        lk = self.livekit
+        if not lk.url:
+            return ("output.sink is 'livekit' but livekit.url is not set: set livekit.url (env "
+                    "LIPSYNC_LIVEKIT__URL), or output.sink = 'auto' to record each session to an MP4")
+        try:
+            key, secret = lk.key(), lk.secret()
+        except ConfigError as exc:  # a secret file that cannot be read
+            return f"livekit: {exc}"
+        missing = [
+            f"livekit.{name} (env LIPSYNC_LIVEKIT__{name.upper()}, or livekit.{name}_file)"
+            for name, value in (("api_key", key), ("api_secret", secret))
+            if value is None or not value.get_secret_value()
+        ]
+        if not missing:
+            return None
+        return (f"livekit.url is set ({lk.url}), so sessions publish to LiveKit, but its credentials "
+                f"are not: set {' and '.join(missing)}; or unset livekit.url to record each session "
+                "to an MP4")
+
     def public_summary(self) -> dict[str, Any]:
         """The config as it may be logged: SecretStr fields print as '**********'."""
         return self.model_dump(mode="json")

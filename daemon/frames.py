@@ -34,24 +34,32 @@ def planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.n
     return y, u, v
 
 
+_Y_COEFFS = np.array([66, 129, 25], np.float32)
+_UV_COEFFS = np.array([[-38, 112], [-74, -94], [112, -18]], np.float32)
+
+
 def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3 or 4) uint8 RGB(A) -> flat I420 uint8 of ``i420_size(W, H)`` bytes."""
+    """(H, W, 3 or 4) uint8 RGB(A) -> flat I420 uint8 of ``i420_size(W, H)`` bytes.
+
+    The integer formula (``(66R + 129G + 25B + 128) >> 8`` and so on) evaluated with
+    float32 matrix products: every intermediate is an integer below 2**24, so the result
+    is exact, and floor division equals the arithmetic shift, negatives included."""
     if rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or rgb.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3|4) uint8, got {rgb.dtype} {rgb.shape}")
     h, w = rgb.shape[:2]
-    c = rgb[..., :3].astype(np.int32)
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
+    c = rgb[..., :3]
     out = np.empty(i420_size(w, h), dtype=np.uint8)
     y, u, v = planes(out, w, h)
-    y[:] = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    y[:] = np.floor((c.astype(np.float32) @ _Y_COEFFS + 128) / 256) + 16
     eh, ew = h + (h & 1), w + (w & 1)
+    c16 = c.astype(np.uint16)
     if (eh, ew) != (h, w):
-        c = np.pad(c, ((0, eh - h), (0, ew - w), (0, 0)), mode="edge")
-    blocks = c.reshape(eh // 2, 2, ew // 2, 2, 3).sum(axis=(1, 3))
-    avg = (blocks + 2) >> 2
-    r, g, b = avg[..., 0], avg[..., 1], avg[..., 2]
-    u[:] = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
-    v[:] = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+        c16 = np.pad(c16, ((0, eh - h), (0, ew - w), (0, 0)), mode="edge")
+    block = c16[0::2, 0::2] + c16[1::2, 0::2] + c16[0::2, 1::2] + c16[1::2, 1::2]
+    avg = ((block + 2) >> 2).astype(np.float32)
+    uv = np.floor((avg @ _UV_COEFFS + 128) / 256) + 128
+    u[:] = uv[..., 0]
+    v[:] = uv[..., 1]
     return out
 
 

@@ -1,11 +1,25 @@
-"""structlog setup: JSON lines (or console), one logger per module, session id bound."""
+"""structlog setup: JSON lines (or console), one logger per module, session id bound.
+
+Everything the process says while it runs comes out here, in the one format: the
+project's structlog loggers, the stdlib loggers of musetalk/ and of the libraries (the
+LiveKit SDK forwards its Rust core's logs to the `livekit` logger), and Python warnings.
+A log reader (journald, a log shipper, a test) then sees one JSON object a line.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 import structlog
+
+# Stdlib loggers of our own code: they log at the configured level. Every other library
+# logs at WARNING and above only (aiohttp, httpx, LiveKit's Rust core say a lot at INFO).
+OWN_STDLIB_LOGGERS = ("musetalk", "daemon")
+
+_stdlib_handler: logging.Handler | None = None
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -21,14 +35,66 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging(shared, renderer, numeric)
+    warnings.showwarning = _log_warning
+
+
+def _route_stdlib_logging(shared: list, renderer, level: int) -> None:
+    """One root handler that renders stdlib records like structlog's own lines (the
+    logger's name added); without it Python's last-resort handler prints them as bare
+    text. Replaces the handler of an earlier call (tools configure logging again)."""
+    global _stdlib_handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    if _stdlib_handler is not None:
+        root.removeHandler(_stdlib_handler)
+    root.addHandler(handler)
+    _stdlib_handler = handler
+    root.setLevel(max(level, logging.WARNING))
+    for name in OWN_STDLIB_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning`: a warning as one log line, not two lines of bare text.
+    The warning filters still decide what is shown (by default once per place)."""
+    structlog.get_logger("py.warnings").warning(
+        "python warning", category=category.__name__, message=str(message), where=f"{filename}:{lineno}"
+    )
+
+
+def quiet_model_libraries(progress_bars: bool = False) -> None:
+    """transformers and diffusers attach their own stderr handler when imported, with
+    propagation off, and nag at WARNING while loading weights (install `accelerate`,
+    modules "kept in float32"); huggingface_hub and transformers draw progress bars
+    ("Loading weights", "Writing model shards"). Here their records go to the root
+    handler above, at ERROR unless TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY say
+    otherwise, and the bars are off unless ``progress_bars``. Imports both libraries
+    (seconds): call it where the model is going to be loaded anyway."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    for lib, env in ((transformers_logging, "TRANSFORMERS_VERBOSITY"), (diffusers_logging, "DIFFUSERS_VERBOSITY")):
+        if not os.environ.get(env):
+            lib.set_verbosity_error()
+        lib.disable_default_handler()
+        lib.enable_propagation()
+        if not progress_bars:
+            lib.disable_progress_bar()
+    if not progress_bars:
+        hub_utils.disable_progress_bars()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -12,13 +12,15 @@ import uvloop
 
 from daemon.config import ConfigError, load_settings
 from daemon.errors import LipsyncError
-from daemon.log import configure_logging, get_logger
+from daemon.log import configure_logging, get_logger, quiet_model_libraries
 
 log = get_logger(__name__)
 
 # sysexits' EX_CONFIG: a restart cannot help (bad config, weights missing); the systemd
 # units do not restart on it (RestartPreventExitStatus).
 EXIT_CONFIG = 78
+# Startup failures (LipsyncError codes) that only a change of config or files can fix.
+CONFIG_FAILURES = ("models_missing", "config_invalid")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +62,15 @@ async def _run(settings) -> int:
 
     daemon = Daemon(settings)
     try:
+        daemon.check_config()  # at once, not after the model libraries have loaded
+        if settings.model.enabled:
+            # Before the model loads: its libraries' nags and bars would be bare text.
+            quiet_model_libraries(progress_bars=settings.logging.format == "console" and sys.stderr.isatty())
         await daemon.start()
     except LipsyncError as exc:
         log.error("startup failed", code=exc.code, error=exc.message)
         await daemon.aclose()
-        return EXIT_CONFIG if exc.code == "models_missing" else 1
+        return EXIT_CONFIG if exc.code in CONFIG_FAILURES else 1
     try:
         await daemon.run()
     finally:

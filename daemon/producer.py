@@ -6,9 +6,11 @@ The manual test path beside `nats pub`, and what the demo and the tests use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,37 +98,90 @@ async def session_rate(nc, prefix: str, session_id: str) -> int | None:
     return None
 
 
-async def say(url: str, prefix: str, session_id: str, wav: Path, *, realtime: bool, chunk_ms: int,
-              flush: bool, rate: int | None) -> int:
-    import nats
+class SayError(Exception):
+    """Why `say` cannot go on, in one line that says what to change."""
 
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+
+def read_speech(wav: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
+    """``read_wav_mono16`` for `say`: a file that is missing, unreadable, not audio or
+    empty raises SayError naming the file and what is wrong with it."""
+    if not wav.exists():
+        raise SayError(f"{wav} does not exist: give the path of a speech WAV")
+    if not wav.is_file():
+        kind = "a folder" if wav.is_dir() else "not a regular file"
+        raise SayError(f"{wav} is {kind}: give the path of a speech WAV")
     try:
-        if rate is None:
-            rate = await session_rate(nc, prefix, session_id)
         pcm, sr = read_wav_mono16(wav, rate)
-        finished = asyncio.Event()
-        errors: list[dict] = []
+    except OSError as exc:
+        raise SayError(f"cannot read {wav}: {exc.strerror or exc}") from None
+    except (EOFError, RuntimeError, ValueError) as exc:  # wave's, libsndfile's (a RuntimeError)
+        reason = getattr(exc, "error_string", None) or str(exc) or "it ends before a WAV header does"
+        if "does not exist" in reason:  # libsndfile's words for some files it cannot open
+            reason = "libsndfile cannot open it"
+        raise SayError(f"{wav} is not audio that can be read ({reason.rstrip('.')}): give a WAV file "
+                       "(16-bit PCM, or any format libsndfile reads)") from None
+    if not len(pcm):
+        raise SayError(f"{wav} holds no samples: give a WAV with speech in it")
+    return pcm, sr
 
-        async def on_event(msg) -> None:
+
+async def say(nc, prefix: str, session_id: str, wav: Path, *, realtime: bool, chunk_ms: int,
+              flush: bool, rate: int | None) -> int:
+    """Stream ``wav`` into a session over the connected ``nc`` and, with ``flush``, wait
+    for its playback_finished; print the session's events as they come. The session's
+    first error event ends it at once with SayError (no audio is sent after it): a
+    producer must not stream on into a session that does not exist or has failed."""
+    if rate is None:
+        rate = await session_rate(nc, prefix, session_id)
+    pcm, sr = read_speech(wav, rate)
+    finished = asyncio.Event()
+    error: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+    async def on_event(msg) -> None:
+        try:
             ev = json.loads(msg.data)
-            print(json.dumps(ev), flush=True)
-            if ev.get("type") == "error":
-                errors.append(ev)
-            if ev.get("type") in ("playback_finished", "stopped"):
-                finished.set()
+        except ValueError:
+            return
+        if ev.get("type") == "error":
+            if not error.done():
+                error.set_result(ev)
+            return
+        print(json.dumps(ev), flush=True)
+        if ev.get("type") in ("playback_finished", "stopped"):
+            finished.set()
 
-        await nc.subscribe(f"{prefix}.events.{session_id}", cb=on_event)
-        print(f"streaming {len(pcm) / sr:.2f}s of {sr} Hz audio to {prefix}.audio.{session_id} "
-              f"in {chunk_ms} ms chunks{' at real time' if realtime else ''}", flush=True)
-        await stream_pcm(nc, prefix, session_id, pcm, sr, realtime=realtime, chunk_ms=chunk_ms)
-        if flush:
-            await nc.publish(f"{prefix}.control.{session_id}", json.dumps({"op": "flush"}).encode())
-            try:
-                await asyncio.wait_for(finished.wait(), timeout=len(pcm) / sr + 30)
-            except asyncio.TimeoutError:
-                print("no playback_finished event within the audio's length + 30 s", flush=True)
-                return 1
-        return 1 if errors else 0
+    await nc.subscribe(f"{prefix}.events.{session_id}", cb=on_event)
+    await nc.flush()
+    print(f"streaming {len(pcm) / sr:.2f}s of {sr} Hz audio to {prefix}.audio.{session_id} "
+          f"in {chunk_ms} ms chunks{' at real time' if realtime else ''}", flush=True)
+    await _unless_error(stream_pcm(nc, prefix, session_id, pcm, sr, realtime=realtime, chunk_ms=chunk_ms),
+                        error, session_id)
+    if not flush:
+        return 0
+    await nc.publish(f"{prefix}.control.{session_id}", json.dumps({"op": "flush"}).encode())
+    wait_s = len(pcm) / sr + 30
+    try:
+        await _unless_error(finished.wait(), error, session_id, timeout=wait_s)
+    except asyncio.TimeoutError:
+        raise SayError(f"no playback_finished event for session '{session_id}' within {wait_s:.0f} s (the "
+                       "audio's length + 30 s): see the daemon's log") from None
+    return 0
+
+
+async def _unless_error(work: Any, error: asyncio.Future, session_id: str, timeout: float | None = None) -> None:
+    """Await ``work``, unless the session's error event comes first: then cancel it and
+    raise SayError with that error. asyncio.TimeoutError after ``timeout`` seconds."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await nc.close()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if error.done():
+        ev = error.result()
+        raise SayError(f"session '{session_id}': {ev.get('code')}: {ev.get('message')}")
+    if task.cancelled():
+        raise asyncio.TimeoutError
+    task.result()

@@ -173,6 +173,7 @@ class Engine:
 
         self._unet_fn, self._decode_fn = unet_fn, decode_fn
         self._dynamic = compile_dynamic
+        self._mark_dynamic = 0
         if self.compiled:
             opts = dict(mode="reduce-overhead", dynamic=False if not compile_dynamic else None)
             self._unet_fn = torch.compile(unet_fn, **opts)
@@ -235,9 +236,10 @@ class Engine:
         if frames_rgba is not None and (frames_rgba.shape != (n, h, w, 4) or frames_rgba.dtype != np.uint8):
             raise ValueError(f"avatar {avatar.key!r}: frames_rgba {frames_rgba.shape} {frames_rgba.dtype}, "
                              f"expected ({n}, {h}, {w}, 4) uint8")
+        # A cached avatar's latents are a read-only memory map: torch wants a writable copy.
         dev = _DeviceAvatar(
             key=avatar.key, num_frames=n, width=w, height=h,
-            latents=torch.from_numpy(np.ascontiguousarray(avatar.latents)).to(self.device, self.dtype),
+            latents=torch.from_numpy(np.require(avatar.latents, requirements="CW")).to(self.device, self.dtype),
             crops=torch.from_numpy(crops).to(self.device),
             masks=torch.from_numpy(masks).to(self.device),
             geometry=torch.from_numpy(np.concatenate([boxes, face], axis=1).astype(np.float32)).to(self.device),
@@ -278,38 +280,37 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def warmup(self) -> dict[int, float]:
-        """Run the UNet and the decoder once per batch size a step can use (every bucket
-        when compiled: compilation and CUDA-graph recording happen here), so that the
-        first sessions do not pay for them. Returns ms per UNet + decode at each size,
-        measured after the warm-up (the frames/s the device sustains follows from it)."""
+    def warmup(self, box: int = 300, frame: int = 512) -> dict[int, float]:
+        """Run whole steps (``launch``: UNet, decode, paste, I420, copy-out) once per batch
+        size a step can use (every bucket when compiled: compilation and CUDA-graph
+        recording happen here), so that the first sessions do not pay for them, on a
+        synthetic avatar with ``box``-pixel boxes in ``frame``-pixel frames (the paste
+        costs what a real avatar's does). Returns ms per step at each size, measured after
+        the warm-up (the frames/s the device sustains follows from it)."""
         if self.compiled:
             sizes = self._buckets
         elif self.device.type == "cuda":
             sizes = sorted({1, min(8, self.max_batch), self.max_batch})
         else:  # a CPU: enough to seed the step-time estimates, cheaply
             sizes = sorted({1, min(4, self.max_batch)})
+        key = "\x00warmup"
+        self.register_avatar(_synthetic_avatar(key, box, frame))
         timings: dict[int, float] = {}
-        for size in sizes:
-            latents = torch.randn(size, 8, LATENT_SIZE, LATENT_SIZE, device=self.device, dtype=self.dtype)
-            audio = torch.randn(size, AUDIO_TOKENS, AUDIO_DIM, device=self.device, dtype=self.dtype)
-            if self.compiled and self._dynamic and size >= 2:
-                torch._dynamo.mark_dynamic(latents, 0, min=2, max=max(2, self.max_batch))
-                torch._dynamo.mark_dynamic(audio, 0, min=2, max=max(2, self.max_batch))
-            for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
-                if self.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                self._decode_fn(self._unet_fn(latents, audio))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t = time.perf_counter()
-            for _ in range(3):
-                if self.compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
-                self._decode_fn(self._unet_fn(latents, audio))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            timings[size] = (time.perf_counter() - t) / 3 * 1000
+        try:
+            for size in sizes:
+                tokens = torch.randn(size, AUDIO_TOKENS, AUDIO_DIM, device=self.device, dtype=self.dtype)
+                if self.compiled and self._dynamic and size >= 2:
+                    self._mark_dynamic = size
+                args = ([key] * size, [i % 2 for i in range(size)], tokens, [1.0] * size)
+                for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
+                    self.launch(*args).boxes()
+                t = time.perf_counter()
+                for _ in range(3):
+                    self.launch(*args).boxes()
+                timings[size] = (time.perf_counter() - t) / 3 * 1000
+        finally:
+            self._mark_dynamic = 0
+            self.unregister_avatar(key)
         return timings
 
     def _check(self, keys: list[str], indices: list[int]) -> None:
@@ -361,6 +362,10 @@ class Engine:
             av = self._avatars[key]
             latents[pos] = av.latents[idx]
             groups.append((av, pos, idx))
+        if self._mark_dynamic:
+            # Compile once for every batch size (the first call traces with these marks).
+            torch._dynamo.mark_dynamic(latents, 0, min=2, max=max(2, self.max_batch))
+            torch._dynamo.mark_dynamic(tokens, 0, min=2, max=max(2, self.max_batch))
         pred = self._unet_fn(latents, tokens)
         if timing:
             events[1].record()
@@ -465,3 +470,18 @@ class Engine:
             frame[y1:y2, x1:x2, :3] = host[b, : y2 - y1, : x2 - x1]
             frames.append(frame)
         return frames
+
+
+def _synthetic_avatar(key: str, box: int, frame: int) -> PreparedAvatar:
+    """Two frames of a plain avatar with a ``box``-pixel blend box: for warm-up only."""
+    n = 2
+    box = min(box, frame)
+    x1 = (frame - box) // 2
+    face = (x1 + box // 6, x1 + box // 6, x1 + box - box // 6, x1 + box - box // 6)
+    mask = np.zeros((box, box), np.uint8)
+    mask[box // 2 :] = 255
+    return PreparedAvatar(
+        key=key, fps=25.0, frames=np.full((n, frame, frame, 3), 128, np.uint8),
+        face_boxes=np.array([face] * n, np.int32), blend_boxes=np.array([(x1, x1, x1 + box, x1 + box)] * n, np.int32),
+        masks=[mask] * n, latents=np.zeros((n, 8, LATENT_SIZE, LATENT_SIZE), np.float32),
+    )

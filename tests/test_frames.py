@@ -91,3 +91,20 @@ def test_launch_validates_its_batch(models, avatars):
         engine.launch(["anna"], [0], np.zeros((1, 10, 384), np.float32), [1])
     with pytest.raises(IndexError, match="frame_index 7"):
         engine.launch(["anna"], [7], np.zeros((1, 50, 384), np.float32), [1])
+
+
+def test_host_conversion_equals_the_integer_formula_written_out():
+    """The fast host conversion is the integer formula exactly (odd sizes too)."""
+    rng = np.random.default_rng(3)
+    for h, w in ((6, 8), (5, 7), (31, 2)):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        c = rgb.astype(np.int64)
+        want_y = ((66 * c[..., 0] + 129 * c[..., 1] + 25 * c[..., 2] + 128) >> 8) + 16
+        p = np.pad(c, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        avg = (p.reshape(p.shape[0] // 2, 2, p.shape[1] // 2, 2, 3).sum(axis=(1, 3)) + 2) >> 2
+        want_u = ((-38 * avg[..., 0] - 74 * avg[..., 1] + 112 * avg[..., 2] + 128) >> 8) + 128
+        want_v = ((112 * avg[..., 0] - 94 * avg[..., 1] - 18 * avg[..., 2] + 128) >> 8) + 128
+        y, u, v = planes(rgb_to_i420(rgb), w, h)
+        np.testing.assert_array_equal(y, want_y)
+        np.testing.assert_array_equal(u, want_u)
+        np.testing.assert_array_equal(v, want_v)

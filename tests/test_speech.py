@@ -305,7 +305,7 @@ async def test_the_partial_last_frame_plays_with_the_mouth_closed(speech_daemon,
     played = [r for r in speech.frame_records if r.kind in ("speech", "fallback")]
     assert len(played) == 9
     assert played[-1].kind == "speech" and not played[-1].needed and not played[-1].generated
-    assert speech.counts["fallback"] == 0 and speech.counts["needed"] <= 8
+    assert speech.counts["needed"] <= 8  # the 9th frame never needed the model
 
 
 async def test_a_cpu_picks_a_frame_rate_it_can_sustain(speech_daemon, client):

@@ -1,9 +1,10 @@
 """Where an avatar's idle video comes from: Firestore (or the config table), the URL
 fetch with its disk cache, the decode to RGB frames, and a shared in-memory store.
 
-asyncio side only: no torch here. ``decode_video`` blocks (PyAV, through
-``musetalk.video``, the decoder ``lipsync render`` uses too); callers run it in a thread,
-as ``AvatarStore`` does.
+asyncio side only: no torch here. Video URLs reach public addresses only (see
+``AddressPolicy``); ``AvatarStore`` decodes in child processes (``daemon.decode_worker``,
+running ``musetalk.video``, the decoder ``lipsync render`` uses too), and
+``decode_video`` is the same decode in-process, blocking.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
+import aiohttp.abc
 import numpy as np
 from yarl import URL
 
@@ -27,7 +31,8 @@ from daemon import errors
 from daemon.config import ASSETS_DIR, Settings
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
-from musetalk.video import VideoError, VideoLimits, decode_frames
+from daemon.decode_worker import DecodePool
+from musetalk.video import Video, VideoError, VideoLimits, decode_frames
 
 log = get_logger(__name__)
 
@@ -47,6 +52,8 @@ def display_url(url: str) -> str:
         return "<unparsable URL>"
     if parts.scheme in ("http", "https"):
         host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal keeps its brackets
+            host = f"[{host}]"
         if parts.port:
             host = f"{host}:{parts.port}"
         query = "?..." if parts.query else ""
@@ -226,7 +233,7 @@ class VideoFetcher:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._http: aiohttp.ClientSession | None = None
+        self._policy = AddressPolicy(settings.fetch.allow_private_hosts)
         self._downloads: dict[str, asyncio.Task[FetchedVideo]] = {}
 
     @property
@@ -348,7 +355,7 @@ class VideoFetcher:
                 except aiohttp.ClientError as exc:
                     raise LipsyncError(
                         errors.VIDEO_FETCH_FAILED,
-                        f"download of {shown} failed: {_short_error(exc)}",
+                        f"download of {shown} failed: {_client_error(exc)}",
                     ) from None
             # Video first, then its metadata: a metadata file means a complete video.
             os.replace(tmp, video_path)
@@ -362,60 +369,195 @@ class VideoFetcher:
 
     async def _stream(self, url: str, out: Any) -> tuple[str, int]:
         fetch = self._settings.fetch
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
         shown = display_url(url)
         current = URL(url)
-        # Redirects are followed by hand so that every hop gets the scheme check
-        # (no https -> http downgrade unless allowed) and the redirect cap.
-        for _hop in range(fetch.max_redirects + 1):
-            async with self._http.get(current, allow_redirects=False) as resp:
-                if resp.status in _REDIRECT_STATUSES:
-                    location = resp.headers.get("Location")
-                    if not location:
+        resolver = _PinnedResolver()
+        # One client per download, whose resolver answers only with the addresses
+        # checked for this download: the connection goes where the check looked
+        # (a second DNS answer cannot point it elsewhere). No proxies from the env.
+        connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+        async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
+            # Redirects are followed by hand so that every hop gets the scheme check (no
+            # https -> http downgrade unless allowed), the address check and the cap.
+            for _hop in range(fetch.max_redirects + 1):
+                await self._check_host(current, resolver)
+                async with http.get(current, allow_redirects=False) as resp:
+                    if resp.status in _REDIRECT_STATUSES:
+                        current = self._redirect_target(current, resp, shown)
+                        continue
+                    if resp.status != 200:
+                        # The status only: what the remote says (body, reason, headers)
+                        # may come from an internal service and is never repeated.
                         raise LipsyncError(
                             errors.VIDEO_FETCH_FAILED,
-                            f"{shown}: HTTP {resp.status} redirect without a Location",
+                            f"download of {display_url(str(current))} failed: HTTP "
+                            f"{resp.status}; check that the URL points to the video",
                         )
-                    current = current.join(URL(location))
-                    if current.scheme not in ("http", "https"):
-                        raise LipsyncError(
-                            errors.URL_NOT_ALLOWED,
-                            f"{shown} redirects to a {current.scheme}: URL",
-                        )
-                    self._check_http_scheme(str(current), current.scheme)
-                    continue
-                if resp.status != 200:
-                    raise LipsyncError(
-                        errors.VIDEO_FETCH_FAILED,
-                        f"download of {shown} failed: HTTP {resp.status} {resp.reason or ''}"
-                        .rstrip(),
-                    )
-                if resp.content_length is not None and resp.content_length > fetch.max_bytes:
-                    raise _too_large(shown, fetch.max_bytes)
-                digest = hashlib.sha256()
-                size = 0
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    size += len(chunk)
-                    if size > fetch.max_bytes:
+                    if resp.content_length is not None and resp.content_length > fetch.max_bytes:
                         raise _too_large(shown, fetch.max_bytes)
-                    digest.update(chunk)
-                    out.write(chunk)
-                return digest.hexdigest(), size
+                    digest = hashlib.sha256()
+                    size = 0
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        size += len(chunk)
+                        if size > fetch.max_bytes:
+                            raise _too_large(shown, fetch.max_bytes)
+                        digest.update(chunk)
+                        out.write(chunk)
+                    return digest.hexdigest(), size
         raise LipsyncError(
             errors.VIDEO_FETCH_FAILED,
             f"{shown} redirected more than {fetch.max_redirects} times "
             "(fetch.max_redirects)",
         )
 
+    def _redirect_target(self, current: URL, resp: aiohttp.ClientResponse, shown: str) -> URL:
+        location = resp.headers.get("Location")
+        if not location:
+            raise LipsyncError(
+                errors.VIDEO_FETCH_FAILED,
+                f"{shown}: HTTP {resp.status} redirect without a Location",
+            )
+        try:
+            target = current.join(URL(location))
+        except ValueError:
+            raise LipsyncError(
+                errors.VIDEO_FETCH_FAILED, f"{shown}: HTTP {resp.status} redirect to an invalid URL"
+            ) from None
+        if target.scheme not in ("http", "https"):
+            raise LipsyncError(
+                errors.URL_NOT_ALLOWED,
+                f"{shown} redirects to a URL that is neither https nor http",
+            )
+        self._check_http_scheme(str(target), target.scheme)
+        return target
+
+    async def _check_host(self, url: URL, resolver: _PinnedResolver) -> None:
+        """Resolve the host of ``url``, refuse it when an address is not public (unless
+        allowed), and pin the checked addresses for the connection."""
+        host = (url.raw_host or "").rstrip(".").lower()
+        shown = display_url(str(url))
+        if not host:
+            raise LipsyncError(errors.URL_NOT_ALLOWED, f"video URL {shown} has no host")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        literal = _ip_or_none(host)
+        if literal is not None:
+            # Named as an address is usually written (::ffff:10.0.0.1, not ::ffff:a00:1).
+            mapped = getattr(literal, "ipv4_mapped", None)
+            host = f"::ffff:{mapped}" if mapped is not None else str(literal)
+            addresses = [literal]
+        else:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                raise LipsyncError(
+                    errors.VIDEO_FETCH_FAILED,
+                    f"cannot resolve the host of {shown} ({exc.strerror or type(exc).__name__})",
+                ) from None
+            addresses = list(dict.fromkeys(ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos))
+        for address in addresses:
+            why = self._policy.refusal(host, address)
+            if why is not None:
+                raise LipsyncError(
+                    errors.URL_NOT_ALLOWED,
+                    f"video URL {shown}: host {host} is {why}"
+                    + (f" ({address})" if literal is None else "")
+                    + ", which is refused "
+                    "to keep URLs from reaching internal services; if this host is meant to "
+                    f"serve videos, add {host!r} (or its network) to fetch.allow_private_hosts",
+                )
+        if literal is None:
+            resolver.pin(host, port, addresses)
+
     async def aclose(self) -> None:
         tasks = list(self._downloads.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        http, self._http = self._http, None
-        if http is not None:
-            await http.close()
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class AddressPolicy:
+    """Which addresses a video URL may reach: public ones, plus the hosts and networks of
+    fetch.allow_private_hosts. Without it a start message (or a Firestore document) could
+    make the daemon fetch from localhost, the cloud metadata service or the LAN."""
+
+    def __init__(self, allowed: list[str]) -> None:
+        self._hosts: set[str] = set()
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in allowed:
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self._hosts.add(entry.rstrip(".").lower())
+
+    def refusal(self, host: str, address: IPAddress) -> str | None:
+        """Why ``host`` at ``address`` is refused (e.g. "a loopback address"), or None."""
+        why = _not_public(address)
+        if why is None or host in self._hosts:
+            return None
+        mapped = getattr(address, "ipv4_mapped", None)
+        if any(address in net or (mapped is not None and mapped in net) for net in self._networks):
+            return None
+        return why
+
+
+def _not_public(address: IPAddress) -> str | None:
+    # An IPv4-mapped IPv6 address (::ffff:127.0.0.1) reaches the IPv4 host: judge that.
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    for test, what in (
+        ("is_unspecified", "an unspecified address"),
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address"),
+        ("is_multicast", "a multicast address"),
+        ("is_private", "a private address"),
+        ("is_reserved", "a reserved address"),
+    ):
+        if getattr(address, test):
+            return what
+    if not address.is_global:  # shared (carrier-grade NAT) space and the like
+        return "a non-public address"
+    return None
+
+
+def _ip_or_none(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+
+
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """Answers aiohttp's lookups with the addresses ``_check_host`` checked, and nothing
+    else: a host that was not checked cannot be connected to."""
+
+    def __init__(self) -> None:
+        self._pinned: dict[tuple[str, int], list[IPAddress]] = {}
+
+    def pin(self, host: str, port: int, addresses: list[IPAddress]) -> None:
+        self._pinned[(host, port)] = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        addresses = self._pinned.get((host.rstrip(".").lower(), port))
+        if not addresses:
+            raise OSError(f"host {host} was not checked before connecting")
+        return [
+            {"hostname": host, "host": str(a), "port": port,
+             "family": socket.AF_INET6 if a.version == 6 else socket.AF_INET,
+             "proto": 0, "flags": socket.AI_NUMERICHOST}
+            for a in addresses
+            if family in (socket.AF_UNSPEC, 0) or (family == socket.AF_INET6) == (a.version == 6)
+        ]
+
+    async def close(self) -> None:
+        self._pinned.clear()
 
 
 def _forget(tasks: dict[str, asyncio.Task[Any]], key: str, task: asyncio.Task[Any]) -> None:
@@ -425,6 +567,18 @@ def _forget(tasks: dict[str, asyncio.Task[Any]], key: str, task: asyncio.Task[An
         del tasks[key]
     if not task.cancelled():
         task.exception()
+
+
+def _client_error(exc: aiohttp.ClientError) -> str:
+    """What went wrong with a download, in our words: aiohttp's own messages can quote
+    what the remote sent (a malformed status line, a header), which is not repeated."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = getattr(exc, "os_error", None)
+        reason = getattr(os_error, "strerror", None) or type(os_error or exc).__name__
+        return f"cannot connect to {exc.host}:{exc.port} ({reason})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return f"{type(exc).__name__} (the server's answer was not usable HTTP)"
 
 
 def _too_large(label: str, max_bytes: int) -> LipsyncError:
@@ -492,22 +646,60 @@ def idle_i420(frames: np.ndarray) -> np.ndarray:
 
 
 def decode_video(path: Path, settings: Settings, source: str | None = None) -> DecodedVideo:
-    """Decode every frame of ``path`` to RGB. Blocking: run it in a thread.
+    """Decode every frame of ``path`` to RGB, in this process. Blocking: run it in a
+    thread. The daemon decodes through :func:`decode_video_isolated` instead; this is
+    the same decode for tools and tests.
 
     ``source`` names the video in error messages (the URL it came from); the path is
     used when it is not given. Decoding stops as soon as a cap is passed, so a huge
     file costs at most the caps in memory; the errors name the config field to change.
     """
+    try:
+        decoded = decode_frames(path, video_limits(settings), label=_label(path, source))
+    except VideoError as exc:
+        raise _invalid(str(exc)) from None
+    return _decoded(decoded)
+
+
+async def decode_video_isolated(
+    pool: DecodePool, path: Path, settings: Settings, source: str | None = None
+) -> DecodedVideo:
+    """:func:`decode_video` in a child process of ``pool`` (time and memory limits of
+    the fetch section), then the I420 conversion in a thread."""
+    try:
+        decoded = await pool.decode(path, video_limits(settings), _label(path, source))
+    except VideoError as exc:
+        raise _invalid(str(exc)) from None
+    return await asyncio.to_thread(_decoded, decoded)
+
+
+def video_limits(settings: Settings) -> VideoLimits:
     fetch, video_cfg = settings.fetch, settings.video
-    limits = VideoLimits(
+    return VideoLimits(
         max_width=video_cfg.max_width, max_height=video_cfg.max_height,
         max_seconds=fetch.max_video_s, max_frames=fetch.max_frames_in_memory,
         min_seconds=fetch.min_video_s, fallback_fps=video_cfg.fps, names=_LIMIT_NAMES,
+        threads=_DECODE_THREADS,
     )
-    try:
-        decoded = decode_frames(path, limits, label=display_url(source) if source else str(path))
-    except VideoError as exc:
-        raise _invalid(str(exc)) from None
+
+
+# Decoder threads per idle video: a decode runs beside live sessions, which need the CPU.
+_DECODE_THREADS = 2
+
+
+def decode_pool(settings: Settings) -> DecodePool:
+    fetch = settings.fetch
+    return DecodePool(
+        Path(settings.daemon.state_dir) / "decode", workers=fetch.decode_workers,
+        timeout_s=fetch.decode_timeout_s, memory_mb=fetch.decode_memory_mb,
+    )
+
+
+def _label(path: Path, source: str | None) -> str:
+    return display_url(source) if source else str(path)
+
+
+def _decoded(decoded: Video) -> DecodedVideo:
     frames = decoded.frames
     video = DecodedVideo(
         frames=frames, fps=decoded.fps, width=frames.shape[2], height=frames.shape[1],
@@ -551,17 +743,33 @@ class AvatarStore:
         self.fetcher = fetcher or VideoFetcher(settings)
         self._entries: dict[str, _Entry] = {}
         self._loading: dict[str, asyncio.Task[tuple[DecodedVideo, str]]] = {}
-        # One decode at a time: it bounds peak memory and leaves CPU to live sessions.
-        self._decode_slot = asyncio.Semaphore(1)
+        # Decodes run in child processes, fetch.decode_workers at a time: that bounds
+        # peak memory and CPU, and one slow file does not hold up every other start.
+        self.decoder = decode_pool(settings)
 
     async def get(self, url: str) -> tuple[DecodedVideo, str]:
+        """The decoded video of ``url`` and its content hash; hold it until ``release``.
+
+        Fails past daemon.start_timeout_s instead of leaving a start waiting (the load
+        itself goes on for the other waiters, within its own fetch and decode limits).
+        """
         task = self._loading.get(url)
         if task is None:
             task = asyncio.create_task(self._load(url), name=f"avatar-load {display_url(url)}")
             self._loading[url] = task
             task.add_done_callback(lambda t, url=url: _forget(self._loading, url, t))
-        # shield: one waiter's cancellation must not cancel the load for the others.
-        video, content_hash = await asyncio.shield(task)
+        deadline_s = self.settings.daemon.start_timeout_s
+        try:
+            async with asyncio.timeout(deadline_s):
+                # shield: one waiter's cancellation must not cancel the load for the others.
+                video, content_hash = await asyncio.shield(task)
+        except TimeoutError:
+            raise LipsyncError(
+                errors.VIDEO_FETCH_FAILED,
+                f"the idle video {display_url(url)} was not fetched and decoded within "
+                f"daemon.start_timeout_s = {deadline_s:g} s; use a smaller video or a faster "
+                "host, or raise daemon.start_timeout_s",
+            ) from None
         entry = self._entries.get(content_hash)
         if entry is None:  # released to zero by others while this waiter was resuming
             entry = self._entries[content_hash] = _Entry(video)
@@ -594,8 +802,7 @@ class AvatarStore:
         entry = self._entries.get(fetched.content_hash)
         if entry is not None:  # the same bytes under another URL, already decoded
             return entry.video, fetched.content_hash
-        async with self._decode_slot:
-            video = await asyncio.to_thread(decode_video, fetched.path, self.settings, url)
+        video = await decode_video_isolated(self.decoder, fetched.path, self.settings, url)
         log.info(
             "avatar_video_decoded", url=display_url(url), frames=video.num_frames,
             size=f"{video.width}x{video.height}", fps=video.fps,

@@ -8,6 +8,7 @@ field is documented in ``config.toml`` at the repository root. Secrets are ``Sec
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from pathlib import Path
@@ -34,6 +35,9 @@ class DaemonSection(BaseModel):
     speech_duty: float = 1.0
     shutdown_timeout_s: float = Field(10.0, gt=0)
     drain_utterances_s: float = Field(5.0, ge=0)
+    # A session start (avatar lookup, fetch, decode, preparation) that takes longer fails
+    # with an error instead of leaving the producer waiting.
+    start_timeout_s: float = Field(120.0, gt=0)
 
     @field_validator("capacity_fps")
     @classmethod
@@ -103,6 +107,40 @@ class FetchSection(BaseModel):
     min_video_s: float = 0.2
     max_video_s: float = 120.0
     max_frames_in_memory: int = 3000
+    # Host names or networks (CIDR, or one address) that may be fetched although they
+    # resolve to loopback, private, link-local or other non-public addresses.
+    allow_private_hosts: list[str] = Field(default_factory=list)
+    # Decoding runs in child processes: at most this many at once, each killed past
+    # decode_timeout_s and limited to decode_memory_mb of address space.
+    decode_workers: int = Field(2, ge=1, le=64)
+    decode_timeout_s: float = Field(60.0, gt=0)
+    decode_memory_mb: int = Field(4096, ge=64)
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _hosts_or_networks(cls, v: list[str]) -> list[str]:
+        cleaned = []
+        for entry in v:
+            item = entry.strip().lower().rstrip(".")
+            if "/" in item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"fetch.allow_private_hosts entry {entry!r} is not a network; "
+                                     "use a CIDR like '10.0.0.0/8', an address or a host name") from None
+            elif not item or (any(c in item for c in " :@?#") and not _is_ip(item)):
+                raise ValueError(f"fetch.allow_private_hosts entry {entry!r} must be a host name "
+                                 "(no scheme or port), an address or a CIDR network")
+            cleaned.append(item)
+        return cleaned
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class VideoSection(BaseModel):

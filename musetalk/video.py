@@ -21,6 +21,12 @@ import numpy as np
 # Frame rates outside this range are container junk (0, 90000, ...), not a video's rate.
 MIN_FPS, MAX_FPS = 0.5, 240
 
+# What an idle video may be. Each demuxer and decoder FFmpeg runs on a file is attack
+# surface, so only the formats real uploads use are opened: FFmpeg's demuxer names
+# (container.format.name) and canonical codec names.
+ALLOWED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2": "MP4/MOV", "matroska,webm": "WebM/Matroska"}
+ALLOWED_CODECS = {"h264": "H.264", "hevc": "HEVC", "vp8": "VP8", "vp9": "VP9"}
+
 
 class VideoError(ValueError):
     """The file is not a usable idle video; the message says why and what to change."""
@@ -38,6 +44,12 @@ class VideoLimits:
     # How the caller names each limit ("max_seconds" -> "fetch.max_video_s"), so that an
     # error says which setting to raise; a limit without a name is only stated.
     names: Mapping[str, str] = field(default_factory=dict)
+    # Decoder threads (0: FFmpeg's choice, one per core). Bounded where a process has an
+    # address-space limit: every thread reserves its stack.
+    threads: int = 0
+    # Only these containers and video codecs are decoded (None: any FFmpeg can read).
+    formats: frozenset[str] | None = frozenset(ALLOWED_FORMATS)
+    codecs: frozenset[str] | None = frozenset(ALLOWED_CODECS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,10 +78,13 @@ def decode_frames(path: str | Path, limits: VideoLimits | None = None, label: st
     limits = limits or VideoLimits()
     label = label or str(path)
     try:
-        container = av.open(str(path), mode="r")
+        # Local files only: a container must not make FFmpeg open other files or URLs
+        # (MOV data references, playlists).
+        container = av.open(str(path), mode="r", options={"protocol_whitelist": "file"})
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{label} is not a readable video file ({_short_error(exc)})") from None
     with container:
+        _check_format(label, container.format.name, limits)
         if not container.streams.video:
             found = ", ".join(s.type for s in container.streams) or "no streams"
             raise VideoError(f"{label} has no video stream (found: {found})")
@@ -77,6 +92,9 @@ def decode_frames(path: str | Path, limits: VideoLimits | None = None, label: st
         ctx = stream.codec_context
         if ctx is None:  # PyAV gives no codec context when FFmpeg has no decoder for it
             raise VideoError(f"{label}: its video codec is not supported by this FFmpeg build")
+        _check_codec(label, ctx.codec.canonical_name, limits)
+        if limits.threads > 0:
+            ctx.thread_count = limits.threads
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         _check_size(label, width, height, limits)
         rate = stream.average_rate or stream.guessed_rate
@@ -178,6 +196,20 @@ def _check_size(label: str, width: int, height: int, limits: VideoLimits) -> Non
                 "scale the video down or raise those settings"
             )
         raise VideoError(f"{label} is {width}x{height}, larger than {allowed}; scale the video down")
+
+
+def _check_format(label: str, name: str, limits: VideoLimits) -> None:
+    if limits.formats is not None and name not in limits.formats:
+        accepted = ", ".join(ALLOWED_FORMATS.get(f, f) for f in sorted(limits.formats))
+        raise VideoError(f"{label} is a {name!r} file; accepted containers: {accepted} "
+                         "(re-encode it, e.g. to an H.264 MP4)")
+
+
+def _check_codec(label: str, name: str, limits: VideoLimits) -> None:
+    if limits.codecs is not None and name not in limits.codecs:
+        accepted = ", ".join(ALLOWED_CODECS.get(c, c) for c in sorted(limits.codecs))
+        raise VideoError(f"{label} has {name!r} video; accepted codecs: {accepted} "
+                         "(re-encode it, e.g. to an H.264 MP4)")
 
 
 def _too_long(label: str, seconds: float, limits: VideoLimits) -> VideoError:

@@ -34,6 +34,8 @@ from daemon.demo_avatar import make_demo_video
 from daemon.errors import LipsyncError
 
 PROJECT = EMULATOR_PROJECT
+# The test servers listen on loopback, which video URLs may reach only when allowed.
+LOCAL = ["127.0.0.1"]
 RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
 
 
@@ -262,7 +264,7 @@ async def server(video_bytes):
 @pytest.fixture
 async def fetcher(tmp_path):
     fetcher = VideoFetcher(
-        settings(tmp_path, fetch={"allow_http": True, "max_bytes": 4096, "max_redirects": 2})
+        settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL, "max_bytes": 4096, "max_redirects": 2})
     )
     yield fetcher
     await fetcher.aclose()
@@ -320,7 +322,7 @@ async def test_network_error(fetcher):
 
 
 async def test_hung_server_times_out(tmp_path, silent_port):
-    fetcher = VideoFetcher(settings(tmp_path, fetch={"allow_http": True, "timeout_s": 0.5}))
+    fetcher = VideoFetcher(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL, "timeout_s": 0.5}))
     started = time.monotonic()
     try:
         err = await raises(
@@ -433,7 +435,7 @@ def test_make_demo_video_writes_what_it_is_asked(tmp_path):
 
 async def test_store_shares_one_decode(server, tmp_path):
     base, hits = server
-    store = AvatarStore(settings(tmp_path, fetch={"allow_http": True}))
+    store = AvatarStore(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL}))
     try:
         url = f"{base}/video.mp4"
         (a, ha), (b, hb) = await asyncio.gather(store.get(url), store.get(url))
@@ -453,7 +455,7 @@ async def test_store_shares_one_decode(server, tmp_path):
 
 async def test_store_reports_bad_videos_to_every_waiter(server, tmp_path):
     base, _ = server
-    store = AvatarStore(settings(tmp_path, fetch={"allow_http": True}))
+    store = AvatarStore(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL}))
     try:
         results = await asyncio.gather(
             store.get(f"{base}/notes.txt"), store.get(f"{base}/notes.txt"),

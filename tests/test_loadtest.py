@@ -26,7 +26,8 @@ from daemon.loadtest import (
 from daemon.speech import FrameRecord
 
 ROOT = Path(__file__).resolve().parent.parent
-FPS = 5  # the CPU run's rate
+FPS = 3  # the CPU run's rate
+SECONDS = 14  # measured, after 2 s of warm-up
 UNIT_FPS = 10  # the figures' unit tests
 
 
@@ -121,14 +122,15 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
                LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu")
-    # CPU-sized: 5 fps (the tiny model makes ~7 frames/s of 512x512 on one core; a frame
-    # is 200 ms, so the latency floor is ~3 frames = 600 ms plus a step, not the
+    # CPU-sized: 3 fps (the tiny model makes ~5-7 frames/s of 512x512 on one free core,
+    # half that on a busy runner; a frame is 333 ms, so the latency floor is ~3 frames
+    # = 1 s plus a step, not the
     # GPU's 180 ms), and 95 % so that one late frame in 80 on a shared 2-core runner
     # does not fail CI; the SLO arithmetic itself is tested above.
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
-         "--seconds", "8", "--warmup-s", "2", "--fps", str(FPS), "--slo-generated-pct", "95",
-         "--slo-latency-ms", "1500", "--json", str(report_path)],
+         "--seconds", str(SECONDS), "--warmup-s", "2", "--fps", str(FPS), "--slo-generated-pct", "95",
+         "--slo-latency-ms", "2500", "--json", str(report_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -139,12 +141,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert report["commit"] is None or (isinstance(report["commit"], str) and len(report["commit"]) == 40)
     assert report["card"] == "cpu"
     config = report["config"]
-    assert (config["fps"], config["sink"], config["seconds"], config["warmup_s"]) == (FPS, "livekit-local", 8, 2)
+    assert (config["fps"], config["sink"], config["seconds"], config["warmup_s"]) == (FPS, "livekit-local", SECONDS, 2)
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "gpu_busy", "loop_lag_p99_ms", "mean_batch", "step_ms", "gpu_memory_mb", "slo_met"}
-    assert row["sessions"] == 1 and row["seconds"] == 8
+    assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
                       "latency_ms", "jitter_ms_p99"}
@@ -152,8 +154,8 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert isinstance(s["session_id"], str)
     for key in ("needed", "generated", "fallbacks", "underruns"):
         assert isinstance(s[key], int), key
-    # Speech looped at real time for 8 measured seconds: most frames need the model.
-    assert 40 <= s["needed"] <= 8 * FPS + 1, table
+    # Speech looped at real time for the measured seconds: most frames need the model.
+    assert 0.75 * SECONDS * FPS <= s["needed"] <= SECONDS * FPS + 1, table
     assert s["generated"] <= s["needed"]
     assert isinstance(s["generated_pct"], float)
     p50, p95, p99 = (s["latency_ms"][k] for k in ("p50", "p95", "p99"))

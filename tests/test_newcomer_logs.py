@@ -81,6 +81,7 @@ async def test_a_session_with_the_model_logs_only_json(tmp_path: Path):
     daemon = _daemon(tmp_path, port, LIPSYNC_MODEL__ENABLED="true", LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
                      LIPSYNC_MODEL__DEVICE="cpu", LIPSYNC_MODEL__COMPILE="false",
                      LIPSYNC_OUTPUT__SINK="livekit-local", LIPSYNC_FETCH__ALLOW_FILE_URLS="true")
+    nc = None
     try:
         await asyncio.to_thread(daemon.wait_for, '"lipsyncd ready"', 240, "err")
         nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
@@ -107,6 +108,8 @@ async def test_a_session_with_the_model_logs_only_json(tmp_path: Path):
         await nc.close()
         await _stop(daemon)
     finally:
+        if nc is not None and not nc.is_closed:
+            await nc.close()
         daemon.kill()
     records = _json_lines(daemon)
     events = [r.get("event") for r in records]
@@ -131,6 +134,7 @@ async def test_livekit_logs_and_failures_are_json_and_named(tmp_path: Path):
     daemon = _daemon(tmp_path, port, LIPSYNC_LIVEKIT__URL=f"ws://127.0.0.1:{free_port()}",
                      LIPSYNC_LIVEKIT__API_KEY="devkey", LIPSYNC_LIVEKIT__API_SECRET="s" * 32,
                      LIPSYNC_LIVEKIT__CONNECT_TIMEOUT_S="5", LIPSYNC_FETCH__ALLOW_FILE_URLS="true")
+    nc = None
     try:
         await asyncio.to_thread(daemon.wait_for, '"lipsyncd ready"', 60, "err")
         nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
@@ -141,6 +145,8 @@ async def test_livekit_logs_and_failures_are_json_and_named(tmp_path: Path):
         await nc.close()
         await _stop(daemon)
     finally:
+        if nc is not None and not nc.is_closed:
+            await nc.close()
         daemon.kill()
     records = _json_lines(daemon)
     rust = [r for r in records if r.get("logger") == "livekit"]

@@ -355,7 +355,14 @@ class Daemon:
                 await self.registry.claim(sid)
                 claimed = True
             await self._update_admission()
-            await session.start()
+            try:
+                async with asyncio.timeout(self.settings.daemon.start_timeout_s):
+                    await session.start()
+            except TimeoutError:
+                raise LipsyncError(errors.START_TIMEOUT, f"the session did not start within "
+                                   f"daemon.start_timeout_s = {self.settings.daemon.start_timeout_s:g} s "
+                                   "(avatar fetch, decode, preparation and publisher); retry, or raise "
+                                   "the limit for long idle videos") from None
         except BaseException as exc:
             if self.sessions.get(sid) is session:
                 del self.sessions[sid]
@@ -646,8 +653,8 @@ class Daemon:
             if signals_seen > 1:
                 log.warning("second signal: exiting now")
                 os._exit(1)
+            self._stopping.set()  # first: the log line below must not be able to stop it
             log.info("signal received: draining")
-            self._stopping.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)

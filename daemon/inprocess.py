@@ -36,6 +36,10 @@ def in_process_settings(settings: Settings, **sections: dict[str, Any]) -> Setti
         o[section].update(fields)
     s = Settings(**o)
     configure_logging(s.logging.level, s.logging.format)
+    if s.model.enabled:
+        from daemon.log import quiet_model_libraries
+
+        quiet_model_libraries()
     return s
 
 

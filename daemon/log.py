@@ -22,6 +22,26 @@ OWN_STDLIB_LOGGERS = ("musetalk", "daemon")
 _stdlib_handler: logging.Handler | None = None
 
 
+class _Stderr:
+    """stderr that never raises: a daemon whose log reader went away (a closed pipe)
+    must still act on SIGTERM and shut down, not die on its next log line."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (BrokenPipeError, OSError, ValueError):
+            return 0
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+
+_STDERR = _Stderr()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     shared = [
         structlog.contextvars.merge_contextvars,
@@ -39,7 +59,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_STDERR),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric)
@@ -51,7 +71,7 @@ def _route_stdlib_logging(shared: list, renderer, level: int) -> None:
     logger's name added); without it Python's last-resort handler prints them as bare
     text. Replaces the handler of an earlier call (tools configure logging again)."""
     global _stdlib_handler
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_STDERR)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -111,3 +111,59 @@ def test_missing_weights_exit_78_with_the_fix(tmp_path: Path):
     line = next(json.loads(l) for l in proc.stderr.splitlines() if '"startup failed"' in l)
     assert line["code"] == "models_missing"
     assert "lipsync models download" in line["error"] and "random_weights" in line["error"]
+
+
+async def test_sigterm_is_obeyed_after_the_log_reader_went_away(tmp_path: Path):
+    """A closed stderr pipe (the log reader died) must not make the daemon ignore SIGTERM:
+    the first log line of the signal handler used to raise BrokenPipeError first."""
+    nats_port, http_port = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
+        "LIPSYNC_NATS__EMBEDDED_PORT": str(nats_port),
+        "LIPSYNC_HTTP__PORT": str(http_port),
+        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"),
+        "LIPSYNC_MODEL__ENABLED": "false",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        nc = await _wait_nats(f"nats://127.0.0.1:{nats_port}")
+        reply = None
+        deadline = time.monotonic() + 20
+        while reply is None and time.monotonic() < deadline:
+            try:
+                reply = await nc.request("lipsync.status", b"", timeout=1)
+            except Exception:
+                await asyncio.sleep(0.1)
+        await nc.close()
+        assert reply is not None, "the daemon never answered status"
+        proc.stderr.close()  # the reader goes away
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.wait, 20)
+        assert rc == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_start_past_its_deadline_is_refused_with_start_timeout(nats_server, tmp_path):
+    from daemon.app import Daemon
+    from daemon.config import Settings
+    from tests.conftest import free_port as port
+
+    d = Daemon(Settings(nats={"url": nats_server.url}, http={"port": port()},
+                        daemon={"state_dir": str(tmp_path / "state"), "start_timeout_s": 0.001},
+                        model={"enabled": False}))
+    await d.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        msg = await nc.request("lipsync.session.start", json.dumps(
+            {"v": 1, "session_id": "slow", "avatar_id": "demo", "audio": {"sample_rate": 16000}}).encode(), timeout=30)
+        reply = json.loads(msg.data)
+        assert reply["ok"] is False and reply["error"]["code"] == "start_timeout"
+        assert "daemon.start_timeout_s" in reply["error"]["message"]
+        assert not d.sessions
+    finally:
+        await nc.close()
+        await d.shutdown()

@@ -10,6 +10,8 @@ import asyncio
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -48,6 +50,10 @@ from schemas.wire import StatusAdmission
 log = get_logger(__name__)
 
 VERSION = "0.1.0"
+
+# Past daemon.shutdown_timeout_s (the drain), releasing everything (MP4s finalized, the
+# worker joined, the embedded nats-server stopped) gets this long before a forced exit.
+SHUTDOWN_GRACE_S = 5.0
 
 
 CapacitySource = Literal["measured", "config", "max_sessions"]
@@ -173,6 +179,7 @@ class Daemon:
         self._health: HealthServer | None = None
         self._heartbeat_at = time.monotonic()
         self._stopping = asyncio.Event()
+        self._signals_seen = 0
         self._drained = False
         self._drain_lock = asyncio.Lock()
         self.notifier = SystemdNotifier()
@@ -642,22 +649,85 @@ class Daemon:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def run(self) -> None:
-        """Until SIGTERM/SIGINT; a second signal exits at once."""
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT, from the first moment of start-up: a signal while the model
+        loads stops the start and shuts down as cleanly as one while running (exit 0,
+        the embedded nats-server stopped). A second signal exits at once; so does the
+        backstop timer when shutdown overruns its deadline."""
         loop = asyncio.get_running_loop()
-        signals_seen = 0
-
-        def on_signal() -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen > 1:
-                log.warning("second signal: exiting now")
-                os._exit(1)
-            self._stopping.set()  # first: the log line below must not be able to stop it
-            log.info("signal received: draining")
-
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            log.warning("second signal: exiting now", signal=signal.Signals(sig).name)
+            self._force_exit(1)
+        self._stopping.set()  # first: the log line below must not be able to stop it
+        self._arm_backstop()
+        log.info("signal received: draining" if self.accepting else "signal received during start-up: stopping",
+                 signal=signal.Signals(sig).name)
+
+    def _arm_backstop(self) -> None:
+        """A thread, not a task: it fires even when the event loop is stuck (a blocking
+        import, a C call). Drain gets daemon.shutdown_timeout_s, releasing everything
+        SHUTDOWN_GRACE_S more; past that the process leaves anyway."""
+        limit = self.settings.daemon.shutdown_timeout_s + SHUTDOWN_GRACE_S
+
+        def fire() -> None:
+            log.error("shutdown did not finish in time: exiting now", limit_s=limit)
+            self._force_exit(1)
+
+        timer = threading.Timer(limit, fire)
+        timer.daemon = True
+        timer.start()
+
+    def _force_exit(self, code: int) -> None:
+        """Leave now, but never with the embedded nats-server still holding the port."""
+        if self._embedded is not None:
+            try:
+                self._embedded.kill_now()
+            except Exception:
+                pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    async def start_unless_stopped(self) -> bool:
+        """``start()``, given up as soon as a stop is requested (a signal while the model
+        loads or NATS connects): True once started, False when stopped first. Either
+        way the caller then shuts down; what the start had brought up is released there."""
+        if self._stopping.is_set():
+            return False
+        start = asyncio.create_task(self.start(), name="start")
+        stop = asyncio.create_task(self._stopping.wait(), name="stop-wait")
+        try:
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if start.done():
+            start.result()  # a start failure (LipsyncError) is the caller's to report
+            return True
+        start.cancel()
+        try:
+            await start
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # it failed while being given up: the stop stands
+            log.warning("start failed while stopping", error=str(exc) or type(exc).__name__)
+        log.info("start-up stopped before ready")
+        return False
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT (or ``request_stop``); a second signal exits at once."""
+        self.install_signal_handlers()
         await self._stopping.wait()
 
     async def drain(self) -> None:

@@ -7,12 +7,17 @@ It listens on loopback only, with JetStream on and its data under the state dir,
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
@@ -61,6 +66,37 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+# linux/prctl.h
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the child SIGTERM when this process dies,
+    however it dies (SIGKILL, OOM killer, a crash): without it an embedded nats-server
+    outlives a killed daemon and holds the port, so the next `lipsyncd` cannot start.
+    None where prctl is missing (not Linux): there only a clean exit stops the server.
+
+    The death signal follows the thread that forked the child, so the server must be
+    started from the event loop's (main) thread, never from a worker thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec: no logging, no allocations to speak of.
+        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 class EmbeddedNatsServer:
     def __init__(self, host: str, port: int, store_dir: Path) -> None:
         self.host = host
@@ -84,7 +120,8 @@ class EmbeddedNatsServer:
             "-js",
             "-sd", str(self.store_dir),
         ]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      preexec_fn=_die_with_parent())
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             if self._proc.poll() is not None:
@@ -102,7 +139,21 @@ class EmbeddedNatsServer:
                         "nats_unavailable", f"embedded nats-server did not listen on {self.url} in {timeout_s}s"
                     ) from None
                 await asyncio.sleep(0.02)
-        log.info("embedded nats-server started", url=self.url, store_dir=str(self.store_dir))
+        log.info("embedded nats-server started", url=self.url, store_dir=str(self.store_dir), pid=self._proc.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def kill_now(self) -> None:
+        """Stop the server without waiting (a forced exit): the port is free once it is gone."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     async def aclose(self) -> None:
         proc, self._proc = self._proc, None

@@ -29,7 +29,7 @@ from daemon.config import DaemonSection, Settings
 from daemon.embedded_nats import EmbeddedNatsServer
 from daemon.errors import LipsyncError
 from daemon.health import HealthServer
-from daemon.log import get_logger
+from daemon.log import get_logger, redact_url
 from daemon.metrics import Metrics
 from daemon.protocol import parse_json_message, session_id_hint, valid_session_id
 from daemon.publishers.base import MediaFormat
@@ -239,7 +239,7 @@ class Daemon:
         self._update_gauges()
         capacity = self.admission.capacity()
         self.notifier.ready(f"accepting sessions on {self.subjects.start}")
-        log.info("lipsyncd ready", nats=self.nats_url, start_subject=self.subjects.start,
+        log.info("lipsyncd ready", nats=redact_url(self.nats_url), start_subject=self.subjects.start,
                  sink=s.sink_kind(), max_sessions=s.daemon.max_sessions,
                  capacity_fps=capacity.fps, capacity_source=capacity.source,
                  sessions_admitted=self.admission.max_sessions_at(),

@@ -5,6 +5,7 @@ Subjects live here too, so that one prefix setting moves the whole protocol.
 
 from __future__ import annotations
 
+import random
 import ssl
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -12,7 +13,8 @@ from typing import Any, Awaitable, Callable
 from nats.aio.client import Client as NatsClient
 
 from daemon.config import NatsSection
-from daemon.log import get_logger
+from daemon.errors import LipsyncError
+from daemon.log import get_logger, redact_url, redact_urls_in
 
 log = get_logger(__name__)
 
@@ -52,46 +54,42 @@ def _tls_context(cfg: NatsSection) -> ssl.SSLContext | None:
     return ctx
 
 
-async def connect(
+def reconnect_delay(cfg: NatsSection) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """nats-py's reconnect_to_server_handler: the server tried least so far (the pool in
+    turn), after reconnect_time_wait_s plus a random jitter."""
+
+    def choose(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        server = min(servers, key=lambda s: s.reconnects) if servers else None
+        return server, cfg.reconnect_time_wait_s + random.uniform(0, cfg.reconnect_jitter_s)
+
+    return choose
+
+
+def connect_options(
     cfg: NatsSection,
     servers: list[str],
-    on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+    callbacks: dict[str, Callable[..., Awaitable[None]]],
     name: str = "lipsyncd",
-) -> NatsClient:
-    """Connect, then reconnect forever: sessions keep streaming while NATS is away."""
-
-    nc = NatsClient()
-
-    async def disconnected() -> None:
-        if nc.is_draining or nc.is_closed:
-            return  # our own drain/close at shutdown
-        log.warning("nats disconnected; reconnecting")
-        if on_state:
-            await _maybe_await(on_state(False))
-
-    async def reconnected() -> None:
-        log.info("nats reconnected")
-        if on_state:
-            await _maybe_await(on_state(True))
-
-    async def error(exc: Exception) -> None:
-        # The client reports connection errors here while it retries; one line each.
-        log.warning("nats client error", error=str(exc) or type(exc).__name__)
-
+) -> dict[str, Any]:
+    """The keyword arguments of ``nats.Client.connect``: reconnect forever, and a fast
+    liveness check. nats-py's default PING every 120 s would leave a frozen server or a
+    half-open link unnoticed for minutes while events pile up unsent; here it is given
+    up after about ping_interval_s x (max_outstanding_pings + 1)."""
     kwargs: dict[str, Any] = dict(
         servers=servers,
         name=name,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=1,
+        reconnect_time_wait=cfg.reconnect_time_wait_s,
+        reconnect_to_server_handler=reconnect_delay(cfg),
+        ping_interval=cfg.ping_interval_s,
+        max_outstanding_pings=cfg.max_outstanding_pings,
         connect_timeout=max(1, int(cfg.connect_timeout_s)),
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        error_cb=error,
         # Events published while NATS is away wait here (bytes) until it is back.
         pending_size=8 * 1024 * 1024,
         # Our own events match <prefix>.*.* too: the server need not send them back.
         no_echo=True,
+        **callbacks,
     )
     if cfg.user:
         kwargs["user"] = cfg.user
@@ -106,17 +104,56 @@ async def connect(
     tls = _tls_context(cfg)
     if tls is not None:
         kwargs["tls"] = tls
-    await nc.connect(**kwargs)
-    log.info("nats connected", servers=[_redact(s) for s in servers])
+    return kwargs
+
+
+async def connect(
+    cfg: NatsSection,
+    servers: list[str],
+    on_state: Callable[[bool], Awaitable[None] | None] | None = None,
+    name: str = "lipsyncd",
+) -> NatsClient:
+    """Connect, then reconnect forever: sessions keep streaming while NATS is away."""
+
+    nc = NatsClient()
+    shown = [redact_url(s) for s in servers]
+
+    async def disconnected() -> None:
+        if nc.is_draining or nc.is_closed:
+            return  # our own drain/close at shutdown
+        log.warning("nats disconnected; reconnecting", servers=shown)
+        if on_state:
+            await _maybe_await(on_state(False))
+
+    async def reconnected() -> None:
+        url = nc.connected_url
+        log.info("nats reconnected", server=redact_url(url.geturl()) if url is not None else None)
+        if on_state:
+            await _maybe_await(on_state(True))
+
+    async def closed() -> None:
+        # The client reconnects forever, so this is our own close at shutdown, or a
+        # server that refused us for good (auth): either way nothing reconnects now.
+        log.info("nats connection closed", servers=shown)
+        if on_state:
+            await _maybe_await(on_state(False))
+
+    async def error(exc: Exception) -> None:
+        # The client reports connection errors here while it retries; one line each.
+        log.warning("nats client error", error=redact_urls_in(str(exc)) or type(exc).__name__)
+
+    kwargs = connect_options(cfg, servers, dict(disconnected_cb=disconnected, reconnected_cb=reconnected,
+                                                closed_cb=closed, error_cb=error), name=name)
+    log.info("connecting to nats", servers=shown)
+    try:
+        await nc.connect(**kwargs)
+    except Exception as exc:
+        # nats-py names the server in some of its messages: never with its password.
+        raise LipsyncError("nats_unavailable", f"cannot connect to NATS at {', '.join(shown)}: "
+                           f"{redact_urls_in(str(exc)) or type(exc).__name__} (check nats.url and "
+                           "that the server runs)") from None
+    log.info("nats connected", servers=shown)
     return nc
-
-
-def _redact(url: str) -> str:
-    """Drop user:password@ from a URL before it is logged."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 async def _maybe_await(value: Awaitable[None] | None) -> None:

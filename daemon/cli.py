@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, Settings, load_settings
+from daemon.log import redact_url, redact_urls_in
 
 
 def _nats_url(settings: Settings, override: str | None) -> str:
@@ -33,7 +34,9 @@ async def _connect(url: str):
             timeout=4,
         )
     except (Exception, asyncio.TimeoutError) as exc:
-        raise SystemExit(f"lipsync: cannot reach NATS at {url} ({str(exc) or type(exc).__name__}): "
+        # Neither the URL nor the client's message may show a password given in the URL.
+        why = redact_urls_in(str(exc)) or type(exc).__name__
+        raise SystemExit(f"lipsync: cannot reach NATS at {redact_url(url)} ({why}): "
                          "is lipsyncd running? (--nats to point elsewhere)") from None
 
 
@@ -125,10 +128,11 @@ def cmd_events(args, settings) -> int:
 
         async def on_disconnected() -> None:
             if args.follow and not done.is_set():
-                note(f"lost NATS at {url} (the daemon stopped?): waiting for it to come back (Ctrl-C to quit)")
+                note(f"lost NATS at {redact_url(url)} (the daemon stopped?): waiting for it to come back "
+                     "(Ctrl-C to quit)")
 
         async def on_reconnected() -> None:
-            note(f"reconnected to NATS at {url}: following again")
+            note(f"reconnected to NATS at {redact_url(url)}: following again")
 
         async def on_closed() -> None:
             closed.set()
@@ -146,15 +150,16 @@ def cmd_events(args, settings) -> int:
                 break
             except Exception as exc:  # refused, timed out, a bad URL: said once
                 if not args.follow:
-                    note(f"cannot reach NATS at {url} ({str(exc) or type(exc).__name__}): is lipsyncd "
+                    why = redact_urls_in(str(exc)) or type(exc).__name__
+                    note(f"cannot reach NATS at {redact_url(url)} ({why}): is lipsyncd "
                          "running? (--nats to point elsewhere; --follow to wait for it)")
                     return 1
                 if not waited:
-                    note(f"NATS at {url} is not there yet: waiting for it (Ctrl-C to quit)")
+                    note(f"NATS at {redact_url(url)} is not there yet: waiting for it (Ctrl-C to quit)")
                     waited = True
                 await asyncio.sleep(1.0)
         if waited:
-            note(f"connected to NATS at {url}")
+            note(f"connected to NATS at {redact_url(url)}")
         await nc.subscribe(f"{prefix}.events.{args.session_id or '>'}", cb=on_msg)
         await nc.subscribe(f"{prefix}.errors", cb=on_msg)
         waits = [asyncio.create_task(done.wait()), asyncio.create_task(closed.wait())]
@@ -167,8 +172,8 @@ def cmd_events(args, settings) -> int:
             if not nc.is_closed:
                 await nc.close()
         if lost:
-            note(f"the connection to NATS at {url} closed: the daemon stopped (its embedded nats-server "
-                 "stops with it) or NATS went away; use --follow to wait for it to come back")
+            note(f"the connection to NATS at {redact_url(url)} closed: the daemon stopped (its embedded "
+                 "nats-server stops with it) or NATS went away; use --follow to wait for it to come back")
             return 1
         return 0
 
@@ -237,8 +242,9 @@ def _dump_chunks(args, settings) -> int:
         except SystemExit as exc:
             raise SystemExit(f"{exc}; or give the session's rate with --rate") from None
         if rate is None:
-            print(f"lipsync say: session '{args.session_id}' is not live on the daemon at {url}, so its "
-                  "rate is unknown: start it first, or give the rate with --rate", file=sys.stderr)
+            print(f"lipsync say: session '{args.session_id}' is not live on the daemon at "
+                  f"{redact_url(url)}, so its rate is unknown: start it first, or give the rate with --rate",
+                  file=sys.stderr)
             return 1
     if rate not in SUPPORTED_SAMPLE_RATES:
         print(f"lipsync say: --rate {rate} is not a session rate: one of "

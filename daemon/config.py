@@ -72,6 +72,15 @@ class NatsSection(BaseModel):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     connect_timeout_s: float = 2.0
+    # Liveness: a PING every ping_interval_s; a server that leaves more than
+    # max_outstanding_pings unanswered (frozen, or a half-open TCP link) is given up and
+    # reconnected to, within about ping_interval_s x (max_outstanding_pings + 1).
+    ping_interval_s: float = Field(5.0, gt=0)
+    max_outstanding_pings: int = Field(2, ge=1)
+    # Between reconnect attempts: reconnect_time_wait_s plus a random 0..reconnect_jitter_s,
+    # so that daemons that lost the same server do not all come back in step.
+    reconnect_time_wait_s: float = Field(1.0, ge=0)
+    reconnect_jitter_s: float = Field(0.5, ge=0)
     max_audio_message_bytes: int = Field(1 << 20, ge=1024)
     report_unknown_sessions: bool = True
     registry_bucket: str | None = None

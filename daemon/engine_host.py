@@ -71,8 +71,9 @@ class EngineHost:
         warmed = self._worker.start(warm_fps=self.settings.video.fps, warm_engine=self.engine.warmup)
         await asyncio.to_thread(warmed.wait)
         if self._worker.warm_error is not None:
+            hint = "; model.compile = false runs it eager" if self.engine.compiled else ""
             raise LipsyncError(errors.INTERNAL, f"the model failed to warm up on {self.device}: "
-                               f"{type(self._worker.warm_error).__name__}: {self._worker.warm_error}")
+                               f"{type(self._worker.warm_error).__name__}: {self._worker.warm_error}{hint}")
         self._warmed_up(self._worker.warmup_ms, time.perf_counter() - t)
         self.load_s = time.perf_counter() - t0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -115,6 +116,37 @@ def quiet_model_libraries(progress_bars: bool = False) -> None:
             lib.disable_progress_bar()
     if not progress_bars:
         hub_utils.disable_progress_bars()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its userinfo (``user:password@``) replaced by ``***``: what a log
+    line or an error message may show of a server URL (NATS, LiveKit, a fetch). Scheme,
+    host, port and path stay, so the line still says where; a comma-separated server
+    list is redacted item by item. Text that is no URL comes back unchanged."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # userinfo ends at the last "@" before the path: a password may itself hold "@" or "/".
+    authority_end = len(rest)
+    for mark in "?#":
+        at = rest.find(mark)
+        if at != -1:
+            authority_end = min(authority_end, at)
+    at = rest.rfind("@", 0, authority_end)
+    if at == -1:
+        return url
+    return f"{scheme}://***@{rest[at + 1:]}"
+
+
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"]+@")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` (an exception's message, a library's log line) with the userinfo of
+    every URL in it replaced by ``***``."""
+    return _URL_USERINFO.sub(r"\1***@", text)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

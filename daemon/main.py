@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import os
 import sys
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lipsyncd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.logging.level, settings.logging.format)
-    _exit(uvloop.run(_run(settings)))
+    # Not uvloop.run(): closing the loop waits for the default executor's threads, and a
+    # start-up stopped by a signal may leave the model loading in one for many seconds.
+    # Everything the daemon owns is released inside _run; the process then just leaves.
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    _exit(loop.run_until_complete(_run(settings)))
 
 
 def _exit(code: int) -> NoReturn:
@@ -61,18 +67,22 @@ async def _run(settings) -> int:
     from daemon.app import Daemon
 
     daemon = Daemon(settings)
+    # First of all: a SIGTERM or Ctrl-C while the model loads must stop the daemon
+    # cleanly (exit 0, its nats-server stopped), not kill it or be ignored.
+    daemon.install_signal_handlers()
     try:
         daemon.check_config()  # at once, not after the model libraries have loaded
         if settings.model.enabled:
             # Before the model loads: its libraries' nags and bars would be bare text.
             quiet_model_libraries(progress_bars=settings.logging.format == "console" and sys.stderr.isatty())
-        await daemon.start()
+        started = await daemon.start_unless_stopped()
     except LipsyncError as exc:
         log.error("startup failed", code=exc.code, error=exc.message)
         await daemon.aclose()
         return EXIT_CONFIG if exc.code in CONFIG_FAILURES else 1
     try:
-        await daemon.run()
+        if started:
+            await daemon.run()
     finally:
         await daemon.shutdown()
     return 0

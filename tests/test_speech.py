@@ -324,6 +324,10 @@ async def test_a_cpu_picks_a_frame_rate_it_can_sustain(speech_daemon, client):
     await client.wait_event("auto", "playback_finished", timeout=30)
     counts = speech_daemon.sessions["auto"].speech.counts
     assert counts["speech"] > counts["fallback"], counts
+    # The per-utterance figure is in the metrics too.
+    finished = [s.value for m in speech_daemon.metrics.utterance_generated.collect() for s in m.samples
+                if s.name.endswith("_count")]
+    assert finished and finished[0] >= 1
 
 
 def test_an_utterance_that_mostly_fell_back_says_why_once():

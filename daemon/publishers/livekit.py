@@ -29,7 +29,7 @@ from livekit import api, rtc
 from pydantic import SecretStr
 
 from daemon.errors import PUBLISHER_FAILED, LipsyncError
-from daemon.log import get_logger
+from daemon.log import get_logger, redact_url
 from daemon.publishers.base import MediaFormat, Publisher, check_frame
 from daemon.publishers.livekit_sources import LiveKitSources
 
@@ -171,7 +171,7 @@ class LiveKitPublisher(Publisher):
             await self.aclose()
             raise
         self._connected = True
-        self._log.info("livekit_published", url=self._url, width=self._fmt.width,
+        self._log.info("livekit_published", url=redact_url(self._url), width=self._fmt.width,
                        height=self._fmt.height, fps=self._fmt.fps,
                        sample_rate=self._fmt.sample_rate)
         return {"kind": "livekit", "room": self._room_name, "identity": self._identity}
@@ -258,7 +258,7 @@ class LiveKitPublisher(Publisher):
                 await self._disconnect_quietly(room)
             raise LipsyncError(
                 PUBLISHER_FAILED,
-                f"LiveKit at {self._url} did not connect and publish within "
+                f"LiveKit at {redact_url(self._url)} did not connect and publish within "
                 f"{self._connect_timeout_s:g} s (check livekit.url and that the server is "
                 "reachable, or raise livekit.connect_timeout_s)",
             ) from None
@@ -272,7 +272,7 @@ class LiveKitPublisher(Publisher):
             stage = "publish tracks in" if room is not None else "connect to"
             raise LipsyncError(
                 PUBLISHER_FAILED,
-                f"could not {stage} LiveKit room {self._room_name!r} at {self._url}: "
+                f"could not {stage} LiveKit room {self._room_name!r} at {redact_url(self._url)}: "
                 f"{self._scrub(str(exc)) or type(exc).__name__} (check livekit.url, "
                 "livekit.api_key and livekit.api_secret)",
             ) from None

@@ -186,6 +186,7 @@ class Daemon:
         self.nats_url: str | None = None
         self._seen_unknown: dict[tuple[str, str], float] = {}
         self._closing: set[Session] = set()
+        self._output_down_since: dict[str, float] = {}  # session id -> when its output went down
         from daemon.avatars import AvatarResolver, AvatarStore
 
         self.resolver = AvatarResolver(settings)
@@ -232,7 +233,8 @@ class Daemon:
             self._spawn(self._refresh_registry(), "registry")
         await self._subscribe()
         if s.http.enabled:
-            self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check)
+            self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check,
+                                        live=self.liveness, ready=self.readiness)
             await self._health.start()
         self._spawn(self._heartbeat(), "heartbeat")
         self.accepting = True
@@ -592,7 +594,37 @@ class Daemon:
         )
 
     # ---- health ----------------------------------------------------------------------
+    # Liveness (/livez and the systemd watchdog) is the process only: a restart kills every
+    # session on the GPU, so one session's trouble must never fail it; a session whose
+    # output stays down ends itself instead (_supervise_outputs). Readiness (/readyz) is
+    # whether a start would be taken. /health is everything, sessions included.
+    def liveness(self) -> tuple[bool, list[str]]:
+        """The event loop turns (the heartbeat ran within 3 s) and the generation worker
+        thread is alive; NATS and the sessions do not count (sessions go on without NATS)."""
+        reasons = []
+        if time.monotonic() - self._heartbeat_at > 3.0:
+            reasons.append("event loop stalled")
+        if self.engine_host is not None and not self.engine_host.alive():
+            reasons.append("generation worker not running")
+        return (not reasons, reasons)
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether a session start would be taken: NATS connected, accepting (started and
+        not draining), room for one more session at video.fps."""
+        reasons = []
+        if not (self.nc is not None and self.nc.is_connected):
+            reasons.append("nats disconnected")
+        if not self.accepting:
+            reasons.append("not accepting sessions (draining)" if self._drained
+                           else "not accepting sessions (starting up)")
+        refusal = self.admission.refusal(self._session_rates())
+        if refusal is not None:
+            reasons.append(refusal)
+        return (not reasons, reasons)
+
     def health_check(self) -> tuple[bool, list[str]]:
+        """Everything: NATS, the event loop, the worker and every live session's frame
+        loop and output."""
         reasons = []
         if not (self.nc is not None and self.nc.is_connected):
             reasons.append("nats disconnected")
@@ -627,11 +659,36 @@ class Daemon:
                 log.warning("event loop lag", lag_ms=round(lag * 1000), sessions=len(self.sessions))
             expected = now + interval
             self._heartbeat_at = now
-            ok, _ = self.health_check()
-            if ok or not self.nats_connected:
-                # NATS being away is not a reason for systemd to restart us: sessions go on.
+            if self.liveness()[0]:
                 self.notifier.watchdog()
+            self._supervise_outputs(now)
             await asyncio.sleep(interval)
+
+    def _supervise_outputs(self, now: float) -> None:
+        """End a session whose output has been down longer than output.unhealthy_budget_s
+        (a LiveKit room that does not come back, a failed file writer): an error event
+        (publisher_failed), then `stopped {reason: "error"}`. Brief outages pass unseen."""
+        budget = self.settings.output.unhealthy_budget_s
+        down = self._output_down_since
+        for sid in [sid for sid in down if sid not in self.sessions]:
+            del down[sid]
+        for sid, session in list(self.sessions.items()):
+            if session.info is None or session.closed or session.publisher_healthy:
+                down.pop(sid, None)
+                continue
+            since = down.setdefault(sid, now)
+            if now - since > budget:
+                down[sid] = math.inf  # ended once: never again for this session
+                self._spawn(self._end_failed_output(session, now - since, budget), f"output-failed-{sid}")
+
+    async def _end_failed_output(self, session: Session, down_s: float, budget: float) -> None:
+        kind = type(session.publisher).__name__ if session.publisher is not None else "none"
+        await self._report(LipsyncError(errors.PUBLISHER_FAILED, (
+            f"the session's output ({kind}) has been down for {down_s:.1f} s, longer than "
+            f"output.unhealthy_budget_s = {budget:g} s (LiveKit room not reconnected, or the file "
+            "writer failed): the session is stopped; start it again, or raise the budget to ride "
+            "out longer outages")), session_id=session.id)
+        await self._close_session(session, "error")
 
     # ---- tasks -----------------------------------------------------------------------
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:

@@ -87,11 +87,13 @@ class AvatarResolver:
     def _from_table(self, avatar_id: str) -> str:
         entry = self._settings.avatars.get(avatar_id)
         if entry is None:
-            known = ", ".join(sorted(self._settings.avatars)) or "none"
+            # The configured ids are not listed: producers need not learn them, and with
+            # many the message would be unreadable.
             raise LipsyncError(
                 errors.UNKNOWN_AVATAR,
-                f"avatar '{avatar_id}' not in config table [avatars] (known: {known}); "
-                "add [avatars.<id>] idle_video_url = ... or set firestore.project",
+                f"avatar '{avatar_id}' not found in the config table [avatars] (firestore.project "
+                "is not set); add [avatars.<id>] idle_video_url = ... to the config, or set "
+                "firestore.project to look avatars up in Firestore",
             )
         if not entry.idle_video_url.strip():
             raise LipsyncError(
@@ -126,7 +128,12 @@ class AvatarResolver:
 
         where = f"in Firestore (collection {fs.collection}, project {fs.project})"
         if not snapshot.exists:
-            raise LipsyncError(errors.UNKNOWN_AVATAR, f"avatar '{avatar_id}' not found {where}")
+            raise LipsyncError(
+                errors.UNKNOWN_AVATAR,
+                f"avatar '{avatar_id}' not found {where}; add a document with that id and a "
+                f"{fs.field} URL, or point firestore.collection / firestore.project at the "
+                "right place",
+            )
         data = snapshot.to_dict() or {}
         url = data.get(fs.field)
         if not isinstance(url, str) or not url.strip():

@@ -90,7 +90,15 @@ def connect_options(
         # Our own events match <prefix>.*.* too: the server need not send them back.
         no_echo=True,
         **callbacks,
+        **auth_options(cfg),
     )
+    return kwargs
+
+
+def auth_options(cfg: NatsSection) -> dict[str, Any]:
+    """The credentials and TLS keyword arguments of ``nats.Client.connect``, from the
+    nats section: the daemon and the ``lipsync`` CLI both connect with these."""
+    kwargs: dict[str, Any] = {}
     if cfg.user:
         kwargs["user"] = cfg.user
     if cfg.password:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.config import ConfigError, Settings, load_settings
+from daemon.config import ConfigError, NatsSection, Settings, load_settings
 from daemon.log import redact_url, redact_urls_in
 
 
@@ -21,8 +21,23 @@ def _nats_url(settings: Settings, override: str | None) -> str:
     return settings.nats.url.split(",")[0].strip()
 
 
-async def _connect(url: str):
+def _refused_credentials(exc: BaseException) -> bool:
+    """The server turned the connection down for its credentials (nats-py says so with
+    AuthorizationError, or with the server's -ERR 'Authorization Violation' text)."""
+    from nats.errors import AuthorizationError
+
+    return isinstance(exc, AuthorizationError) or "authoriz" in str(exc).lower()
+
+
+_CREDENTIALS_HINT = ("set nats.user + nats.password, nats.token or nats.creds_file (env LIPSYNC_NATS__USER, "
+                     "LIPSYNC_NATS__PASSWORD, LIPSYNC_NATS__TOKEN, LIPSYNC_NATS__CREDS_FILE) as the daemon has them")
+
+
+async def _connect(url: str, cfg: NatsSection):
+    """One attempt, with the daemon's own credentials and TLS settings (bus.auth_options)."""
     import nats
+
+    from daemon.bus import auth_options
 
     async def no_errors(exc: Exception) -> None:
         pass  # reported once below, not as a traceback per attempt
@@ -30,18 +45,22 @@ async def _connect(url: str):
     try:
         return await asyncio.wait_for(
             nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
-                         error_cb=no_errors),
+                         error_cb=no_errors, **auth_options(cfg)),
             timeout=4,
         )
     except (Exception, asyncio.TimeoutError) as exc:
         # Neither the URL nor the client's message may show a password given in the URL.
         why = redact_urls_in(str(exc)) or type(exc).__name__
+        if _refused_credentials(exc):
+            raise SystemExit(f"lipsync: NATS at {redact_url(url)} refused the credentials ({why}): "
+                             f"{_CREDENTIALS_HINT}") from None
         raise SystemExit(f"lipsync: cannot reach NATS at {redact_url(url)} ({why}): "
                          "is lipsyncd running? (--nats to point elsewhere)") from None
 
 
-async def _request(url: str, subject: str, body: dict[str, Any] | bytes, timeout: float) -> Any:
-    nc = await _connect(url)
+async def _request(url: str, subject: str, body: dict[str, Any] | bytes, timeout: float,
+                   cfg: NatsSection) -> Any:
+    nc = await _connect(url, cfg)
     try:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         try:
@@ -74,14 +93,14 @@ def cmd_start(args, settings) -> int:
     if args.fps:
         body["video"] = {"fps": args.fps}
     reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.session.start",
-                                 body, args.timeout))
+                                 body, args.timeout, settings.nats))
     print(json.dumps(reply, indent=2))
     return 0 if isinstance(reply, dict) and reply.get("ok") else 1
 
 
 def cmd_stop(args, settings) -> int:
     reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.session.stop",
-                                 {"v": 1, "session_id": args.session_id}, args.timeout))
+                                 {"v": 1, "session_id": args.session_id}, args.timeout, settings.nats))
     print(json.dumps(reply, indent=2))
     return 0 if isinstance(reply, dict) and reply.get("ok") else 1
 
@@ -89,14 +108,14 @@ def cmd_stop(args, settings) -> int:
 def cmd_control(args, settings) -> int:
     reply = asyncio.run(_request(_nats_url(settings, args.nats),
                                  f"{settings.nats.subject_prefix}.control.{args.session_id}",
-                                 {"op": args.op}, args.timeout))
+                                 {"op": args.op}, args.timeout, settings.nats))
     print(json.dumps(reply))
     return 0 if isinstance(reply, dict) and reply.get("ok") else 1
 
 
 def cmd_status(args, settings) -> int:
     reply = asyncio.run(_request(_nats_url(settings, args.nats), f"{settings.nats.subject_prefix}.status",
-                                 b"", args.timeout))
+                                 b"", args.timeout, settings.nats))
     print(json.dumps(reply, indent=2))
     return 0
 
@@ -106,6 +125,8 @@ def cmd_events(args, settings) -> int:
     embedded server: the daemon stopped), say so on stderr and exit 1, or with --follow
     wait for it to come back and go on printing."""
     import nats
+
+    from daemon.bus import auth_options
 
     url = _nats_url(settings, args.nats)
     prefix = settings.nats.subject_prefix
@@ -143,14 +164,18 @@ def cmd_events(args, settings) -> int:
             options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         else:
             options.update(allow_reconnect=False, max_reconnect_attempts=0)
+        options.update(auth_options(settings.nats))
         waited = False
         while True:
             try:
                 nc = await asyncio.wait_for(nats.connect(url, **options), timeout=4)
                 break
             except Exception as exc:  # refused, timed out, a bad URL: said once
-                if not args.follow:
+                if not args.follow or _refused_credentials(exc):
                     why = redact_urls_in(str(exc)) or type(exc).__name__
+                    if _refused_credentials(exc):
+                        note(f"NATS at {redact_url(url)} refused the credentials ({why}): {_CREDENTIALS_HINT}")
+                        return 1
                     note(f"cannot reach NATS at {redact_url(url)} ({why}): is lipsyncd "
                          "running? (--nats to point elsewhere; --follow to wait for it)")
                     return 1
@@ -200,7 +225,7 @@ def cmd_say(args, settings) -> int:
 
     async def run() -> int:
         read_speech(wav)  # a bad file is said before anything connects or is sent
-        nc = await _connect(_nats_url(settings, args.nats))
+        nc = await _connect(_nats_url(settings, args.nats), settings.nats)
         try:
             return await say(nc, settings.nats.subject_prefix, args.session_id, wav, realtime=args.realtime,
                              chunk_ms=args.chunk_ms, flush=not args.no_flush, rate=args.rate)
@@ -231,7 +256,7 @@ def _dump_chunks(args, settings) -> int:
         url = _nats_url(settings, args.nats)
 
         async def ask() -> int | None:
-            nc = await _connect(url)
+            nc = await _connect(url, settings.nats)
             try:
                 return await session_rate(nc, prefix, args.session_id)
             finally:

@@ -188,6 +188,10 @@ class OutputSection(BaseModel):
     # the cost of publishing).
     sink: Literal["auto", "livekit", "livekit-local", "file", "none"] = "auto"
     recordings_dir: Path | None = None
+    # A session whose output stays down longer (a LiveKit room not reconnected, a failed
+    # file writer) ends itself with publisher_failed; the process and the other sessions
+    # go on (the systemd watchdog never waits on a session).
+    unhealthy_budget_s: float = Field(30.0, gt=0)
 
 
 class HttpSection(BaseModel):

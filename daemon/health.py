@@ -1,8 +1,14 @@
-"""HTTP /health and /metrics on a loopback port."""
+"""HTTP /livez, /readyz, /health and /metrics on a loopback port.
+
+Three questions, three answers: /livez "is the process worth keeping?" (what systemd's
+watchdog also goes by: a restart kills every session on the GPU, so one session's
+trouble must never fail it); /readyz "should it get new sessions?" (for a balancer);
+/health "is everything well?", every session's output included (for people and alerts).
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,21 +18,25 @@ from daemon.metrics import Metrics
 
 log = get_logger(__name__)
 
+Check = Callable[[], tuple[bool, list[str]]]
+
 
 class HealthServer:
-    """``check()`` returns (healthy, reasons); /health answers 200 or 503 with them."""
+    """Each check returns (ok, reasons); its path answers 200 or 503 with them.
+    ``live`` and ``ready`` default to ``check`` when not given."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics,
-                 check: Callable[[], tuple[bool, list[str]]]) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, check: Check,
+                 live: Check | None = None, ready: Check | None = None) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
-        self.check = check
+        self.checks: dict[str, Check] = {"/health": check, "/livez": live or check, "/readyz": ready or check}
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/health", self._health)
+        for path, check in self.checks.items():
+            app.router.add_get(path, self._answer(check))
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -35,13 +45,18 @@ class HealthServer:
         sockets = site._server.sockets if site._server else []  # the bound port when 0 was asked
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("health server listening", url=f"http://{self.host}:{self.port}/health")
+        log.info("health server listening", url=f"http://{self.host}:{self.port}/health",
+                 paths=sorted(self.checks))
 
-    async def _health(self, _: web.Request) -> web.Response:
-        ok, reasons = self.check()
-        return web.json_response(
-            {"status": "ok" if ok else "unavailable", "reasons": reasons}, status=200 if ok else 503
-        )
+    @staticmethod
+    def _answer(check: Check) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(_: web.Request) -> web.Response:
+            ok, reasons = check()
+            return web.json_response(
+                {"status": "ok" if ok else "unavailable", "reasons": reasons}, status=200 if ok else 503
+            )
+
+        return handler
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LATENCY_BUCKETS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
 
@@ -11,6 +18,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The daemon's own memory, CPU, open fds and start time (process_*, from /proc on
+        # Linux) and the Python version (python_info): the default registry has them,
+        # this one must ask.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.sessions_active = Gauge("lipsync_sessions_active", "Live sessions", registry=r)
         self.sessions_started = Counter("lipsync_sessions_started", "Sessions started", registry=r)
         self.frames_published = Counter(

@@ -18,7 +18,7 @@ _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 def valid_session_id(value: Any) -> bool:
-    return isinstance(value, str) and bool(_SESSION_ID.match(value))
+    return isinstance(value, str) and bool(_SESSION_ID.fullmatch(value))
 
 
 def session_id_hint(data: bytes) -> str | None:

@@ -32,6 +32,8 @@ class SystemdNotifier:
         self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def watchdog(self) -> None:
+        """Only for process liveness (the daemon's heartbeat decides): a missed ping makes
+        systemd kill the process and every session in it."""
         self.notify("WATCHDOG=1")
 
     def stopping(self) -> None:

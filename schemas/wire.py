@@ -11,10 +11,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION = 1
-SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# Python's re: "$" also matches before a trailing newline, so "abc\n" would pass; \A..\Z
+# is the whole string. The models keep "^...$": pydantic's Rust regex and JSON Schema
+# (ECMA) read "$" as the end of the text, and neither knows \Z.
+SESSION_ID_PATTERN = r"\A[A-Za-z0-9_-]{1,128}\Z"
+_SESSION_ID_SCHEMA_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 SUPPORTED_SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
-SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="[A-Za-z0-9_-]{1,128}")]
+SessionId = Annotated[str, Field(pattern=_SESSION_ID_SCHEMA_PATTERN, description="[A-Za-z0-9_-]{1,128}")]
 
 
 class _Strict(BaseModel):

@@ -25,7 +25,6 @@ from daemon.speech import CONTEXT_FRAMES
 
 CHUNK_MS = 40  # the demo's producer sends 40 ms chunks
 # The CPU demo's playout delay: the tiny model on a CPU needs about that long per frame.
-CPU_PLAYOUT_DELAY_FRAMES = 8
 
 
 def weights_present(model_dir: Path) -> bool:
@@ -52,20 +51,20 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
         model["random_weights"] = True
     cuda = torch.cuda.is_available() and settings.model.device in ("auto", "cuda") or \
         settings.model.device.startswith("cuda")
-    fps = settings.video.fps
+    fps: int | None = settings.video.fps
     delay_why = "model.playout_delay_frames"
     if not cuda:
-        # A CPU runs the tiny model at ~10 frames/s: a lower frame rate keeps the demo
-        # real-time there. On a GPU the daemon's own defaults apply.
-        fps = 10
-        if (model["playout_delay_frames"] or 0) < CPU_PLAYOUT_DELAY_FRAMES:
-            model["playout_delay_frames"] = CPU_PLAYOUT_DELAY_FRAMES
-            delay_why = "the demo's choice for a CPU, which needs about that long to generate a frame"
-        print("No CUDA device: demo at 10 fps with the tiny random model (a GPU runs 25 fps).", flush=True)
+        # A CPU runs the tiny model at a few frames/s: the session takes the rate the
+        # daemon measures it can sustain (video.auto_fps) and starts speech after the
+        # budget it measures. On a GPU the daemon's own defaults apply.
+        fps = None
+        print("No CUDA device: demo with the tiny random model at the frame rate this CPU sustains "
+              "(measured at start; a GPU runs 25 fps).", flush=True)
     demo_settings = in_process_settings(settings, model=model)
     import uvloop
 
     summary = uvloop.run(_demo(demo_settings, wav, fps))
+    fps = summary.get("fps") or fps or demo_settings.video.fps
     if out is not None and summary.get("recording"):
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(summary["recording"], out)
@@ -84,7 +83,7 @@ def run_demo(settings: Settings, wav: Path | None, out: Path | None) -> int:
     return 0 if summary.get("ok") else 1
 
 
-async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
+async def _demo(settings: Settings, wav: Path, fps: int | None) -> dict[str, Any]:
     import nats
 
     from daemon.app import Daemon
@@ -111,13 +110,14 @@ async def _demo(settings: Settings, wav: Path, fps: int) -> dict[str, Any]:
         t = time.monotonic()
         msg = await nc.request(f"{settings.nats.subject_prefix}.session.start", json.dumps({
             "v": 1, "session_id": sid, "avatar_id": "demo", "audio": {"sample_rate": rate},
-            "video": {"fps": fps}}).encode(), timeout=600)
+            **({"video": {"fps": fps}} if fps else {})}).encode(), timeout=600)
         reply = json.loads(msg.data)
         if not reply.get("ok"):
             summary["error"] = reply.get("error")
             return summary
         summary["start_to_ready_s"] = round(time.monotonic() - t, 2)
         session = daemon.sessions[sid]
+        fps = session.fps  # the daemon's choice when the demo left it open
         await asyncio.sleep(1.0)
         print(f"speaking {len(pcm) / rate:.2f}s of {wav.name} at real time...", flush=True)
         await stream_pcm(nc, settings.nats.subject_prefix, sid, pcm, rate, realtime=True, chunk_ms=CHUNK_MS)

@@ -7,16 +7,16 @@ chroma is computed from the rounded mean of each 2x2 block (an odd last row/colu
 replicated). The same integer formula runs on the GPU for generated mouth boxes
 (``musetalk.color``), so idle pixels and generated pixels convert identically.
 
-A generated frame leaves the GPU as a box (``Box``): the I420 planes of the blended
+A generated frame leaves the GPU as a box (``musetalk.types.GeneratedBox``): the I420 planes of the blended
 region only, on even coordinates, so that its chroma blocks are whole. The session
 writes it into a copy of the avatar's idle I420 frame (``compose``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
+
+from musetalk.types import GeneratedBox  # numpy only: no torch on this side
 
 
 def i420_size(width: int, height: int) -> int:
@@ -81,20 +81,7 @@ def even_box(x1: int, y1: int, x2: int, y2: int, width: int, height: int) -> tup
     return x1 - (x1 & 1), y1 - (y1 & 1), min(width, x2 + (x2 & 1)), min(height, y2 + (y2 & 1))
 
 
-class Box(Protocol):
-    """A generated box (``musetalk.types.GeneratedBox``): the I420 planes of the region
-    (x1, y1)-(x2, y2), x1 and y1 even; y is (y2-y1, x2-x1), u and v half of it each way."""
-
-    x1: int
-    y1: int
-    x2: int
-    y2: int
-    y: np.ndarray
-    u: np.ndarray
-    v: np.ndarray
-
-
-def compose(idle: np.ndarray, box: Box, width: int, height: int) -> np.ndarray:
+def compose(idle: np.ndarray, box: GeneratedBox, width: int, height: int) -> np.ndarray:
     """A new I420 frame: the idle frame with the box written in (the idle frame is only
     read)."""
     frame = idle.copy()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(order=True)
@@ -23,7 +23,6 @@ class PendingFrame:
     utterance: int = field(compare=False)
     frame_no: int = field(compare=False)
     job: Any = field(compare=False)  # daemon.worker.FrameJob
-    on_done: Callable[[Any, BaseException | None], None] | None = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
 
 
@@ -36,10 +35,10 @@ class BatchScheduler:
         self.last_dropped: list[PendingFrame] = []
 
     def add(self, session_id: str, utterance: int, frame_no: int, deadline: float, job: Any,
-            on_done: Callable[[Any, BaseException | None], None] | None = None, rank: int = 0) -> PendingFrame:
+            rank: int = 0) -> PendingFrame:
         """``rank`` breaks ties between equal deadlines (lower first): the worker passes
         how many frames the session was served, so equal deadlines take turns."""
-        item = PendingFrame(deadline, (rank, next(self._order)), session_id, utterance, frame_no, job, on_done)
+        item = PendingFrame(deadline, (rank, next(self._order)), session_id, utterance, frame_no, job)
         heapq.heappush(self._heap, item)
         self._live += 1
         return item

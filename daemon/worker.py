@@ -411,7 +411,7 @@ class GenerationWorker:
             voice.tokens[plan.frame] = row
             return
         self.scheduler.add(st.session_id, plan.utterance, plan.frame, plan.deadline,
-                           FrameJob(st, voice, plan, row), None, rank=st.served)
+                           FrameJob(st, voice, plan, row), rank=st.served)
 
     def _unpark(self, now: float) -> None:
         for st in self._sessions.values():
@@ -421,7 +421,7 @@ class GenerationWorker:
                     plan, row = voice.plans.pop(f, None), voice.tokens.pop(f, None)
                     if plan is not None and row is not None:
                         self.scheduler.add(st.session_id, plan.utterance, f, plan.deadline,
-                                           FrameJob(st, voice, plan, row), None, rank=st.served)
+                                           FrameJob(st, voice, plan, row), rank=st.served)
 
     def _advance(self, st: _Stream, voice: _Voice) -> None:
         """Tell the audio streams which token rows the worker no longer needs."""

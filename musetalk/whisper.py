@@ -105,23 +105,11 @@ class WhisperAudioEncoder:
                 f"positions {int(offsets.min())}..{int(offsets.max()) + n_feat} exceed "
                 f"the encoder's {self.max_source_positions}"
             )
-        enc = self.encoder
-        with torch.inference_mode():
-            h = nn.functional.gelu(enc.conv1(x))
-            h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-            positions = offsets[:, None] + torch.arange(n_feat, device=self.device)[None, :]
-            h = h + enc.embed_positions(positions)
-            states = [h]
-            for layer in enc.layers:
-                h = layer(h, None)
-                states.append(h)
-            # As in transformers: the last hidden state is taken after the final norm.
-            states[-1] = enc.layer_norm(h)
-            stacked = torch.stack(states, dim=2)
-            if keep is not None:
-                # Only the rows the caller needs cross to the host (a full 30 s window of
-                # five states is 11.5 MB in float32; a few frames' worth is a few kB).
-                return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
+        stacked = self.device_hidden_states(x, offsets)
+        if keep is not None:
+            # Only the rows the caller needs cross to the host (a full 30 s window of
+            # five states is 11.5 MB in float32; a few frames' worth is a few kB).
+            return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
         return stacked.float().cpu().numpy()
 
     def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,9 +45,13 @@ class NatsServerProcess:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def server_args(self) -> list[str]:
+        """What the server runs with besides its address (JetStream in the store dir)."""
+        return ["-js", "-sd", str(self.store)]
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *self.server_args()],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -63,6 +67,13 @@ class NatsServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(5)
+
+
+class AuthNatsServer(NatsServerProcess):
+    """A nats-server that admits only alice/s3cret."""
+
+    def server_args(self) -> list[str]:
+        return ["--user", "alice", "--pass", "s3cret"]
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from daemon.log import redact_url, redact_urls_in
-from tests.conftest import NatsServerProcess, free_port, nats_server_binary
+from tests.conftest import AuthNatsServer, free_port
 from tests.test_operation_signals import Lipsyncd
 
 
@@ -26,24 +24,6 @@ def test_redact_url_keeps_where_and_drops_who():
     assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
     assert redact_url("embedded") == "embedded"
     assert redact_urls_in("no route to 'nats://alice:s3cret@h:1'") == "no route to 'nats://***@h:1'"
-
-
-class AuthNatsServer(NatsServerProcess):
-    """A nats-server that admits only alice/s3cret."""
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "--user", "alice", "--pass", "s3cret"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("nats-server did not start")
 
 
 def test_lipsyncd_never_logs_the_nats_password(tmp_path: Path):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from daemon.errors import LipsyncError
 from daemon.metrics import Metrics
 from daemon.protocol import valid_session_id
 from schemas.wire import SessionStart, SessionStop
-from tests.conftest import free_port, nats_server_binary
+from tests.conftest import AuthNatsServer
 from tests.test_daemon import color_video, daemon, make_settings  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,24 +69,11 @@ async def test_unknown_avatar_does_not_list_the_configured_ids(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def auth_nats():
-    port = free_port()
-    proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port),
-                             "--user", "alice", "--pass", "s3cret"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("nats-server did not start")
-            time.sleep(0.02)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(5)
+def auth_nats(tmp_path_factory):
+    server = AuthNatsServer(tmp_path_factory.mktemp("auth-nats"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def _lipsync(tmp_path: Path, url: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -3,16 +3,12 @@
 from daemon.scheduler import BatchScheduler
 
 
-def _noop(result, error):
-    pass
-
-
 def test_earliest_deadline_first_across_sessions():
     s = BatchScheduler()
-    s.add("a", 0, 0, deadline=3.0, job="a0", on_done=_noop)
-    s.add("b", 0, 0, deadline=1.0, job="b0", on_done=_noop)
-    s.add("a", 0, 1, deadline=2.0, job="a1", on_done=_noop)
-    s.add("c", 0, 0, deadline=1.0, job="c0", on_done=_noop)
+    s.add("a", 0, 0, deadline=3.0, job="a0")
+    s.add("b", 0, 0, deadline=1.0, job="b0")
+    s.add("a", 0, 1, deadline=2.0, job="a1")
+    s.add("c", 0, 0, deadline=1.0, job="c0")
     assert len(s) == 4
     batch = s.next_batch(3)
     # Ties keep arrival order.
@@ -25,14 +21,14 @@ def test_earliest_deadline_first_across_sessions():
 def test_cancel_session_utterance_and_played_frames():
     s = BatchScheduler()
     for f in range(5):
-        s.add("a", 1, f, deadline=float(f), job=f"a1-{f}", on_done=_noop)
-    s.add("a", 2, 0, deadline=0.5, job="a2-0", on_done=_noop)
-    s.add("b", 1, 0, deadline=0.1, job="b1-0", on_done=_noop)
+        s.add("a", 1, f, deadline=float(f), job=f"a1-{f}")
+    s.add("a", 2, 0, deadline=0.5, job="a2-0")
+    s.add("b", 1, 0, deadline=0.1, job="b1-0")
     assert s.cancel("a", utterance=1, before_frame=2) == 2
     assert s.pending_by_session() == {"a": 4, "b": 1}
     assert s.cancel("a", utterance=2) == 1
     assert [p.job for p in s.next_batch(10)] == ["b1-0", "a1-2", "a1-3", "a1-4"]
-    s.add("a", 3, 0, deadline=0.0, job="x", on_done=_noop)
+    s.add("a", 3, 0, deadline=0.0, job="x")
     assert s.cancel("a") == 1
     assert s.next_batch(10) == [] and len(s) == 0
 
@@ -40,18 +36,18 @@ def test_cancel_session_utterance_and_played_frames():
 def test_batch_is_capped_and_formed_fresh_each_step():
     s = BatchScheduler()
     for f in range(10):
-        s.add("a", 0, f, deadline=f * 0.04, job=f, on_done=_noop)
+        s.add("a", 0, f, deadline=f * 0.04, job=f)
     first = s.next_batch(4)
     assert [p.job for p in first] == [0, 1, 2, 3]
     # A more urgent frame of another session arriving between steps goes first.
-    s.add("b", 0, 0, deadline=-1.0, job="urgent", on_done=_noop)
+    s.add("b", 0, 0, deadline=-1.0, job="urgent")
     assert [p.job for p in s.next_batch(2)] == ["urgent", 4]
 
 
 def test_frames_that_cannot_make_their_tick_are_dropped():
     s = BatchScheduler()
     for f, deadline in enumerate((0.9, 1.0, 1.1, 1.2)):
-        s.add("a", 0, f, deadline=deadline, job=f, on_done=_noop)
+        s.add("a", 0, f, deadline=deadline, job=f)
     # A step that would finish at t=1.05 cannot save frames due at 0.9 and 1.0.
     batch = s.next_batch(8, not_before=1.05)
     assert [p.job for p in batch] == [2, 3]
@@ -61,8 +57,8 @@ def test_frames_that_cannot_make_their_tick_are_dropped():
 def test_earliest_deadline_skips_cancelled():
     s = BatchScheduler()
     assert s.earliest_deadline() == float("inf")
-    s.add("a", 0, 0, deadline=1.0, job=0, on_done=_noop)
-    s.add("b", 0, 0, deadline=2.0, job=1, on_done=_noop)
+    s.add("a", 0, 0, deadline=1.0, job=0)
+    s.add("b", 0, 0, deadline=2.0, job=1)
     s.cancel("a")
     assert s.earliest_deadline() == 2.0
 

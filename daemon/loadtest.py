@@ -624,7 +624,10 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         if captures and captures[0] > mono_window[0]:
             raise LoadtestError(f"session {sid}'s sink kept fewer capture times than the round has "
                                 "frames (livekit_local.CAPTURE_WINDOW_S): shorten --seconds")
-        per_session.append(session_figures(sid, records, captures, window, mono_window, fps))
+        figures = session_figures(sid, records, captures, window, mono_window, fps)
+        # How its utterance was placed (processing budget, audio context): latency's floor.
+        figures["placement"] = session.speech.last_placement if session.speech is not None else None
+        per_session.append(figures)
     late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
     if late:
         print(f"note: {len(late)} producer(s) sent a chunk over one chunk late (worst "
@@ -645,6 +648,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
+        # The worker's estimates at the end of the round (they set the processing budget).
+        "estimates": daemon.engine_host.worker.est.snapshot() if daemon.engine_host is not None else None,
         "slo_met": slo_met(per_session, options.slo),
     }
 
@@ -747,12 +752,16 @@ def print_report(report: dict[str, Any]) -> None:
           f"sink {report['config']['sink']}, {report['config']['seconds']:g} s measured per round; SLO: "
           f">= {slo['generated_pct']:g} % generated, p95 <= {slo['latency_p95_ms']:g} ms")
     print(f"{'session':>10} {'needed':>7} {'gen':>7} {'gen %':>7} {'fallbk':>7} {'undrun':>7} "
-          f"{'p50':>7} {'p95':>7} {'p99':>7} {'jitter':>7}")
+          f"{'p50':>7} {'p95':>7} {'p99':>7} {'jitter':>7} {'budget':>7}")
     for row in report["rows"]:
         for s in row["per_session"]:
             lat = s["latency_ms"]
             print(f"{s['session_id']:>10} {s['needed']:>7} {s['generated']:>7} {_fmt(s['generated_pct']):>7} "
                   f"{s['fallbacks']:>7} {s['underruns']:>7} {_fmt(lat['p50']):>7} {_fmt(lat['p95']):>7} "
-                  f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7}")
+                  f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7} "
+                  f"{_fmt((s.get('placement') or {}).get('budget_ms')):>7}")
         print_row(row)
+        if row.get("estimates"):
+            print(f"  estimates at the end: audio round {row['estimates']['round_ms']} ms, step ms by "
+                  f"bucket {row['estimates']['step_ms']}")
     print(f"capacity: {_fmt(report['capacity'])} sessions")

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 
 import structlog
@@ -25,13 +26,19 @@ _stdlib_handler: logging.Handler | None = None
 
 class _Stderr:
     """stderr that never raises: a daemon whose log reader went away (a closed pipe)
-    must still act on SIGTERM and shut down, not die on its next log line."""
+    must still act on SIGTERM and shut down, not die on its next log line. One lock for
+    every writer: structlog's lines and the stdlib handler's (the LiveKit SDK logs from
+    its own thread) each arrive as one write and never interleave."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        try:
-            return sys.stderr.write(text)
-        except (BrokenPipeError, OSError, ValueError):
-            return 0
+        with self._lock:
+            try:
+                return sys.stderr.write(text)
+            except (BrokenPipeError, OSError, ValueError):
+                return 0
 
     def flush(self) -> None:
         try:
@@ -60,7 +67,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=_STDERR),
+        # WriteLogger: the line and its newline in one write (print() makes two).
+        logger_factory=structlog.WriteLoggerFactory(file=_STDERR),
         cache_logger_on_first_use=False,
     )
     _route_stdlib_logging(shared, renderer, numeric)

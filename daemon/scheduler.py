@@ -63,26 +63,42 @@ class BatchScheduler:
             heapq.heapify(self._heap)
         return n
 
-    def next_batch(self, max_batch: int, not_before: float | None = None) -> list[PendingFrame]:
+    def next_batch(self, max_batch: int, not_before: float | None = None,
+                   tie_window_s: float = 0.0) -> list[PendingFrame]:
         """The ``max_batch`` most urgent frames. Frames due before ``not_before`` (the
         time the step would finish) cannot be shown any more: they are dropped, so that an
         overloaded GPU spends its time on frames that can still make their tick (the
-        session shows its idle frame for the dropped ones)."""
-        batch: list[PendingFrame] = []
+        session shows its idle frame for the dropped ones).
+
+        Frames due within ``tie_window_s`` of the most urgent one count as equally urgent
+        (the worker passes one step: which of them a step takes decides nothing about its
+        timing). When they are more than a batch, the lower ranks go first: under
+        overload the sessions served least so far lose the fewest frames, and no phase
+        of the sessions' clocks favours one of them."""
         self.dropped_late = 0
         self.last_dropped = []
-        while self._heap and len(batch) < max_batch:
-            item = heapq.heappop(self._heap)
+        tied: list[PendingFrame] = []
+        while self._heap:
+            item = self._heap[0]
             if item.cancelled:
+                heapq.heappop(self._heap)
                 continue
             if not_before is not None and item.deadline < not_before:
+                heapq.heappop(self._heap)
                 self.dropped_late += 1
                 self.last_dropped.append(item)
                 self._live -= 1
                 continue
-            batch.append(item)
-        self._live -= len(batch)
-        return batch
+            if tied and item.deadline > tied[0].deadline + tie_window_s and len(tied) >= max_batch:
+                break
+            tied.append(heapq.heappop(self._heap))
+        if len(tied) > max_batch:
+            tied.sort(key=lambda it: (it.order[0], it.deadline, it.order[1]))
+            for item in tied[max_batch:]:
+                heapq.heappush(self._heap, item)
+            tied = tied[:max_batch]
+        self._live -= len(tied)
+        return tied
 
     def earliest_deadline(self) -> float:
         """Deadline of the most urgent live frame (inf when there is none)."""

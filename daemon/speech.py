@@ -135,6 +135,8 @@ class SpeechPipeline:
         self.blend_frames = cfg.blend_frames
         self.lookahead_frames = cfg.lookahead_frames
         self.delay_frames = cfg.playout_delay_frames
+        # The latest utterance's placement (budget, audio context, start), for the loadtest.
+        self.last_placement: dict[str, float] | None = None
         self.auto_flush_s = cfg.auto_flush_s
         self.resampler = None
         if self.generates:
@@ -186,8 +188,11 @@ class SpeechPipeline:
         budget = self.host.processing_budget_s()
         due = arrived + max(0.0, context) + budget
         tick = math.ceil((due - self.session.t0) * self.fps - 1e-9)
-        self.log.info("utterance placed", budget_ms=round(budget * 1000, 1), context_ms=round(context * 1000, 1),
-                      start_in_ms=round((self.session.tick_time(max(next_tick, tick)) - time.monotonic()) * 1000, 1))
+        self.last_placement = {
+            "budget_ms": round(budget * 1000, 1), "context_ms": round(context * 1000, 1),
+            "start_in_ms": round((self.session.tick_time(max(next_tick, tick)) - time.monotonic()) * 1000, 1),
+        }
+        self.log.info("utterance placed", **self.last_placement)
         return max(next_tick, tick)
 
     def _open_utterance(self, now: float, first_chunk_samples: int) -> Utterance:

@@ -141,6 +141,11 @@ class _Estimates:
     def round(self) -> float:
         return statistics.median(self._round)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The current estimates in ms (for reports): audio round, step per bucket."""
+        return {"round_ms": round(1000 * statistics.median(list(self._round)), 2),
+                "step_ms": {b: round(1000 * statistics.median(list(d)), 2) for b, d in sorted(self._steps.items()) if d}}
+
     def add_round(self, seconds: float) -> None:
         self._round.append(seconds)
 
@@ -189,6 +194,7 @@ class GenerationWorker:
         self.warm_error: BaseException | None = None
         self.audio_rounds = 0
         self.audio_round_s = 0.0
+        self._rows_freed = False
         # Test hook and fault injection point: replaces the engine's launch for a batch.
         self.step_fn: Callable[[list[PendingFrame]], Any] | None = None
 
@@ -292,19 +298,24 @@ class GenerationWorker:
             raise
 
     def _loop_rounds(self) -> None:
+        more_audio = False  # the last round made frames, or ring rows were freed since
         while True:
             with self._cv:
                 if self._stop:
                     break
                 messages, self._inbox = self._inbox, []
             dirty = self._apply(messages)
-            if dirty:
-                self._audio_round()
+            if dirty or more_audio:
+                # A round that made frames may have left more (a slot's next segment
+                # starts in the following round): round again, even if no audio comes.
+                more_audio = self._audio_round()
+            more_audio |= self._rows_freed
+            self._rows_freed = False
             now = time.monotonic()
             self._unpark(now)
             self._collect(block=len(self._in_flight) >= MAX_IN_FLIGHT)
             wait = self._launch_or_wait(now)
-            if wait > 0:
+            if wait > 0 and not more_audio:
                 with self._cv:
                     if not self._inbox and not self._stop:
                         self._cv.wait(timeout=wait)
@@ -429,9 +440,11 @@ class GenerationWorker:
         if low > voice.done_below:
             voice.done_below = low
             st.streams.consumed(voice.slot, low)
+            self._rows_freed = True  # a slot held back by a full ring may go on
 
     # ---- audio -------------------------------------------------------------------------
-    def _audio_round(self) -> None:
+    def _audio_round(self) -> bool:
+        """One round of every fps's streams; whether it made frames."""
         t = time.perf_counter()
         made: list[tuple[int, int, int]] = []
         for streams in self._streams_by_fps.values():
@@ -439,9 +452,9 @@ class GenerationWorker:
         self.audio_rounds += 1
         elapsed = time.perf_counter() - t
         self.audio_round_s += elapsed
-        self.est.add_round(elapsed)
         if not made:
-            return
+            return False
+        self.est.add_round(elapsed)  # the rounds frames wait for
         by_slot = {(id(st.streams), v.slot): (st, v) for st in self._sessions.values() for v in st.voices}
         for streams_id, slot, first, count in made:
             found = by_slot.get((streams_id, slot))
@@ -456,6 +469,7 @@ class GenerationWorker:
                     voice.tokens[f] = row
                 else:
                     self._ready(st, voice, plan, row)
+        return True
 
     # ---- generation --------------------------------------------------------------------
     def _launch_or_wait(self, now: float) -> float:
@@ -478,7 +492,8 @@ class GenerationWorker:
             return wait
         # Given up only when even a step a quarter faster than usual could not save it: a
         # worker woken a little late must not drop what it waited for.
-        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S)
+        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S,
+                                          tie_window_s=step_s)
         late = self.scheduler.dropped_late
         if late:
             self.frames_dropped_late += late

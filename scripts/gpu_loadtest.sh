@@ -13,8 +13,8 @@ set -euo pipefail
 out="${1:?output dir}"; sessions="${2:-1,8,12,16,20,24}"; seconds="${3:-60}"
 shift $(( $# < 3 ? $# : 3 ))
 mkdir -p "$out" && out="$(cd "$out" && pwd)"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+[ -d /tmp/site/diffusers ] && [ -d /tmp/site2/livekit ] || "$(dirname "$0")/gpu_setup.sh"
+export PYTHONPATH="/tmp/site:/tmp/site2:$PWD" PATH="/tmp/site/bin:/tmp/site2/bin:$PATH" PYTHONUNBUFFERED=1
 mkdir -p /tmp/lt && cd /tmp/lt
 env LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda "$@" \
   python3 -m daemon.cli --config /dev/null loadtest --find-capacity --sessions "$sessions" \

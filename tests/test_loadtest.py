@@ -124,9 +124,9 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
                LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu")
     # CPU-sized: 3 fps (the tiny model makes ~5-7 frames/s of 512x512 on one free core,
     # half that on a busy runner; a frame is 333 ms, so the latency floor is ~3 frames
-    # = 1 s plus a step, not the
-    # GPU's 180 ms), and 95 % so that one late frame in 80 on a shared 2-core runner
-    # does not fail CI; the SLO arithmetic itself is tested above.
+    # = 1 s plus a step, not the GPU's 180 ms). Whether a shared runner meets the SLO
+    # is not this test's business (speed is measured on the GPU): the report's verdict
+    # must follow from its own figures, and most frames must be generated.
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
          "--seconds", str(SECONDS), "--warmup-s", "2", "--fps", str(FPS), "--slo-generated-pct", "95",
@@ -145,11 +145,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
-                        "gpu_busy", "loop_lag_p99_ms", "mean_batch", "step_ms", "gpu_memory_mb", "slo_met"}
+                        "gpu_busy", "loop_lag_p99_ms", "mean_batch", "step_ms", "gpu_memory_mb", "estimates",
+                        "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
-                      "latency_ms", "jitter_ms_p99"}
+                      "latency_ms", "jitter_ms_p99", "placement"}
     assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
     assert isinstance(s["session_id"], str)
     for key in ("needed", "generated", "fallbacks", "underruns"):
@@ -169,6 +170,16 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert isinstance(row["mean_batch"], float) and row["mean_batch"] >= 1
     assert isinstance(row["step_ms"], float) and row["step_ms"] > 0
 
-    assert row["slo_met"] is True, table
-    assert report["capacity"] == 1
-    assert "capacity: 1 sessions" in run.stdout
+    # The utterance's placement and the worker's estimates explain the latency.
+    placement = s["placement"]
+    assert set(placement) == {"budget_ms", "context_ms", "start_in_ms"}
+    assert placement["budget_ms"] > 0 and placement["context_ms"] > 0
+    assert p50 >= placement["context_ms"]  # no frame before its audio context can be there
+    estimates = row["estimates"]
+    assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
+
+    assert s["generated_pct"] >= 50, table
+    met = s["generated_pct"] >= 95 and p95 <= 2500
+    assert row["slo_met"] is met, table
+    assert report["capacity"] == (1 if met else None), table
+    assert f"capacity: {1 if met else '-'} sessions" in run.stdout

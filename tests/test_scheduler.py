@@ -82,3 +82,23 @@ def test_batch_wait_launches_a_frame_that_cannot_wait_alone():
     assert batch_wait(10.0, 1, 8, 10.2, 10.15, 0.05, 0.004) == 0.0
     # Nothing pending: just poll.
     assert batch_wait(10.0, 0, 8, float("inf"), 10.0, 0.05, 0.004) > 0
+
+
+def test_frames_due_within_the_tie_window_go_to_the_least_served_first():
+    s = BatchScheduler()
+    # Session a (served 10) is due a little sooner than b (served 2) and c (served 5):
+    # within one step of each other, so the ranks decide.
+    for f in range(3):
+        s.add("a", 0, f, 1.000 + 0.001 * f, None, rank=10)
+        s.add("b", 0, f, 1.010 + 0.001 * f, None, rank=2)
+        s.add("c", 0, f, 1.020 + 0.001 * f, None, rank=5)
+    s.add("d", 0, 0, 2.0, None, rank=0)  # far outside the window: rank does not pull it in
+    batch = s.next_batch(4, tie_window_s=0.030)
+    assert [(i.session_id, i.frame_no) for i in batch] == [("b", 0), ("b", 1), ("b", 2), ("c", 0)]
+    assert len(s) == 6
+    # Without a window it is plain earliest deadline first.
+    assert [i.session_id for i in s.next_batch(3)] == ["a", "a", "a"]
+    # A window holding fewer frames than a batch is filled by deadline, beyond it too.
+    assert [(i.session_id, i.frame_no) for i in s.next_batch(4, tie_window_s=0.030)] == [
+        ("c", 1), ("c", 2), ("d", 0)]
+    assert len(s) == 0

@@ -81,8 +81,11 @@ def plans(utt: int, frames: range, key: str, deadline: float, blend: float = 1.0
 
 
 async def test_frames_that_can_wait_fill_the_batch_to_its_cap(worker):
+    # Deadlines far enough for a slow shared runner (a CPU step of 4 can take 0.5 s; the
+    # last two frames wait for them), and a horizon past them: nothing is parked.
+    worker.horizon_s = 60.0
     out = [Results() for _ in range(3)]
-    far = time.monotonic() + 4.0
+    far = time.monotonic() + 12.0
     for i, r in enumerate(out):
         worker.post("open", f"s{i}", FPS, r)
     for i in range(3):
@@ -150,6 +153,18 @@ async def test_a_failing_step_reports_to_its_frames_and_the_worker_goes_on(worke
     assert worker.alive()
 
 
+async def _tokens_ready(worker, sids: list[str], frames: int, timeout: float = 60.0) -> None:
+    def ready() -> bool:
+        return all(worker._sessions[sid].streams.frames_ready(worker._sessions[sid].voice(0).slot) >= frames
+                   for sid in sids)
+
+    deadline = time.monotonic() + timeout
+    while not await worker.call(ready):
+        assert time.monotonic() < deadline, f"tokens not ready after {timeout} s: " + str(await worker.call(
+            lambda: [worker._sessions[sid].streams.frames_ready(worker._sessions[sid].voice(0).slot) for sid in sids]))
+        await asyncio.sleep(0.05)
+
+
 class _SlowDeviceStep:
     """A finished step of a slower device (30 ms a frame): the policy under overload is
     the point here, and this CPU's own step time would swamp it. The real engine's
@@ -176,11 +191,15 @@ async def test_under_overload_every_session_degrades_alike(worker):
     out = {f"o{i}": Results() for i in range(3)}
     for sid, r in out.items():
         worker.post("open", sid, FPS, r)
-    t0 = time.monotonic() + 0.5
     n = 50
     for i, sid in enumerate(out):
         worker.post("audio", sid, 0, speech(n / FPS + 0.2, 20 + i))
         worker.post("flush", sid, 0)
+    # Every session's tokens first (a slow runner's audio rounds must not decide who
+    # loses frames): the policy under overload is the point.
+    await _tokens_ready(worker, list(out), n)
+    t0 = time.monotonic() + 0.5
+    for i, sid in enumerate(out):
         # Sessions tick at their own phases (each clock starts with its session).
         phase = i / (3 * FPS)
         worker.post("plans", sid, [FramePlan(0, f, "anna", f % 2, 1.0, t0 + phase + f / FPS) for f in range(n)])
@@ -189,3 +208,14 @@ async def test_under_overload_every_session_degrades_alike(worker):
     assert all(10 <= m < n for m in made.values()), made  # overloaded, but nobody starves
     assert max(made.values()) - min(made.values()) <= n // 4, made
     assert worker.frames_dropped_late > 0
+
+
+async def test_an_utterance_longer_than_the_encoder_window_is_made_to_its_end_without_more_audio(worker):
+    """The fixture's encoder window is 2 s: a flushed 2.2 s utterance sent at once needs
+    rounds after its last audio (the second segment starts a round after the first
+    ends). The worker goes on by itself; nothing else arrives to wake it."""
+    r = Results()
+    worker.post("open", "long", FPS, r)
+    worker.post("audio", "long", 0, speech(2.2, 9))
+    worker.post("flush", "long", 0)
+    await _tokens_ready(worker, ["long"], 55)

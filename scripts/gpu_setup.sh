@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Prepares a GPU machine whose Python has torch but not this project's other dependencies:
+# installs the wheels carried in .whl/ (and .whl2/ when a second carry was needed) into
+# /tmp/site and removes peft (its import breaks diffusers under that image's transformers).
+# Then: export PYTHONPATH=/tmp/site:/tmp/site2:$PWD PATH=/tmp/site/bin:/tmp/site2/bin:$PATH
+set -euo pipefail
+python3 -m pip uninstall -y -q peft 2>/dev/null || true
+# Two targets: pip --target --upgrade replaces a shared bin/ (nats-server would vanish).
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+[ -d .whl ] && install /tmp/site .whl/*.whl
+[ -d .whl2 ] && install /tmp/site2 .whl2/*.whl
+PYTHONPATH="/tmp/site:/tmp/site2:$PWD" python3 -c "import diffusers, av, nats, pydantic, livekit.rtc, soxr, structlog; print('gpu_setup: imports ok')"

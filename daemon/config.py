@@ -225,6 +225,8 @@ class ModelSection(BaseModel):
     playout_delay_frames: int | None = Field(None, ge=1, le=100)
     processing_budget_ms: float | None = Field(None, gt=0, le=2000)
     audio_window_s: float | None = Field(None, ge=1.0, le=30.0)
+    # Audio rounds at most this often: chunks of many sessions share one encoder batch.
+    audio_round_ms: float = Field(20.0, ge=0, le=200)
     auto_flush_s: float = Field(2.0, gt=0)
 
 

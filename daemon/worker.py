@@ -169,7 +169,8 @@ class GenerationWorker:
     builds the GpuAudioStreams for a frame rate (one per rate in use)."""
 
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
-                 metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None) -> None:
+                 metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
+                 round_interval_s: float = 0.0) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -177,6 +178,7 @@ class GenerationWorker:
         self.metrics = metrics
         self.max_batch = max_batch
         self.horizon_s = horizon_s
+        self.round_interval_s = round_interval_s
         self.est = _Estimates(initial_step_ms or {})
         self.scheduler = BatchScheduler()
         self._cv = threading.Condition()
@@ -191,6 +193,7 @@ class GenerationWorker:
         self.frames_dropped_late = 0
         self.step_failures = 0
         self.warmup_ms: dict[int, float] = {}
+        self.audio_warmup_ms: dict[int, float] = {}  # encoder ms per batch bucket
         self.warm_error: BaseException | None = None
         self.audio_rounds = 0
         self.audio_round_s = 0.0
@@ -229,6 +232,7 @@ class GenerationWorker:
         streams = self._streams_by_fps.get(fps)
         if streams is None:
             streams = self._streams_by_fps[fps] = self._make_streams(fps)
+        self.audio_warmup_ms = streams.warm()
         slot = streams.open()
         noise = (0.1 * np.random.default_rng(0).standard_normal(16000 // 2)).astype(np.float32)
         elapsed = 0.0
@@ -265,9 +269,10 @@ class GenerationWorker:
     def processing_budget_s(self, speaking: int) -> float:
         """How long after a frame's audio context is complete its generated frame can be
         expected: the round and step in progress, then its own round and step (rounds and
-        steps run one after another on the worker's stream), and a margin."""
+        steps run one after another on the worker's stream), the wait for its round (at
+        most the round interval), and a margin."""
         bucket = self.engine.bucket(max(1, min(self.max_batch, speaking)))
-        return 2 * (self.est.round() + self.est.step(bucket)) + 0.010
+        return 2 * (self.est.round() + self.est.step(bucket)) + self.round_interval_s + 0.010
 
     # ---- the worker thread -------------------------------------------------------------
     def _run(self, warm_engine: Callable[[], dict[int, float]] | None, warm_fps: int | None,
@@ -298,24 +303,31 @@ class GenerationWorker:
             raise
 
     def _loop_rounds(self) -> None:
-        more_audio = False  # the last round made frames, or ring rows were freed since
+        # Audio is due when new audio came, the last round made frames (it may have left
+        # more: a slot's next segment starts in the following round), or ring rows were
+        # freed. Rounds run at most every round_interval_s: sessions' chunks arriving
+        # meanwhile share one encoder batch (a round costs milliseconds of this thread
+        # whatever its size; one per chunk would leave no time for steps).
+        audio_due = False
+        next_round_at = 0.0
         while True:
             with self._cv:
                 if self._stop:
                     break
                 messages, self._inbox = self._inbox, []
-            dirty = self._apply(messages)
-            if dirty or more_audio:
-                # A round that made frames may have left more (a slot's next segment
-                # starts in the following round): round again, even if no audio comes.
-                more_audio = self._audio_round()
-            more_audio |= self._rows_freed
+            audio_due |= self._apply(messages) | self._rows_freed
             self._rows_freed = False
             now = time.monotonic()
+            if audio_due and now >= next_round_at:
+                audio_due = self._audio_round()
+                next_round_at = now + self.round_interval_s
+                now = time.monotonic()
             self._unpark(now)
             self._collect(block=len(self._in_flight) >= MAX_IN_FLIGHT)
             wait = self._launch_or_wait(now)
-            if wait > 0 and not more_audio:
+            if audio_due or self._rows_freed:
+                wait = min(wait, max(0.0, next_round_at - time.monotonic()))
+            if wait > 0:
                 with self._cv:
                     if not self._inbox and not self._stop:
                         self._cv.wait(timeout=wait)

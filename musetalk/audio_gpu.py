@@ -62,6 +62,17 @@ from musetalk.whisper import (
 # within this many features of the boundary.
 TAIL_FEATURES = 2 * FEATURES_PER_FRAME
 
+def encoder_buckets(most: int) -> list[int]:
+    """Encoder batch sizes: 1, 2, 4, 8, then steps of at most half the size (12, 16, 24,
+    32, 48, ...), up to ``most``."""
+    sizes, b = [], 1
+    while b < most:
+        sizes.append(b)
+        b = b * 2 if b < 8 else b + b // 2 if (b & (b - 1)) == 0 else b // 3 * 4
+    sizes.append(b)
+    return sizes
+
+
 # Source of one feature row of a frame's window.
 _ZERO, _STATE, _TAIL = 0, 1, 2
 
@@ -209,6 +220,7 @@ class GpuAudioStreams:
         ring_frames: int = 64,
         lookahead_frames: int = 0,
         window_s: float = 30.0,
+        batch_buckets: bool | None = None,
     ):
         if int(fps) != fps or not 1 <= fps <= FEATURE_RATE:
             raise ValueError(f"fps must be an integer in 1..{FEATURE_RATE}, got {fps}")
@@ -240,6 +252,12 @@ class GpuAudioStreams:
         # for right context, as StreamingAudioFeatures' groups).
         self._span_limit = max(FEATURES_PER_FRAME + 2, (self.window_features * 3) // 4)
         self._lookahead_samples = -(-self.lookahead_frames * SAMPLE_RATE // self.fps)
+        # Encoder batches padded up to a few fixed sizes (default: on CUDA). A new batch
+        # size costs cuDNN's algorithm search on first sight (hundreds of ms, holding the
+        # GIL: the daemon's event loop would stall mid-utterance); ``warm`` pays for every
+        # bucket at start. Padding costs at most half a batch more.
+        self.batch_buckets = self.device.type == "cuda" if batch_buckets is None else bool(batch_buckets)
+        self._buckets = encoder_buckets(2 * self.max_streams)
         self._slots = [_Slot() for _ in range(self.max_streams)]
         self._lock = threading.Lock()
         self._rounds = 0
@@ -258,6 +276,37 @@ class GpuAudioStreams:
         )
         self._sample_buffers = [_HostBuffer(torch.float32, self.max_streams * SAMPLE_RATE, device) for _ in range(2)]
         self._index_buffers = [_HostBuffer(torch.int64, 1 << 14, device) for _ in range(2)]
+
+    def bucket(self, items: int) -> int:
+        """The encoder batch ``items`` run as (itself when buckets are off)."""
+        if not self.batch_buckets:
+            return items
+        return next((b for b in self._buckets if b >= items), items)
+
+    def warm(self) -> dict[int, float]:
+        """One encode at every bucket up to one item per stream (cuDNN's search, the
+        allocator's blocks; a round past that, a stream rolling over while all encode,
+        is rare): ms each, measured on a second run. Leaves no state behind."""
+        import time
+
+        timings: dict[int, float] = {}
+        sizes = [b for b in self._buckets if b <= self.bucket(self.max_streams)] if self.batch_buckets else [1]
+        with torch.inference_mode():
+            for b in sizes:
+                audio = torch.zeros((b, WINDOW_SAMPLES), dtype=torch.float32, device=self.device)
+                starts = torch.zeros(b, dtype=torch.long, device=self.device)
+                for timed in (False, True):
+                    t = time.perf_counter()
+                    mel = log_mel_device(audio, self._mel_filters_t, self._window)
+                    if self.window_features == WINDOW_FEATURES:
+                        self.encoder.device_hidden_states(mel)
+                    else:
+                        self.encoder.device_hidden_states(mel[:, :, : 2 * self.window_features], starts)
+                    if self.device.type == "cuda":
+                        torch.cuda.current_stream(self.device).synchronize()
+                    if timed:
+                        timings[b] = 1000 * (time.perf_counter() - t)
+        return timings
 
     # ------------------------------------------------------------------ host API
 
@@ -574,7 +623,12 @@ class GpuAudioStreams:
             items.append(final_audio)
         states = None
         if items:
-            mel = log_mel_device(torch.cat(items) if len(items) > 1 else items[0], self._mel_filters_t, self._window)
+            batch = torch.cat(items) if len(items) > 1 else items[0]
+            n = batch.shape[0]
+            if self.batch_buckets and self.bucket(n) > n:
+                batch = torch.cat([batch, batch.new_zeros(self.bucket(n) - n, batch.shape[1])])
+                starts_t = torch.cat([starts_t, starts_t.new_zeros(self.bucket(n) - n)])
+            mel = log_mel_device(batch, self._mel_filters_t, self._window)
             if self.window_features == WINDOW_FEATURES:
                 states = self.encoder.device_hidden_states(mel)  # [items, 1500, 5, 384]
             else:

@@ -17,7 +17,7 @@ from musetalk.audio import (
     stream_tokens,
     token_errors,
 )
-from musetalk.audio_gpu import GpuAudioStreams, drain, gpu_stream_tokens, log_mel_device
+from musetalk.audio_gpu import GpuAudioStreams, drain, encoder_buckets, gpu_stream_tokens, log_mel_device
 from musetalk.whisper import WINDOW_SAMPLES, load_whisper_encoder, write_random_whisper
 
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"
@@ -302,6 +302,35 @@ def test_slots_errors_and_bad_input(encoder):
         GpuAudioStreams(encoder, max_streams=0)
     with pytest.raises(ValueError, match="lookahead_frames"):
         GpuAudioStreams(encoder, lookahead_frames=-1)
+
+
+def test_encoder_buckets_step_by_at_most_half():
+    assert encoder_buckets(1) == [1]
+    assert encoder_buckets(8) == [1, 2, 4, 8]
+    assert encoder_buckets(100) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    sizes = encoder_buckets(1000)
+    assert all(b / a <= 2 for a, b in zip(sizes, sizes[1:])) and all(b / a <= 1.5 for a, b in zip(sizes[3:], sizes[4:]))
+
+
+def test_padded_encoder_batches_give_the_same_tokens(encoder, speech16k):
+    """Buckets pad the encoder batch with silent rows (on CUDA, so that cuDNN's search
+    happens at warm-up): the padding changes no token."""
+    out = {}
+    for buckets in (False, True):
+        streams = GpuAudioStreams(encoder, max_streams=8, batch_buckets=buckets)
+        assert streams.bucket(3) == (4 if buckets else 3) and streams.bucket(5) == (8 if buckets else 5)
+        assert sorted(streams.warm()) == ([1, 2, 4, 8] if buckets else [1])
+        slots = [streams.open() for _ in range(3)]
+        got: dict[int, list[np.ndarray]] = {}
+        for part in range(3):  # three rounds of three slots: batches of 3 padded to 4
+            for i, slot in enumerate(slots):
+                start = 3000 * i + 3200 * part
+                streams.push(slot, speech16k[start : start + 3200])
+            drain(streams, got)
+        out[buckets] = [np.stack(got[slot]) for slot in slots]
+    for plain, padded in zip(out[False], out[True]):
+        assert plain.shape == padded.shape and len(plain) >= 8
+        np.testing.assert_allclose(padded, plain, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- GPU

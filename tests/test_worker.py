@@ -219,3 +219,31 @@ async def test_an_utterance_longer_than_the_encoder_window_is_made_to_its_end_wi
     worker.post("audio", "long", 0, speech(2.2, 9))
     worker.post("flush", "long", 0)
     await _tokens_ready(worker, ["long"], 55)
+
+
+async def test_chunks_arriving_within_the_round_interval_share_one_round(worker):
+    """Paced rounds: the first chunk is encoded at once, the next sessions' chunks that
+    arrive within the interval wait and go to the encoder together."""
+    worker.round_interval_s = 0.3
+    made_by_round: list[set[int]] = []
+    for i in range(3):
+        worker.post("open", f"p{i}", FPS, Results())
+    streams = await worker.call(lambda: worker._streams_by_fps[FPS])
+    real_round = streams.round
+
+    def round_recorded():
+        made = real_round()
+        if made:
+            made_by_round.append({slot for slot, _, _ in made})
+        return made
+
+    streams.round = round_recorded
+    slots = await worker.call(lambda: [worker._sessions[f"p{i}"].voice(0).slot for i in range(3)])
+    for i in range(3):
+        worker.post("audio", f"p{i}", 0, speech(0.2, 30 + i))
+        await asyncio.sleep(0.02)
+    await _tokens_ready(worker, [f"p{i}" for i in range(3)], 2)
+    assert made_by_round[0] == {slots[0]}, made_by_round
+    assert {slots[1], slots[2]} <= made_by_round[1], made_by_round
+    # The budget counts the wait for a round.
+    assert worker.processing_budget_s(1) >= 0.3

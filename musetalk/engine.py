@@ -156,7 +156,9 @@ class Engine:
             models.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self._buckets = buckets(max_batch, bucket_step) if self.compiled else []
+        # Buckets on CUDA, compiled or not: with cuDNN's benchmark mode every new batch
+        # size would start an algorithm search (about a second, GIL held) mid-speech.
+        self._buckets = buckets(max_batch, bucket_step) if self.compiled or self.device.type == "cuda" else []
         self._avatars: dict[str, _DeviceAvatar] = {}
         self._timestep = torch.zeros((), dtype=torch.long, device=self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -282,15 +284,13 @@ class Engine:
     @torch.inference_mode()
     def warmup(self, box: int = 300, frame: int = 512) -> dict[int, float]:
         """Run whole steps (``launch``: UNet, decode, paste, I420, copy-out) once per batch
-        size a step can use (every bucket when compiled: compilation and CUDA-graph
-        recording happen here), so that the first sessions do not pay for them, on a
+        size a step can use (every bucket on CUDA: compilation, CUDA-graph recording and
+        cuDNN's algorithm search happen here), so that the first sessions do not pay for them, on a
         synthetic avatar with ``box``-pixel boxes in ``frame``-pixel frames (the paste
         costs what a real avatar's does). Returns ms per step at each size, measured after
         the warm-up (the frames/s the device sustains follows from it)."""
-        if self.compiled:
+        if self._buckets:
             sizes = self._buckets
-        elif self.device.type == "cuda":
-            sizes = sorted({1, min(8, self.max_batch), self.max_batch})
         else:  # a CPU: enough to seed the step-time estimates, cheaply
             sizes = sorted({1, min(4, self.max_batch)})
         key = "\x00warmup"

@@ -169,9 +169,14 @@ class FaceParser:
         out = np.empty(faces.shape[:3], dtype=np.uint8)
         for i in range(0, faces.shape[0], self.batch_size):
             x = torch.from_numpy(faces[i : i + self.batch_size]).to(self.device)
+            n = x.shape[0]
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - self._mean) / self._std
-            out[i : i + x.shape[0]] = self.net(x).argmax(1).to(torch.uint8).cpu().numpy()
+            if self.device.type == "cuda" and n < self.batch_size:
+                # One batch shape on CUDA: a new one would start cuDNN's algorithm search
+                # (GIL held) while other sessions speak. Rows are independent (eval mode).
+                x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
+            out[i : i + n] = self.net(x)[:n].argmax(1).to(torch.uint8).cpu().numpy()
         return out
 
 

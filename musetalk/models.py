@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from diffusers.utils.torch_utils import randn_tensor
+
 from musetalk.types import FACE_SIZE, LATENT_SIZE
 from musetalk.unet import load_unet
 from musetalk.vae import crops_to_vae_input, load_vae
@@ -62,7 +64,7 @@ class MuseTalkModels:
 
     @torch.inference_mode()
     def encode_latents(
-        self, crops: np.ndarray, seed: int = 0, batch_size: int = 16
+        self, crops: np.ndarray, seed: int = 0, batch_size: int = 16, pad_batches: bool | None = None
     ) -> np.ndarray:
         """Face crops (B, 256, 256, 3) uint8 RGB -> (B, 8, 32, 32) latents in
         ``latents_dtype`` (float32 for a float32 model: a float16 copy would round away
@@ -71,7 +73,8 @@ class MuseTalkModels:
         Channels are [masked 4 | reference 4], each ``scaling_factor *
         vae.encode(x).latent_dist.sample()`` as the reference does; the sample noise
         comes from a generator seeded with ``seed`` so that a cached avatar is
-        reproducible.
+        reproducible. ``pad_batches`` (default: on CUDA) runs a short last batch padded
+        to ``batch_size``: the same latents, one batch shape.
         """
         crops = np.asarray(crops)
         if crops.ndim != 4 or crops.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or crops.dtype != np.uint8:
@@ -84,12 +87,24 @@ class MuseTalkModels:
         for start in range(0, len(crops), batch_size):
             chunk = torch.from_numpy(crops[start : start + batch_size]).to(self.device)
             n = chunk.shape[0]
-            x = torch.cat(
-                [crops_to_vae_input(chunk, mask_lower_half=True),
-                 crops_to_vae_input(chunk, mask_lower_half=False)]
-            ).to(self.dtype)
-            dist = self.vae.encode(x).latent_dist
-            z = (self.scaling_factor * dist.sample(generator=generator)).float()
+            masked = crops_to_vae_input(chunk, mask_lower_half=True)
+            reference = crops_to_vae_input(chunk, mask_lower_half=False)
+            pad = batch_size - n if (self.device.type == "cuda" if pad_batches is None else pad_batches) else 0
+            if pad:
+                # One batch shape on CUDA (a new one starts cuDNN's algorithm search, GIL
+                # held, while other sessions speak); the VAE's rows are independent.
+                zeros = masked.new_zeros(pad, *masked.shape[1:])
+                masked, reference = torch.cat([masked, zeros]), torch.cat([reference, zeros])
+            dist = self.vae.encode(torch.cat([masked, reference]).to(self.dtype)).latent_dist
+            if pad:
+                rows = torch.cat([torch.arange(n), batch_size + torch.arange(n)]).to(self.device)
+                mean, std = dist.mean[rows], dist.std[rows]
+            else:
+                mean, std = dist.mean, dist.std
+            # DiagonalGaussianDistribution.sample's draw, for the real rows only: the
+            # latents do not depend on the padding.
+            noise = randn_tensor(mean.shape, generator=generator, device=self.device, dtype=dist.parameters.dtype)
+            z = (self.scaling_factor * (mean + std * noise)).float()
             out[start : start + n] = torch.cat([z[:n], z[n:]], dim=1).cpu().numpy()
         return out
 

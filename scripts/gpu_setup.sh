@@ -9,4 +9,6 @@ python3 -m pip uninstall -y -q peft 2>/dev/null || true
 install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
 [ -d .whl ] && install /tmp/site .whl/*.whl
 [ -d .whl2 ] && install /tmp/site2 .whl2/*.whl
-PYTHONPATH="/tmp/site:/tmp/site2:$PWD" python3 -c "import diffusers, av, nats, pydantic, livekit.rtc, soxr, structlog; print('gpu_setup: imports ok')"
+PYTHONPATH="/tmp/site:/tmp/site2:$PWD" python3 -c "import diffusers, av, nats, pydantic, soxr, structlog; print('gpu_setup: imports ok')"
+# livekit only for the livekit-local sink (a carry without it runs with --sink none).
+PYTHONPATH="/tmp/site:/tmp/site2:$PWD" python3 -c "import livekit.rtc" 2>/dev/null || echo "gpu_setup: no livekit (use --sink none)"

@@ -249,6 +249,10 @@ class EngineHost:
     def cancel(self, session_id: str, utterance: int | None = None, before_frame: int | None = None) -> None:
         self.worker.post("cancel", session_id, utterance, before_frame)
 
+    def shift(self, session_id: str, utterance: int | None, delta_s: float) -> None:
+        """The session's frames (of one utterance, or all) play ``delta_s`` later."""
+        self.worker.post("shift", session_id, utterance, delta_s)
+
     def close_stream(self, session_id: str) -> None:
         self.worker.post("close", session_id)
 

@@ -63,6 +63,18 @@ class BatchScheduler:
             heapq.heapify(self._heap)
         return n
 
+    def shift(self, session_id: str, utterance: int | None, delta: float) -> int:
+        """Move the deadlines of a session's frames (of one utterance, or all) by
+        ``delta`` seconds: they will play that much later."""
+        n = 0
+        for item in self._heap:
+            if item.session_id == session_id and (utterance is None or item.utterance == utterance):
+                item.deadline += delta
+                n += 1
+        if n:
+            heapq.heapify(self._heap)
+        return n
+
     def next_batch(self, max_batch: int, not_before: float | None = None,
                    tie_window_s: float = 0.0) -> list[PendingFrame]:
         """The ``max_batch`` most urgent frames. Frames due before ``not_before`` (the

@@ -3,7 +3,8 @@
 Lifecycle: ``start()`` (resolve avatar -> fetch + decode -> publisher -> ``ready`` -> frame
 loop) ... ``aclose(reason)`` (frame loop stopped, publisher closed, avatar released,
 ``stopped`` sent). The frame loop runs on a monotonic clock: frame n is due at
-t0 + n / fps, so the rate never drifts however long the session runs.
+t0 + n / fps, so the rate never drifts however long the session runs. A loop more than
+``STALL_PERIODS`` frames behind restarts its clock where it is (t0 moves), never bursting.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from schemas import (
 )
 
 log = get_logger(__name__)
+
+# Frames behind its clock at which the frame loop restarts the clock: one late frame is
+# caught up at once; a stall beyond this is recovered from by the next tick.
+STALL_PERIODS = 2
 
 EmitEvent = Callable[[Any], Awaitable[None]]
 
@@ -134,6 +139,7 @@ class Session:
         self.tick = 0
         self.last_tick_at = time.monotonic()
         self.late_ticks = 0
+        self.clock_restarts = 0  # stalls the frame loop recovered from by moving its clock
         self.frame_counts: dict[str, int] = {}
         self._publisher: Publisher | None = None
         self._video_hash: str | None = None
@@ -349,11 +355,19 @@ class Session:
                 elif delay < -period:
                     self.late_ticks += 1
                     self.deps.metrics.frames_late.inc()
-                    if delay < -1.0:
-                        # Stalled for over a second (suspended box, debugger): restart the
-                        # clock instead of bursting out the missed frames.
-                        self.log.warning("frame loop stalled; resetting clock", behind_s=-delay)
-                        t0 = self.t0 = time.monotonic() - self.tick * period
+                    if delay < -STALL_PERIODS * period:
+                        # Stalled (a blocked loop, a suspended box): restart the clock
+                        # here instead of bursting out the missed frames. A burst would
+                        # run ahead of the audio still waiting in the NATS callbacks
+                        # (each tick an underrun: speech slides for good) and of the
+                        # SDK's paced queues. Lips and voice stay together (both follow
+                        # the tick); planned frames move their deadlines with the clock.
+                        behind = -delay
+                        t0 = self.t0 = t0 + behind
+                        self.clock_restarts += 1
+                        self.log.warning("frame loop stalled; clock restarted", behind_ms=round(behind * 1000, 1))
+                        if self.speech is not None:
+                            self.speech.clock_moved(behind)
                 frame, audio, kind = self._source().frame_for_tick(self.tick)
                 publisher = self._publisher
                 if publisher is None:
@@ -386,6 +400,7 @@ class Session:
             "sample_rate": self.sample_rate,
             "frames": dict(self.frame_counts),
             "late_ticks": self.late_ticks,
+            "clock_restarts": self.clock_restarts,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "output": self.info.output if self.info else None,
             "speaking": bool(self.speech and self.speech.speaking),

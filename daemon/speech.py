@@ -356,6 +356,8 @@ class SpeechPipeline:
         if utt.audio.size < need and not utt.flushed:
             # The producer is behind real time: wait for it, keep the head moving.
             utt.start_tick += 1
+            if self.host is not None:
+                self.host.shift(self.session.id, utt.id, 1.0 / self.fps)
             utt.underruns += 1
             self.counts["underrun"] += 1
             if time.monotonic() - utt.last_audio_at > self.auto_flush_s:
@@ -396,6 +398,12 @@ class SpeechPipeline:
         self.timeline.append(kind[0])
         utt.played = f + 1
         return self._record((frame, audio, kind), needed, generated)
+
+    def clock_moved(self, delta_s: float) -> None:
+        """The session clock restarted ``delta_s`` later (a stalled frame loop): every
+        planned frame plays that much later, so its deadline moves with it."""
+        if self.host is not None and self.utterances:
+            self.host.shift(self.session.id, None, delta_s)
 
     def _record(self, out: tuple[np.ndarray, np.ndarray, str], needed: bool, generated: bool):
         self._pending_record = (out[2], needed, generated)

@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -385,6 +385,9 @@ class GenerationWorker:
             elif kind == "cancel":
                 _, _, utterance, before = message
                 self._cancel(st, utterance, before)
+            elif kind == "shift":
+                _, _, utterance, delta = message
+                self._shift(st, utterance, delta)
             elif kind == "close":
                 self._cancel(st, None, None)
                 for voice in st.voices:
@@ -411,6 +414,18 @@ class GenerationWorker:
             heapq.heapify(voice.parked)
             voice.outstanding = {f for f in voice.outstanding if f >= before}
             self._advance(st, voice)
+
+    def _shift(self, st: _Stream, utterance: int | None, delta: float) -> None:
+        """The session's frames play ``delta`` s later than planned (its clock moved after
+        a stall, or an utterance slid on an underrun): their deadlines follow, so that
+        none is dropped as too late by the clock it no longer plays on."""
+        self.scheduler.shift(st.session_id, utterance, delta)
+        for voice in st.voices:
+            if voice.utterance is None or (utterance is not None and voice.utterance != utterance):
+                continue
+            voice.plans = {f: replace(p, deadline=p.deadline + delta) for f, p in voice.plans.items()}
+            voice.parked = [(d + delta, f) for d, f in voice.parked]
+            heapq.heapify(voice.parked)
 
     def _on_plan(self, st: _Stream, plan: FramePlan) -> None:
         voice = st.voice(plan.utterance)

@@ -102,3 +102,15 @@ def test_frames_due_within_the_tie_window_go_to_the_least_served_first():
     assert [(i.session_id, i.frame_no) for i in s.next_batch(4, tie_window_s=0.030)] == [
         ("c", 1), ("c", 2), ("d", 0)]
     assert len(s) == 0
+
+
+def test_shift_moves_one_sessions_deadlines():
+    s = BatchScheduler()
+    s.add("a", 1, 0, 1.0, "a1")
+    s.add("a", 2, 0, 1.1, "a2")
+    s.add("b", 1, 0, 1.5, "b1")
+    assert s.shift("a", 1, 1.0) == 1  # a's utterance 1 now due at 2.0
+    assert [p.job for p in s.next_batch(3)] == ["a2", "b1", "a1"]
+    for job, sid in (("x", "a"), ("y", "b")):
+        s.add(sid, 1, 0, 1.0, job)
+    assert s.shift("a", None, 0.5) == 1 and s.earliest_deadline() == 1.0

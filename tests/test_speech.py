@@ -357,3 +357,29 @@ def test_an_utterance_that_mostly_fell_back_says_why_once():
     assert len(warnings) == 1
     text = warnings[0]["event"]
     assert "31 of 40" in text and "6.5 frames/s" in text and "25 fps" in text and "video.fps" in text
+
+
+async def test_a_stalled_loop_restarts_its_clock_instead_of_bursting(speech_daemon, client):
+    """The event loop blocked for 0.6 s mid-utterance (6 frames at 10 fps): the frame
+    loop restarts its clock at the next tick and goes on at its rate, not with six frames
+    at once that run ahead of the audio still waiting to be read (each an underrun)."""
+    await start(client, "stall")
+    session = speech_daemon.sessions["stall"]
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await asyncio.sleep(0.3)
+    speaking = asyncio.create_task(stream_pcm(client.nc, "lipsync", "stall", pcm, rate, realtime=True, chunk_ms=40))
+    await asyncio.sleep(1.2)
+    stalled_at = time.time()
+    time.sleep(0.6)  # noqa: ASYNC251 - the stall under test: the daemon shares this loop
+    await speaking
+    await client.nc.publish("lipsync.control.stall", json.dumps({"op": "flush"}).encode())
+    finished = await client.wait_event("stall", "playback_finished", timeout=30)
+    assert finished["interrupted"] is False
+    assert session.clock_restarts == 1
+    assert session.speech.counts["underrun"] == 0, session.speech.counts
+    after = [r.published_wall for r in session.speech.frame_records if r.published_wall >= stalled_at]
+    gaps = np.diff(after)
+    # One frame goes out late at once when the loop resumes; every later one keeps the rate.
+    assert len(gaps) > 10 and (gaps < 0.5 / FPS).sum() <= 1, np.round(gaps[:12], 3)
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "stall"})
+    await client.wait_event("stall", "stopped")

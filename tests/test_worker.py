@@ -247,3 +247,24 @@ async def test_chunks_arriving_within_the_round_interval_share_one_round(worker)
     assert {slots[1], slots[2]} <= made_by_round[1], made_by_round
     # The budget counts the wait for a round.
     assert worker.processing_budget_s(1) >= 0.3
+
+
+async def test_a_shift_moves_deadlines_so_frames_are_not_dropped_as_late(worker):
+    """Two sessions, the same frames due 50 ms from now on a slow device (30 ms a
+    frame): the one whose clock moved 3 s later (shift) has all its frames generated;
+    the other loses frames as too late."""
+    worker.step_fn = _SlowDeviceStep
+    out = {sid: Results() for sid in ("moved", "kept")}
+    for sid, r in out.items():
+        worker.post("open", sid, FPS, r)
+        worker.post("audio", sid, 0, speech(0.6, 40))
+        worker.post("flush", sid, 0)
+    await _tokens_ready(worker, list(out), 10)
+    due = time.monotonic() + 0.05
+    for sid in out:  # one message batch: the shift is applied before any launch
+        worker.post("plans", sid, plans(0, range(10), "anna", due))
+    worker.post("shift", "moved", 0, 3.0)
+    await out["moved"].wait_for(10)
+    await asyncio.sleep(0.3)
+    assert sorted(f for _, f, _, _ in out["moved"].items) == list(range(10))
+    assert len(out["kept"].items) < 10 and worker.frames_dropped_late > 0

@@ -17,6 +17,8 @@ import json
 import os
 import socket
 import tempfile
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +70,14 @@ class AvatarResolver:
     """avatar_id -> idle video URL, from Firestore when a project is set, else from the
     ``[avatars]`` table of the config."""
 
+    # Firestore answers kept for outages (avatar_id -> (url, monotonic time of the answer)),
+    # the most recently used last; bounded.
+    KNOWN_MAX = 10_000
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._client: Any = None  # google.cloud.firestore.AsyncClient, made on first use
+        self._known: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     async def resolve(self, avatar_id: str | None, idle_video_url: str | None) -> str:
         if (avatar_id is None) == (idle_video_url is None):
@@ -81,8 +88,33 @@ class AvatarResolver:
             return idle_video_url
         assert avatar_id is not None
         if self._settings.firestore.project:
-            return await self._from_firestore(avatar_id)
+            return await self._from_firestore_or_known(avatar_id)
         return self._from_table(avatar_id)
+
+    async def _from_firestore_or_known(self, avatar_id: str) -> str:
+        """Firestore's answer; when Firestore cannot be reached, the URL it gave for this
+        avatar within ``firestore.stale_ttl_s`` (an outage must not stop avatars that
+        were running a minute ago)."""
+        try:
+            url = await self._from_firestore(avatar_id)
+        except LipsyncError as exc:
+            if exc.code != errors.FIRESTORE_UNAVAILABLE:
+                self._known.pop(avatar_id, None)  # gone or changed: not served from here again
+                raise
+            known = self._known.get(avatar_id)
+            ttl = self._settings.firestore.stale_ttl_s
+            if known is None or time.monotonic() - known[1] > ttl:
+                raise
+            age = time.monotonic() - known[1]
+            log.warning("Firestore unavailable; starting with the URL it gave earlier", avatar_id=avatar_id,
+                        answered_s_ago=round(age, 1), stale_ttl_s=ttl, error=exc.message)
+            self._known.move_to_end(avatar_id)
+            return known[0]
+        self._known[avatar_id] = (url, time.monotonic())
+        self._known.move_to_end(avatar_id)
+        while len(self._known) > self.KNOWN_MAX:
+            self._known.popitem(last=False)
+        return url
 
     def _from_table(self, avatar_id: str) -> str:
         entry = self._settings.avatars.get(avatar_id)

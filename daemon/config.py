@@ -101,6 +101,9 @@ class FirestoreSection(BaseModel):
     field: str = "idle_video_url"
     credentials_file: Path | None = None
     timeout_s: float = 5.0
+    # When Firestore cannot be reached, an avatar looked up within this many seconds is
+    # started with the URL it had then (0: never; every start then needs Firestore).
+    stale_ttl_s: float = Field(86400.0, ge=0)
 
 
 class AvatarEntry(BaseModel):

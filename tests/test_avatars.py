@@ -14,11 +14,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import structlog
+import structlog.testing
 from aiohttp import web
 from tests.firestore_emulator import (  # noqa: F401  (fixtures)
     EMULATOR_PROJECT,
     avatars_collection,
+    firestore_emulator,
     firestore_emulator_host,
+    unavailable_reason,
 )
 
 from daemon import errors
@@ -105,6 +109,39 @@ async def test_resolver_reads_the_idle_video_url(resolver, emulator):
     # A second lookup reuses the client and sees updates.
     emulator.document("anna").update({"idle_video_url": "https://cdn.example/anna2.mp4"})
     assert await resolver.resolve("anna", None) == "https://cdn.example/anna2.mp4"
+
+
+async def test_a_firestore_outage_starts_avatars_it_answered_before(tmp_path, monkeypatch):
+    """A real emulator of its own, stopped mid-test: an avatar Firestore answered for is
+    started with that URL (and a warning); one it never answered for, or answered too
+    long ago (stale_ttl_s), gets firestore_unavailable."""
+    if unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
+    from google.cloud import firestore
+
+    fs = {"project": PROJECT, "timeout_s": 2.0}
+    with firestore_emulator() as host:
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", host)
+        client = firestore.Client(project=PROJECT)
+        client.collection("avatars").document("anna").set({"idle_video_url": "https://cdn.example/a.mp4"})
+        client.collection("avatars").document("ben").set({"idle_video_url": "https://cdn.example/b.mp4"})
+        client.close()
+        resolver = AvatarResolver(settings(tmp_path, firestore=fs))
+        strict = AvatarResolver(settings(tmp_path, firestore={**fs, "stale_ttl_s": 0}))
+        for r in (resolver, strict):
+            assert await r.resolve("anna", None) == "https://cdn.example/a.mp4"
+    # The emulator is gone now.
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert await resolver.resolve("anna", None) == "https://cdn.example/a.mp4"
+        [warning] = [e for e in logs if e["log_level"] == "warning"]
+        assert warning["event"] == "Firestore unavailable; starting with the URL it gave earlier"
+        assert warning["avatar_id"] == "anna" and "Firestore unavailable" in warning["error"]
+        await raises(errors.FIRESTORE_UNAVAILABLE, resolver.resolve("ben", None))  # never answered
+        await raises(errors.FIRESTORE_UNAVAILABLE, strict.resolve("anna", None))  # answered, too long ago
+    finally:
+        await resolver.aclose()
+        await strict.aclose()
 
 
 async def test_resolver_uses_the_configured_collection_and_field(tmp_path, emulator):

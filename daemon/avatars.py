@@ -266,14 +266,34 @@ class VideoFetcher:
     """Turns a video URL into a local file.
 
     ``https://`` (``http://`` with fetch.allow_http) is downloaded once and cached under
-    ``<state_dir>/downloads`` by sha256(URL); ``file://`` needs fetch.allow_file_urls;
-    ``asset:NAME`` names a file shipped in daemon/assets.
+    ``<state_dir>/downloads``: the video by its content (``<sha256>.video``: rotating
+    signed URLs of one video keep one copy), the URL's entry ``<sha256(URL)>.json`` naming
+    it. Beyond ``fetch.cache_max_bytes`` the least recently used videos are deleted;
+    ``.part`` files a crashed download left are swept at start. ``file://`` needs
+    fetch.allow_file_urls; ``asset:NAME`` names a file shipped in daemon/assets.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._policy = AddressPolicy(settings.fetch.allow_private_hosts)
         self._downloads: dict[str, asyncio.Task[FetchedVideo]] = {}
+        self._sweep_parts()
+
+    def _sweep_parts(self) -> None:
+        """Remove ``.part`` files older than any live download can be (another daemon
+        sharing the state dir may be writing a young one)."""
+        oldest = time.time() - 2 * self._settings.fetch.timeout_s - 60
+        try:
+            parts = list(self.cache_dir.glob(".*.part"))
+        except OSError:
+            return
+        for part in parts:
+            try:
+                if part.stat().st_mtime < oldest:
+                    part.unlink()
+                    log.info("stale partial download removed", file=part.name)
+            except OSError:
+                pass
 
     @property
     def cache_dir(self) -> Path:
@@ -360,24 +380,68 @@ class VideoFetcher:
         return await asyncio.shield(task)
 
     def _cached(self, key: str, url: str) -> FetchedVideo | None:
-        video, meta = self._cache_paths(key)
+        meta = self._meta_path(key)
         try:
             info = json.loads(meta.read_text())
+            sha = info["sha256"]
+            video = self._video_path(sha)
             size = video.stat().st_size
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        if info.get("url") != url or info.get("size") != size or not info.get("sha256"):
+        if info.get("url") != url or info.get("size") != size:
             return None
-        return FetchedVideo(path=video, content_hash=info["sha256"], url=url)
+        try:
+            os.utime(video)  # recently used: evicted last
+        except OSError:
+            pass
+        return FetchedVideo(path=video, content_hash=sha, url=url)
 
-    def _cache_paths(self, key: str) -> tuple[Path, Path]:
-        return self.cache_dir / f"{key}.video", self.cache_dir / f"{key}.json"
+    def _meta_path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.json"
+
+    def _video_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256")
+        return self.cache_dir / f"{sha256}.video"
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used videos until the cache fits its budget (never
+        ``keep``, the one just fetched), and the URL entries naming deleted videos."""
+        budget = self._settings.fetch.cache_max_bytes
+        # One used within this long may be in a decoder's hands still.
+        busy_since = time.time() - self._settings.fetch.timeout_s - self._settings.fetch.decode_timeout_s
+        videos = []
+        for path in self.cache_dir.glob("*.video"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            videos.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in videos)
+        removed = set()
+        for mtime, size, path in sorted(videos):
+            if total <= budget:
+                break
+            if path == keep or mtime > busy_since:
+                continue
+            path.unlink(missing_ok=True)
+            removed.add(path.stem)
+            total -= size
+            log.info("cached video evicted", file=path.name, bytes=size, cache_max_bytes=budget)
+        if not removed:
+            return
+        for meta in self.cache_dir.glob("*.json"):
+            try:
+                if json.loads(meta.read_text()).get("sha256") in removed:
+                    meta.unlink(missing_ok=True)
+            except (OSError, ValueError, AttributeError):
+                continue
 
     async def _download_to_cache(self, url: str, key: str) -> FetchedVideo:
         fetch = self._settings.fetch
         shown = display_url(url)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        video_path, meta_path = self._cache_paths(key)
+        meta_path = self._meta_path(key)
         fd, tmp_name = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".part")
         tmp = Path(tmp_name)
         try:
@@ -396,7 +460,9 @@ class VideoFetcher:
                         errors.VIDEO_FETCH_FAILED,
                         f"download of {shown} failed: {_client_error(exc)}",
                     ) from None
-            # Video first, then its metadata: a metadata file means a complete video.
+            # Video first, then its metadata: a metadata file means a complete video. The
+            # same content under another URL is already there: one copy.
+            video_path = self._video_path(digest)
             os.replace(tmp, video_path)
             meta_tmp = meta_path.with_name(f".{meta_path.name}.part")
             meta_tmp.write_text(json.dumps({"url": url, "sha256": digest, "size": size}))
@@ -404,6 +470,7 @@ class VideoFetcher:
         finally:
             tmp.unlink(missing_ok=True)
         log.info("video_downloaded", url=shown, bytes=size, sha256=digest[:12])
+        await asyncio.to_thread(self._evict, video_path)
         return FetchedVideo(path=video_path, content_hash=digest, url=url)
 
     async def _stream(self, url: str, out: Any) -> tuple[str, int]:

@@ -116,6 +116,9 @@ class FetchSection(BaseModel):
     timeout_s: float = 30.0
     max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_redirects: int = Field(3, ge=0)
+    # Downloaded videos kept under <state_dir>/downloads, by content: the least recently
+    # used go first beyond this size (a video being downloaded or just used is kept).
+    cache_max_bytes: int = Field(20 * 1024**3, ge=0)
     min_video_s: float = 0.2
     max_video_s: float = 120.0
     max_frames_in_memory: int = 3000
@@ -228,6 +231,9 @@ class ModelSection(BaseModel):
     playout_delay_frames: int | None = Field(None, ge=1, le=100)
     processing_budget_ms: float | None = Field(None, gt=0, le=2000)
     audio_window_s: float | None = Field(None, ge=1.0, le=30.0)
+    # Prepared avatars kept under <state_dir>/avatars: the least recently used go first
+    # beyond this size (never one in use).
+    avatar_cache_max_bytes: int = Field(20 * 1024**3, ge=0)
     # Audio rounds at most this often: chunks of many sessions share one encoder batch.
     audio_round_ms: float = Field(20.0, ge=0, le=200)
     auto_flush_s: float = Field(2.0, gt=0)

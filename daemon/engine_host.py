@@ -351,6 +351,14 @@ class EngineHost:
         await self.call(lambda: self.engine.register_avatar(avatar))
         timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
         self._avatars[key] = avatar
+        if not cached:
+            from musetalk.avatar import evict_prepared
+
+            removed = await asyncio.to_thread(evict_prepared, directory.parent, cfg.avatar_cache_max_bytes,
+                                              set(self._avatars) | set(self._avatar_refs))
+            if removed:
+                log_.info("prepared avatars evicted", count=len(removed),
+                          avatar_cache_max_bytes=cfg.avatar_cache_max_bytes)
         log_.info("avatar ready", cached=cached, frames=avatar.num_frames,
                   landmarks=avatar.landmark_source, key=key, **timings)
         return avatar, timings

@@ -496,6 +496,32 @@ def load_prepared(
     )
 
 
+def evict_prepared(root: str | Path, max_bytes: int, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Delete the least recently used prepared avatars under ``root`` (one directory
+    each, its mtime the last use) until the rest fit in ``max_bytes``; never those named
+    in ``keep`` (in use). Returns the names deleted."""
+    entries = []
+    for directory in Path(root).iterdir() if Path(root).is_dir() else []:
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        try:
+            size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+            entries.append((directory.stat().st_mtime, size, directory))
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, directory in sorted(entries):
+        if total <= max_bytes:
+            break
+        if directory.name in keep:
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        total -= size
+        removed.append(directory.name)
+    return removed
+
+
 def load_or_prepare(
     directory: str | Path,
     key: str,
@@ -508,7 +534,9 @@ def load_or_prepare(
     """The cached avatar when valid for ``key`` (and, when given, holding latents at least
     as precise as ``latents_dtype``), else a fresh one (saved). Returns (avatar, from_cache)."""
     try:
-        return load_prepared(directory, key=key, latents_dtype=latents_dtype), True
+        avatar = load_prepared(directory, key=key, latents_dtype=latents_dtype)
+        os.utime(directory)  # used now: evicted last (evict_prepared)
+        return avatar, True
     except CacheInvalid as e:
         log.info("rebuilding avatar cache: %s", e)
     avatar = prepare()

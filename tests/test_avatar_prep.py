@@ -8,6 +8,7 @@ reference checkpoint format, a tiny diffusers VAE for the latents.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import cv2
@@ -430,6 +431,21 @@ def test_cache_version_mismatch_rebuilds(tmp_path, prepared):
     # A different key (other video, models or options) is a miss too.
     _, cached = av.load_or_prepare(d, "other", rebuild)
     assert not cached and calls == [1, 1]
+
+
+def test_prepared_avatars_are_evicted_least_recently_used_first(tmp_path, prepared):
+    root = tmp_path / "avatars"
+    for i, name in enumerate(("old", "in-use", "recent")):
+        av.save_prepared(prepared, root / name)
+        os.utime(root / name, (1000 + i, 1000 + i))  # old < in-use < recent
+    one = sum(f.stat().st_size for f in (root / "old").iterdir())
+    # Loading from the cache counts as a use: "old" becomes the most recent.
+    av.load_or_prepare(root / "old", prepared.key, lambda: prepared)
+    assert av.evict_prepared(root, 10 * one) == []  # everything fits
+    removed = av.evict_prepared(root, int(2.5 * one), keep={"in-use"})
+    # Room for two: "recent" is now the least recently used that is not in use.
+    assert removed == ["recent"] and sorted(p.name for p in root.iterdir()) == ["in-use", "old"]
+    assert av.evict_prepared(root, 0, keep={"in-use", "old"}) == []
 
 
 def test_cache_key_is_stable():

@@ -316,10 +316,45 @@ async def test_download_is_cached_by_url(server, fetcher, video_bytes, tmp_path)
     second = await fetcher.fetch(f"{base}/video.mp4")
     assert hits["/video.mp4"] == 1
     assert second == first
-    # Same bytes under another URL: another download, the same content hash.
+    # Same bytes under another URL (a rotated signed URL): another download, one copy.
     other = await fetcher.fetch(f"{base}/copy.mp4")
-    assert other.content_hash == first.content_hash and other.path != first.path
+    assert other.content_hash == first.content_hash and other.path == first.path
+    assert len(list(first.path.parent.glob("*.video"))) == 1
     assert not list(first.path.parent.glob(".*.part"))  # no temp file left behind
+
+
+async def test_the_download_cache_keeps_to_its_size_least_recently_used_first(server, video_bytes, tmp_path):
+    base, hits = server
+    fetcher = VideoFetcher(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL,
+                                                     "cache_max_bytes": len(video_bytes) + 100}))
+    try:
+        video = await fetcher.fetch(f"{base}/video.mp4")
+        notes = await fetcher.fetch(f"{base}/notes.txt")
+        # Over budget, but the video was used a moment ago (a decoder may hold it): kept.
+        assert video.path.exists() and notes.path.exists()
+        hour_ago = time.time() - 3600
+        os.utime(video.path, (hour_ago, hour_ago))
+        await fetcher.fetch(f"{base}/copy.mp4")  # the video's content again: used now
+        os.utime(notes.path, (hour_ago, hour_ago))
+        os.utime(video.path, (hour_ago + 1, hour_ago + 1))  # ...but notes is older
+        again = await fetcher.fetch(f"{base}/redirect/0")  # a new URL of the video: evicts notes
+        assert again.path == video.path and video.path.exists() and not notes.path.exists()
+        assert await fetcher.fetch(f"{base}/notes.txt") == notes  # downloaded again
+        assert hits["/notes.txt"] == 2
+    finally:
+        await fetcher.aclose()
+
+
+def test_partial_downloads_a_crash_left_are_swept_at_start(tmp_path):
+    downloads = tmp_path / "state" / "downloads"
+    downloads.mkdir(parents=True)
+    stale, live = downloads / ".abc.123.part", downloads / ".def.456.part"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"y")
+    day_ago = time.time() - 86400
+    os.utime(stale, (day_ago, day_ago))
+    VideoFetcher(settings(tmp_path))
+    assert not stale.exists() and live.exists()  # a young one may be another daemon's
 
 
 async def test_concurrent_fetches_of_one_url_download_once(server, fetcher):

@@ -57,26 +57,46 @@ DEADLINE_MARGIN_S = 0.004
 
 
 class PcmBuffer:
-    """Growing int16 buffer with zero-padded slicing."""
+    """Growing int16 buffer with zero-padded slicing, on absolute sample positions.
+    ``trim`` frees what was played: an utterance streamed for an hour without a flush
+    holds only its unplayed audio, not the hour."""
 
     def __init__(self) -> None:
         self._data = np.zeros(16000, np.int16)
-        self.size = 0
+        self._offset = 0  # absolute position of _data[0]
+        self.size = 0  # samples appended in all (absolute end)
 
     def append(self, pcm: np.ndarray) -> None:
-        need = self.size + len(pcm)
+        held = self.size - self._offset
+        need = held + len(pcm)
         if need > len(self._data):
             grown = np.zeros(max(need, 2 * len(self._data)), np.int16)
-            grown[: self.size] = self._data[: self.size]
+            grown[:held] = self._data[:held]
             self._data = grown
-        self._data[self.size:need] = pcm
-        self.size = need
+        self._data[held:need] = pcm
+        self.size += len(pcm)
+
+    def trim(self, before: int) -> None:
+        """Samples before ``before`` will not be read again (they read as silence)."""
+        drop = min(before, self.size) - self._offset
+        held = self.size - self._offset
+        # Moved only when it frees at least half the buffer: amortized O(1) per sample.
+        if drop <= 0 or drop < len(self._data) // 2:
+            return
+        self._data[: held - drop] = self._data[drop:held]
+        self._offset += drop
+        if len(self._data) > 4 * max(16000, held - drop):
+            self._data = self._data[: 2 * max(16000, held - drop)].copy()
+
+    @property
+    def held(self) -> int:
+        return self.size - self._offset
 
     def slice(self, start: int, stop: int) -> np.ndarray:
         out = np.zeros(max(0, stop - start), np.int16)
-        a, b = max(start, 0), min(stop, self.size)
+        a, b = max(start, self._offset), min(stop, self.size)
         if b > a:
-            out[a - start: b - start] = self._data[a:b]
+            out[a - start: b - start] = self._data[a - self._offset: b - self._offset]
         return out
 
 
@@ -367,6 +387,8 @@ class SpeechPipeline:
             self.timeline.append("u")
             return self._record((frame, audio, "underrun"), False, False)
         audio = utt.audio.slice(self.clock.start(f), need)
+        # Frame f's level is read again for frame f + 1's hangover; before it, nothing.
+        utt.audio.trim(self.clock.start(max(0, f - 1)))
         if not utt.started:
             utt.started = True
             at = round(tick / self.fps, 3)

@@ -206,8 +206,8 @@ async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client)
     seen_sessions: list[int] = []
     real_next = host.worker.scheduler.next_batch
 
-    def recording_next(max_batch, not_before=None):
-        batch = real_next(max_batch, not_before)
+    def recording_next(max_batch, **options):
+        batch = real_next(max_batch, **options)
         if batch:
             seen_sessions.append(len({p.session_id for p in batch}))
         return batch

@@ -38,6 +38,26 @@ def test_pcm_buffer_grows_and_pads():
     assert not buf.slice(-5, 0).any() and len(buf.slice(-5, 0)) == 5
 
 
+def test_pcm_buffer_trims_what_was_played():
+    """An hour streamed without a flush, trimmed as it plays: memory stays at a few
+    seconds, and what is still to play reads back exactly."""
+    rate, chunk = 48000, 1920  # 40 ms chunks at 48 kHz
+    buf = PcmBuffer()
+    rng = np.random.default_rng(0)
+    recent: list[np.ndarray] = []
+    for i in range(90_000):  # one hour
+        c = rng.integers(-3000, 3000, chunk).astype(np.int16)
+        buf.append(c)
+        recent = (recent + [c])[-5:]
+        played = buf.size - 3 * chunk  # the frame clock plays 3 chunks behind
+        buf.trim(played)
+    assert buf.size == 90_000 * chunk
+    assert len(buf._data) <= 4 * rate  # seconds, not the hour's 345 MB
+    tail = np.concatenate(recent)
+    assert np.array_equal(buf.slice(buf.size - len(tail) + 2 * chunk, buf.size), tail[2 * chunk:])
+    assert not buf.slice(0, 100).any()  # trimmed samples read as silence
+
+
 class _Clockless:
     """Just enough of a SpeechPipeline to call its gate (no model, no session)."""
 

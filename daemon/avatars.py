@@ -730,7 +730,9 @@ class DecodedVideo:
 
     @property
     def nbytes(self) -> int:
-        return int(self.frames.nbytes)
+        """Host memory it holds: the RGB frames and their I420 copy."""
+        n, h, w = self.frames.shape[:3]
+        return int(self.frames.nbytes) + n * (w * h + 2 * ((w + 1) // 2) * ((h + 1) // 2))
 
     @functools.cached_property
     def i420(self) -> np.ndarray:
@@ -909,6 +911,17 @@ class AvatarStore:
         if entry is not None:  # the same bytes under another URL, already decoded
             return entry.video, fetched.content_hash
         video = await decode_video_isolated(self.decoder, fetched.path, self.settings, url)
+        budget = self.settings.fetch.decoded_max_bytes
+        held = sum(e.video.nbytes for e in self._entries.values())
+        if held + video.nbytes > budget:
+            gib = 1024**3
+            raise LipsyncError(
+                errors.AT_CAPACITY,
+                f"decoded idle videos would hold {(held + video.nbytes) / gib:.2f} GiB with this one "
+                f"({video.nbytes / gib:.2f} GiB, {video.num_frames} frames of {video.width}x{video.height}), "
+                f"over fetch.decoded_max_bytes = {budget / gib:.2f} GiB: use a shorter or smaller idle "
+                "video, end sessions of other avatars, or raise fetch.decoded_max_bytes",
+            )
         log.info(
             "avatar_video_decoded", url=display_url(url), frames=video.num_frames,
             size=f"{video.width}x{video.height}", fps=video.fps,

@@ -122,6 +122,9 @@ class FetchSection(BaseModel):
     min_video_s: float = 0.2
     max_video_s: float = 120.0
     max_frames_in_memory: int = 3000
+    # All decoded idle videos together (RGB + I420 in host memory): a start that would
+    # pass it is refused with at_capacity (8 GiB: e.g. 24 avatars of 300 frames at 512x512).
+    decoded_max_bytes: int = Field(8 * 1024**3, ge=0)
     # Host names or networks (CIDR, or one address) that may be fetched although they
     # resolve to loopback, private, link-local or other non-public addresses.
     allow_private_hosts: list[str] = Field(default_factory=list)

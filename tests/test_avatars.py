@@ -526,6 +526,28 @@ async def test_store_shares_one_decode(server, tmp_path):
         await store.aclose()
 
 
+async def test_decoded_videos_keep_to_their_memory_budget(tmp_path):
+    """Two different 15-frame 32x32 videos (69 120 bytes each with their I420 copy)
+    under a 100 000-byte budget: the second start is refused with at_capacity while the
+    first is held, and fits once it is released."""
+    a = write_video(tmp_path / "a.mp4", [RED] * 15)
+    b = write_video(tmp_path / "b.mp4", [BLUE] * 15)
+    store = AvatarStore(settings(tmp_path, fetch={"allow_file_urls": True, "decoded_max_bytes": 100_000}))
+    try:
+        first, ha = await store.get(a.as_uri())
+        assert first.nbytes == 15 * (32 * 32 * 3 + 32 * 32 * 3 // 2) == store.stats()["bytes"]
+        error = await raises(errors.AT_CAPACITY, store.get(b.as_uri()))
+        assert "fetch.decoded_max_bytes" in error.message and "15 frames of 32x32" in error.message
+        again, _ = await store.get(a.as_uri())  # the same video again costs nothing
+        assert again is first
+        store.release(ha)
+        store.release(ha)
+        second, _ = await store.get(b.as_uri())
+        assert second.num_frames == 15
+    finally:
+        await store.aclose()
+
+
 async def test_store_reports_bad_videos_to_every_waiter(server, tmp_path):
     base, _ = server
     store = AvatarStore(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL}))

@@ -330,6 +330,8 @@ class Session:
         else:
             self.speech.clear()
             self.inbox.clear()
+            if self._publisher is not None:
+                self._publisher.drop_queued()  # the SDK's queued audio of the cut utterance too
 
     async def emit(self, event: Any) -> None:
         await self.deps.emit(event)

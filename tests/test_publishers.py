@@ -632,3 +632,35 @@ async def test_factory_livekit_defaults_the_identity(tmp_path: Path) -> None:
     )
     assert claims.identity == "avatar-s1" and claims.video.room == "room-9"
     await pub.aclose()
+
+
+@pytest.mark.parametrize("reason", ["DUPLICATE_IDENTITY", "PARTICIPANT_REMOVED", "ROOM_DELETED"])
+async def test_livekit_terminal_disconnects_end_the_session_instead_of_retrying(reason) -> None:
+    """Two sessions of one identity would kick each other out forever: a reason no
+    reconnect can cure is not retried, and the next push raises it (the frame loop
+    then ends the session with that error)."""
+    connector = FakeConnector()
+    pub = lk_publisher(connector)
+    await pub.start()
+    connector.rooms[0].on_disconnected(reason)
+    await asyncio.sleep(0.3)  # several backoff periods: nothing may reconnect
+    assert len(connector.calls) == 1 and not pub.healthy
+    with pytest.raises(LipsyncError) as info:
+        await pub.push(flat_frame(0, 64, 48), np.zeros(SPF, np.int16))
+    assert info.value.code == "publisher_failed" and reason in info.value.message
+    assert "room-1" in info.value.message and "avatar-s1" in info.value.message
+    await pub.aclose()
+
+
+async def test_dropping_the_queue_forgets_audio_not_yet_played() -> None:
+    """An interrupt: the AudioSource's queued samples go (the real SDK source, no room)."""
+    pub = LiveKitLocalPublisher(MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE), "s1",
+                                audio_queue_size_ms=1000)
+    await pub.start()
+    for i in range(12):  # 480 ms of audio pushed at once
+        await pub.push(flat_frame(i, 64, 48), np.full(SPF, 3000, np.int16))
+    source = pub._sources.audio
+    assert source.queued_duration > 0.2
+    pub.drop_queued()
+    assert source.queued_duration < 0.05
+    await pub.aclose()

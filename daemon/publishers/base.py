@@ -70,6 +70,10 @@ class Publisher(abc.ABC):
     async def aclose(self) -> None:
         """Flush and release everything; safe to call twice."""
 
+    def drop_queued(self) -> None:
+        """Forget media pushed but not yet played out (an interrupt: the listener must
+        not hear the cut utterance's last queued audio). Sinks without a queue: nothing."""
+
     @property
     def healthy(self) -> bool:
         return True

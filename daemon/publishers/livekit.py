@@ -82,6 +82,17 @@ class RtcRoomConnector:
         return room
 
 
+# Disconnect reasons a reconnect cannot cure: the session ends with an error naming it.
+TERMINAL_REASONS = {
+    "DUPLICATE_IDENTITY": "another participant joined the room as the same identity; give each "
+                          "session its own (the start's livekit.identity; by default "
+                          "livekit.default_identity_prefix + the session id)",
+    "PARTICIPANT_REMOVED": "the participant was removed from the room (RemoveParticipant)",
+    "ROOM_DELETED": "the room was deleted",
+    "ROOM_CLOSED": "the room was closed",
+}
+
+
 def _reason_name(reason: Any) -> str:
     try:
         return rtc.DisconnectReason.Name(reason)
@@ -153,6 +164,7 @@ class LiveKitPublisher(Publisher):
         self._close_lock = asyncio.Lock()
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_token = ""
+        self._ended: LipsyncError | None = None  # a terminal disconnect: push raises it
 
         self.frames_pushed = 0
         self.frames_dropped = 0
@@ -210,6 +222,8 @@ class LiveKitPublisher(Publisher):
 
     async def push(self, frame: np.ndarray, audio: np.ndarray,
                    timestamp_us: int | None = None) -> None:
+        if self._ended is not None:
+            raise self._ended
         if not self._started or self._closing or self._sources is None:
             raise LipsyncError(PUBLISHER_FAILED, "LiveKit publisher is not running")
         check_frame(frame, self._fmt)
@@ -218,6 +232,10 @@ class LiveKitPublisher(Publisher):
             return
         await self._sources.capture(frame, audio, timestamp_us)
         self.frames_pushed += 1
+
+    def drop_queued(self) -> None:
+        if self._sources is not None:
+            self._sources.audio.clear_queue()
 
     # -- connection ------------------------------------------------------------------
 
@@ -282,6 +300,17 @@ class LiveKitPublisher(Publisher):
         if self._closing or generation != self._generation or not self._connected:
             return
         self._connected = False
+        terminal = TERMINAL_REASONS.get(reason)
+        if terminal is not None:
+            # Retrying would only repeat it (two sessions of one identity would kick each
+            # other out in a loop): the next push ends the session with this error.
+            self._log.error("livekit_disconnected_for_good", reason=reason)
+            self._ended = LipsyncError(
+                PUBLISHER_FAILED,
+                f"LiveKit ended the connection to room {self._room_name!r} as {self._identity!r}: "
+                f"{reason} ({terminal})",
+            )
+            return
         self._log.warning("livekit_disconnected", reason=reason)
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(

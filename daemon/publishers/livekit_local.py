@@ -64,6 +64,10 @@ class LiveKitLocalPublisher(Publisher):
     def video_fps(self) -> float:
         return self._sources.video_fps if self._sources is not None else 0.0
 
+    def drop_queued(self) -> None:
+        if self._sources is not None:
+            self._sources.audio.clear_queue()
+
     async def aclose(self) -> None:
         if self._closed:
             return

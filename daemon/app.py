@@ -645,7 +645,15 @@ class Daemon:
         while True:
             await asyncio.sleep(self.registry.ttl_s / 3)
             if self.nats_connected:
-                await self.registry.refresh([sid for sid, s in self.sessions.items() if s.info is not None])
+                lost = await self.registry.refresh([sid for sid, s in self.sessions.items() if s.info is not None])
+                for sid in lost:
+                    session = self.sessions.get(sid)
+                    if session is None:
+                        continue
+                    await session.emit_error(errors.SESSION_CONFLICT, (
+                        f"session '{sid}' was claimed by another daemon while this one could not reach "
+                        f"NATS for over nats.registry_ttl_s = {self.registry.ttl_s:g} s: stopped here"))
+                    self._close_later(session, "error")
 
     async def _heartbeat(self) -> None:
         interval = min(1.0, self.notifier.watchdog_interval_s or 1.0)

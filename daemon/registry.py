@@ -5,6 +5,12 @@ two daemons. Each daemon claims the id with an atomic create in the bucket befor
 starting the session; the second claim fails and is answered with `session_conflict`.
 Entries expire after `nats.registry_ttl_s` unless their owner refreshes them, so the ids
 of a daemon that died free themselves.
+
+Every write after the claim names the revision it saw (create -> update(last=rev) ->
+delete(last=rev)): a refresh after an outage longer than the TTL, when another daemon
+has claimed the id meanwhile, fails instead of overwriting that claim, and the session
+here is then stopped with an error (``refresh`` returns the ids whose ownership was
+lost). A release never deletes another daemon's claim.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class SessionRegistry:
         self.ttl_s = ttl_s
         self.owner = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._kv: Any = None
+        self._revisions: dict[str, int] = {}  # session id -> revision of our last write
 
     async def start(self) -> None:
         from nats.js.api import KeyValueConfig
@@ -49,7 +56,7 @@ class SessionRegistry:
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
-            await self._kv.create(session_id, self.owner.encode())
+            self._revisions[session_id] = await self._kv.create(session_id, self.owner.encode())
         except KeyWrongLastSequenceError:
             holder = await self._holder(session_id)
             raise LipsyncError(
@@ -65,18 +72,43 @@ class SessionRegistry:
         except Exception:
             return "unknown"
 
-    async def refresh(self, session_ids: list[str]) -> None:
-        """Keep our entries from expiring (a put renews an entry's age)."""
+    async def refresh(self, session_ids: list[str]) -> list[str]:
+        """Renew our entries (an update renews an entry's age), each against the revision
+        we last wrote. Returns the ids another daemon owns now: stop those sessions. An
+        entry that merely expired (nobody claimed it meanwhile) is claimed again."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        lost = []
         for sid in session_ids:
+            last = self._revisions.get(sid)
             try:
-                await self._kv.put(sid, self.owner.encode())
+                if last is None:
+                    raise KeyWrongLastSequenceError
+                self._revisions[sid] = await self._kv.update(sid, self.owner.encode(), last=last)
+                continue
+            except KeyWrongLastSequenceError:
+                pass
             except Exception as exc:
                 log.warning("session registry refresh failed", session_id=sid, error=repr(exc))
+                continue
+            try:  # expired while NATS was away, or someone else's now
+                self._revisions[sid] = await self._kv.create(sid, self.owner.encode())
+                log.warning("session registry entry had expired; claimed again", session_id=sid)
+            except KeyWrongLastSequenceError:
+                self._revisions.pop(sid, None)
+                holder = await self._holder(sid)
+                log.error("session registry: another daemon owns this session now", session_id=sid,
+                          holder=holder)
+                lost.append(sid)
+            except Exception as exc:
+                log.warning("session registry refresh failed", session_id=sid, error=repr(exc))
+        return lost
 
     async def release(self, session_id: str) -> None:
+        last = self._revisions.pop(session_id, None)
+        if last is None:
+            return  # not ours (never claimed here, or lost to another daemon)
         try:
-            entry = await self._kv.get(session_id)
-            if entry.value == self.owner.encode():
-                await self._kv.delete(session_id)
-        except Exception as exc:  # gone already (expired, purged): nothing to release
+            await self._kv.delete(session_id, last=last)
+        except Exception as exc:  # gone already (expired, purged) or claimed by another
             log.debug("session registry release", session_id=session_id, error=repr(exc))

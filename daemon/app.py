@@ -411,8 +411,9 @@ class Daemon:
     def _session_deps(self) -> SessionDeps:
         from daemon.publishers.factory import make_publisher
 
-        def publisher(sid: str, fmt: MediaFormat, room: str | None, identity: str | None):
-            return make_publisher(self.settings, sid, fmt, room, identity, room_connector=self.room_connector)
+        def publisher(sid: str, fmt: MediaFormat, room: str | None, identity: str | None, token: str | None):
+            return make_publisher(self.settings, sid, fmt, room, identity, token,
+                                  room_connector=self.room_connector)
 
         async def acquire(url: str):
             return await self.store.get(url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,23 @@ class LiveKitSection(BaseModel):
     default_identity_prefix: str = "avatar-"
     reconnect_max_backoff_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # Which rooms and identities a start may ask for (full-match regular expressions;
+    # unset: any). Anyone who can publish a start on NATS picks them otherwise.
+    room_pattern: str | None = None
+    identity_pattern: str | None = None
+    # Every start brings its own join token (livekit.token, minted by the orchestrator):
+    # the daemon holds no LiveKit key or secret and refuses starts without one.
+    tokens_from_orchestrator: bool = False
+
+    @field_validator("room_pattern", "identity_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
     def key(self) -> SecretStr | None:
         return self.api_key or _read_secret_file(self.api_key_file)
@@ -301,6 +319,8 @@ class Settings(BaseSettings):
         if not lk.url:
             return ("output.sink is 'livekit' but livekit.url is not set: set livekit.url (env "
                     "LIPSYNC_LIVEKIT__URL), or output.sink = 'auto' to record each session to an MP4")
+        if lk.tokens_from_orchestrator:
+            return None  # no credentials here: each start brings its token
         try:
             key, secret = lk.key(), lk.secret()
         except ConfigError as exc:  # a secret file that cannot be read
@@ -312,7 +332,9 @@ class Settings(BaseSettings):
         ]
         if not missing:
             return None
-        return (f"livekit.url is set ({lk.url}), so sessions publish to LiveKit, but its credentials "
+        from daemon.log import redact_url
+
+        return (f"livekit.url is set ({redact_url(lk.url)}), so sessions publish to LiveKit, but its credentials "
                 f"are not: set {' and '.join(missing)}; or unset livekit.url to record each session "
                 "to an MP4")
 

@@ -101,7 +101,8 @@ class SessionDeps:
     resolve_url: Callable[[str | None, str | None], Awaitable[str]]
     acquire_video: Callable[[str], Awaitable[tuple[Any, str]]]
     release_video: Callable[[str], None]
-    make_publisher: Callable[[str, MediaFormat, str | None, str | None], Publisher]
+    # (session id, format, LiveKit room, identity, orchestrator's token) -> publisher
+    make_publisher: Callable[[str, MediaFormat, str | None, str | None, str | None], Publisher]
     # Called when the session must end on its own (frame loop failure): the daemon owns
     # sessions, so it does the closing, as a tracked task.
     on_fatal: Callable[["Session", str], None] = lambda session, reason: None
@@ -182,7 +183,7 @@ class Session:
             fmt = MediaFormat(video.width, video.height, self.fps, self.sample_rate)
             lk = self.request.livekit
             publisher = self.deps.make_publisher(
-                self.id, fmt, lk.room if lk else None, lk.identity if lk else None
+                self.id, fmt, lk.room if lk else None, lk.identity if lk else None, lk.token if lk else None
             )
             self._publisher = publisher
             t = time.perf_counter()

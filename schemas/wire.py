@@ -28,6 +28,9 @@ class _Strict(BaseModel):
 class LiveKitParams(_Strict):
     room: Annotated[str, Field(min_length=1, max_length=256)]
     identity: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # A join token minted by the orchestrator for this room: used as it is (the daemon
+    # then needs no LiveKit key or secret, and the identity is the token's).
+    token: Annotated[str, Field(min_length=16, max_length=8192)] | None = None
 
 
 class AudioParams(_Strict):

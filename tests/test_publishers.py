@@ -664,3 +664,48 @@ async def test_dropping_the_queue_forgets_audio_not_yet_played() -> None:
     pub.drop_queued()
     assert source.queued_duration < 0.05
     await pub.aclose()
+
+
+def lk_settings(tmp_path: Path, **livekit: Any) -> Settings:
+    return Settings(daemon={"state_dir": str(tmp_path / "state")}, output={"sink": "livekit"},
+                    livekit={"url": "wss://lk.example.test", "api_key": "APIkey123",
+                             "api_secret": SECRET.get_secret_value(), **livekit})
+
+
+def test_rooms_and_identities_outside_the_configured_patterns_are_refused(tmp_path: Path) -> None:
+    s = lk_settings(tmp_path, room_pattern=r"support-\d+", identity_pattern=r"avatar-[a-z0-9-]+")
+    assert isinstance(make_publisher(s, "s1", FMT, "support-42", None), LiveKitPublisher)  # avatar-s1
+    for room, identity, field in (("admin", None, "room_pattern"), ("support-42x", None, "room_pattern"),
+                                  ("support-42", "CEO", "identity_pattern")):
+        with pytest.raises(LipsyncError) as info:
+            make_publisher(s, "s1", FMT, room, identity)
+        assert info.value.code == INVALID_MESSAGE and f"livekit.{field}" in info.value.message
+    with pytest.raises(ValueError, match="regular expression"):
+        lk_settings(tmp_path, room_pattern="(")
+
+
+def test_minted_tokens_may_publish_only_camera_and_microphone() -> None:
+    claims = api.TokenVerifier(KEY.get_secret_value(), SECRET.get_secret_value()).verify(
+        mint_token(KEY, SECRET, "room-1", "avatar-s1", 600))
+    assert claims.video is not None and sorted(claims.video.can_publish_sources) == ["camera", "microphone"]
+
+
+async def test_an_orchestrator_token_is_used_as_given_and_no_secret_is_needed(tmp_path: Path) -> None:
+    """The orchestrator mints the token (here with its own key); the daemon holds none."""
+    other_secret = SecretStr("the-orchestrators-own-secret-0123456789")
+    token = mint_token(SecretStr("orchKey"), other_secret, "room-7", "avatar-from-orch", 600)
+    s = Settings(daemon={"state_dir": str(tmp_path / "state")}, output={"sink": "livekit"},
+                 livekit={"url": "wss://lk.example.test", "tokens_from_orchestrator": True})
+    assert s.livekit_problem() is None  # no key or secret configured, and that is fine
+    connector = FakeConnector()
+    pub = make_publisher(s, "s7", FMT, "room-7", None, token, room_connector=connector)
+    info = await pub.start()
+    assert info["identity"] == "avatar-from-orch" and connector.calls[0][1] == token
+    await pub.aclose()
+    with pytest.raises(LipsyncError, match="needs livekit.token"):
+        make_publisher(s, "s8", FMT, "room-7", None)
+    with pytest.raises(LipsyncError, match="grants room 'room-7'") as info:
+        make_publisher(s, "s9", FMT, "room-8", None, token)
+    assert token not in info.value.message
+    with pytest.raises(LipsyncError, match="not a LiveKit join token"):
+        make_publisher(s, "s9", FMT, "room-7", None, "x" * 40)

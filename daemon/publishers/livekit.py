@@ -108,6 +108,7 @@ def mint_token(
         room_join=True,
         room=room,
         can_publish=True,
+        can_publish_sources=["camera", "microphone"],  # the avatar's two tracks, nothing else
         can_subscribe=False,
         can_publish_data=False,
     )
@@ -124,8 +125,8 @@ class LiveKitPublisher(Publisher):
     def __init__(
         self,
         url: str,
-        api_key: SecretStr,
-        api_secret: SecretStr,
+        api_key: SecretStr | None,
+        api_secret: SecretStr | None,
         room: str,
         identity: str,
         fmt: MediaFormat,
@@ -137,7 +138,13 @@ class LiveKitPublisher(Publisher):
         *,
         reconnect_initial_backoff_s: float = 0.5,
         audio_queue_size_ms: int = 200,
+        token: str | None = None,
     ) -> None:
+        """``token``: a join token minted by the orchestrator, used for every connection
+        (then no key or secret is needed); else one is minted per connection."""
+        if token is None and (api_key is None or api_secret is None):
+            raise ValueError("LiveKitPublisher needs api_key and api_secret, or a token")
+        self._fixed_token = token
         self._url = url
         self._api_key = api_key
         self._api_secret = api_secret
@@ -242,8 +249,12 @@ class LiveKitPublisher(Publisher):
     async def _connect_and_publish(self) -> None:
         """One attempt: token, connect, publish both tracks. Raises LipsyncError."""
         assert self._sources is not None
-        token = mint_token(self._api_key, self._api_secret, self._room_name, self._identity,
-                           self._token_ttl_s)
+        if self._fixed_token is not None:
+            token = self._fixed_token
+        else:
+            assert self._api_key is not None and self._api_secret is not None
+            token = mint_token(self._api_key, self._api_secret, self._room_name, self._identity,
+                               self._token_ttl_s)
         self._last_token = token
         self._generation += 1
         generation = self._generation
@@ -356,8 +367,9 @@ class LiveKitPublisher(Publisher):
         """Remove anything secret an SDK error might echo back (URLs carry the token)."""
         for secret in (
             self._last_token,
-            self._api_secret.get_secret_value(),
-            self._api_key.get_secret_value(),
+            self._fixed_token,
+            self._api_secret.get_secret_value() if self._api_secret is not None else None,
+            self._api_key.get_secret_value() if self._api_key is not None else None,
         ):
             if secret:
                 text = text.replace(secret, "***")

@@ -199,7 +199,7 @@ messages = st.one_of(
 
 # ---------------------------------------------------------------------------- the test
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.filter_too_much])
 @given(message=messages)
 def test_every_malformed_message_gets_its_error_and_harms_no_other_session(world, message):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,7 +26,12 @@ from pydantic_settings import (
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 
-class DaemonSection(BaseModel):
+class _Section(BaseModel):
+    # A misspelled field is an error naming it, not a setting silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DaemonSection(_Section):
     state_dir: Path = Path("state")
     max_sessions: int = Field(16, ge=1)
     # Frames/s the GPU sustains, for admission; 0 = the figure measured at start.
@@ -57,7 +62,7 @@ class DaemonSection(BaseModel):
         return v
 
 
-class NatsSection(BaseModel):
+class NatsSection(_Section):
     url: str = "embedded"
     embedded_host: str = "127.0.0.1"
     embedded_port: int = Field(4222, ge=0, le=65535)
@@ -95,7 +100,7 @@ class NatsSection(BaseModel):
         return v
 
 
-class FirestoreSection(BaseModel):
+class FirestoreSection(_Section):
     project: str | None = None
     database: str = "(default)"
     collection: str = "avatars"
@@ -107,11 +112,11 @@ class FirestoreSection(BaseModel):
     stale_ttl_s: float = Field(86400.0, ge=0)
 
 
-class AvatarEntry(BaseModel):
+class AvatarEntry(_Section):
     idle_video_url: str
 
 
-class FetchSection(BaseModel):
+class FetchSection(_Section):
     allow_file_urls: bool = False
     allow_http: bool = False
     timeout_s: float = 30.0
@@ -162,18 +167,18 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-class VideoSection(BaseModel):
+class VideoSection(_Section):
     fps: int = Field(25, ge=1, le=60)
     auto_fps: bool = True
     max_width: int = 1920
     max_height: int = 1920
 
 
-class AudioSection(BaseModel):
+class AudioSection(_Section):
     max_buffer_s: float = Field(60.0, gt=0)
 
 
-class LiveKitSection(BaseModel):
+class LiveKitSection(_Section):
     url: str | None = None
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
@@ -208,7 +213,7 @@ class LiveKitSection(BaseModel):
         return self.api_secret or _read_secret_file(self.api_secret_file)
 
 
-class OutputSection(BaseModel):
+class OutputSection(_Section):
     # "auto": LiveKit when livekit.url is set, else a local MP4 per session. "none":
     # frames are counted and dropped (load tests of the model side). "livekit-local":
     # through the real LiveKit sources without joining a room (load tests that include
@@ -221,18 +226,18 @@ class OutputSection(BaseModel):
     unhealthy_budget_s: float = Field(30.0, gt=0)
 
 
-class HttpSection(BaseModel):
+class HttpSection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
 
 
-class LoggingSection(BaseModel):
+class LoggingSection(_Section):
     level: str = "INFO"
     format: Literal["json", "console"] = "json"
 
 
-class ModelSection(BaseModel):
+class ModelSection(_Section):
     enabled: bool = True
     dir: Path = Path("models")
     device: str = "auto"

@@ -23,7 +23,7 @@ class Metrics:
         # this one must ask.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        self.sessions_active = Gauge("lipsync_sessions_active", "Live sessions", registry=r)
+        self.sessions_active = Gauge("lipsync_sessions_active", "Sessions live or starting", registry=r)
         self.sessions_started = Counter("lipsync_sessions_started", "Sessions started", registry=r)
         self.frames_published = Counter(
             "lipsync_frames_published", "Video frames published", ["kind"], registry=r
@@ -58,7 +58,7 @@ class Metrics:
         )
         self.audio_to_frame_latency = Histogram(
             "lipsync_audio_to_frame_latency_seconds",
-            "Audio chunk arrival -> publication of the frame whose span holds its first sample",
+            "Audio chunk sent (Lipsync-Sent; else its arrival) -> publication of the frame whose span holds its first sample",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.loop_lag = Gauge(

@@ -198,6 +198,7 @@ class GenerationWorker:
         self.audio_rounds = 0
         self.audio_round_s = 0.0
         self._rows_freed = False
+        self.audio_round_failures = 0
         # Test hook and fault injection point: replaces the engine's launch for a batch.
         self.step_fn: Callable[[list[PendingFrame]], Any] | None = None
 
@@ -319,7 +320,13 @@ class GenerationWorker:
             self._rows_freed = False
             now = time.monotonic()
             if audio_due and now >= next_round_at:
-                audio_due = self._audio_round()
+                try:
+                    audio_due = self._audio_round()
+                except Exception as exc:  # the worker goes on: frames waiting for it fall back
+                    self.step_failures += 1
+                    self.audio_round_failures += 1
+                    log.error("audio round failed", error=repr(exc))
+                    audio_due = False
                 next_round_at = now + self.round_interval_s
                 now = time.monotonic()
             self._unpark(now)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from daemon.app import Daemon
 from daemon.config import Settings
@@ -174,11 +175,17 @@ async def test_clear_interrupts_within_a_frame(speech_daemon, client):
     assert done and done[0]["position_s"] == pytest.approx(math.ceil(rate // 2 * FPS / rate) / FPS)
 
 
-async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, client):
+@pytest.mark.parametrize("fault", ["illegal-access", "out-of-memory"])
+async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, client, fault):
+    """A step raising (a CUDA fault, or CUDA running out of memory: torch's own
+    exception type, raised here on the CPU): idle frames, one error event, the session
+    and the worker go on."""
     await start(client, "boom")
     host = speech_daemon.engine_host
 
     def broken(jobs):
+        if fault == "out-of-memory":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         raise RuntimeError("CUDA error: an illegal memory access (injected)")
 
     host.worker.step_fn = broken
@@ -195,6 +202,7 @@ async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, cli
     # One error event for the utterance, not one per frame.
     assert len(client.events_of("boom", "error")) == 1
     host.worker.step_fn = None
+    assert host.alive()
 
 
 async def test_two_sessions_speak_at_once_and_share_steps(speech_daemon, client):

@@ -268,3 +268,27 @@ async def test_a_shift_moves_deadlines_so_frames_are_not_dropped_as_late(worker)
     await asyncio.sleep(0.3)
     assert sorted(f for _, f, _, _ in out["moved"].items) == list(range(10))
     assert len(out["kept"].items) < 10 and worker.frames_dropped_late > 0
+
+
+async def test_a_failing_audio_round_is_logged_and_the_worker_goes_on(worker):
+    r = Results()
+    worker.post("open", "flaky", FPS, r)
+    streams = await worker.call(lambda: worker._streams_by_fps[FPS])
+    real_round, calls = streams.round, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected audio fault")
+        return real_round()
+
+    streams.round = failing_once
+    worker.post("audio", "flaky", 0, speech(0.3, 50))
+    deadline = time.monotonic() + 10
+    while worker.audio_round_failures == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert worker.alive()
+    worker.post("audio", "flaky", 0, speech(0.3, 51))  # later audio is taken and encoded
+    await _tokens_ready(worker, ["flaky"], 3)
+    assert worker.alive() and worker.audio_round_failures == 1

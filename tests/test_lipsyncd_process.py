@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import subprocess
+
+import pytest
 import sys
 import time
 from pathlib import Path
@@ -167,3 +169,24 @@ async def test_a_start_past_its_deadline_is_refused_with_start_timeout(nats_serv
     finally:
         await nc.close()
         await d.shutdown()
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_a_misspelled_setting_exits_78_naming_it(tmp_path: Path, where: str):
+    """A typo in a field name must not be ignored (the daemon would run on a default the
+    operator thinks they changed)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
+        "LIPSYNC_NATS__EMBEDDED_PORT": str(free_port()), "LIPSYNC_HTTP__PORT": "0",
+        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"), "LIPSYNC_MODEL__ENABLED": "false",
+    }
+    if where == "file":
+        config = tmp_path / "config.toml"
+        config.write_text("[daemon]\nmax_sesions = 3\n")
+        env["LIPSYNC_CONFIG"] = str(config)
+    else:
+        env["LIPSYNC_DAEMON__MAX_SESIONS"] = "3"
+    proc = subprocess.run([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78, proc.stderr[-2000:]
+    assert "max_sesions" in proc.stderr

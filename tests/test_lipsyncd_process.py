@@ -9,13 +9,12 @@ import os
 import signal
 import socket
 import subprocess
-
-import pytest
 import sys
 import time
 from pathlib import Path
 
 import nats
+import pytest
 
 from tests.conftest import free_port
 

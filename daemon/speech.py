@@ -121,7 +121,7 @@ class Utterance:
     fallbacks: int = 0  # ... of which the idle picture was shown
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrameRecord:
     """One published frame, for benchmarks and status: what it was and, for the frame
     holding an audio chunk's first sample, that chunk's latency."""

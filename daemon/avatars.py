@@ -731,8 +731,9 @@ class DecodedVideo:
     @property
     def nbytes(self) -> int:
         """Host memory it holds: the RGB frames and their I420 copy."""
-        n, h, w = self.frames.shape[:3]
-        return int(self.frames.nbytes) + n * (w * h + 2 * ((w + 1) // 2) * ((h + 1) // 2))
+        from daemon.frames import i420_size
+
+        return int(self.frames.nbytes) + self.num_frames * i420_size(self.width, self.height)
 
     @functools.cached_property
     def i420(self) -> np.ndarray:

@@ -212,6 +212,15 @@ class LiveKitSection(_Section):
     def secret(self) -> SecretStr | None:
         return self.api_secret or _read_secret_file(self.api_secret_file)
 
+    def missing_credentials(self) -> list[str]:
+        """The credential settings that are not set, each named with its environment
+        variable and file; raises ConfigError for a secret file that cannot be read."""
+        return [
+            f"livekit.{name} (env LIPSYNC_LIVEKIT__{name.upper()}, or livekit.{name}_file)"
+            for name, value in (("api_key", self.key()), ("api_secret", self.secret()))
+            if value is None or not value.get_secret_value()
+        ]
+
 
 class OutputSection(_Section):
     # "auto": LiveKit when livekit.url is set, else a local MP4 per session. "none":
@@ -327,14 +336,9 @@ class Settings(BaseSettings):
         if lk.tokens_from_orchestrator:
             return None  # no credentials here: each start brings its token
         try:
-            key, secret = lk.key(), lk.secret()
+            missing = lk.missing_credentials()
         except ConfigError as exc:  # a secret file that cannot be read
             return f"livekit: {exc}"
-        missing = [
-            f"livekit.{name} (env LIPSYNC_LIVEKIT__{name.upper()}, or livekit.{name}_file)"
-            for name, value in (("api_key", key), ("api_secret", secret))
-            if value is None or not value.get_secret_value()
-        ]
         if not missing:
             return None
         from daemon.log import redact_url

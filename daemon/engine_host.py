@@ -180,6 +180,7 @@ class EngineHost:
                 f"{self.default_fps} fps (a GPU runs {video.fps}; video.auto_fps = false keeps {video.fps})",
                 device=str(self.device), one_session_fps=self.one_session_fps, default_fps=self.default_fps)
         log.info("model warmed up", step_ms={k: round(v, 2) for k, v in step_ms.items()},
+                 audio_encoder_ms={k: round(v, 2) for k, v in self.worker.audio_warmup_ms.items()},
                  measured_fps=self.measured_fps, one_session_fps=self.one_session_fps, s=round(seconds, 1))
 
     def device_info(self) -> dict[str, Any]:

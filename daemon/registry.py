@@ -81,17 +81,16 @@ class SessionRegistry:
         lost = []
         for sid in session_ids:
             last = self._revisions.get(sid)
+            if last is not None:
+                try:
+                    self._revisions[sid] = await self._kv.update(sid, self.owner.encode(), last=last)
+                    continue
+                except KeyWrongLastSequenceError:
+                    pass  # expired while NATS was away, or someone else's now
+                except Exception as exc:
+                    log.warning("session registry refresh failed", session_id=sid, error=repr(exc))
+                    continue
             try:
-                if last is None:
-                    raise KeyWrongLastSequenceError
-                self._revisions[sid] = await self._kv.update(sid, self.owner.encode(), last=last)
-                continue
-            except KeyWrongLastSequenceError:
-                pass
-            except Exception as exc:
-                log.warning("session registry refresh failed", session_id=sid, error=repr(exc))
-                continue
-            try:  # expired while NATS was away, or someone else's now
                 self._revisions[sid] = await self._kv.create(sid, self.owner.encode())
                 log.warning("session registry entry had expired; claimed again", session_id=sid)
             except KeyWrongLastSequenceError:

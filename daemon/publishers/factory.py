@@ -76,18 +76,14 @@ def make_publisher(
             connect_timeout_s=lk.connect_timeout_s, room_connector=room_connector, token=livekit_token,
         )
     try:
-        key, secret = lk.key(), lk.secret()
+        missing = lk.missing_credentials()
     except ConfigError as exc:
         raise LipsyncError(PUBLISHER_FAILED, str(exc)) from None
-    missing = [
-        f"livekit.{name} (env LIPSYNC_LIVEKIT__{name.upper()}, or livekit.{name}_file)"
-        for name, value in (("api_key", key), ("api_secret", secret))
-        if value is None or not value.get_secret_value()
-    ]
     if missing:
         raise LipsyncError(
             PUBLISHER_FAILED, f"LiveKit credentials are not configured: set {' and '.join(missing)}"
         )
+    key, secret = lk.key(), lk.secret()
     assert key is not None and secret is not None
     return LiveKitPublisher(
         url=lk.url,

@@ -7,7 +7,6 @@ import asyncio
 import os
 import socket
 import time
-from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.firestore_emulator import (  # noqa: F401  (fixtures)
     firestore_emulator_host,
     unavailable_reason,
 )
+from tests.http_server import counting_server
 
 from daemon import errors
 from daemon.avatars import (
@@ -255,13 +255,6 @@ def video_bytes(tmp_path_factory) -> bytes:
 @pytest.fixture
 async def server(video_bytes):
     """A real HTTP server on 127.0.0.1; ``hits`` counts requests per path."""
-    hits: Counter[str] = Counter()
-
-    @web.middleware
-    async def count(request, handler):
-        hits[request.path] += 1
-        return await handler(request)
-
     async def video(request):
         return web.Response(body=video_bytes, content_type="video/mp4")
 
@@ -283,20 +276,10 @@ async def server(video_bytes):
     async def text(request):
         return web.Response(text="this is not a video\n" * 100)
 
-    app = web.Application(middlewares=[count])
-    app.router.add_get("/video.mp4", video)
-    app.router.add_get("/copy.mp4", video)
-    app.router.add_get("/big.bin", big)
-    app.router.add_get("/big-streamed.bin", big_streamed)
-    app.router.add_get("/redirect/{n}", redirect)
-    app.router.add_get("/notes.txt", text)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", hits
-    await runner.cleanup()
+    routes = {"/video.mp4": video, "/copy.mp4": video, "/big.bin": big, "/big-streamed.bin": big_streamed,
+              "/redirect/{n}": redirect, "/notes.txt": text}
+    async with counting_server(routes) as (port, hits):
+        yield f"http://127.0.0.1:{port}", hits
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import errno
 import ipaddress
 import os
-from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from daemon.avatars import (
 )
 from daemon.config import Settings
 from daemon.errors import LipsyncError
+from tests.http_server import counting_server
 
 SECRET = "SECRET-FROM-INSIDE-7f3a"
 
@@ -121,13 +121,7 @@ def video_bytes(tmp_path_factory) -> bytes:
 @pytest.fixture
 async def server(video_bytes):
     """A real HTTP server on 127.0.0.1; ``hits`` counts requests per path."""
-    hits: Counter[str] = Counter()
     release = asyncio.Event()
-
-    @web.middleware
-    async def count(request, handler):
-        hits[request.path] += 1
-        return await handler(request)
 
     async def video(request):
         return web.Response(body=video_bytes, content_type="video/mp4")
@@ -143,19 +137,10 @@ async def server(video_bytes):
         await release.wait()
         return web.Response(body=video_bytes)
 
-    app = web.Application(middlewares=[count])
-    app.router.add_get("/video.mp4", video)
-    app.router.add_get("/redirect", redirect)
-    app.router.add_get("/error", leaky_error)
-    app.router.add_get("/hang.mp4", hang)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    yield port, hits
-    release.set()
-    await runner.cleanup()
+    routes = {"/video.mp4": video, "/redirect": redirect, "/error": leaky_error, "/hang.mp4": hang}
+    async with counting_server(routes) as (port, hits):
+        yield port, hits
+        release.set()
 
 
 async def fetch(tmp_path: Path, url: str, **fetch_cfg):

@@ -88,10 +88,6 @@ class PcmBuffer:
         if len(self._data) > 4 * max(16000, held - drop):
             self._data = self._data[: 2 * max(16000, held - drop)].copy()
 
-    @property
-    def held(self) -> int:
-        return self.size - self._offset
-
     def slice(self, start: int, stop: int) -> np.ndarray:
         out = np.zeros(max(0, stop - start), np.int16)
         a, b = max(start, self._offset), min(stop, self.size)

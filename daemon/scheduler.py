@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(order=True)
@@ -76,7 +76,8 @@ class BatchScheduler:
         return n
 
     def next_batch(self, max_batch: int, not_before: float | None = None,
-                   tie_window_s: float = 0.0) -> list[PendingFrame]:
+                   tie_window_s: float = 0.0,
+                   rank: Callable[[PendingFrame], int] | None = None) -> list[PendingFrame]:
         """The ``max_batch`` most urgent frames. Frames due before ``not_before`` (the
         time the step would finish) cannot be shown any more: they are dropped, so that an
         overloaded GPU spends its time on frames that can still make their tick (the
@@ -86,7 +87,9 @@ class BatchScheduler:
         (the worker passes one step: which of them a step takes decides nothing about its
         timing). When they are more than a batch, the lower ranks go first: under
         overload the sessions served least so far lose the fewest frames, and no phase
-        of the sessions' clocks favours one of them."""
+        of the sessions' clocks favours one of them. ``rank`` gives an item's rank now
+        (the worker: its session's frames served so far); without it, the rank it was
+        added with."""
         self.dropped_late = 0
         self.last_dropped = []
         tied: list[PendingFrame] = []
@@ -105,7 +108,7 @@ class BatchScheduler:
                 break
             tied.append(heapq.heappop(self._heap))
         if len(tied) > max_batch:
-            tied.sort(key=lambda it: (it.order[0], it.deadline, it.order[1]))
+            tied.sort(key=lambda it: (rank(it) if rank is not None else it.order[0], it.deadline, it.order[1]))
             for item in tied[max_batch:]:
                 heapq.heappush(self._heap, item)
             tied = tied[:max_batch]

@@ -164,6 +164,12 @@ class _Estimates:
         return min(1.0, sum(s for _, s in self._busy) / span)
 
 
+def _served(item: PendingFrame) -> int:
+    """A pending frame's rank among equally urgent ones: its session's frames served so
+    far (now, not when the frame was queued: a whole utterance is often queued at once)."""
+    return item.job.stream.served
+
+
 class GenerationWorker:
     """See the module docstring. ``engine`` is a musetalk.engine.Engine; ``make_streams(fps)``
     builds the GpuAudioStreams for a frame rate (one per rate in use)."""
@@ -403,11 +409,14 @@ class GenerationWorker:
                 del self._sessions[st.session_id]
         return dirty
 
+    @staticmethod
+    def _voices_of(st: _Stream, utterance: int | None) -> list[_Voice]:
+        """The session's voices holding an utterance: that one, or any (None)."""
+        return [v for v in st.voices if v.utterance is not None and (utterance is None or v.utterance == utterance)]
+
     def _cancel(self, st: _Stream, utterance: int | None, before: int | None) -> None:
         self.scheduler.cancel(st.session_id, utterance, before)
-        for voice in st.voices:
-            if voice.utterance is None or (utterance is not None and voice.utterance != utterance):
-                continue
+        for voice in self._voices_of(st, utterance):
             if before is None:
                 # The whole utterance: its audio is dropped too.
                 st.streams.reset(voice.slot)
@@ -427,9 +436,7 @@ class GenerationWorker:
         a stall, or an utterance slid on an underrun): their deadlines follow, so that
         none is dropped as too late by the clock it no longer plays on."""
         self.scheduler.shift(st.session_id, utterance, delta)
-        for voice in st.voices:
-            if voice.utterance is None or (utterance is not None and voice.utterance != utterance):
-                continue
+        for voice in self._voices_of(st, utterance):
             voice.plans = {f: replace(p, deadline=p.deadline + delta) for f, p in voice.plans.items()}
             voice.parked = [(d + delta, f) for d, f in voice.parked]
             heapq.heapify(voice.parked)
@@ -527,7 +534,7 @@ class GenerationWorker:
         # Given up only when even a step a quarter faster than usual could not save it: a
         # worker woken a little late must not drop what it waited for.
         batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S,
-                                          tie_window_s=step_s)
+                                          tie_window_s=step_s, rank=_served)
         late = self.scheduler.dropped_late
         if late:
             self.frames_dropped_late += late

@@ -114,3 +114,15 @@ def test_shift_moves_one_sessions_deadlines():
     for job, sid in (("x", "a"), ("y", "b")):
         s.add(sid, 1, 0, 1.0, job)
     assert s.shift("a", None, 0.5) == 1 and s.earliest_deadline() == 1.0
+
+
+def test_the_tie_rank_can_be_read_at_batch_time():
+    """Frames queued together carry the same rank; the rank function gives the one that
+    holds when the batch is formed."""
+    s = BatchScheduler()
+    for f in range(3):
+        for sid in ("a", "b"):
+            s.add(sid, 0, f, 1.0 + 0.001 * f, None, rank=0)
+    served = {"a": 5, "b": 1}
+    batch = s.next_batch(2, tie_window_s=0.01, rank=lambda it: served[it.session_id])
+    assert [(i.session_id, i.frame_no) for i in batch] == [("b", 0), ("b", 1)]

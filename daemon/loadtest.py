@@ -253,6 +253,14 @@ def session_figures(session_id: str, records: Iterable[Any], capture_times: Sequ
     }
 
 
+def start_figures(start: tuple[float, float, bool], first_capture: float | None) -> dict[str, Any]:
+    """How long a session took to start: the request's reply and its first published
+    frame (None when unknown), both from the request's send time (monotonic seconds), in ms."""
+    sent, replied, cached = start
+    first = None if first_capture is None else round(1000 * (first_capture - sent), 1)
+    return {"avatar_cached": cached, "reply_ms": round(1000 * (replied - sent), 1), "to_first_frame_ms": first}
+
+
 def slo_met(per_session: list[dict[str, Any]], slo: Slo) -> bool:
     """Every session: some frames needed generation, enough of them generated in time,
     p95 latency of the generated ones within the bound."""
@@ -476,6 +484,7 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
     nc = None
     rows: list[dict[str, Any]] = []
     capacity: int | None = None
+    prepared: set[str] = set()  # avatars a round has used: cached for the later ones
     try:
         await daemon.start()
         print(f"daemon up in {time.monotonic() - t:.1f} s", flush=True)
@@ -486,7 +495,7 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
         gpu.start()
         nc = await nats.connect(daemon.nats_url)
         for n in options.ladder():
-            row = await _round(daemon, nc, n, options, avatar_ids, fps, probe, gpu)
+            row = await _round(daemon, nc, n, options, avatar_ids, fps, probe, gpu, prepared)
             rows.append(row)
             print_row(row, flush=True)
             if row["slo_met"]:
@@ -510,7 +519,7 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
 
 
 async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_ids: list[str],
-                 fps: int, probe: LoopLagProbe, gpu: GpuBusySampler) -> dict[str, Any]:
+                 fps: int, probe: LoopLagProbe, gpu: GpuBusySampler, prepared: set[str]) -> dict[str, Any]:
     prefix = daemon.settings.nats.subject_prefix
     sids = [f"lt{n}-{i}" for i in range(n)]
     t = time.monotonic()
@@ -522,24 +531,32 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
         failed = [r for r in started if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
+        # The avatars this round's sessions use were prepared by an earlier round (or not).
+        cached = [avatar_ids[i % len(avatar_ids)] in prepared for i in range(n)]
+        prepared.update(avatar_ids[i % len(avatar_ids)] for i in range(n))
+        starts = {sid: (sent, replied, hit) for sid, (sent, replied), hit in zip(sids, started, cached)}
         print(f"{n} session(s) started in {time.monotonic() - t:.1f} s; speaking for "
               f"{options.warmup_s:g} + {options.seconds:g} s", flush=True)
         for sid in sids:
             if not hasattr(daemon.sessions[sid].speech, "frame_records"):
                 raise LoadtestError("the daemon's speech pipeline keeps no frame_records "
                                     "(daemon.speech.FrameRecord): this load test reads them")
-        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu)
+        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu, starts)
     finally:
         await asyncio.gather(*(_stop_session(nc, prefix, sid) for sid in sids if sid in daemon.sessions))
 
 
-async def _start_session(nc: Any, prefix: str, sid: str, avatar: str, rate: int, fps: int) -> None:
+async def _start_session(nc: Any, prefix: str, sid: str, avatar: str, rate: int,
+                         fps: int) -> tuple[float, float]:
+    """Starts one session; returns the monotonic times the request was sent and answered."""
+    sent = time.monotonic()
     body = {"v": 1, "session_id": sid, "avatar_id": avatar, "audio": {"sample_rate": rate},
             "video": {"fps": fps}}
     msg = await nc.request(f"{prefix}.session.start", json.dumps(body).encode(), timeout=900)
     reply = json.loads(msg.data)
     if not reply.get("ok"):
         raise LoadtestError(f"session {sid} (avatar {avatar}) did not start: {reply.get('error')}")
+    return sent, time.monotonic()
 
 
 async def _stop_session(nc: Any, prefix: str, sid: str) -> None:
@@ -563,9 +580,10 @@ class _RoundSamples:
 
 
 async def _speak_and_measure(daemon: Any, nc: Any, sids: list[str], options: LoadtestOptions, fps: int,
-                             probe: LoopLagProbe, gpu: GpuBusySampler) -> dict[str, Any]:
+                             probe: LoopLagProbe, gpu: GpuBusySampler,
+                             starts: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
     samples = await _speak(daemon, sids, options, probe, gpu)
-    return _row(daemon, sids, options, fps, samples)
+    return _row(daemon, sids, options, fps, samples, starts)
 
 
 async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: LoopLagProbe,
@@ -609,7 +627,8 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, busy, memory, list(summaries))
 
 
-def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples) -> dict[str, Any]:
+def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples,
+         starts: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
     window = samples.window
     mono_window = (window[0] + samples.wall_to_mono, window[1] + samples.wall_to_mono)
     per_session = []
@@ -627,6 +646,10 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         figures = session_figures(sid, records, captures, window, mono_window, fps)
         # How its utterance was placed (processing budget, audio context): latency's floor.
         figures["placement"] = session.speech.last_placement if session.speech is not None else None
+        # The window is bounded: once full, its oldest time is no longer the first capture.
+        kept = getattr(publisher, "capture_times", None)
+        first = kept[0] if kept and len(kept) < kept.maxlen else None
+        figures["start"] = start_figures(starts[sid], first)
         per_session.append(figures)
     late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
     if late:
@@ -643,6 +666,10 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "generated_pct_min": min(judged) if judged and len(judged) == len(per_session) else None,
         "latency_p95_ms_max": max((s["latency_ms"]["p95"] for s in per_session
                                    if s["latency_ms"]["p95"] is not None), default=None),
+        # Start request -> first published frame, of the sessions whose avatar was cached.
+        "cached_start_to_first_frame_ms_max": max(
+            (s["start"]["to_first_frame_ms"] for s in per_session
+             if s["start"]["avatar_cached"] and s["start"]["to_first_frame_ms"] is not None), default=None),
         "gpu_busy": samples.gpu_busy,
         "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
@@ -761,6 +788,10 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7} "
                   f"{_fmt((s.get('placement') or {}).get('budget_ms')):>7}")
         print_row(row)
+        starts = [s["start"] for s in row["per_session"]]
+        print(f"  start: reply max {_fmt(max(s['reply_ms'] for s in starts))} ms, first frame max "
+              f"{_fmt(max((s['to_first_frame_ms'] for s in starts if s['to_first_frame_ms'] is not None), default=None))}"
+              f" ms; cached avatars {sum(s['avatar_cached'] for s in starts)} of {len(starts)}")
         if row.get("estimates"):
             print(f"  estimates at the end: audio round {row['estimates']['round_ms']} ms, step ms by "
                   f"bucket {row['estimates']['step_ms']}")

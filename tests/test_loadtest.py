@@ -22,6 +22,7 @@ from daemon.loadtest import (
     Slo,
     session_figures,
     slo_met,
+    start_figures,
 )
 from daemon.speech import FrameRecord
 
@@ -71,6 +72,13 @@ def test_slo_needs_every_session_within_both_bounds() -> None:
     # A session that needed nothing (or generated nothing) cannot pass.
     assert not slo_met([ok, {"generated_pct": None, "latency_ms": {"p50": None, "p95": None, "p99": None}}], slo)
     assert not slo_met([], slo)
+
+
+def test_start_figures_measure_from_the_request() -> None:
+    assert start_figures((10.0, 10.25, True), 10.3125) == {
+        "avatar_cached": True, "reply_ms": 250.0, "to_first_frame_ms": 312.5}
+    # No capture kept (another sink, or the window dropped it): the first frame is unknown.
+    assert start_figures((10.0, 10.5, False), None)["to_first_frame_ms"] is None
 
 
 def test_options_ladder_and_errors() -> None:
@@ -145,12 +153,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
-                        "gpu_busy", "loop_lag_p99_ms", "mean_batch", "step_ms", "gpu_memory_mb", "estimates",
-                        "slo_met"}
+                        "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
+                        "step_ms", "gpu_memory_mb", "estimates", "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
-                      "latency_ms", "jitter_ms_p99", "placement"}
+                      "latency_ms", "jitter_ms_p99", "placement", "start"}
     assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
     assert isinstance(s["session_id"], str)
     for key in ("needed", "generated", "fallbacks", "underruns"):
@@ -169,6 +177,10 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert isinstance(row["loop_lag_p99_ms"], float) and row["loop_lag_p99_ms"] >= 0
     assert isinstance(row["mean_batch"], float) and row["mean_batch"] >= 1
     assert isinstance(row["step_ms"], float) and row["step_ms"] > 0
+
+    # One round: its avatar was prepared by this session's start, so no cached start to report.
+    assert s["start"]["avatar_cached"] is False and row["cached_start_to_first_frame_ms_max"] is None
+    assert s["start"]["reply_ms"] > 0 and s["start"]["to_first_frame_ms"] > 0
 
     # The utterance's placement and the worker's estimates explain the latency.
     placement = s["placement"]

@@ -843,13 +843,16 @@ class AvatarStore:
     """Decoded idle videos in memory, shared by content hash with reference counts.
 
     Sessions on the same avatar hold one array; concurrent ``get`` calls for one URL run
-    a single fetch + decode; an entry is dropped when its last holder releases it.
+    a single fetch + decode. A video whose last holder releases it is kept, least recently
+    used dropped first, within ``fetch.decoded_keep_bytes``; a new video that would pass
+    ``fetch.decoded_max_bytes`` first drops kept ones, then is refused.
     """
 
     def __init__(self, settings: Settings, fetcher: VideoFetcher | None = None) -> None:
         self.settings = settings
         self._owns_fetcher = fetcher is None
         self.fetcher = fetcher or VideoFetcher(settings)
+        # Insertion order is use order: a kept entry moves to the end when released.
         self._entries: dict[str, _Entry] = {}
         self._loading: dict[str, asyncio.Task[tuple[DecodedVideo, str]]] = {}
         # Decodes run in child processes, fetch.decode_workers at a time: that bounds
@@ -880,20 +883,20 @@ class AvatarStore:
                 "host, or raise daemon.start_timeout_s",
             ) from None
         entry = self._entries.get(content_hash)
-        if entry is None:  # released to zero by others while this waiter was resuming
+        if entry is None:  # dropped by others while this waiter was resuming
             entry = self._entries[content_hash] = _Entry(video)
         entry.refs += 1
         return entry.video, content_hash
 
     def release(self, content_hash: str) -> None:
         entry = self._entries.get(content_hash)
-        if entry is None:
+        if entry is None or entry.refs <= 0:
             log.warning("avatar_release_unknown", content_hash=content_hash[:12])
             return
         entry.refs -= 1
-        if entry.refs <= 0:
-            del self._entries[content_hash]
-            log.info("avatar_video_dropped", content_hash=content_hash[:12])
+        if entry.refs == 0:
+            self._entries[content_hash] = self._entries.pop(content_hash)  # most recently used
+            self._drop_kept(self.settings.fetch.decoded_keep_bytes)
 
     def refcount(self, content_hash: str) -> int:
         entry = self._entries.get(content_hash)
@@ -901,19 +904,31 @@ class AvatarStore:
 
     def stats(self) -> dict[str, int]:
         return {
-            "videos": len(self._entries),
+            "videos": sum(1 for e in self._entries.values() if e.refs > 0),
             "bytes": sum(e.video.nbytes for e in self._entries.values()),
+            "kept": sum(1 for e in self._entries.values() if e.refs == 0),
             "loading": len(self._loading),
         }
+
+    def _drop_kept(self, keep_bytes: int) -> None:
+        """Drop unheld videos, least recently used first, until they hold <= keep_bytes."""
+        kept = [(h, e) for h, e in self._entries.items() if e.refs == 0]
+        total = sum(e.video.nbytes for _, e in kept)
+        for content_hash, entry in kept:
+            if total <= keep_bytes:
+                break
+            del self._entries[content_hash]
+            total -= entry.video.nbytes
+            log.info("avatar_video_dropped", content_hash=content_hash[:12], bytes=entry.video.nbytes)
 
     async def _load(self, url: str) -> tuple[DecodedVideo, str]:
         fetched = await self.fetcher.fetch(url)
         entry = self._entries.get(fetched.content_hash)
-        if entry is not None:  # the same bytes under another URL, already decoded
+        if entry is not None:  # the same bytes (under this URL or another), decoded already
             return entry.video, fetched.content_hash
         video = await decode_video_isolated(self.decoder, fetched.path, self.settings, url)
         budget = self.settings.fetch.decoded_max_bytes
-        held = sum(e.video.nbytes for e in self._entries.values())
+        held = sum(e.video.nbytes for e in self._entries.values() if e.refs > 0)
         if held + video.nbytes > budget:
             gib = 1024**3
             raise LipsyncError(
@@ -923,6 +938,7 @@ class AvatarStore:
                 f"over fetch.decoded_max_bytes = {budget / gib:.2f} GiB: use a shorter or smaller idle "
                 "video, end sessions of other avatars, or raise fetch.decoded_max_bytes",
             )
+        self._drop_kept(budget - held - video.nbytes)  # kept videos make room first
         log.info(
             "avatar_video_decoded", url=display_url(url), frames=video.num_frames,
             size=f"{video.width}x{video.height}", fps=video.fps,

@@ -131,6 +131,10 @@ class FetchSection(_Section):
     # All decoded idle videos together (RGB + I420 in host memory): a start that would
     # pass it is refused with at_capacity (8 GiB: e.g. 24 avatars of 300 frames at 512x512).
     decoded_max_bytes: int = Field(8 * 1024**3, ge=0)
+    # Decoded videos no session shows any more are kept, the most recently used first, up
+    # to this many bytes (within decoded_max_bytes): the next start of such an avatar skips
+    # the decode (about a second). 0: drop a video with its last session.
+    decoded_keep_bytes: int = Field(2 * 1024**3, ge=0)
     # Host names or networks (CIDR, or one address) that may be fetched although they
     # resolve to loopback, private, link-local or other non-public addresses.
     allow_private_hosts: list[str] = Field(default_factory=list)

@@ -650,6 +650,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         kept = getattr(publisher, "capture_times", None)
         first = kept[0] if kept and len(kept) < kept.maxlen else None
         figures["start"] = start_figures(starts[sid], first)
+        figures["start"]["timings_ms"] = session.info.timings_ms if session.info is not None else None
         per_session.append(figures)
     late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
     if late:

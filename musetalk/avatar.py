@@ -522,6 +522,16 @@ def evict_prepared(root: str | Path, max_bytes: int, keep: set[str] | frozenset[
     return removed
 
 
+def load_cached(directory: str | Path, key: str, *, latents_dtype: Any = None) -> PreparedAvatar | None:
+    """The cached avatar when valid for ``key`` (as ``load_or_prepare`` takes it), else None."""
+    try:
+        avatar = load_prepared(directory, key=key, latents_dtype=latents_dtype)
+    except CacheInvalid:
+        return None
+    os.utime(directory)  # used now: evicted last (evict_prepared)
+    return avatar
+
+
 def load_or_prepare(
     directory: str | Path,
     key: str,

@@ -502,9 +502,42 @@ async def test_store_shares_one_decode(server, tmp_path):
         assert c is a and hc == ha and store.refcount(ha) == 3
         for _ in range(3):
             store.release(ha)
-        assert store.refcount(ha) == 0 and store.stats()["videos"] == 0
-        d, _ = await store.get(url)  # decoded again from the disk cache, no download
+        assert store.refcount(ha) == 0 and store.stats()["videos"] == 0 and store.stats()["kept"] == 1
+        d, _ = await store.get(url)  # kept decoded (fetch.decoded_keep_bytes): no decode, no download
+        assert d is a and hits["/video.mp4"] == 1 and store.refcount(ha) == 1
+    finally:
+        await store.aclose()
+
+
+async def test_store_without_keep_decodes_again_from_the_disk_cache(server, tmp_path):
+    base, hits = server
+    store = AvatarStore(settings(tmp_path, fetch={"allow_http": True, "allow_private_hosts": LOCAL,
+                                                  "decoded_keep_bytes": 0}))
+    try:
+        url = f"{base}/video.mp4"
+        a, ha = await store.get(url)
+        store.release(ha)
+        assert store.stats() == {"videos": 0, "bytes": 0, "kept": 0, "loading": 0}
+        d, _ = await store.get(url)  # decoded again from the downloaded file
         assert d is not a and hits["/video.mp4"] == 1
+    finally:
+        await store.aclose()
+
+
+async def test_kept_videos_go_least_recently_used_first(tmp_path):
+    """Three 15-frame 32x32 videos (69 120 bytes each with their I420 copy); room to keep
+    two unheld: releasing the third drops the one released first."""
+    paths = [write_video(tmp_path / f"{name}.mp4", [colour] * 15)
+             for name, colour in (("a", RED), ("b", BLUE), ("c", GREEN))]
+    store = AvatarStore(settings(tmp_path, fetch={"allow_file_urls": True, "decoded_keep_bytes": 2 * 69_120}))
+    try:
+        got = [await store.get(p.as_uri()) for p in paths]
+        for _, h in got:
+            store.release(h)
+        assert store.stats()["kept"] == 2 and store.stats()["bytes"] == 2 * 69_120
+        first, _ = await store.get(paths[0].as_uri())  # dropped: decoded anew
+        last, _ = await store.get(paths[2].as_uri())  # kept: the same array
+        assert first is not got[0][0] and last is got[2][0]
     finally:
         await store.aclose()
 
@@ -525,8 +558,8 @@ async def test_decoded_videos_keep_to_their_memory_budget(tmp_path):
         assert again is first
         store.release(ha)
         store.release(ha)
-        second, _ = await store.get(b.as_uri())
-        assert second.num_frames == 15
+        second, _ = await store.get(b.as_uri())  # the kept first one makes room
+        assert second.num_frames == 15 and store.stats()["kept"] == 0
     finally:
         await store.aclose()
 
@@ -540,6 +573,6 @@ async def test_store_reports_bad_videos_to_every_waiter(server, tmp_path):
             return_exceptions=True,
         )
         assert [getattr(r, "code", r) for r in results] == [errors.VIDEO_INVALID] * 2
-        assert store.stats() == {"videos": 0, "bytes": 0, "loading": 0}
+        assert store.stats() == {"videos": 0, "bytes": 0, "kept": 0, "loading": 0}
     finally:
         await store.aclose()

@@ -295,6 +295,24 @@ async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_da
         del host.engine.register_avatar
 
 
+async def test_a_cached_avatar_starts_while_another_is_being_prepared(speech_daemon, client):
+    """The second start of an avatar reads the prepared avatar from disk and the decoded
+    video kept in memory: it neither decodes again nor waits for a preparation of
+    another avatar (here one holding the preparation lock the whole time)."""
+    host = speech_daemon.engine_host
+    await start(client, "c1")
+    assert "avatar_prepare_ms" in speech_daemon.sessions["c1"].info.timings_ms
+    decoded = speech_daemon.sessions["c1"].video
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "c1"})
+    assert speech_daemon.store.stats()["kept"] == 1
+    async with host._prepare_lock:  # another avatar's preparation, as long as it takes
+        await asyncio.wait_for(start(client, "c2"), timeout=30)
+    again = speech_daemon.sessions["c2"].info.timings_ms
+    assert "avatar_cache_ms" in again and "avatar_prepare_ms" not in again
+    assert speech_daemon.sessions["c2"].video is decoded  # kept, not decoded again
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "c2"})
+
+
 async def test_the_partial_last_frame_plays_with_the_mouth_closed(speech_daemon, client):
     """MuseTalk makes floor(seconds * fps) frames; audio reaching into one more frame
     plays it with the avatar's own frame (not a fallback, not a stale mouth)."""

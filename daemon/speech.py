@@ -109,7 +109,7 @@ class Utterance:
     played: int = 0
     started: bool = False
     last_audio_at: float = 0.0
-    # (frame holding the chunk's first sample, monotonic arrival, producer's send time or None)
+    # (the chunk's first sample, monotonic arrival, producer's send time or None)
     arrivals: deque = field(default_factory=deque)
     error_sent: bool = False
     underruns: int = 0
@@ -192,53 +192,71 @@ class SpeechPipeline:
             self.host.speaking_changed(1 if self._speaking_counted else -1)
 
     # ---- input (event loop) ----------------------------------------------------------
-    def _start_tick(self, arrived: float, first_chunk_samples: int) -> int:
+    def _start_tick(self, arrived: float, first_chunk_samples: int) -> tuple[int, int]:
+        """The utterance's first tick, and the samples of silence it plays before its
+        first chunk (the lead): together they put the first sample exactly at its due
+        time instead of up to a frame later at the next tick."""
         next_tick = self.session.next_tick
         if self.delay_frames is not None:
-            return next_tick + self.delay_frames
+            return next_tick + self.delay_frames, 0
         if not self.generates:
-            return next_tick
+            return next_tick, 0
         # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time that
         # is here this long after the first chunk, which brought its own duration.
         context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
         budget = self.host.processing_budget_s()
         due = arrived + max(0.0, context) + budget
-        tick = math.ceil((due - self.session.t0) * self.fps - 1e-9)
+        # The tick at or before the due time, and silence up to it: frame 0 then needs
+        # the lead's worth less of the first chunks, so its audio context is complete just
+        # as early before its tick as a frame placed on a tick exactly at the due time.
+        exact = (due - self.session.t0) * self.fps
+        tick = math.floor(exact + 1e-9)
+        lead = min(int((exact - tick) * self.rate / self.fps), self.rate // self.fps - 1)
+        if tick < next_tick:  # due before the next tick: that tick, no lead
+            tick, lead = next_tick, 0
         self.last_placement = {
             "budget_ms": round(budget * 1000, 1), "context_ms": round(context * 1000, 1),
-            "start_in_ms": round((self.session.tick_time(max(next_tick, tick)) - time.monotonic()) * 1000, 1),
+            "lead_ms": round(1000 * lead / self.rate, 1),
+            "start_in_ms": round((self.session.tick_time(tick) + lead / self.rate - time.monotonic()) * 1000, 1),
         }
         self.log.info("utterance placed", **self.last_placement)
-        return max(next_tick, tick)
+        return tick, lead
 
     def _open_utterance(self, now: float, first_chunk_samples: int) -> Utterance:
-        start = self._start_tick(now, first_chunk_samples)
+        start, lead = self._start_tick(now, first_chunk_samples)
         if self.utterances:
             prev = self.utterances[-1]
             prev_end = prev.start_tick + (prev.total_frames or 0)
-            start = max(start, prev_end)
+            if prev_end > start:  # right after the previous one: no silence between
+                start, lead = prev_end, 0
         utt = Utterance(id=self._next_id, start_tick=start, last_audio_at=now)
         self._next_id += 1
         self.utterances.append(utt)
         self._set_speaking()
+        if lead:
+            self._append(utt, np.zeros(lead, np.int16))
         return utt
+
+    def _append(self, utt: Utterance, pcm: np.ndarray) -> None:
+        """Audio of the utterance: to its playback buffer and, resampled, to the worker."""
+        utt.audio.append(pcm)
+        if not self.generates:
+            return
+        pcm16k = self.resampler.push(pcm)
+        if len(pcm16k):
+            self.host.push_audio(self.session.id, utt.id, pcm16k)
 
     def on_audio(self, chunks: list[Any]) -> None:
         for chunk in chunks:
             utt = self.utterances[-1] if self.utterances and not self.utterances[-1].flushed else None
             if utt is None:
                 utt = self._open_utterance(chunk.arrived, len(chunk.pcm))
-            first_sample = utt.audio.size
-            utt.audio.append(chunk.pcm)
-            utt.last_audio_at = chunk.arrived
             if not chunk.gap_fill:
-                utt.arrivals.append((first_sample * self.fps // self.rate, chunk.arrived, chunk.sent))
-            if not self.generates:
-                continue
-            pcm16k = self.resampler.push(chunk.pcm)
-            if len(pcm16k):
-                self.host.push_audio(self.session.id, utt.id, pcm16k)
-            self._plan(utt)
+                utt.arrivals.append((utt.audio.size, chunk.arrived, chunk.sent))
+            self._append(utt, chunk.pcm)
+            utt.last_audio_at = chunk.arrived
+            if self.generates:
+                self._plan(utt)
 
     def flush(self) -> None:
         """End of utterance: render what is buffered, then playback_finished."""
@@ -433,10 +451,13 @@ class SpeechPipeline:
         latency = None
         utt = self.utterances[0] if self.utterances else None
         if utt is not None and utt.started:
-            last_played = utt.played - 1
-            while utt.arrivals and utt.arrivals[0][0] <= last_played:
-                _, arrived, sent = utt.arrivals.popleft()
-                latency = (wall - sent) if sent is not None else (now - arrived)
+            played_to = self.clock.start(utt.played)  # samples published so far
+            while utt.arrivals and utt.arrivals[0][0] < played_to:
+                first_sample, arrived, sent = utt.arrivals.popleft()
+                # Until the chunk's first sample plays: its frame's publication, plus
+                # where in that frame's audio it lies.
+                into_frame = (first_sample - self.clock.start(first_sample * self.fps // self.rate)) / self.rate
+                latency = ((wall - sent) if sent is not None else (now - arrived)) + into_frame
                 self.latencies.append(latency)
                 self.session.deps.metrics.audio_to_frame_latency.observe(latency)
             if utt.flushed and utt.total_frames is not None and utt.played >= utt.total_frames:

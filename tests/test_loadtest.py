@@ -184,7 +184,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
 
     # The utterance's placement and the worker's estimates explain the latency.
     placement = s["placement"]
-    assert set(placement) == {"budget_ms", "context_ms", "start_in_ms"}
+    assert set(placement) == {"budget_ms", "context_ms", "lead_ms", "start_in_ms"}
     assert placement["budget_ms"] > 0 and placement["context_ms"] > 0
     assert p50 >= placement["context_ms"]  # no frame before its audio context can be there
     estimates = row["estimates"]

@@ -295,6 +295,37 @@ async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_da
         del host.engine.register_avatar
 
 
+async def test_the_first_sample_plays_at_its_due_time_not_at_the_next_tick(nats_server, tmp_path, tiny_models,
+                                                                           idle_video, client):
+    """Without a fixed playout delay an utterance is placed by its audio context and the
+    processing budget: it starts at the tick before that moment with the difference as
+    leading silence, so its first sample plays at the due time exactly (not up to a frame
+    later), and the mouth is generated from the same padded audio."""
+    d = Daemon(speech_settings(nats_server, tmp_path, tiny_models, idle_video, playout_delay_frames=None))
+    await d.start()
+    try:
+        await start(client, "lead")
+        speech = d.sessions["lead"].speech
+        pcm, rate = read_wav_mono16(SPEECH, RATE)
+        chunk = pcm[rate // 2: rate // 2 + rate * 40 // 1000]  # 40 ms of voice
+        await stream_pcm(client.nc, "lipsync", "lead", chunk, rate, realtime=False, chunk_ms=40)
+        for _ in range(100):
+            if speech.utterances:
+                break
+            await asyncio.sleep(0.02)
+        utt = speech.utterances[0]
+        placement = speech.last_placement
+        lead, arrived, _ = utt.arrivals[0]  # the first chunk's first sample: after the lead
+        assert 0 <= lead < RATE // FPS and lead / RATE * 1000 == pytest.approx(placement["lead_ms"], abs=0.1)
+        assert not utt.audio.slice(0, lead).any()
+        assert np.array_equal(utt.audio.slice(lead, lead + len(chunk)), chunk)
+        plays_at = d.sessions["lead"].tick_time(utt.start_tick) + lead / RATE
+        due = (placement["context_ms"] + placement["budget_ms"]) / 1000
+        assert plays_at - arrived == pytest.approx(due, abs=2 / RATE + 1e-3)  # ms-rounded figures
+    finally:
+        await d.shutdown()
+
+
 async def test_a_cached_avatar_starts_while_another_is_being_prepared(speech_daemon, client):
     """The second start of an avatar reads the prepared avatar from disk and the decoded
     video kept in memory: it neither decodes again nor waits for a preparation of

@@ -263,7 +263,8 @@ class EngineHost:
         ms = self.settings.model.processing_budget_ms
         if ms is not None:
             return ms / 1000
-        return self.worker.processing_budget_s(self._speaking + 1)
+        # Every open session may speak during this utterance: budget for all of them.
+        return self.worker.processing_budget_s(max(self._speaking + 1, self.worker.open_streams))
 
     def speaking_changed(self, delta: int) -> None:
         self._speaking = max(0, self._speaking + delta)

@@ -249,6 +249,22 @@ async def test_chunks_arriving_within_the_round_interval_share_one_round(worker)
     assert worker.processing_budget_s(1) >= 0.3
 
 
+async def test_the_budget_counts_a_round_and_two_steps_of_every_open_session(worker):
+    """The processing budget: the round interval, a round, the step on the GPU and the
+    frame's own one, a delivery margin; the steps of a batch holding a frame of every
+    session the worker has open (any of them may start speaking mid-utterance)."""
+    for i in range(3):
+        worker.post("open", f"b{i}", FPS, Results())
+    assert await worker.call(lambda: worker.open_streams) == 3
+    est = worker.est
+    expected = worker.round_interval_s + est.round() + 2 * est.step(worker.engine.bucket(3)) + 0.010
+    assert worker.processing_budget_s(3) == pytest.approx(expected)
+    assert worker.processing_budget_s(4) > worker.processing_budget_s(1)  # the 4-frame step is slower
+    for i in range(3):
+        worker.post("close", f"b{i}")
+    assert await worker.call(lambda: worker.open_streams) == 0
+
+
 async def test_a_shift_moves_deadlines_so_frames_are_not_dropped_as_late(worker):
     """Two sessions, the same frames due 50 ms from now on a slow device (30 ms a
     frame): the one whose clock moved 3 s later (shift) has all its frames generated;

@@ -13,8 +13,8 @@ time-reversed, scaled and moved), round-robin. Each round of N sessions speaks f
 Per session, from the daemon's record of every published frame
 (``session.speech.frame_records``, ``daemon.speech.FrameRecord``): frames that needed
 generation, those generated in time, fallbacks, underruns, latency of generated frames
-(publication of the frame holding a chunk's first sample minus the chunk's send time)
-and the interval jitter of the frames captured by the LiveKit video source. Per round:
+(publication of a chunk's first sample, its frame's plus its place in that frame's audio,
+minus the chunk's send time) and the interval jitter of the frames captured by the LiveKit video source. Per round:
 event-loop lag (a 5 ms sleeper on the daemon's loop), GPU busy fraction (NVML), mean
 batch and step time (the GPU worker's counters) and peak GPU memory.
 

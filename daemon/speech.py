@@ -107,6 +107,7 @@ class Utterance:
     planned: int = 0  # frames whose plan went to the worker
     results: dict[int, Any] = field(default_factory=dict)  # frame -> GeneratedBox, or None (= idle)
     played: int = 0
+    lead: int = 0  # samples of silence before the first chunk (see _start_tick)
     started: bool = False
     last_audio_at: float = 0.0
     # (the chunk's first sample, monotonic arrival, producer's send time or None)
@@ -229,7 +230,7 @@ class SpeechPipeline:
             prev_end = prev.start_tick + (prev.total_frames or 0)
             if prev_end > start:  # right after the previous one: no silence between
                 start, lead = prev_end, 0
-        utt = Utterance(id=self._next_id, start_tick=start, last_audio_at=now)
+        utt = Utterance(id=self._next_id, start_tick=start, last_audio_at=now, lead=lead)
         self._next_id += 1
         self.utterances.append(utt)
         self._set_speaking()
@@ -281,7 +282,7 @@ class SpeechPipeline:
         """Interrupt: drop buffered audio and pending frames; idle from the next tick."""
         active = self.utterances[0] if self.utterances else None
         if active is not None:
-            self._events.append(self.finished_event(active.played / self.fps, interrupted=True))
+            self._events.append(self.finished_event(self._position(active, active.played), interrupted=True))
         self.utterances.clear()
         self._set_speaking()
         if self.resampler is not None:
@@ -405,7 +406,7 @@ class SpeechPipeline:
         utt.audio.trim(self.clock.start(max(0, f - 1)))
         if not utt.started:
             utt.started = True
-            at = round(tick / self.fps, 3)
+            at = round(tick / self.fps + utt.lead / self.rate, 3)  # where its first sample plays
             self._events.append(SpeakingEvent(session_id=self.session.id, ts=time.time(),
                                               session_position_s=at, position_s=at))
         needed = generated = False
@@ -474,7 +475,7 @@ class SpeechPipeline:
             self.utterances.popleft()
         self._set_speaking()
         self._cancel(utt.id)
-        self._events.append(self.finished_event((utt.total_frames or 0) / self.fps, interrupted=False))
+        self._events.append(self.finished_event(self._position(utt, utt.total_frames or 0), interrupted=False))
         self.log.info("utterance finished", frames=utt.total_frames, underruns=utt.underruns,
                       counts=dict(self.counts))
         self._report_degraded(utt)
@@ -497,6 +498,11 @@ class SpeechPipeline:
             f"{rate if rate is not None else '?'} frames/s for one session, the session runs {self.fps} fps; "
             "start it with a lower video.fps, leave video.auto_fps on, or run on a GPU",
             needed=utt.needed, fallbacks=utt.fallbacks, fps=self.fps)
+
+    def _position(self, utt: Utterance, frames: int) -> float:
+        """Seconds of the utterance's own audio played after ``frames`` of its frames
+        (its leading silence is not the producer's audio)."""
+        return max(0.0, frames / self.fps - utt.lead / self.rate)
 
     def finished_event(self, utterance_s: float, interrupted: bool) -> PlaybackFinishedEvent:
         """playback_finished with both clocks: how much of the utterance played, and the

@@ -28,7 +28,7 @@ from daemon.publishers.factory import make_publisher
 from daemon.publishers.filesink import FileSinkPublisher
 from daemon.publishers.livekit import LiveKitPublisher, RtcRoomConnector, mint_token
 from daemon.publishers.livekit_local import LiveKitLocalPublisher
-from daemon.publishers.livekit_sources import LiveKitSources
+from daemon.publishers.livekit_sources import LiveKitSources, audio_queue_ms
 from daemon.publishers.null import NullPublisher
 
 FPS = 25
@@ -663,6 +663,25 @@ async def test_dropping_the_queue_forgets_audio_not_yet_played() -> None:
     assert source.queued_duration > 0.2
     pub.drop_queued()
     assert source.queued_duration < 0.05
+    await pub.aclose()
+
+
+async def test_a_burst_of_frames_never_puts_audio_more_than_a_short_queue_behind_its_video() -> None:
+    """After a stall the session may push frames faster than real time. Video has no
+    queue in the SDK, audio has one: the queue is one frame plus 20 ms (60 ms at 25 fps),
+    and a full queue makes the capture wait, so the next video frame waits with it. The
+    audio queued when each frame is captured (how far its voice trails it) stays within
+    that bound (the real SDK source, no room)."""
+    assert audio_queue_ms(25) == 60 and audio_queue_ms(10) == 120 and audio_queue_ms(30) == 60
+    pub = LiveKitLocalPublisher(MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE), "s1")
+    await pub.start()
+    source = pub._sources.audio
+    trailing = []
+    for i in range(25):  # a second of frames, pushed as fast as the sources take them
+        trailing.append(source.queued_duration)
+        await pub.push(flat_frame(i, 64, 48), np.full(SPF, 3000, np.int16))
+    assert max(trailing) <= 0.060 + 0.010, trailing  # one 10 ms drain period of slack
+    assert max(trailing) >= 0.020, trailing  # the burst did fill the queue: it held video back
     await pub.aclose()
 
 

@@ -322,6 +322,13 @@ async def test_the_first_sample_plays_at_its_due_time_not_at_the_next_tick(nats_
         plays_at = d.sessions["lead"].tick_time(utt.start_tick) + lead / RATE
         due = (placement["context_ms"] + placement["budget_ms"]) / 1000
         assert plays_at - arrived == pytest.approx(due, abs=2 / RATE + 1e-3)  # ms-rounded figures
+        # Positions are the producer's audio, without the lead: speech starts where its
+        # first sample plays; the whole 40 ms chunk played (to the end of its last frame).
+        speaking = await client.wait_event("lead", "speaking", timeout=30)
+        assert speaking["session_position_s"] == pytest.approx(utt.start_tick / FPS + lead / RATE, abs=1e-3)
+        finished = await client.wait_event("lead", "playback_finished", timeout=30)  # auto-flush
+        frames = math.ceil((lead + len(chunk)) * FPS / RATE)
+        assert finished["position_s"] == pytest.approx(frames / FPS - lead / RATE, abs=1e-3)
     finally:
         await d.shutdown()
 

@@ -137,7 +137,7 @@ class LiveKitPublisher(Publisher):
         room_connector: RoomConnector | None = None,
         *,
         reconnect_initial_backoff_s: float = 0.5,
-        audio_queue_size_ms: int = 200,
+        audio_queue_size_ms: int | None = None,
         token: str | None = None,
     ) -> None:
         """``token``: a join token minted by the orchestrator, used for every connection

@@ -29,7 +29,7 @@ CAPTURE_WINDOW_S = 600
 
 
 class LiveKitLocalPublisher(Publisher):
-    def __init__(self, fmt: MediaFormat, session_id: str, *, audio_queue_size_ms: int = 200,
+    def __init__(self, fmt: MediaFormat, session_id: str, *, audio_queue_size_ms: int | None = None,
                  capture_window_s: float = CAPTURE_WINDOW_S) -> None:
         self._fmt = fmt
         self._audio_queue_size_ms = audio_queue_size_ms

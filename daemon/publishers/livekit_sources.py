@@ -8,6 +8,12 @@ native task drains 10 ms at a time at real time whether or not a room is connect
 queue makes a capture wait only while more than ``audio_queue_size_ms`` is queued, so
 pushes at the session's real-time pace never wait.
 
+The queue is kept short: one frame's audio plus two 10 ms drain periods
+(``audio_queue_ms``). Video has no queue (a capture is sent as it comes), so whatever
+audio waits in the queue plays that much after its frame; when the session pushes a
+burst (frames late after a stall), a full queue makes the capture wait, which holds the
+next video frame back too: lips and voice never part by more than the queue.
+
 Video is captured here, with the caller's timestamp, rather than through
 ``rtc.AVSynchronizer``: its ``push(frame, timestamp)`` keeps the timestamp for its own
 bookkeeping and captures with ``timestamp_us=0`` (the SDK then stamps the wall clock at
@@ -17,6 +23,7 @@ which already paces every push.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -26,11 +33,20 @@ from livekit import rtc
 from daemon.publishers.base import MediaFormat, check_frame
 
 
+def audio_queue_ms(fps: int) -> int:
+    """The audio queue for a session's frame rate: a frame's audio and two 10 ms drain
+    periods, in the SDK's 10 ms steps (60 ms at 25 fps, 120 ms at 10 fps)."""
+    return 10 * math.ceil((1000 / fps + 20) / 10)
+
+
 class LiveKitSources:
-    def __init__(self, fmt: MediaFormat, *, audio_queue_size_ms: int = 200,
+    def __init__(self, fmt: MediaFormat, *, audio_queue_size_ms: int | None = None,
                  capture_window: int | None = None) -> None:
         """Must be built on the event loop (the audio source binds to it).
+        ``audio_queue_size_ms``: default ``audio_queue_ms(fmt.fps)``.
         ``capture_window``: how many video capture times to keep (default: one second's)."""
+        if audio_queue_size_ms is None:
+            audio_queue_size_ms = audio_queue_ms(fmt.fps)
         if audio_queue_size_ms <= 0 or audio_queue_size_ms % 10:
             raise ValueError(f"audio_queue_size_ms must be a positive multiple of 10, got {audio_queue_size_ms}")
         self.fmt = fmt

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import nats
+import numpy as np
 import pytest
 
 from tests.conftest import free_port
@@ -30,43 +31,91 @@ async def _wait_nats(url: str, timeout: float = 20.0):
             await asyncio.sleep(0.1)
 
 
+def _spawn_lipsyncd(tmp_path: Path, **extra_env: str) -> tuple[subprocess.Popen, int]:
+    """lipsyncd on its built-in defaults (cwd without a config.toml: embedded nats-server,
+    the demo avatar), no model, state under tmp_path; returns it and its NATS port."""
+    nats_port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
+        "LIPSYNC_NATS__EMBEDDED_PORT": str(nats_port),
+        "LIPSYNC_HTTP__PORT": str(free_port()),
+        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"),
+        "LIPSYNC_MODEL__ENABLED": "false",
+        **extra_env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, nats_port
+
+
+async def _start_demo_session(nats_port: int, sid: str) -> tuple[nats.NATS, list[dict], dict]:
+    """Connects (once the daemon's server is up), collects events, starts ``sid`` on the
+    demo avatar; returns the connection, the event list and the start's reply."""
+    nc = await _wait_nats(f"nats://127.0.0.1:{nats_port}")
+    events: list[dict] = []
+
+    async def on_event(msg):
+        events.append(json.loads(msg.data))
+
+    await nc.subscribe("lipsync.events.>", cb=on_event)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            msg = await nc.request("lipsync.session.start", json.dumps(
+                {"v": 1, "session_id": sid, "avatar_id": "demo"}).encode(), timeout=10)
+            break
+        except nats.errors.NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    reply = json.loads(msg.data)
+    assert reply["ok"], reply
+    return nc, events, reply
+
+
+async def _event(events: list[dict], kind: str, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in events if e["type"] == kind]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {kind} event: {events}"
+        await asyncio.sleep(0.02)
+
+
+async def test_sigterm_during_speech_finishes_the_utterance_then_exits_0(tmp_path: Path):
+    """SIGTERM to the real process while a session speaks: the utterance plays to its end
+    (within daemon.drain_utterances_s), playback_finished and stopped go out, exit 0."""
+    proc, nats_port = _spawn_lipsyncd(tmp_path)
+    try:
+        nc, events, _ = await _start_demo_session(nats_port, "talk")
+        tone = (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(24000) / 16000)).astype("<i2")  # 1.5 s
+        await nc.publish("lipsync.audio.talk", tone.tobytes())  # the default 16 kHz
+        await nc.publish("lipsync.control.talk", b'{"op": "flush"}')
+        await _event(events, "speaking")
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert code == 0
+        finished = await _event(events, "playback_finished", timeout=2)
+        assert finished["interrupted"] is False and finished["position_s"] == pytest.approx(1.5, abs=0.05)
+        stopped = await _event(events, "stopped", timeout=2)
+        assert stopped["reason"] == "shutdown"
+        assert [e["type"] for e in events].index("playback_finished") < [e["type"] for e in events].index("stopped")
+        await nc.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 async def test_lipsyncd_embedded_defaults_sigterm(tmp_path: Path):
-    nats_port, http_port = free_port(), free_port()
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.setblocking(False)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")},
-        "LIPSYNC_NATS__EMBEDDED_PORT": str(nats_port),
-        "LIPSYNC_HTTP__PORT": str(http_port),
-        "LIPSYNC_DAEMON__STATE_DIR": str(tmp_path / "state"),
-        "LIPSYNC_MODEL__ENABLED": "false",
-        "NOTIFY_SOCKET": str(notify_path),
-    }
-    # cwd without a config.toml: the built-in defaults, demo avatar included.
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.main"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, nats_port = _spawn_lipsyncd(tmp_path, NOTIFY_SOCKET=str(notify_path))
     try:
-        nc = await _wait_nats(f"nats://127.0.0.1:{nats_port}")
-        events: list[dict] = []
-
-        async def on_event(msg):
-            events.append(json.loads(msg.data))
-
-        await nc.subscribe("lipsync.events.>", cb=on_event)
-        reply = None
-        deadline = time.monotonic() + 20
-        while reply is None:
-            try:
-                msg = await nc.request("lipsync.session.start", json.dumps(
-                    {"v": 1, "session_id": "demo1", "avatar_id": "demo"}).encode(), timeout=10)
-                reply = json.loads(msg.data)
-            except nats.errors.NoRespondersError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        assert reply["ok"], reply
+        nc, events, reply = await _start_demo_session(nats_port, "demo1")
         assert (reply["width"], reply["height"]) == (512, 512)
         await asyncio.sleep(1.0)
         t = time.monotonic()

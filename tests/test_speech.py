@@ -145,26 +145,38 @@ async def test_streamed_speech_is_recorded_in_sync(speech_daemon, client):
     assert changed[-1] <= voiced[-1] + 2, (changed, voiced)
 
 
+async def _ticks_past(session, tick: int, timeout: float = 10.0) -> None:
+    """Until the session's frame clock has published ``tick``."""
+    deadline = time.monotonic() + timeout
+    while session.tick <= tick:
+        assert time.monotonic() < deadline, f"the frame loop stopped at tick {session.tick}"
+        await asyncio.sleep(0.01)
+
+
 async def test_clear_interrupts_within_a_frame(speech_daemon, client):
-    await start(client, "cut")
+    """A clear ends the utterance by the next frames: the event says so, the worker holds
+    nothing for it, and the recording has voice before the clear and silence from two
+    frames after it until the next utterance."""
+    reply = await start(client, "cut")
     pcm, rate = read_wav_mono16(SPEECH, RATE)
     session = speech_daemon.sessions["cut"]
     await stream_pcm(client.nc, "lipsync", "cut", pcm, rate, realtime=True, chunk_ms=40)
     await client.wait_event("cut", "speaking", timeout=20)
-    await asyncio.sleep(0.3)
-    t = time.monotonic()
+    await _ticks_past(session, session.tick + 8)
     tick = session.tick
-    reply = await client.request("lipsync.control.cut", {"op": "clear"})
-    assert reply["ok"]
+    reply_clear = await client.request("lipsync.control.cut", {"op": "clear"})
+    assert reply_clear["ok"]
+    cleared_at = session.tick
     ev = await client.wait_event("cut", "playback_finished", timeout=5)
     assert ev["interrupted"] is True and ev["position_s"] > 0
-    assert session.tick - tick <= 2 and time.monotonic() - t < 1.0
+    assert cleared_at - tick <= 2  # frames of the session's own clock, not wall time
     assert not session.speech.speaking
     idle_before = session.frame_counts.get("idle", 0)
-    await asyncio.sleep(3 / FPS)
+    await _ticks_past(session, cleared_at + 4)
     assert session.frame_counts.get("idle", 0) >= idle_before + 2
     assert speech_daemon.engine_host.device_info()["pending_frames"] == 0
     # The session is still usable: a new utterance plays to its end.
+    next_from = session.tick
     await stream_pcm(client.nc, "lipsync", "cut", pcm[: rate // 2], rate, realtime=False, seq_start=10_000)
     await client.nc.publish("lipsync.control.cut", json.dumps({"op": "flush"}).encode())
     deadline = time.monotonic() + 20
@@ -173,6 +185,21 @@ async def test_clear_interrupts_within_a_frame(speech_daemon, client):
         done = [e for e in client.events_of("cut", "playback_finished") if not e["interrupted"]]
         await asyncio.sleep(0.05)
     assert done and done[0]["position_s"] == pytest.approx(math.ceil(rate // 2 * FPS / rate) / FPS)
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "cut"})
+    await client.wait_event("cut", "stopped")
+
+    # The recording: one frame of audio per tick from tick 0 (a frame of slack each side
+    # for the encoder's priming).
+    audio, audio_rate = decode_audio(Path(reply["output"]["path"]))
+    spf = audio_rate // FPS
+
+    def level(frames: range) -> float:
+        part = audio[frames.start * spf:frames.stop * spf]
+        return 20 * math.log10(max(1e-9, float(np.sqrt(np.mean(part ** 2)))))
+
+    assert level(range(tick - 6, tick)) > SILENCE_DBFS  # speech was playing
+    assert level(range(cleared_at + 3, next_from)) < -60  # silence after the clear
+    assert level(range(next_from, len(audio) // spf)) > SILENCE_DBFS  # the next utterance played
 
 
 @pytest.mark.parametrize("fault", ["illegal-access", "out-of-memory"])

@@ -21,7 +21,7 @@ import numpy as np
 
 from daemon.config import Settings
 from daemon.inprocess import SAMPLE_WAV, in_process_settings, read_recording
-from daemon.speech import CONTEXT_FRAMES
+from daemon.speech import CONTEXT_FRAMES, NO_MODEL_JITTER_S
 
 CHUNK_MS = 40  # the demo's producer sends 40 ms chunks
 # The CPU demo's playout delay: the tiny model on a CPU needs about that long per frame.
@@ -191,15 +191,19 @@ class Expectation:
         return 1000.0 / self.fps
 
     def start_delay(self) -> tuple[float, str]:
-        """(ms, why) from an utterance's first chunk arriving to the earliest tick its
-        frame 0 may play at."""
+        """(ms, why) from an utterance's first chunk arriving to when its first sample
+        plays (the adaptive start) or to the earliest tick it may play at (a fixed delay)."""
         f = self.frame_ms
         if self.playout_delay_frames is not None:
             ms = self.playout_delay_frames * f
             return ms, (f"a playout delay of {self.playout_delay_frames} frames at {self.fps} fps "
                         f"= {ms:g} ms ({self.delay_why})")
         if not self.generates:
-            return 0.0, "no model: speech starts at the next tick"
+            context = max(0.0, f - self.chunk_ms)
+            jitter = NO_MODEL_JITTER_S * 1000
+            return context + jitter, (
+                f"no model: the first frame's audio ({context:g} ms after a {self.chunk_ms} ms first chunk) "
+                f"plus a {jitter:g} ms jitter margin")
         context = max(0.0, (CONTEXT_FRAMES + 1 + self.lookahead_frames) * f - self.chunk_ms)
         budget = self.processing_budget_ms or 0.0
         return context + budget, (
@@ -208,19 +212,17 @@ class Expectation:
             f"measured for one session ({budget:g} ms)")
 
     def latency_range(self) -> tuple[float, float, str]:
-        """Each chunk's latency (its first sample's frame on screen minus its arrival):
-        the start delay, plus up to one frame waiting for the next tick, minus the chunk's
-        position inside its frame (none when chunks are whole frames)."""
+        """Each chunk's latency (its first sample published minus its arrival): the start
+        delay, plus, with a fixed delay, up to one frame waiting for the next tick (the
+        adaptive start plays the first sample when due, leading silence filling the rest
+        of its frame)."""
         base, why = self.start_delay()
         f = self.frame_ms
-        # Chunk k starts k*chunk into the utterance, its frame floor(k*chunk/f)*f: the
-        # largest lag of a chunk behind its frame's start is f - gcd(chunk, f).
-        phase = f - math.gcd(round(self.chunk_ms * self.fps), 1000) / self.fps
-        low, high = base - phase, base + f + self.slack_ms
-        why += f", plus up to one frame ({f:g} ms) waiting for the next tick"
-        if phase:
-            why += f", minus up to {phase:g} ms where a {self.chunk_ms} ms chunk starts inside a frame"
-        return round(low, 1), round(high, 1), why + f", plus {self.slack_ms:g} ms for publishing"
+        high = base + self.slack_ms
+        if self.playout_delay_frames is not None:
+            high += f
+            why += f", plus up to one frame ({f:g} ms) waiting for the next tick"
+        return round(base, 1), round(high, 1), why + f", plus {self.slack_ms:g} ms for publishing"
 
     def av_offset_range(self) -> tuple[float, float, str]:
         return round(-self.frame_ms, 1), 0.0, (

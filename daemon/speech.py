@@ -2,11 +2,13 @@
 lockstep with their audio.
 
 Timeline. An utterance is placed on the session's frame clock when its first audio
-arrives. Its frame 0 plays at the first tick at or after the moment its audio context
-(through the end of frame 2, plus ``lookahead_frames``) can have arrived at real time,
-plus the processing budget the worker measures at the current load (or
-``playout_delay_frames`` ticks after arrival when that is set); later if the previous
-utterance is still playing. Frame f then plays at tick start_tick + f together with the
+arrives. Its first sample is due when its frame 0's audio context (through the end of
+frame 2, plus ``lookahead_frames``) can have arrived at real time, plus the processing
+budget the worker measures at the current load (without a model: its own frame's audio
+plus a jitter margin). It starts at the tick at or before that moment, the difference
+played as leading silence before the first chunk, so the first sample plays when due
+(``playout_delay_frames``, when set, starts it that many ticks after the next one
+instead); later if the previous utterance is still playing. Frame f then plays at tick start_tick + f together with the
 audio samples of its own span, so lips and voice leave the daemon in the same publisher
 call and cannot drift.
 
@@ -52,6 +54,7 @@ log = get_logger(__name__)
 SILENCE_DBFS = -50.0  # at or below: mouth closed
 SPEECH_DBFS = -40.0  # at or above: full blend (between: linear)
 CONTEXT_FRAMES = 2  # MuseTalk's audio context after a frame (frames f+1, f+2)
+NO_MODEL_JITTER_S = 0.030  # without a model: how late a real-time chunk may come
 # A generated frame must be ready this long before its tick (delivery to the loop).
 DEADLINE_MARGIN_S = 0.004
 
@@ -200,12 +203,16 @@ class SpeechPipeline:
         next_tick = self.session.next_tick
         if self.delay_frames is not None:
             return next_tick + self.delay_frames, 0
-        if not self.generates:
-            return next_tick, 0
-        # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time that
-        # is here this long after the first chunk, which brought its own duration.
-        context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
-        budget = self.host.processing_budget_s()
+        if self.generates:
+            # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time
+            # that is here this long after the first chunk, which brought its own duration.
+            context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
+            budget = self.host.processing_budget_s()
+        else:
+            # No model: each frame needs only its own audio; a margin for the producer's
+            # and the network's jitter keeps real-time chunks from arriving after their tick.
+            context = 1 / self.fps - first_chunk_samples / self.rate
+            budget = NO_MODEL_JITTER_S
         due = arrived + max(0.0, context) + budget
         # The tick at or before the due time, and silence up to it: frame 0 then needs
         # the lead's worth less of the first chunks, so its audio context is complete just

@@ -35,14 +35,19 @@ def cpu_summary(**figures) -> dict:
 def test_expected_latency_is_the_playout_delay_plus_the_wait_for_a_tick():
     low, high, why = CPU.latency_range()
     # 8 frames at 10 fps = 800 ms, up to one frame (100 ms) waiting for the next tick,
-    # 40 ms chunks start up to 80 ms into a 100 ms frame, 25 ms for publishing.
-    assert (low, high) == (720.0, 925.0)
+    # 25 ms for publishing (latency runs to the chunk's first sample: chunks starting
+    # inside a frame are no earlier).
+    assert (low, high) == (800.0, 925.0)
     assert "8 frames at 10 fps = 800 ms (the demo's choice for a CPU)" in why
     # The adaptive start on a GPU: frame 0 waits for the audio through frame 2 (80 ms after
-    # a 40 ms first chunk) plus the processing budget; whole-frame chunks have no phase.
+    # a 40 ms first chunk) plus the processing budget, and its first sample plays then
+    # (no wait for a tick: leading silence fills the frame).
     low, high, why = Expectation(fps=25, processing_budget_ms=25.0).latency_range()
-    assert (low, high) == (105.0, 170.0)
-    assert "80 ms after a 40 ms first chunk" in why and "(25 ms)" in why
+    assert (low, high) == (105.0, 130.0)
+    assert "80 ms after a 40 ms first chunk" in why and "(25 ms)" in why and "next tick" not in why
+    # No model: a frame of audio and the jitter margin.
+    low, high, why = Expectation(fps=25, generates=False).latency_range()
+    assert (low, high) == (30.0, 55.0) and "30 ms jitter margin" in why
 
 
 def test_the_cpu_demo_figures_get_their_verdict():
@@ -70,7 +75,7 @@ def test_each_figure_out_of_its_range_is_flagged_with_its_cause():
         mouth_closed_frames_after_voice=-13, video_s=6.1, audio_s=6.6,
     )
     flags = "\n".join(assess(summary, CPU)["flags"])
-    assert "latency p95 1030 ms is outside the expected 720..925 ms; the producer fell behind" in flags
+    assert "latency p95 1030 ms is outside the expected 800..925 ms; the producer fell behind" in flags
     assert "p50" not in flags
     assert "29 of 31 frames that needed the model fell back to the idle picture (6 % generated" in flags
     assert "2 underruns" in flags
@@ -100,6 +105,6 @@ async def test_a_real_session_meets_the_expected_latency(nats_server, tmp_path, 
     assert summary["ok"], summary
     verdict = assess(summary, Expectation(fps=25, playout_delay_frames=delay, generates=False))
     low, high = verdict["expected"]["latency_ms"]["range"]
-    assert (low, high) == ((120.0, 185.0) if delay else (0.0, 65.0))
+    assert (low, high) == ((120.0, 185.0) if delay else (30.0, 55.0))
     assert low <= summary["latency_ms"]["p50"] <= high, summary["latency_ms"]
     assert verdict["flags"] == [], verdict

@@ -19,4 +19,4 @@ mkdir -p /tmp/lt && cd /tmp/lt
 env LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda "$@" \
   python3 -m daemon.cli --config /dev/null loadtest --find-capacity --sessions "$sessions" \
   --seconds "$seconds" --warmup-s 5 --sink livekit-local --json "$out/loadtest.json" 2>&1 \
-  | tee "$out/loadtest.log" | grep -v -i "warn\|Loading\|Writing\|float32"
+  | tee "$out/loadtest.log" | grep --line-buffered -v -i "warn\|Loading\|Writing\|float32\|stalled"

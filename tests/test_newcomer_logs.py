@@ -9,6 +9,7 @@ LiveKit SDK's own sources, a LiveKit URL where nothing listens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,23 @@ from tests.media import write_color_video
 from tests.test_newcomer_shutdown import Process
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
+
+
+@contextlib.asynccontextmanager
+async def _connected(daemon: Process, port: int, ready_timeout_s: float):
+    """A NATS connection to the daemon once it is ready; at the end, a clean stop
+    (SIGTERM, its exit awaited) when the body went through, and the process killed in any case."""
+    nc = None
+    try:
+        await asyncio.to_thread(daemon.wait_for, '"lipsyncd ready"', ready_timeout_s, "err")
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        yield nc
+        await nc.close()
+        await _stop(daemon)
+    finally:
+        if nc is not None and not nc.is_closed:
+            await nc.close()
+        daemon.kill()
 
 
 def _json_lines(process: Process) -> list[dict]:
@@ -81,10 +99,7 @@ async def test_a_session_with_the_model_logs_only_json(tmp_path: Path):
     daemon = _daemon(tmp_path, port, LIPSYNC_MODEL__ENABLED="true", LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
                      LIPSYNC_MODEL__DEVICE="cpu", LIPSYNC_MODEL__COMPILE="false",
                      LIPSYNC_OUTPUT__SINK="livekit-local", LIPSYNC_FETCH__ALLOW_FILE_URLS="true")
-    nc = None
-    try:
-        await asyncio.to_thread(daemon.wait_for, '"lipsyncd ready"', 240, "err")
-        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+    async with _connected(daemon, port, 240) as nc:
         finished = asyncio.Event()
 
         async def on_event(msg) -> None:
@@ -105,12 +120,6 @@ async def test_a_session_with_the_model_logs_only_json(tmp_path: Path):
         assert again["ok"], again
         failed = await _start(nc, "noface", idle_video_url=faceless.as_uri(), video={"fps": 5})
         assert not failed["ok"]
-        await nc.close()
-        await _stop(daemon)
-    finally:
-        if nc is not None and not nc.is_closed:
-            await nc.close()
-        daemon.kill()
     records = _json_lines(daemon)
     events = [r.get("event") for r in records]
     assert "model loaded" in events and "lipsyncd stopped" in events
@@ -134,20 +143,11 @@ async def test_livekit_logs_and_failures_are_json_and_named(tmp_path: Path):
     daemon = _daemon(tmp_path, port, LIPSYNC_LIVEKIT__URL=f"ws://127.0.0.1:{free_port()}",
                      LIPSYNC_LIVEKIT__API_KEY="devkey", LIPSYNC_LIVEKIT__API_SECRET="s" * 32,
                      LIPSYNC_LIVEKIT__CONNECT_TIMEOUT_S="5", LIPSYNC_FETCH__ALLOW_FILE_URLS="true")
-    nc = None
-    try:
-        await asyncio.to_thread(daemon.wait_for, '"lipsyncd ready"', 60, "err")
-        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+    async with _connected(daemon, port, 60) as nc:
         publisher = await _start(nc, "lk1", avatar_id="demo", livekit={"room": "r1"})
         assert publisher["error"]["code"] == "publisher_failed", publisher
         avatar = await _start(nc, "vid1", idle_video_url=not_video.as_uri(), livekit={"room": "r1"})
         assert avatar["error"]["code"] == "video_invalid", avatar
-        await nc.close()
-        await _stop(daemon)
-    finally:
-        if nc is not None and not nc.is_closed:
-            await nc.close()
-        daemon.kill()
     records = _json_lines(daemon)
     rust = [r for r in records if r.get("logger") == "livekit"]
     assert rust and all(r["level"] in ("warning", "error") for r in rust), records

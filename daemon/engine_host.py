@@ -315,7 +315,7 @@ class EngineHost:
         return self._avatars[key], timings
 
     async def _prepare(self, key: str, video: Any, options: dict[str, Any], log_: Any, landmarker: Any):
-        from musetalk.avatar import load_cached, load_or_prepare, prepare_avatar
+        from musetalk.avatar import load_cached, prepare_avatar, save_prepared
 
         cfg = self.settings.model
         directory = self.settings.daemon.state_dir / "avatars" / key
@@ -337,18 +337,17 @@ class EngineHost:
                 self._prep_stream.synchronize()
             return avatar
 
-        dtype = self.engine.models.latents_dtype
         t = time.perf_counter()
         # A cached avatar loads at once; only a preparation waits for the ones before it.
-        avatar = await asyncio.to_thread(load_cached, directory, key, latents_dtype=dtype)
+        avatar = await asyncio.to_thread(load_cached, directory, key, latents_dtype=self.engine.models.latents_dtype)
         cached = avatar is not None
         if avatar is None:
             async with self._prepare_lock:
                 t = time.perf_counter()
                 try:
-                    avatar, cached = await asyncio.to_thread(
-                        load_or_prepare, directory, key, prepare, model_version=MODEL_VERSION, options=options,
-                        latents_dtype=dtype)
+                    avatar = await asyncio.to_thread(prepare)
+                    await asyncio.to_thread(save_prepared, avatar, directory, model_version=MODEL_VERSION,
+                                            options=options)
                 except ValueError as exc:
                     raise LipsyncError(errors.AVATAR_PREPARATION_FAILED,
                                        f"cannot prepare the avatar: {exc}") from None

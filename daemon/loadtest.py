@@ -14,8 +14,8 @@ Per session, from the daemon's record of every published frame
 (``session.speech.frame_records``, ``daemon.speech.FrameRecord``): frames that needed
 generation, those generated in time, fallbacks, underruns, latency of generated frames
 (publication of a chunk's first sample, its frame's plus its place in that frame's audio,
-minus the chunk's send time) and the interval jitter of the frames captured by the LiveKit video source. Per round:
-event-loop lag (a 5 ms sleeper on the daemon's loop), GPU busy fraction (NVML), mean
+minus the chunk's send time) and the interval jitter of the frames captured by the
+LiveKit video source. Per round: event-loop lag (a 5 ms sleeper on the daemon's loop), GPU busy fraction (NVML), mean
 batch and step time (the GPU worker's counters) and peak GPU memory.
 
 The SLO: every session gets >= ``slo_generated_pct`` % of its needed frames generated
@@ -253,12 +253,15 @@ def session_figures(session_id: str, records: Iterable[Any], capture_times: Sequ
     }
 
 
-def start_figures(start: tuple[float, float, bool], first_capture: float | None) -> dict[str, Any]:
+def start_figures(start: tuple[float, float, bool], first_capture: float | None,
+                  timings_ms: dict[str, float] | None = None) -> dict[str, Any]:
     """How long a session took to start: the request's reply and its first published
-    frame (None when unknown), both from the request's send time (monotonic seconds), in ms."""
+    frame (None when unknown), both from the request's send time (monotonic seconds), in
+    ms, with the daemon's own timings of the start."""
     sent, replied, cached = start
     first = None if first_capture is None else round(1000 * (first_capture - sent), 1)
-    return {"avatar_cached": cached, "reply_ms": round(1000 * (replied - sent), 1), "to_first_frame_ms": first}
+    return {"avatar_cached": cached, "reply_ms": round(1000 * (replied - sent), 1), "to_first_frame_ms": first,
+            "timings_ms": timings_ms}
 
 
 def slo_met(per_session: list[dict[str, Any]], slo: Slo) -> bool:
@@ -522,19 +525,19 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
                  fps: int, probe: LoopLagProbe, gpu: GpuBusySampler, prepared: set[str]) -> dict[str, Any]:
     prefix = daemon.settings.nats.subject_prefix
     sids = [f"lt{n}-{i}" for i in range(n)]
+    avatars = [avatar_ids[i % len(avatar_ids)] for i in range(n)]
     t = time.monotonic()
     try:
         started = await asyncio.gather(
-            *(_start_session(nc, prefix, sid, avatar_ids[i % len(avatar_ids)], options.rate, fps)
-              for i, sid in enumerate(sids)),
+            *(_start_session(nc, prefix, sid, avatar, options.rate, fps) for sid, avatar in zip(sids, avatars)),
             return_exceptions=True)
         failed = [r for r in started if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        # The avatars this round's sessions use were prepared by an earlier round (or not).
-        cached = [avatar_ids[i % len(avatar_ids)] in prepared for i in range(n)]
-        prepared.update(avatar_ids[i % len(avatar_ids)] for i in range(n))
-        starts = {sid: (sent, replied, hit) for sid, (sent, replied), hit in zip(sids, started, cached)}
+        # Whether an earlier round used (so prepared) each session's avatar.
+        starts = {sid: (sent, replied, avatar in prepared)
+                  for sid, avatar, (sent, replied) in zip(sids, avatars, started)}
+        prepared.update(avatars)
         print(f"{n} session(s) started in {time.monotonic() - t:.1f} s; speaking for "
               f"{options.warmup_s:g} + {options.seconds:g} s", flush=True)
         for sid in sids:
@@ -649,8 +652,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         # The window is bounded: once full, its oldest time is no longer the first capture.
         kept = getattr(publisher, "capture_times", None)
         first = kept[0] if kept and len(kept) < kept.maxlen else None
-        figures["start"] = start_figures(starts[sid], first)
-        figures["start"]["timings_ms"] = session.info.timings_ms if session.info is not None else None
+        figures["start"] = start_figures(starts[sid], first,
+                                         session.info.timings_ms if session.info is not None else None)
         per_session.append(figures)
     late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
     if late:

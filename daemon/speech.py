@@ -8,9 +8,9 @@ budget the worker measures at the current load (without a model: its own frame's
 plus a jitter margin). It starts at the tick at or before that moment, the difference
 played as leading silence before the first chunk, so the first sample plays when due
 (``playout_delay_frames``, when set, starts it that many ticks after the next one
-instead); later if the previous utterance is still playing. Frame f then plays at tick start_tick + f together with the
-audio samples of its own span, so lips and voice leave the daemon in the same publisher
-call and cannot drift.
+instead); later if the previous utterance is still playing. Frame f then plays at tick
+start_tick + f together with the audio samples of its own span, so lips and voice leave
+the daemon in the same publisher call and cannot drift.
 
 Audio goes to the worker as it arrives (resampled to 16 kHz); the worker computes the
 frames' audio tokens on the device. For each frame the session sends a *plan* once the

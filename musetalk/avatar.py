@@ -523,10 +523,12 @@ def evict_prepared(root: str | Path, max_bytes: int, keep: set[str] | frozenset[
 
 
 def load_cached(directory: str | Path, key: str, *, latents_dtype: Any = None) -> PreparedAvatar | None:
-    """The cached avatar when valid for ``key`` (as ``load_or_prepare`` takes it), else None."""
+    """The cached avatar when valid for ``key`` (and, when given, holding latents at least
+    as precise as ``latents_dtype``), else None (the reason logged)."""
     try:
         avatar = load_prepared(directory, key=key, latents_dtype=latents_dtype)
-    except CacheInvalid:
+    except CacheInvalid as e:
+        log.info("no usable avatar cache: %s", e)
         return None
     os.utime(directory)  # used now: evicted last (evict_prepared)
     return avatar
@@ -541,14 +543,10 @@ def load_or_prepare(
     options: dict[str, Any] | None = None,
     latents_dtype: Any = None,
 ) -> tuple[PreparedAvatar, bool]:
-    """The cached avatar when valid for ``key`` (and, when given, holding latents at least
-    as precise as ``latents_dtype``), else a fresh one (saved). Returns (avatar, from_cache)."""
-    try:
-        avatar = load_prepared(directory, key=key, latents_dtype=latents_dtype)
-        os.utime(directory)  # used now: evicted last (evict_prepared)
+    """The cached avatar (``load_cached``), else a fresh one (saved). Returns (avatar, from_cache)."""
+    avatar = load_cached(directory, key, latents_dtype=latents_dtype)
+    if avatar is not None:
         return avatar, True
-    except CacheInvalid as e:
-        log.info("rebuilding avatar cache: %s", e)
     avatar = prepare()
     save_prepared(avatar, directory, model_version=model_version, options=options)
     return avatar, False

@@ -75,8 +75,8 @@ def test_slo_needs_every_session_within_both_bounds() -> None:
 
 
 def test_start_figures_measure_from_the_request() -> None:
-    assert start_figures((10.0, 10.25, True), 10.3125) == {
-        "avatar_cached": True, "reply_ms": 250.0, "to_first_frame_ms": 312.5}
+    assert start_figures((10.0, 10.25, True), 10.3125, {"total_ms": 240.0}) == {
+        "avatar_cached": True, "reply_ms": 250.0, "to_first_frame_ms": 312.5, "timings_ms": {"total_ms": 240.0}}
     # No capture kept (another sink, or the window dropped it): the first frame is unknown.
     assert start_figures((10.0, 10.5, False), None)["to_first_frame_ms"] is None
 

@@ -209,6 +209,7 @@ class Daemon:
         s = self.settings
         self.check_config()
         s.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        sys.setswitchinterval(s.daemon.gil_switch_ms / 1000)  # process-wide: see the setting
         if s.nats.url == "embedded":
             self._embedded = EmbeddedNatsServer(
                 s.nats.embedded_host, s.nats.embedded_port, s.daemon.state_dir / "nats"

@@ -44,6 +44,10 @@ class DaemonSection(_Section):
     # A session start (avatar lookup, fetch, decode, preparation) that takes longer fails
     # with an error instead of leaving the producer waiting.
     start_timeout_s: float = Field(120.0, gt=0)
+    # How long a thread may hold the GIL while another waits (Python's default is 5 ms):
+    # the generation worker shares it with the event loop, and each hand-off it waits
+    # for delays a round or a launch by up to this much.
+    gil_switch_ms: float = Field(1.0, gt=0, le=100)
 
     @field_validator("capacity_fps")
     @classmethod
@@ -261,6 +265,10 @@ class ModelSection(_Section):
     compile_dynamic: bool = True
     max_batch: int = Field(32, ge=1)
     bucket_step: int = Field(8, ge=1)
+    # "demand": a step fills the smallest batch that keeps up with the open sessions at
+    # batch_utilization of the GPU (shorter steps, shorter latency); "max": up to max_batch.
+    batch_sizing: Literal["demand", "max"] = "demand"
+    batch_utilization: float = Field(0.8, gt=0, le=1)
     horizon_s: float = Field(1.0, gt=0, le=30)
     extra_margin: int = 10
     parsing_mode: Literal["jaw", "raw"] = "jaw"

@@ -67,7 +67,8 @@ class EngineHost:
         cfg = self.settings.model
         self._worker = GenerationWorker(self.engine, self._make_streams, self._loop, self.metrics,
                                         max_batch=cfg.max_batch, horizon_s=cfg.horizon_s,
-                                        round_interval_s=cfg.audio_round_ms / 1000)
+                                        round_interval_s=cfg.audio_round_ms / 1000,
+                                        batch_utilization=cfg.batch_utilization if cfg.batch_sizing == "demand" else None)
         t = time.perf_counter()
         warmed = self._worker.start(warm_fps=self.settings.video.fps, warm_engine=self.engine.warmup)
         await asyncio.to_thread(warmed.wait)
@@ -264,7 +265,10 @@ class EngineHost:
         if ms is not None:
             return ms / 1000
         # Every open session may speak during this utterance: budget for all of them.
-        return self.worker.processing_budget_s(max(self._speaking + 1, self.worker.open_streams))
+        worker = self.worker
+        sessions = max(self._speaking + 1, worker.open_streams)
+        demand = worker.demand_fps + max(0, sessions - worker.open_streams) * self.settings.video.fps
+        return worker.processing_budget_s(sessions, demand)
 
     def speaking_changed(self, delta: int) -> None:
         self._speaking = max(0, self._speaking + delta)

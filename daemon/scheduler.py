@@ -147,3 +147,18 @@ def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: floa
     # after its last safe moment would only be dropped as too late.
     launch_by = earliest_deadline - margin_s - full_step_s - max(0.0, gpu_free_at - now) - 2 * poll_s
     return 0.0 if now >= launch_by else min(launch_by - now, poll_s)
+
+
+def batch_cap(demand_fps: float, sizes: list[int], step_s: Callable[[int], float], utilization: float) -> int:
+    """The batch size the worker fills before it launches: the smallest of ``sizes`` whose
+    steps keep up with ``demand_fps`` (the frame rates of all open sessions) using at most
+    ``utilization`` of the GPU. A smaller batch is a shorter step, and every frame waits
+    for about two steps (the one on the GPU, then its own), so the smallest batch that
+    keeps up is also the shortest latency. When none keeps up (more demand than the GPU
+    has), the size that makes the most frames per second."""
+    if not sizes:
+        raise ValueError("batch_cap needs at least one batch size")
+    for size in sorted(sizes):
+        if demand_fps * step_s(size) / size <= utilization:
+            return size
+    return min(sorted(sizes), key=lambda size: step_s(size) / size)

@@ -35,7 +35,7 @@ import numpy as np
 from daemon import errors
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
-from daemon.scheduler import BatchScheduler, PendingFrame, batch_wait
+from daemon.scheduler import BatchScheduler, PendingFrame, batch_cap, batch_wait
 
 log = get_logger(__name__)
 
@@ -176,7 +176,7 @@ class GenerationWorker:
 
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
                  metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
-                 round_interval_s: float = 0.0) -> None:
+                 round_interval_s: float = 0.0, batch_utilization: float | None = None) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -185,6 +185,11 @@ class GenerationWorker:
         self.max_batch = max_batch
         self.horizon_s = horizon_s
         self.round_interval_s = round_interval_s
+        # None: every step takes up to max_batch frames; else batches are sized to the
+        # demand (scheduler.batch_cap) at this share of the GPU.
+        self.batch_utilization = batch_utilization
+        self.demand_fps = 0.0  # the frame rates of the open sessions, summed
+        self._cap: tuple[float, float, int] = (-1.0, 0.0, max_batch)  # (demand, when, cap)
         self.est = _Estimates(initial_step_ms or {})
         self.scheduler = BatchScheduler()
         self._cv = threading.Condition()
@@ -278,12 +283,31 @@ class GenerationWorker:
     def busy_fraction(self) -> float | None:
         return self.est.busy_fraction(time.monotonic())
 
-    def processing_budget_s(self, speaking: int) -> float:
+    def batch_cap_for(self, demand_fps: float) -> int:
+        """The batch a step fills before it launches, at this demand (frames/s)."""
+        sizes = [b for b in self.engine.bucket_sizes if b <= self.max_batch]
+        if self.batch_utilization is None or not sizes:
+            return self.max_batch  # an eager CPU engine runs any size: no buckets to choose from
+        return batch_cap(demand_fps, sizes, self.est.step, self.batch_utilization)
+
+    def batch_cap(self) -> int:
+        """``batch_cap_for`` the open sessions, recomputed when they change or every 0.5 s
+        (the step estimates move)."""
+        demand, when, cap = self._cap
+        now = time.monotonic()
+        if demand != self.demand_fps or now - when > 0.5:
+            cap = self.batch_cap_for(self.demand_fps)
+            self._cap = (self.demand_fps, now, cap)
+        return cap
+
+    def processing_budget_s(self, sessions: int, demand_fps: float | None = None) -> float:
         """How long after a frame's audio context is complete its generated frame can be
-        expected: the wait for its round (at most the round interval), the round, the step
-        then on the GPU (the batching wait keeps about one queued), its own step (a frame
-        per speaking session), and a margin for delivery."""
-        step = self.est.step(self.engine.bucket(max(1, min(self.max_batch, speaking))))
+        expected, with ``sessions`` open (``demand_fps`` their frame rates): the wait for
+        its round (at most the round interval), the round, the step then on the GPU (the
+        batching wait keeps about one queued), its own step (a frame of every session, up
+        to the batch the demand sizes), and a margin for delivery."""
+        cap = self.batch_cap_for(demand_fps if demand_fps is not None else self.demand_fps)
+        step = self.est.step(self.engine.bucket(max(1, min(cap, sessions))))
         return self.round_interval_s + self.est.round() + 2 * step + 0.010
 
     # ---- the worker thread -------------------------------------------------------------
@@ -381,6 +405,7 @@ class GenerationWorker:
                     streams = self._streams_by_fps[fps] = self._make_streams(fps)
                 self._sessions[sid] = _Stream(sid, fps, on_result, streams,
                                               (_Voice(streams.open()), _Voice(streams.open())))
+                self.demand_fps = float(sum(s.fps for s in self._sessions.values()))
             elif st is None:
                 continue  # closed meanwhile
             elif kind == "audio":
@@ -412,6 +437,7 @@ class GenerationWorker:
                     st.streams.close(voice.slot)
                 st.closed = True
                 del self._sessions[st.session_id]
+                self.demand_fps = float(sum(s.fps for s in self._sessions.values()))
         return dirty
 
     @staticmethod
@@ -526,21 +552,24 @@ class GenerationWorker:
         if len(self._in_flight) >= MAX_IN_FLIGHT:
             return 0.0005
         gpu_free = max(now, self._gpu_free_at)
-        size = self.engine.bucket(min(n, self.max_batch))
+        cap = self.batch_cap()
+        size = self.engine.bucket(min(n, cap))
         # The wait budgets for the slower of a full step and this one (estimates are
         # medians and need not grow with the batch): a frame launched at the end of its
         # wait is never then judged too late. (Planning the wait for a smaller batch, two
         # frames a session, made 8 sessions on an H200 lose up to 35 % of their frames:
         # the audio rounds' thread and GPU time are not in the wait; docs/BENCHMARKS.md.)
         step_s = self.est.step(size)
-        full_s = max(step_s, self.est.step(self.engine.bucket(self.max_batch)))
-        wait = batch_wait(now, n, self.max_batch, self.scheduler.earliest_deadline(), gpu_free, full_s,
-                          DELIVERY_MARGIN_S)
+        full_s = max(step_s, self.est.step(self.engine.bucket(cap)))
+        # An audio round may start just before the last safe moment and hold this thread
+        # for its duration (and queue its kernels ahead): the wait leaves room for one.
+        wait = batch_wait(now, n, cap, self.scheduler.earliest_deadline(), gpu_free, full_s,
+                          DELIVERY_MARGIN_S + self.est.round())
         if wait > 0:
             return wait
         # Given up only when even a step a quarter faster than usual could not save it: a
         # worker woken a little late must not drop what it waited for.
-        batch = self.scheduler.next_batch(self.max_batch, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S,
+        batch = self.scheduler.next_batch(cap, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S,
                                           tie_window_s=step_s, rank=_served)
         late = self.scheduler.dropped_late
         if late:

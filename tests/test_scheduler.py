@@ -1,5 +1,7 @@
 """The batching scheduler: pure bookkeeping, no GPU."""
 
+import pytest
+
 from daemon.scheduler import BatchScheduler
 
 
@@ -126,3 +128,26 @@ def test_the_tie_rank_can_be_read_at_batch_time():
     served = {"a": 5, "b": 1}
     batch = s.next_batch(2, tie_window_s=0.01, rank=lambda it: served[it.session_id])
     assert [(i.session_id, i.frame_no) for i in batch] == [("b", 0), ("b", 1)]
+
+
+# Step times of an H200 (docs/BENCHMARKS.md), seconds per bucket.
+H200_STEP_S = {4: 0.0135, 8: 0.0205, 12: 0.028, 16: 0.036, 24: 0.052, 32: 0.068}
+
+
+def test_batch_cap_is_the_smallest_batch_that_keeps_up_with_the_demand():
+    from daemon.scheduler import batch_cap
+
+    sizes, step = sorted(H200_STEP_S), H200_STEP_S.__getitem__
+    # One session (25 frames/s): steps of 4 keep up with room to spare.
+    assert batch_cap(25, sizes, step, 0.8) == 4
+    # 8 sessions: 200 x 3.4 ms a frame = 0.68 of the GPU at 4.
+    assert batch_cap(200, sizes, step, 0.8) == 4
+    assert batch_cap(200, sizes, step, 0.6) == 8  # a lower share: bigger, cheaper-per-frame steps
+    # 12 sessions: 8 (2.6 ms a frame) uses 0.77; 13: 8 would use 0.83, 12 (2.3 ms) 0.76.
+    assert batch_cap(300, sizes, step, 0.8) == 8
+    assert batch_cap(325, sizes, step, 0.8) == 12
+    assert batch_cap(350, sizes, step, 0.8) == 16  # 12 would use 0.82
+    # More than the GPU makes at any size within the share: the most frames per second.
+    assert batch_cap(600, sizes, step, 0.8) == 32
+    with pytest.raises(ValueError):
+        batch_cap(25, [], step, 0.8)

@@ -308,3 +308,70 @@ async def test_a_failing_audio_round_is_logged_and_the_worker_goes_on(worker):
     worker.post("audio", "flaky", 0, speech(0.3, 51))  # later audio is taken and encoded
     await _tokens_ready(worker, ["flaky"], 3)
     assert worker.alive() and worker.audio_round_failures == 1
+
+
+class _TimedStep:
+    """A finished step that reports the device time given per bucket: the batch-sizing
+    policy is the point here, and this CPU's own step times (slow, noisy) would decide it
+    instead. The real engine's launch path is covered by the tests above."""
+
+    def __init__(self, engine, seconds_by_bucket: dict[int, float], sizes: list[int]):
+        self.engine, self.seconds, self.sizes = engine, seconds_by_bucket, sizes
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch))
+        seconds = self.seconds[self.engine.bucket(len(batch))]
+
+        class Done:
+            def ready(self) -> bool:
+                return True
+
+            def boxes(self):
+                return [object()] * len(batch)
+
+            def gpu_seconds(self) -> float:
+                return seconds
+
+        return Done()
+
+
+@pytest.mark.parametrize("step_s, utilization, expected", [
+    ({4: 0.010, 8: 0.012}, 0.8, 4),   # 75 frames/s x 2.5 ms a frame at 4: 0.19 of the GPU
+    ({4: 0.050, 8: 0.055}, 0.8, 8),   # 4 would use 0.94 of it: the bigger, cheaper-per-frame 8
+    ({4: 0.010, 8: 0.012}, None, 8),  # batch_sizing "max": up to max_batch whatever the demand
+])
+async def test_steps_fill_the_smallest_batch_that_keeps_up_with_the_open_sessions(
+        models, avatars, encoder, step_s, utilization, expected):
+    engine = Engine(models, max_batch=8, pad_to_buckets=True)
+    assert engine.bucket_sizes == [4, 8]
+    for av in avatars:
+        engine.register_avatar(av)
+    w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=8, horizon_s=60.0,
+                         initial_step_ms={b: 1000 * s for b, s in step_s.items()}, batch_utilization=utilization)
+    sizes: list[int] = []
+    w.step_fn = _TimedStep(engine, step_s, sizes)
+    w.start()
+    try:
+        out = [Results() for _ in range(3)]
+        for i, r in enumerate(out):
+            w.post("open", f"d{i}", FPS, r)
+        assert await w.call(lambda: w.demand_fps) == 3 * FPS
+        assert w.batch_cap() == expected
+        # The budget plans two steps of that batch (here: of a frame of each of the 3).
+        step = w.est.step(engine.bucket(min(expected, 3)))
+        assert w.processing_budget_s(3) == pytest.approx(w.round_interval_s + w.est.round() + 2 * step + 0.010)
+        # Every frame's tokens first, then plans that can all wait: steps fill to the cap.
+        for i in range(3):
+            w.post("audio", f"d{i}", 0, speech(0.4, 40 + i))
+            w.post("flush", f"d{i}", 0)
+        await _tokens_ready(w, [f"d{i}" for i in range(3)], 8)
+        far = time.monotonic() + 30.0
+        for i in range(3):
+            w.post("plans", f"d{i}", plans(0, range(8), "anna", far))
+        for r in out:
+            await r.wait_for(8)
+        assert sum(sizes) == 24 and max(sizes) == expected and sizes.count(expected) >= 24 // expected - 1, sizes
+    finally:
+        thread = w.stop()
+        await asyncio.to_thread(thread.join, 10)

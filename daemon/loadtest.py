@@ -649,6 +649,10 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         figures = session_figures(sid, records, captures, window, mono_window, fps)
         # How its utterance was placed (processing budget, audio context): latency's floor.
         figures["placement"] = session.speech.last_placement if session.speech is not None else None
+        # Since the session started (not only the window): a stall before the window
+        # moves its speech for good.
+        figures["clock"] = {"restarts": session.clock_restarts, "late_ticks": session.late_ticks,
+                            "rephases": session.rephases}
         # The window is bounded: once full, its oldest time is no longer the first capture.
         kept = getattr(publisher, "capture_times", None)
         first = kept[0] if kept and len(kept) < kept.maxlen else None

@@ -141,6 +141,9 @@ class Session:
         self.last_tick_at = time.monotonic()
         self.late_ticks = 0
         self.clock_restarts = 0  # stalls the frame loop recovered from by moving its clock
+        self.rephases = 0  # clock moves earlier so that speech starts on a tick (rephase)
+        self.rephased_s = 0.0  # their total: the media timeline is this much behind tick / fps
+        self._rephase_s = 0.0  # requested, applied at the next idle tick
         self.frame_counts: dict[str, int] = {}
         self._publisher: Publisher | None = None
         self._video_hash: str | None = None
@@ -276,6 +279,22 @@ class Session:
         return self.t0 + tick / self.fps
 
     @property
+    def can_rephase(self) -> bool:
+        """Whether the clock may move earlier (the sink keeps each frame's timestamp)."""
+        return bool(getattr(self._publisher, "variable_frame_interval", False))
+
+    def rephase(self, earlier_s: float) -> None:
+        """Move the frame clock ``earlier_s`` (less than a frame) earlier at the next idle
+        tick, whose silence is cut by as much: speech placed between two ticks then starts
+        on a tick exactly at its due time, and the audio stays continuous (one video frame
+        interval is that much shorter). Speech waiting for the next tick would play up to a
+        frame late; silence before it instead (a lead) would take that time from the
+        frames' processing, since chunked audio arrives no earlier for it."""
+        if not 0 <= earlier_s < 1 / self.fps:
+            raise ValueError(f"a rephase moves the clock by less than a frame, not {earlier_s} s")
+        self._rephase_s = earlier_s
+
+    @property
     def close_task(self) -> "asyncio.Task[None] | None":
         return self._close_task
 
@@ -372,6 +391,12 @@ class Session:
                         if self.speech is not None:
                             self.speech.clock_moved(behind)
                 frame, audio, kind = self._source().frame_for_tick(self.tick)
+                earlier = 0.0
+                if self._rephase_s:
+                    if kind == "idle":  # only silence is cut
+                        cut = min(audio.size, round(self._rephase_s * self.sample_rate))
+                        audio, earlier = audio[:audio.size - cut], cut / self.sample_rate
+                    self._rephase_s = 0.0
                 publisher = self._publisher
                 if publisher is None:
                     return
@@ -384,6 +409,12 @@ class Session:
                     await self.speech.after_publish(self.tick, time.monotonic())
                 self.last_tick_at = time.monotonic()
                 self.tick += 1
+                if earlier:
+                    t0 = self.t0 = t0 - earlier
+                    self.rephases += 1
+                    self.rephased_s += earlier
+                    if self.speech is not None:
+                        self.speech.clock_moved(-earlier)
                 self.publishing = False
         except asyncio.CancelledError:
             raise
@@ -404,6 +435,7 @@ class Session:
             "frames": dict(self.frame_counts),
             "late_ticks": self.late_ticks,
             "clock_restarts": self.clock_restarts,
+            "rephases": self.rephases,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "output": self.info.output if self.info else None,
             "speaking": bool(self.speech and self.speech.speaking),

@@ -214,20 +214,33 @@ class SpeechPipeline:
             context = 1 / self.fps - first_chunk_samples / self.rate
             budget = NO_MODEL_JITTER_S
         due = arrived + max(0.0, context) + budget
-        # The tick at or before the due time, and silence up to it: frame 0 then needs
-        # the lead's worth less of the first chunks, so its audio context is complete just
-        # as early before its tick as a frame placed on a tick exactly at the due time.
         exact = (due - self.session.t0) * self.fps
-        tick = math.floor(exact + 1e-9)
-        lead = min(int((exact - tick) * self.rate / self.fps), self.rate // self.fps - 1)
+        earlier = 0.0
+        if self.session.can_rephase and not self.utterances and math.ceil(exact - 1e-9) > next_tick:
+            # The first tick at or after the due time, moved earlier onto it (Session.
+            # rephase: the idle tick before is that much shorter): the first sample plays
+            # when due and every frame keeps its whole processing budget.
+            tick = math.ceil(exact - 1e-9)
+            earlier = (tick - exact) / self.fps
+            lead = 0
+        else:
+            # A sink with a constant frame rate: the tick at or before the due time, and
+            # silence up to it, so the first sample still plays when due. The frames'
+            # audio then comes no earlier in chunks of a frame or more, so the lead is
+            # taken from their processing time (a rephase loses nothing).
+            tick = math.floor(exact + 1e-9)
+            lead = min(int((exact - tick) * self.rate / self.fps), self.rate // self.fps - 1)
         if tick < next_tick:  # due before the next tick: that tick, no lead
-            tick, lead = next_tick, 0
+            tick, lead, earlier = next_tick, 0, 0.0
         self.last_placement = {
             "budget_ms": round(budget * 1000, 1), "context_ms": round(context * 1000, 1),
-            "lead_ms": round(1000 * lead / self.rate, 1),
-            "start_in_ms": round((self.session.tick_time(tick) + lead / self.rate - time.monotonic()) * 1000, 1),
+            "lead_ms": round(1000 * lead / self.rate, 1), "rephase_ms": round(1000 * earlier, 1),
+            "start_in_ms": round((self.session.tick_time(tick) - earlier + lead / self.rate - time.monotonic())
+                                 * 1000, 1),
         }
         self.log.info("utterance placed", **self.last_placement)
+        if earlier:
+            self.session.rephase(earlier)
         return tick, lead
 
     def _open_utterance(self, now: float, first_chunk_samples: int) -> Utterance:
@@ -413,7 +426,8 @@ class SpeechPipeline:
         utt.audio.trim(self.clock.start(max(0, f - 1)))
         if not utt.started:
             utt.started = True
-            at = round(tick / self.fps + utt.lead / self.rate, 3)  # where its first sample plays
+            # Where its first sample plays on the session's media timeline.
+            at = round(tick / self.fps - self.session.rephased_s + utt.lead / self.rate, 3)
             self._events.append(SpeakingEvent(session_id=self.session.id, ts=time.time(),
                                               session_position_s=at, position_s=at))
         needed = generated = False
@@ -444,8 +458,9 @@ class SpeechPipeline:
         return self._record((frame, audio, kind), needed, generated)
 
     def clock_moved(self, delta_s: float) -> None:
-        """The session clock restarted ``delta_s`` later (a stalled frame loop): every
-        planned frame plays that much later, so its deadline moves with it."""
+        """The session clock moved ``delta_s`` (later: a stalled frame loop restarted it;
+        earlier: a rephase): every planned frame plays that much later or earlier, so its
+        deadline moves with it."""
         if self.host is not None and self.utterances:
             self.host.shift(self.session.id, None, delta_s)
 
@@ -517,7 +532,8 @@ class SpeechPipeline:
         played = round(utterance_s, 3)
         return PlaybackFinishedEvent(
             session_id=self.session.id, ts=time.time(), utterance_position_s=played,
-            session_position_s=round(self.session.next_tick / self.fps, 3), position_s=played,
+            session_position_s=round(self.session.next_tick / self.fps - self.session.rephased_s, 3),
+            position_s=played,
             interrupted=interrupted)
 
     def take_events(self) -> list[Any]:

@@ -184,9 +184,14 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
 
     # The utterance's placement and the worker's estimates explain the latency.
     placement = s["placement"]
-    assert set(placement) == {"budget_ms", "context_ms", "lead_ms", "start_in_ms"}
+    assert set(placement) == {"budget_ms", "context_ms", "lead_ms", "rephase_ms", "start_in_ms"}
     assert placement["budget_ms"] > 0 and placement["context_ms"] > 0
     assert p50 >= placement["context_ms"]  # no frame before its audio context can be there
+    # livekit-local keeps each frame's timestamp: speech starts on a tick moved onto its
+    # due time, with no leading silence (less than a frame).
+    assert placement["lead_ms"] == 0 and 0 <= placement["rephase_ms"] < 1000 / FPS
+    assert s["clock"]["rephases"] == (1 if placement["rephase_ms"] else 0)
+    assert s["clock"]["restarts"] >= 0 and s["clock"]["late_ticks"] >= 0
     estimates = row["estimates"]
     assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
 

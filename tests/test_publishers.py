@@ -728,3 +728,37 @@ async def test_an_orchestrator_token_is_used_as_given_and_no_secret_is_needed(tm
     assert token not in info.value.message
     with pytest.raises(LipsyncError, match="not a LiveKit join token"):
         make_publisher(s, "s9", FMT, "room-7", None, "x" * 40)
+
+
+async def test_after_a_stall_the_audio_queue_catches_up_on_silence_never_on_voice() -> None:
+    """The SDK's audio queue stops draining while it is empty: one late tick leaves it
+    that far behind the session's clock for good, every later capture waits for room and
+    the voice trails its video (measured: 30 ms waits forever after one 50 ms stall at
+    25 fps). The sources cut the lag from the next silence, never from voice (the real
+    SDK source at real time, no room)."""
+    pub = LiveKitLocalPublisher(MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE), "s1")
+    await pub.start()
+    sources = pub._sources
+    period = 1 / FPS
+    waits: list[float] = []
+    t0 = time.monotonic() + 0.05
+    for n in range(70):
+        delay = t0 + n * period - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if n == 10:
+            time.sleep(0.05)  # a stalled frame loop: this tick goes out 50 ms late
+        voice = n < 40
+        audio = np.full(SPF, 3000, np.int16) if voice else np.zeros(SPF, np.int16)
+        t = time.monotonic()
+        await pub.push(flat_frame(n % 64, 64, 48), audio, timestamp_us=round((t0 + n * period) * 1e6))
+        waits.append(time.monotonic() - t)
+        if n == 39:
+            voice_cut = sources.silence_cut_s
+    await pub.aclose()
+    assert max(waits[:10]) < 0.005, waits[:10]  # on the clock: the queue has room
+    # Behind: during the voice the captures wait (nothing of the voice is cut) ...
+    assert voice_cut == 0 and sorted(waits[15:40])[12] > 0.015, waits[15:40]
+    # ... and the first silence takes the lag out: the captures no longer wait.
+    assert max(waits[45:]) < 0.005, waits[45:]
+    assert sources.silence_cut_s == pytest.approx(0.05, abs=0.015)

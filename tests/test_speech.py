@@ -360,6 +360,70 @@ async def test_the_first_sample_plays_at_its_due_time_not_at_the_next_tick(nats_
         await d.shutdown()
 
 
+async def test_on_a_livekit_sink_speech_starts_on_a_tick_moved_onto_its_due_time(nats_server, tmp_path, tiny_models,
+                                                                                idle_video, client):
+    """A sink that keeps each frame's timestamp (the real LiveKit sources, without a room):
+    instead of leading silence, the idle tick before the utterance is cut short by the
+    distance from its due time to the tick before it, and the clock moves earlier by as
+    much. The first sample plays when due, no silence is taken from the frames' budget,
+    and the audio stays continuous: every push holds exactly the audio of the interval up
+    to the next frame's timestamp."""
+    settings = speech_settings(nats_server, tmp_path, tiny_models, idle_video, playout_delay_frames=None)
+    settings.output.sink = "livekit-local"
+    d = Daemon(settings)
+    await d.start()
+    try:
+        await start(client, "rephase")
+        session = d.sessions["rephase"]
+        pushes: list[tuple[int, int]] = []  # (audio samples, timestamp_us) of every push
+        real_push = session._publisher.push
+
+        async def recorded(frame, audio, timestamp_us=None):
+            pushes.append((audio.size, timestamp_us))
+            await real_push(frame, audio, timestamp_us=timestamp_us)
+
+        session._publisher.push = recorded
+        speech = session.speech
+        pcm, rate = read_wav_mono16(SPEECH, RATE)
+        chunk = pcm[rate // 2: rate // 2 + rate * 40 // 1000]  # 40 ms of voice
+        await stream_pcm(client.nc, "lipsync", "rephase", chunk, rate, realtime=False, chunk_ms=40)
+        for _ in range(100):
+            if speech.utterances:
+                break
+            await asyncio.sleep(0.02)
+        utt = speech.utterances[0]
+        placement = speech.last_placement
+        earlier = placement["rephase_ms"] / 1000
+        assert placement["lead_ms"] == 0 and utt.lead == 0 and 0 <= earlier < 1 / FPS
+        first_sample, arrived, _ = utt.arrivals[0]
+        assert first_sample == 0 and np.array_equal(utt.audio.slice(0, len(chunk)), chunk)
+        # Its tick once the clock has moved (the idle tick before it is still to come).
+        assert session.rephases == 0 and utt.start_tick > session.next_tick
+        start_tick, plays_at = utt.start_tick, session.tick_time(utt.start_tick) - earlier
+        due = (placement["context_ms"] + placement["budget_ms"]) / 1000
+        assert plays_at - arrived == pytest.approx(due, abs=1 / RATE + 1e-3)  # ms-rounded figures
+        speaking = await client.wait_event("rephase", "speaking", timeout=30)
+        # Applied at an idle tick before the utterance: the clock moved, once.
+        assert session.rephases == (1 if earlier else 0)
+        assert session.rephased_s == pytest.approx(earlier, abs=1 / RATE + 1e-4)
+        assert session.tick_time(start_tick) == pytest.approx(plays_at, abs=1 / RATE + 1e-6)
+        # The media timeline runs that much behind tick / fps (where speech started: the
+        # lone chunk's last frame waited for more audio, sliding the start, until auto-flush).
+        assert speaking["session_position_s"] == pytest.approx(utt.start_tick / FPS - session.rephased_s, abs=1e-3)
+        await client.wait_event("rephase", "playback_finished", timeout=30)  # auto-flush
+        # Continuous audio: each push carries the audio up to the next frame's timestamp
+        # (one interval, the rephased one, shorter than a frame).
+        spf = RATE // FPS
+        intervals = [(b[1] - a[1]) / 1e6 for a, b in zip(pushes, pushes[1:])]
+        assert len(intervals) > 10
+        for (samples, _), interval in zip(pushes, intervals):
+            assert samples / RATE == pytest.approx(interval, abs=2e-6)
+        short = [n for n, _ in pushes if n != spf]
+        assert short == ([spf - round(earlier * RATE)] if earlier else []), short
+    finally:
+        await d.shutdown()
+
+
 async def test_a_cached_avatar_starts_while_another_is_being_prepared(speech_daemon, client):
     """The second start of an avatar reads the prepared avatar from disk and the decoded
     video kept in memory: it neither decodes again nor waits for a preparation of

@@ -70,6 +70,11 @@ class Publisher(abc.ABC):
     async def aclose(self) -> None:
         """Flush and release everything; safe to call twice."""
 
+    # Whether the sink keeps each frame's own timestamp (LiveKit does; an MP4 counts
+    # frames at a constant rate). Only such a sink lets the session move its frame clock
+    # a little earlier when speech starts (Session.rephase): one shorter frame interval.
+    variable_frame_interval = False
+
     def drop_queued(self) -> None:
         """Forget media pushed but not yet played out (an interrupt: the listener must
         not hear the cut utterance's last queued audio). Sinks without a queue: nothing."""

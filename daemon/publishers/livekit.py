@@ -122,6 +122,8 @@ def mint_token(
 
 
 class LiveKitPublisher(Publisher):
+    variable_frame_interval = True  # every frame carries its tick's timestamp
+
     def __init__(
         self,
         url: str,
@@ -242,7 +244,7 @@ class LiveKitPublisher(Publisher):
 
     def drop_queued(self) -> None:
         if self._sources is not None:
-            self._sources.audio.clear_queue()
+            self._sources.clear()
 
     # -- connection ------------------------------------------------------------------
 

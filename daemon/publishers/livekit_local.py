@@ -29,6 +29,8 @@ CAPTURE_WINDOW_S = 600
 
 
 class LiveKitLocalPublisher(Publisher):
+    variable_frame_interval = True  # every frame carries its tick's timestamp
+
     def __init__(self, fmt: MediaFormat, session_id: str, *, audio_queue_size_ms: int | None = None,
                  capture_window_s: float = CAPTURE_WINDOW_S) -> None:
         self._fmt = fmt
@@ -66,7 +68,7 @@ class LiveKitLocalPublisher(Publisher):
 
     def drop_queued(self) -> None:
         if self._sources is not None:
-            self._sources.audio.clear_queue()
+            self._sources.clear()
 
     async def aclose(self) -> None:
         if self._closed:

@@ -14,6 +14,10 @@ audio waits in the queue plays that much after its frame; when the session pushe
 burst (frames late after a stall), a full queue makes the capture wait, which holds the
 next video frame back too: lips and voice never part by more than the queue.
 
+The native queue does not drain while it is empty, so a late tick leaves it behind the
+session's clock for good (every later capture waits for room). The wait tells how far
+behind; that much is cut from the next silence (``behind_s``), never from voice.
+
 Video is captured here, with the caller's timestamp, rather than through
 ``rtc.AVSynchronizer``: its ``push(frame, timestamp)`` keeps the timestamp for its own
 bookkeeping and captures with ``timestamp_us=0`` (the SDK then stamps the wall clock at
@@ -52,6 +56,12 @@ class LiveKitSources:
         self.fmt = fmt
         self.video = rtc.VideoSource(fmt.width, fmt.height)
         self.audio = rtc.AudioSource(fmt.sample_rate, 1, queue_size_ms=audio_queue_size_ms)
+        self._queue_s = audio_queue_size_ms / 1000
+        # Audio queued beyond the session's clock: the native queue stops draining while
+        # it is empty (a late tick), and runs that much behind the clock from then on.
+        # Cut from the next silence (``capture``), so voice and video meet again.
+        self.behind_s = 0.0
+        self.silence_cut_s = 0.0  # in total
         # time.monotonic() right after each video capture: the published frame rate and
         # its interval jitter, as the SDK received the frames.
         self.capture_times: deque[float] = deque(maxlen=capture_window or fmt.fps + 1)
@@ -78,10 +88,27 @@ class LiveKitSources:
         )
         self.capture_times.append(time.monotonic())
         samples = np.ascontiguousarray(audio, dtype=np.int16).reshape(-1)
+        rate = self.fmt.sample_rate
+        if self.behind_s > 0 and samples.size and not samples.any():
+            cut = min(samples.size, round(self.behind_s * rate))
+            samples = samples[cut:]
+            self.behind_s = max(0.0, self.behind_s - cut / rate)
+            self.silence_cut_s += cut / rate
         if samples.size:
-            await self.audio.capture_frame(
-                rtc.AudioFrame(samples.tobytes(), self.fmt.sample_rate, 1, samples.size)
-            )
+            t = time.monotonic()
+            await self.audio.capture_frame(rtc.AudioFrame(samples.tobytes(), rate, 1, samples.size))
+            waited = time.monotonic() - t
+            if waited > 0.002:
+                # The queue was full: it returned once this frame fitted, so it now holds
+                # the whole queue, where on the clock it would hold this frame less the
+                # wait. (Measured with the real SDK: after one 50 ms stall at 25 fps with a
+                # 60 ms queue, every later capture waited 30 ms: 30 + 60 - 40 = 50 behind.)
+                self.behind_s = waited + self._queue_s - samples.size / rate
+
+    def clear(self) -> None:
+        """Forget the queued audio (an interrupt): the queue is back on the clock."""
+        self.audio.clear_queue()
+        self.behind_s = 0.0
 
     @property
     def video_fps(self) -> float:

@@ -158,7 +158,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
-                      "latency_ms", "jitter_ms_p99", "placement", "start"}
+                      "latency_ms", "jitter_ms_p99", "placement", "clock", "start"}
     assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
     assert isinstance(s["session_id"], str)
     for key in ("needed", "generated", "fallbacks", "underruns"):

@@ -29,6 +29,7 @@ with size "full".
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -275,6 +276,44 @@ def slo_met(per_session: list[dict[str, Any]], slo: Slo) -> bool:
 
 
 # --------------------------------------------------------------------------- probes
+
+
+class GcPauses:
+    """Python's garbage collections in the daemon's process (``gc.callbacks``): each
+    holds the GIL, stopping the event loop and the generation worker alike, so a long
+    one shows as late ticks and clock restarts in every session at once. Records only
+    between ``record()`` and ``take()``: (generation, seconds) of each collection."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[int, float]] | None = None
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._samples is not None:
+            self._samples.append((int(info.get("generation", 0)), time.perf_counter() - self._began))
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def record(self) -> None:
+        self._samples = []
+
+    def take(self) -> list[tuple[int, float]]:
+        samples, self._samples = self._samples or [], None
+        return samples
+
+
+def gc_figures(pauses: list[tuple[int, float]]) -> dict[str, Any]:
+    """A row's garbage collections: how many, the longest, and those over 20 ms."""
+    return {"collections": len(pauses),
+            "max_ms": round(1000 * max((s for _, s in pauses), default=0.0), 2),
+            "over_20ms": sum(1 for _, s in pauses if s > 0.020)}
 
 
 class LoopLagProbe:
@@ -577,6 +616,8 @@ class _RoundSamples:
     wall_to_mono: float  # add to a Unix time for the monotonic clock
     counters: tuple[tuple[int, int, float], tuple[int, int, float]]  # engine, at both ends
     loop_lags: list[float]
+    gc_pauses: list[tuple[int, float]]
+    restarts: dict[str, int]  # each session's clock restarts within the window
     gpu_busy: float | None
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
@@ -595,6 +636,8 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
     to a common end; the probes record only the measured window."""
     host = daemon.engine_host
     producers: list[Any] = []
+    gc_pauses = GcPauses()
+    gc_pauses.start()
     try:
         for i, sid in enumerate(sids):
             producers.append(await _spawn_producer(daemon, sid, i, options))
@@ -613,21 +656,31 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
 
         await _sleep_until(window[0] + wall_to_mono)
         counters0 = _engine_counters(host)
+        restarts0 = _clock_restarts(daemon, sids)
+        gc_pauses.record()
         probe.record()
         gpu.record()
         _reset_peak_memory(host)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
         lags, busy, memory = probe.take(), gpu.take(), _peak_memory_mb(host)
+        pauses = gc_pauses.take()
+        restarts = {sid: n - restarts0.get(sid, 0) for sid, n in _clock_restarts(daemon, sids).items()}
 
         summaries = await asyncio.gather(*(_producer_summary(daemon, p, sid, end_wall - time.time() + 60)
                                            for p, sid in zip(producers, sids)))
     finally:
+        gc_pauses.stop()
         for p in producers:
             if p.returncode is None:
                 p.kill()
                 await p.wait()
-    return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, busy, memory, list(summaries))
+    return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, busy, memory,
+                         list(summaries))
+
+
+def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
+    return {sid: daemon.sessions[sid].clock_restarts for sid in sids if sid in daemon.sessions}
 
 
 def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples,
@@ -652,7 +705,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         # Since the session started (not only the window): a stall before the window
         # moves its speech for good.
         figures["clock"] = {"restarts": session.clock_restarts, "late_ticks": session.late_ticks,
-                            "rephases": session.rephases}
+                            "rephases": session.rephases, "restarts_in_window": samples.restarts.get(sid)}
         # The window is bounded: once full, its oldest time is no longer the first capture.
         kept = getattr(publisher, "capture_times", None)
         first = kept[0] if kept and len(kept) < kept.maxlen else None
@@ -680,6 +733,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
              if s["start"]["avatar_cached"] and s["start"]["to_first_frame_ms"] is not None), default=None),
         "gpu_busy": samples.gpu_busy,
         "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
+        "gc": gc_figures(samples.gc_pauses),
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
@@ -803,4 +857,8 @@ def print_report(report: dict[str, Any]) -> None:
         if row.get("estimates"):
             print(f"  estimates at the end: audio round {row['estimates']['round_ms']} ms, step ms by "
                   f"bucket {row['estimates']['step_ms']}")
+        restarts = [s["clock"]["restarts_in_window"] for s in row["per_session"] if s.get("clock")]
+        print(f"  in the window: clock restarts {sum(r or 0 for r in restarts)} (all sessions), garbage "
+              f"collections {row['gc']['collections']}, longest {row['gc']['max_ms']} ms, "
+              f"{row['gc']['over_20ms']} over 20 ms")
     print(f"capacity: {_fmt(report['capacity'])} sessions")

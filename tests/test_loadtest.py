@@ -154,7 +154,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
-                        "step_ms", "gpu_memory_mb", "estimates", "slo_met"}
+                        "step_ms", "gpu_memory_mb", "estimates", "gc", "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -191,7 +191,11 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     # due time, with no leading silence (less than a frame).
     assert placement["lead_ms"] == 0 and 0 <= placement["rephase_ms"] < 1000 / FPS
     assert s["clock"]["rephases"] == (1 if placement["rephase_ms"] else 0)
-    assert s["clock"]["restarts"] >= 0 and s["clock"]["late_ticks"] >= 0
+    assert s["clock"]["restarts"] >= s["clock"]["restarts_in_window"] >= 0 and s["clock"]["late_ticks"] >= 0
+    # Python's collections in the window (each holds the GIL): counted, the longest timed.
+    assert set(row["gc"]) == {"collections", "max_ms", "over_20ms"}
+    assert row["gc"]["collections"] >= row["gc"]["over_20ms"] >= 0 and row["gc"]["max_ms"] >= 0
+    assert "garbage collections" in run.stdout
     estimates = row["estimates"]
     assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
 
@@ -200,3 +204,25 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert row["slo_met"] is met, table
     assert report["capacity"] == (1 if met else None), table
     assert f"capacity: {1 if met else '-'} sessions" in run.stdout
+
+
+def test_gc_pauses_are_recorded_only_in_the_window():
+    import gc
+
+    from daemon.loadtest import GcPauses, gc_figures
+
+    pauses = GcPauses()
+    pauses.start()
+    try:
+        gc.collect()  # before record(): not counted
+        pauses.record()
+        gc.collect()
+        gc.collect(0)
+        taken = pauses.take()
+        gc.collect()  # after take(): not counted
+        assert [g for g, _ in taken] == [2, 0] and all(s >= 0 for _, s in taken)
+        assert pauses.take() == []
+    finally:
+        pauses.stop()
+    assert gc_figures([(2, 0.030), (0, 0.001)]) == {"collections": 2, "max_ms": 30.0, "over_20ms": 1}
+    assert gc_figures([]) == {"collections": 0, "max_ms": 0.0, "over_20ms": 0}

@@ -419,7 +419,9 @@ async def test_on_a_livekit_sink_speech_starts_on_a_tick_moved_onto_its_due_time
         for (samples, _), interval in zip(pushes, intervals):
             assert samples / RATE == pytest.approx(interval, abs=2e-6)
         short = [n for n, _ in pushes if n != spf]
-        assert short == ([spf - round(earlier * RATE)] if earlier else []), short
+        # One push cut short, by the rephase (rephase_ms is rounded to 0.1 ms: +-2 samples).
+        assert len(short) == (1 if earlier else 0), short
+        assert all(abs(n - (spf - earlier * RATE)) <= 2 for n in short), short
     finally:
         await d.shutdown()
 

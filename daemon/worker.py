@@ -405,7 +405,7 @@ class GenerationWorker:
                     streams = self._streams_by_fps[fps] = self._make_streams(fps)
                 self._sessions[sid] = _Stream(sid, fps, on_result, streams,
                                               (_Voice(streams.open()), _Voice(streams.open())))
-                self.demand_fps = float(sum(s.fps for s in self._sessions.values()))
+                self._demand_changed()
             elif st is None:
                 continue  # closed meanwhile
             elif kind == "audio":
@@ -437,8 +437,11 @@ class GenerationWorker:
                     st.streams.close(voice.slot)
                 st.closed = True
                 del self._sessions[st.session_id]
-                self.demand_fps = float(sum(s.fps for s in self._sessions.values()))
+                self._demand_changed()
         return dirty
+
+    def _demand_changed(self) -> None:
+        self.demand_fps = float(sum(s.fps for s in self._sessions.values()))
 
     @staticmethod
     def _voices_of(st: _Stream, utterance: int | None) -> list[_Voice]:

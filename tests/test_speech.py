@@ -322,6 +322,18 @@ async def test_concurrent_sessions_of_one_avatar_share_one_preparation(speech_da
         del host.engine.register_avatar
 
 
+async def _one_chunk_utterance(client: Client, speech, sid: str):
+    """Send one 40 ms chunk of voice (no flush) and wait for its utterance to be placed."""
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    chunk = pcm[rate // 2: rate // 2 + rate * 40 // 1000]
+    await stream_pcm(client.nc, "lipsync", sid, chunk, rate, realtime=False, chunk_ms=40)
+    for _ in range(100):
+        if speech.utterances:
+            break
+        await asyncio.sleep(0.02)
+    return chunk, speech.utterances[0]
+
+
 async def test_the_first_sample_plays_at_its_due_time_not_at_the_next_tick(nats_server, tmp_path, tiny_models,
                                                                            idle_video, client):
     """Without a fixed playout delay an utterance is placed by its audio context and the
@@ -333,14 +345,7 @@ async def test_the_first_sample_plays_at_its_due_time_not_at_the_next_tick(nats_
     try:
         await start(client, "lead")
         speech = d.sessions["lead"].speech
-        pcm, rate = read_wav_mono16(SPEECH, RATE)
-        chunk = pcm[rate // 2: rate // 2 + rate * 40 // 1000]  # 40 ms of voice
-        await stream_pcm(client.nc, "lipsync", "lead", chunk, rate, realtime=False, chunk_ms=40)
-        for _ in range(100):
-            if speech.utterances:
-                break
-            await asyncio.sleep(0.02)
-        utt = speech.utterances[0]
+        chunk, utt = await _one_chunk_utterance(client, speech, "lead")
         placement = speech.last_placement
         lead, arrived, _ = utt.arrivals[0]  # the first chunk's first sample: after the lead
         assert 0 <= lead < RATE // FPS and lead / RATE * 1000 == pytest.approx(placement["lead_ms"], abs=0.1)
@@ -384,16 +389,11 @@ async def test_on_a_livekit_sink_speech_starts_on_a_tick_moved_onto_its_due_time
 
         session._publisher.push = recorded
         speech = session.speech
-        pcm, rate = read_wav_mono16(SPEECH, RATE)
-        chunk = pcm[rate // 2: rate // 2 + rate * 40 // 1000]  # 40 ms of voice
-        await stream_pcm(client.nc, "lipsync", "rephase", chunk, rate, realtime=False, chunk_ms=40)
-        for _ in range(100):
-            if speech.utterances:
-                break
-            await asyncio.sleep(0.02)
-        utt = speech.utterances[0]
+        chunk, utt = await _one_chunk_utterance(client, speech, "rephase")
         placement = speech.last_placement
-        earlier = placement["rephase_ms"] / 1000
+        # The rephase asked for, exactly (the placement's figure is rounded to 0.1 ms).
+        earlier = session._rephase_s
+        assert placement["rephase_ms"] == pytest.approx(1000 * earlier, abs=0.05)
         assert placement["lead_ms"] == 0 and utt.lead == 0 and 0 <= earlier < 1 / FPS
         first_sample, arrived, _ = utt.arrivals[0]
         assert first_sample == 0 and np.array_equal(utt.audio.slice(0, len(chunk)), chunk)
@@ -419,9 +419,7 @@ async def test_on_a_livekit_sink_speech_starts_on_a_tick_moved_onto_its_due_time
         for (samples, _), interval in zip(pushes, intervals):
             assert samples / RATE == pytest.approx(interval, abs=2e-6)
         short = [n for n, _ in pushes if n != spf]
-        # One push cut short, by the rephase (rephase_ms is rounded to 0.1 ms: +-2 samples).
-        assert len(short) == (1 if earlier else 0), short
-        assert all(abs(n - (spf - earlier * RATE)) <= 2 for n in short), short
+        assert short == ([spf - round(earlier * RATE)] if earlier else []), short
     finally:
         await d.shutdown()
 

@@ -735,12 +735,15 @@ async def test_after_a_stall_the_audio_queue_catches_up_on_silence_never_on_voic
     that far behind the session's clock for good, every later capture waits for room and
     the voice trails its video (measured: 30 ms waits forever after one 50 ms stall at
     25 fps). The sources cut the lag from the next silence, never from voice (the real
-    SDK source at real time, no room)."""
+    SDK source at real time, no room). A loaded runner may add late ticks of its own:
+    each is a fresh lag, measured and cut the same way, so a capture may wait only right
+    after a late tick."""
     pub = LiveKitLocalPublisher(MediaFormat(width=64, height=48, fps=FPS, sample_rate=RATE), "s1")
     await pub.start()
     sources = pub._sources
     period = 1 / FPS
     waits: list[float] = []
+    late: list[float] = []  # how late each push started
     t0 = time.monotonic() + 0.05
     for n in range(70):
         delay = t0 + n * period - time.monotonic()
@@ -751,14 +754,35 @@ async def test_after_a_stall_the_audio_queue_catches_up_on_silence_never_on_voic
         voice = n < 40
         audio = np.full(SPF, 3000, np.int16) if voice else np.zeros(SPF, np.int16)
         t = time.monotonic()
+        late.append(t - (t0 + n * period))
         await pub.push(flat_frame(n % 64, 64, 48), audio, timestamp_us=round((t0 + n * period) * 1e6))
         waits.append(time.monotonic() - t)
         if n == 39:
-            voice_cut = sources.silence_cut_s
+            voice_cut, behind = sources.silence_cut_s, sources.behind_s
+        if n == 41:  # the lag is over one frame: its cut spans the first two silent pushes
+            first_cut = sources.silence_cut_s
     await pub.aclose()
-    assert max(waits[:10]) < 0.005, waits[:10]  # on the clock: the queue has room
+
+    # A capture held by the queue waits for at least one of its 10 ms drain steps; a
+    # busy runner's own slowness (a few ms a push) is not a wait for the queue.
+    drain_step = 0.010
+
+    def waited_on_its_own(span: range) -> list[int]:
+        """Ticks in ``span`` whose capture waited for the queue though no tick just before
+        was late."""
+        return [n for n in span if waits[n] >= drain_step and max(late[max(0, n - 2):n + 1]) < drain_step]
+
+    assert waited_on_its_own(range(10)) == [], (waits[:10], late[:10])  # on the clock: room
     # Behind: during the voice the captures wait (nothing of the voice is cut) ...
     assert voice_cut == 0 and sorted(waits[15:40])[12] > 0.015, waits[15:40]
-    # ... and the first silence takes the lag out: the captures no longer wait.
-    assert max(waits[45:]) < 0.005, waits[45:]
-    assert sources.silence_cut_s == pytest.approx(0.05, abs=0.015)
+    # ... the lag the waits tell is the stall's (and any late tick since), ...
+    assert behind >= 0.035, behind
+    if max(late[11:40]) < drain_step:
+        assert behind == pytest.approx(0.05, abs=0.015)
+    # ... the first silence takes it out (to the sample, unless a tick since added lag of
+    # its own), and the captures no longer wait.
+    if max(late[40:42]) < drain_step:
+        assert first_cut == pytest.approx(behind, abs=1 / RATE)
+    else:
+        assert first_cut >= behind - 1 / RATE
+    assert waited_on_its_own(range(45, 70)) == [], (waits[45:], late[45:])

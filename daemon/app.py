@@ -7,6 +7,7 @@ connection) runs in tracked tasks, and GPU work runs on the engine's own thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import signal
@@ -238,6 +239,9 @@ class Daemon:
                                         live=self.liveness, ready=self.readiness)
             await self._health.start()
         self._spawn(self._heartbeat(), "heartbeat")
+        if s.daemon.gc_freeze:
+            gc.collect()
+            gc.freeze()  # see the setting: later full collections skip the start-up objects
         self.accepting = True
         self._update_gauges()
         capacity = self.admission.capacity()

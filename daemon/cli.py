@@ -399,7 +399,7 @@ def cmd_loadtest(args, settings) -> int:
         chunk_ms=args.chunk_ms, fps=args.fps, sink=args.sink, rate=args.rate,
         wav=Path(args.wav) if args.wav else None,
         slo=Slo(generated_pct=args.slo_generated_pct, latency_p95_ms=args.slo_latency_ms),
-        json_path=Path(args.json) if args.json else None,
+        json_path=Path(args.json) if args.json else None, stall_dump_ms=args.stall_dump_ms,
     )
     return run_loadtest(settings, options)
 
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--slo-latency-ms", type=float, default=180.0,
                     help="SLO: most p95 latency of generated frames, per session")
     sp.add_argument("--json", help="also write the report here")
+    sp.add_argument("--stall-dump-ms", type=float, default=0.0,
+                    help="when the event loop stalls this long, record every thread's stack "
+                         "(faulthandler) into the row's stall_dumps; 0 = off")
     sp.set_defaults(fn=cmd_loadtest)
 
     sp = sub.add_parser("demo", help="the whole loop on this machine: daemon + demo avatar + speech -> MP4")

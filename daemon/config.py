@@ -48,6 +48,11 @@ class DaemonSection(_Section):
     # the generation worker shares it with the event loop, and each hand-off it waits
     # for delays a round or a launch by up to this much.
     gil_switch_ms: float = Field(1.0, gt=0, le=100)
+    # After start-up, move every object made so far (the model, the avatars' arrays,
+    # the imported modules) out of the garbage collector's reach (``gc.freeze``), so that
+    # a full collection walks only what sessions allocate since: each collection holds
+    # the GIL, stopping every session's frame loop and the generation worker at once.
+    gc_freeze: bool = True
 
     @field_validator("capacity_fps")
     @classmethod

@@ -29,6 +29,7 @@ with size "full".
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import json
 import os
@@ -81,6 +82,7 @@ class LoadtestOptions:
     wav: Path | None = None
     slo: Slo = Slo()
     json_path: Path | None = None
+    stall_dump_ms: float = 0.0  # > 0: dump every thread's stack when the loop stalls this long
 
     def validate(self) -> None:
         problems = []
@@ -100,6 +102,8 @@ class LoadtestOptions:
             problems.append(f"--rate {self.rate} must be 8000..48000 Hz")
         if not 0 < self.slo.generated_pct <= 100 or self.slo.latency_p95_ms <= 0:
             problems.append("--slo-generated-pct must be in (0, 100] and --slo-latency-ms > 0")
+        if self.stall_dump_ms and not 20 <= self.stall_dump_ms <= 5000:
+            problems.append(f"--stall-dump-ms {self.stall_dump_ms} must be 20..5000 (or 0: off)")
         if self.wav is not None and not self.wav.is_file():
             problems.append(f"--wav {self.wav} is not a file")
         if problems:
@@ -282,17 +286,19 @@ class GcPauses:
     """Python's garbage collections in the daemon's process (``gc.callbacks``): each
     holds the GIL, stopping the event loop and the generation worker alike, so a long
     one shows as late ticks and clock restarts in every session at once. Records only
-    between ``record()`` and ``take()``: (generation, seconds) of each collection."""
+    between ``record()`` and ``take()``: (generation, seconds, monotonic end) of each
+    collection."""
 
     def __init__(self) -> None:
-        self._samples: list[tuple[int, float]] | None = None
+        self._samples: list[tuple[int, float, float]] | None = None
         self._began = 0.0
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
         elif self._samples is not None:
-            self._samples.append((int(info.get("generation", 0)), time.perf_counter() - self._began))
+            self._samples.append((int(info.get("generation", 0)), time.perf_counter() - self._began,
+                                  time.monotonic()))
 
     def start(self) -> None:
         gc.callbacks.append(self._callback)
@@ -304,16 +310,37 @@ class GcPauses:
     def record(self) -> None:
         self._samples = []
 
-    def take(self) -> list[tuple[int, float]]:
+    def take(self) -> list[tuple[int, float, float]]:
         samples, self._samples = self._samples or [], None
         return samples
 
 
-def gc_figures(pauses: list[tuple[int, float]]) -> dict[str, Any]:
-    """A row's garbage collections: how many, the longest, and those over 20 ms."""
+def gc_figures(pauses: list[tuple[int, float, float]], since: float = 0.0) -> dict[str, Any]:
+    """A row's garbage collections: how many, the longest, and those over 20 ms (each as
+    [seconds into the window, generation, ms])."""
     return {"collections": len(pauses),
-            "max_ms": round(1000 * max((s for _, s in pauses), default=0.0), 2),
-            "over_20ms": sum(1 for _, s in pauses if s > 0.020)}
+            "max_ms": round(1000 * max((p[1] for p in pauses), default=0.0), 2),
+            "over_20ms": sum(1 for p in pauses if p[1] > 0.020),
+            "long": [[round(p[2] - since, 2), p[0], round(1000 * p[1], 1)] for p in pauses if p[1] > 0.020][:50]}
+
+
+def stall_events(restarts: dict[str, list[tuple[float, float]]], since: float,
+                 gap_s: float = 0.1) -> list[dict[str, Any]]:
+    """The sessions' clock restarts grouped into events (restarts less than ``gap_s``
+    apart are one stall): when (seconds into the window), how many sessions, the
+    longest ``behind``. One event hitting every session is a process-wide stall."""
+    flat = sorted((t, b, sid) for sid, rs in restarts.items() for t, b in rs)
+    events: list[dict[str, Any]] = []
+    last = -1e9
+    for t, behind, sid in flat:
+        if t - last > gap_s:
+            events.append({"t_s": round(t - since, 2), "sessions": set(), "behind_ms_max": 0.0})
+        last = t
+        events[-1]["sessions"].add(sid)
+        events[-1]["behind_ms_max"] = max(events[-1]["behind_ms_max"], round(1000 * behind, 1))
+    for e in events:
+        e["sessions"] = len(e["sessions"])
+    return events
 
 
 class LoopLagProbe:
@@ -350,6 +377,65 @@ class LoopLagProbe:
                 await self._task
             except asyncio.CancelledError:
                 pass
+
+
+class StallDumps:
+    """Where the process is when the event loop stalls. A task on the loop re-arms
+    ``faulthandler.dump_traceback_later`` every ``interval_s``; when the loop does not
+    come back within ``threshold_s``, faulthandler's own C thread (it needs no GIL)
+    writes every thread's Python stack to a file. ``take()`` groups the dumps by thread
+    and innermost frames: what the loop was doing, and what the other threads (the
+    generation worker, the SDK's callbacks) were doing meanwhile. Records only between
+    ``record()`` and ``take()``."""
+
+    def __init__(self, path: Path, threshold_s: float = 0.06, interval_s: float = 0.01) -> None:
+        self.path, self.threshold_s, self.interval_s = path, threshold_s, interval_s
+        self._file: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w+")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loadtest-stall-dumps")
+
+    async def _run(self) -> None:
+        while True:
+            faulthandler.dump_traceback_later(self.threshold_s, file=self._file)
+            await asyncio.sleep(self.interval_s)
+
+    async def take(self) -> dict[str, Any]:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        faulthandler.cancel_dump_traceback_later()
+        if self._file is None:
+            return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "stacks": []}
+        self._file.close()
+        self._file = None
+        names = {f"0x{t.ident:016x}": t.name for t in threading.enumerate() if t.ident is not None}
+        return stall_figures(self.path.read_text(errors="replace"), names, self.threshold_s)
+
+
+def stall_figures(text: str, names: dict[str, str], threshold_s: float, depth: int = 4) -> dict[str, Any]:
+    """faulthandler's dumps grouped: for each thread, its innermost ``depth`` frames and
+    in how many dumps it stood there, the most common first."""
+    dumps = [d for d in text.split("Timeout (")[1:]]
+    counts: dict[tuple[str, str], int] = {}
+    for dump in dumps:
+        for block in dump.split("\nThread ")[1:]:
+            lines = block.strip().splitlines()
+            ident = lines[0].split()[0]
+            frames = [ln.strip().removeprefix("File ").replace('"', "") for ln in lines[1:1 + depth]
+                      if ln.strip().startswith("File ")]
+            key = (names.get(ident, ident), " <- ".join(frames))
+            counts[key] = counts.get(key, 0) + 1
+    stacks = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {"dumps": len(dumps), "threshold_ms": round(threshold_s * 1000, 1),
+            "stacks": [{"thread": t, "frames": f, "dumps": n} for (t, f), n in stacks[:24]]}
 
 
 class GpuBusySampler:
@@ -616,8 +702,10 @@ class _RoundSamples:
     wall_to_mono: float  # add to a Unix time for the monotonic clock
     counters: tuple[tuple[int, int, float], tuple[int, int, float]]  # engine, at both ends
     loop_lags: list[float]
-    gc_pauses: list[tuple[int, float]]
+    gc_pauses: list[tuple[int, float, float]]
     restarts: dict[str, int]  # each session's clock restarts within the window
+    restart_times: dict[str, list[tuple[float, float]]]  # (monotonic, behind s) of those
+    stalls: dict[str, Any]  # StallDumps' figures
     gpu_busy: float | None
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
@@ -638,6 +726,8 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
     producers: list[Any] = []
     gc_pauses = GcPauses()
     gc_pauses.start()
+    stalls = StallDumps(_producer_log(daemon, f"stalls-{len(sids)}").with_suffix(".txt"),
+                        threshold_s=(options.stall_dump_ms or 60) / 1000)
     try:
         for i, sid in enumerate(sids):
             producers.append(await _spawn_producer(daemon, sid, i, options))
@@ -660,12 +750,18 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         gc_pauses.record()
         probe.record()
         gpu.record()
+        if options.stall_dump_ms:
+            stalls.record()
         _reset_peak_memory(host)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
         lags, busy, memory = probe.take(), gpu.take(), _peak_memory_mb(host)
         pauses = gc_pauses.take()
+        stall_dumps = await stalls.take()
         restarts = {sid: n - restarts0.get(sid, 0) for sid, n in _clock_restarts(daemon, sids).items()}
+        lo, hi = window[0] + wall_to_mono, window[1] + wall_to_mono
+        restart_times = {sid: [(t, b) for t, b in daemon.sessions[sid].restart_log if lo <= t <= hi]
+                         for sid in sids if sid in daemon.sessions}
 
         summaries = await asyncio.gather(*(_producer_summary(daemon, p, sid, end_wall - time.time() + 60)
                                            for p, sid in zip(producers, sids)))
@@ -675,8 +771,8 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
             if p.returncode is None:
                 p.kill()
                 await p.wait()
-    return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, busy, memory,
-                         list(summaries))
+    return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
+                         stall_dumps, busy, memory, list(summaries))
 
 
 def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
@@ -733,7 +829,9 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
              if s["start"]["avatar_cached"] and s["start"]["to_first_frame_ms"] is not None), default=None),
         "gpu_busy": samples.gpu_busy,
         "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
-        "gc": gc_figures(samples.gc_pauses),
+        "gc": gc_figures(samples.gc_pauses, mono_window[0]),
+        "stall_events": stall_events(samples.restart_times, mono_window[0]),
+        "stall_dumps": samples.stalls,
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
@@ -861,4 +959,10 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  in the window: clock restarts {sum(r or 0 for r in restarts)} (all sessions), garbage "
               f"collections {row['gc']['collections']}, longest {row['gc']['max_ms']} ms, "
               f"{row['gc']['over_20ms']} over 20 ms")
+        events = row.get("stall_events") or []
+        if events:
+            print(f"  stalls (clock restarts grouped): {len(events)}, hitting "
+                  f"{sorted(e['sessions'] for e in events)} sessions each")
+        for stack in (row.get("stall_dumps") or {}).get("stacks", [])[:8]:
+            print(f"  stalled loop ({stack['dumps']} dumps), {stack['thread']}: {stack['frames']}")
     print(f"capacity: {_fmt(report['capacity'])} sessions")

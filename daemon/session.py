@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -141,6 +142,7 @@ class Session:
         self.last_tick_at = time.monotonic()
         self.late_ticks = 0
         self.clock_restarts = 0  # stalls the frame loop recovered from by moving its clock
+        self.restart_log: deque[tuple[float, float]] = deque(maxlen=256)  # (monotonic, behind s)
         self.rephases = 0  # clock moves earlier so that speech starts on a tick (rephase)
         self.rephased_s = 0.0  # their total: the media timeline is this much behind tick / fps
         self._rephase_s = 0.0  # requested, applied at the next idle tick
@@ -387,6 +389,7 @@ class Session:
                         behind = -delay
                         t0 = self.t0 = t0 + behind
                         self.clock_restarts += 1
+                        self.restart_log.append((time.monotonic(), behind))
                         self.log.warning("frame loop stalled; clock restarted", behind_ms=round(behind * 1000, 1))
                         if self.speech is not None:
                             self.speech.clock_moved(behind)

@@ -4,10 +4,12 @@ own processes, the livekit-local sink)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +140,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
          "--seconds", str(SECONDS), "--warmup-s", "2", "--fps", str(FPS), "--slo-generated-pct", "95",
-         "--slo-latency-ms", "2500", "--json", str(report_path)],
+         "--slo-latency-ms", "2500", "--stall-dump-ms", "500", "--json", str(report_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -154,7 +156,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
-                        "step_ms", "gpu_memory_mb", "estimates", "gc", "slo_met"}
+                        "step_ms", "gpu_memory_mb", "estimates", "gc", "stall_events", "stall_dumps", "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -193,8 +195,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert s["clock"]["rephases"] == (1 if placement["rephase_ms"] else 0)
     assert s["clock"]["restarts"] >= s["clock"]["restarts_in_window"] >= 0 and s["clock"]["late_ticks"] >= 0
     # Python's collections in the window (each holds the GIL): counted, the longest timed.
-    assert set(row["gc"]) == {"collections", "max_ms", "over_20ms"}
-    assert row["gc"]["collections"] >= row["gc"]["over_20ms"] >= 0 and row["gc"]["max_ms"] >= 0
+    assert set(row["gc"]) == {"collections", "max_ms", "over_20ms", "long"}
+    assert row["gc"]["collections"] >= row["gc"]["over_20ms"] == len(row["gc"]["long"]) >= 0
+    assert row["gc"]["max_ms"] >= 0
+    # Stalls: the clock restarts grouped into events, and the stacks the loop stalled in.
+    assert sum(e["sessions"] for e in row["stall_events"]) == s["clock"]["restarts_in_window"]
+    assert row["stall_dumps"]["threshold_ms"] == 500 and row["stall_dumps"]["dumps"] >= 0
     assert "garbage collections" in run.stdout
     estimates = row["estimates"]
     assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
@@ -220,9 +226,41 @@ def test_gc_pauses_are_recorded_only_in_the_window():
         gc.collect(0)
         taken = pauses.take()
         gc.collect()  # after take(): not counted
-        assert [g for g, _ in taken] == [2, 0] and all(s >= 0 for _, s in taken)
+        assert [g for g, _, _ in taken] == [2, 0] and all(s >= 0 for _, s, _ in taken)
+        assert taken[0][2] <= taken[1][2] <= time.monotonic()
         assert pauses.take() == []
     finally:
         pauses.stop()
-    assert gc_figures([(2, 0.030), (0, 0.001)]) == {"collections": 2, "max_ms": 30.0, "over_20ms": 1}
-    assert gc_figures([]) == {"collections": 0, "max_ms": 0.0, "over_20ms": 0}
+    assert gc_figures([(2, 0.030, 101.5), (0, 0.001, 102.0)], since=100.0) == {
+        "collections": 2, "max_ms": 30.0, "over_20ms": 1, "long": [[1.5, 2, 30.0]]}
+    assert gc_figures([]) == {"collections": 0, "max_ms": 0.0, "over_20ms": 0, "long": []}
+
+
+def test_clock_restarts_close_together_are_one_stall_event():
+    from daemon.loadtest import stall_events
+
+    restarts = {"a": [(10.00, 0.09), (12.0, 0.2)], "b": [(10.03, 0.12)], "c": [(10.05, 0.1), (15.0, 0.3)]}
+    assert stall_events(restarts, since=9.0) == [
+        {"t_s": 1.0, "sessions": 3, "behind_ms_max": 120.0},
+        {"t_s": 3.0, "sessions": 1, "behind_ms_max": 200.0},
+        {"t_s": 6.0, "sessions": 1, "behind_ms_max": 300.0},
+    ]
+    assert stall_events({}, since=0.0) == []
+
+
+def _blocks_the_loop_for_a_while() -> None:
+    time.sleep(0.25)
+
+
+async def test_a_stalled_loop_leaves_the_stack_it_stalled_in(tmp_path: Path) -> None:
+    from daemon.loadtest import StallDumps
+
+    dumps = StallDumps(tmp_path / "stalls.txt", threshold_s=0.08, interval_s=0.01)
+    dumps.record()
+    await asyncio.sleep(0.1)  # a loop that comes back in time: no dump
+    _blocks_the_loop_for_a_while()
+    await asyncio.sleep(0.05)
+    figures = await dumps.take()
+    assert figures["dumps"] == 1 and figures["threshold_ms"] == 80.0
+    [main] = [st for st in figures["stacks"] if st["thread"] == "MainThread"]
+    assert main["frames"].split(" <- ")[0].endswith("in _blocks_the_loop_for_a_while") and main["dumps"] == 1

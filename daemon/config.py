@@ -275,6 +275,16 @@ class ModelSection(_Section):
     batch_sizing: Literal["demand", "max"] = "demand"
     batch_utilization: float = Field(0.8, gt=0, le=1)
     horizon_s: float = Field(1.0, gt=0, le=30)
+    # The VAE decode computes only the face rows the blend can show (from
+    # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per
+    # avatar frame). "auto": on CUDA, per avatar, once a few frames decoded both ways
+    # differ by at most decode_tolerance uint8 levels (mean absolute over the blended box;
+    # until then, and where it fails, the whole decode); "full": never; "cropped": every
+    # avatar whose blend the rows cover, whatever the difference (benchmarks with random
+    # weights, whose upper face moves with the audio as a real model's does not).
+    decode: Literal["auto", "full", "cropped"] = "auto"
+    decode_crop_row: int = Field(96, ge=0, le=255)
+    decode_tolerance: float = Field(1.0, gt=0, le=255)
     extra_margin: int = 10
     parsing_mode: Literal["jaw", "raw"] = "jaw"
     landmarks: Literal["auto", "onnx", "opencv"] = "auto"

@@ -58,6 +58,9 @@ class EngineHost:
         self._prepare_lock = asyncio.Lock()
         self._prep_stream: Any = None
         self._speaking = 0
+        # The cropped decode's validation per registered avatar (figures for `status`).
+        self.crop_figures: dict[str, dict[str, Any]] = {}
+        self._crop_tasks: set[asyncio.Task[Any]] = set()
 
     # ---- startup ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,8 +146,11 @@ class EngineHost:
                 "(env LIPSYNC_MODEL__RANDOM_WEIGHTS=1); or run with no model at all, the speech "
                 "over the idle video: model.enabled = false (env LIPSYNC_MODEL__ENABLED=false)",
             ) from None
+        # "auto" crops on CUDA only: on a CPU the validation would cost more than it saves.
+        decode = "full" if cfg.decode == "auto" and self.device.type != "cuda" else cfg.decode
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch,
-                             compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step)
+                             compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step,
+                             decode=decode, crop_row=cfg.decode_crop_row, crop_tolerance=cfg.decode_tolerance)
         if self.device.type == "cuda":
             self._prep_stream = torch.cuda.Stream(self.device, priority=0)
         from musetalk.avatar import PreparationTools
@@ -196,6 +202,7 @@ class EngineHost:
             "avatars": len(self._avatar_refs), "measured_fps": self.measured_fps,
             "compiled": bool(self.engine and self.engine.compiled),
             "load_s": round(self.load_s, 1),
+            "decode": self._decode_info(),
         }
         if self.device is not None and self.device.type == "cuda":
             import torch
@@ -204,6 +211,16 @@ class EngineHost:
             info["memory_allocated_mb"] = round(torch.cuda.memory_allocated(self.device) / 2**20)
             info["memory_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
         return info
+
+    def _decode_info(self) -> dict[str, Any]:
+        engine = self.engine
+        if engine is None or engine.crop_plan is None:
+            return {"mode": "full"}
+        return {"mode": engine.decode_mode, "crop_row": engine.crop_plan.visible_row,
+                "gflop_per_frame": {"whole": round(engine.decoder_flops(False) / 1e9, 1),
+                                    "cropped": round(engine.decoder_flops(True) / 1e9, 1)},
+                "avatars": {key[:16]: {k: v for k, v in f.items() if k in ("accepted", "mean_abs", "max_abs", "reason")}
+                            for key, f in self.crop_figures.items()}}
 
     def alive(self) -> bool:
         return self._worker is not None and self._worker.alive()
@@ -362,6 +379,11 @@ class EngineHost:
         await self.call(lambda: self.engine.register_avatar(avatar))
         timings["register_ms"] = round((time.perf_counter() - t) * 1000, 1)
         self._avatars[key] = avatar
+        if self.engine.crop_plan is not None:
+            # In the background: the session starts at once on the whole decode.
+            task = asyncio.create_task(self._validate_crop(key, log_), name=f"crop-{key[:8]}")
+            self._crop_tasks.add(task)
+            task.add_done_callback(self._crop_tasks.discard)
         if not cached:
             from musetalk.avatar import evict_prepared
 
@@ -374,6 +396,37 @@ class EngineHost:
                   landmarks=avatar.landmark_source, key=key, **timings)
         return avatar, timings
 
+    async def _validate_crop(self, key: str, log_: Any) -> None:
+        """Measure the cropped decode for a registered avatar off the worker (on the
+        low-priority stream: live steps go first) and switch the avatar to it if it
+        passes; logged once either way, and in `status`."""
+        def measure() -> dict[str, Any]:
+            import contextlib
+
+            import torch
+
+            stream = torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else contextlib.nullcontext()
+            with stream:
+                figures = self.engine.measure_crop(key)
+            if self._prep_stream is not None:
+                self._prep_stream.synchronize()
+            return figures
+
+        t = time.perf_counter()
+        try:
+            figures = await asyncio.to_thread(measure)
+            sums = figures.pop("sums", None)
+            if sums is not None and key in self._avatars:
+                await self.call(lambda: self.engine.enable_crop(key, sums))
+        except Exception as exc:  # the whole decode stays: slower, never wrong
+            figures = {"accepted": False, "reason": f"validation failed: {type(exc).__name__}: {exc}"}
+        figures["ms"] = round((time.perf_counter() - t) * 1000, 1)
+        self.crop_figures[key] = figures
+        if figures["accepted"]:
+            log_.info("cropped decode on for this avatar", key=key, **figures)
+        else:
+            log_.warning("cropped decode refused for this avatar; it decodes whole", key=key, **figures)
+
     async def release_avatar(self, key: str) -> None:
         refs = self._avatar_refs.get(key, 0) - 1
         if refs > 0:
@@ -381,6 +434,7 @@ class EngineHost:
             return
         self._avatar_refs.pop(key, None)
         self._avatars.pop(key, None)
+        self.crop_figures.pop(key, None)
         if self.alive():
             try:
                 # Bounded: a wedged GPU must not hang a session's close.
@@ -397,6 +451,9 @@ class EngineHost:
 
     # ---- shutdown --------------------------------------------------------------------
     async def aclose(self) -> None:
+        for task in list(self._crop_tasks):
+            task.cancel()
+        await asyncio.gather(*self._crop_tasks, return_exceptions=True)
         if self._worker is None:
             return
         thread = self._worker.stop()

@@ -837,6 +837,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "gpu_memory_mb": samples.gpu_memory_mb,
         # The worker's estimates at the end of the round (they set the processing budget).
         "estimates": daemon.engine_host.worker.est.snapshot() if daemon.engine_host is not None else None,
+        # The cropped decode: mode, FLOPs, and each avatar's validation figures.
+        "decode": daemon.engine_host.device_info()["decode"] if daemon.engine_host is not None else None,
         "slo_met": slo_met(per_session, options.slo),
     }
 
@@ -959,6 +961,11 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  in the window: clock restarts {sum(r or 0 for r in restarts)} (all sessions), garbage "
               f"collections {row['gc']['collections']}, longest {row['gc']['max_ms']} ms, "
               f"{row['gc']['over_20ms']} over 20 ms")
+        decode = row.get("decode") or {}
+        if decode.get("avatars"):
+            print(f"  decode {decode['mode']} from row {decode['crop_row']} ({decode['gflop_per_frame']} GFLOP/frame): "
+                  + "; ".join(f"{'on' if f['accepted'] else 'off'} mean {f.get('mean_abs')} max {f.get('max_abs')}"
+                              for f in decode["avatars"].values()))
         events = row.get("stall_events") or []
         if events:
             print(f"  stalls (clock restarts grouped): {len(events)}, hitting "

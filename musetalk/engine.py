@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from musetalk import stages
+from musetalk import cropped_decode, stages
 from musetalk.color import pack_i420, rgb_to_i420_planes
 from musetalk.models import MuseTalkModels
 from musetalk.types import AUDIO_DIM, AUDIO_TOKENS, LATENT_SIZE, FrameJob, GeneratedBox, PreparedAvatar
@@ -53,10 +53,14 @@ class _DeviceAvatar:
     boxes: np.ndarray  # (N, 4) int, host: the even boxes
     frames_rgb: np.ndarray  # (N, H, W, 3) uint8, host (read only)
     frames_rgba: np.ndarray | None  # (N, H, W, 4) uint8, host, when the caller shares them
+    # (N, layers, groups, 2) float32, device: the cropped decode's cached GroupNorm sums,
+    # set once the crop is validated for this avatar (until then: the whole decode).
+    gn_sums: torch.Tensor | None = None
 
     @property
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latents, self.crops, self.masks, self.geometry))
+        tensors = [self.latents, self.crops, self.masks, self.geometry] + ([self.gn_sums] if self.gn_sums is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def buckets(max_batch: int, step: int = 8) -> list[int]:
@@ -137,6 +141,9 @@ class Engine:
         compile_dynamic: bool = True,
         bucket_step: int = 8,
         pad_to_buckets: bool | None = None,
+        decode: str = "full",
+        crop_row: int = 96,
+        crop_tolerance: float = 1.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -178,13 +185,28 @@ class Engine:
         def decode_fn(latents: torch.Tensor) -> torch.Tensor:
             return stages.decode(vae, latents)
 
-        self._unet_fn, self._decode_fn = unet_fn, decode_fn
+        # The cropped decode (``musetalk.cropped_decode``): "auto" uses it for the avatars
+        # whose validation passed, "cropped" for every avatar whose blend it covers
+        # (benchmarks with random weights), "full" never.
+        if decode not in ("auto", "full", "cropped"):
+            raise ValueError(f"decode {decode!r} must be auto, full or cropped")
+        self.decode_mode = decode
+        self.crop_tolerance = crop_tolerance
+        self.crop_plan = cropped_decode.plan_crop(vae.decoder, crop_row) if decode != "full" and crop_row else None
+        plan = self.crop_plan
+
+        def crop_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+            return cropped_decode.decode_to_unit_rows(vae, latents, plan, sums)
+
+        self._unet_fn, self._decode_fn, self._crop_fn = unet_fn, decode_fn, crop_fn
         self._dynamic = compile_dynamic
         self._mark_dynamic = 0
         if self.compiled:
             opts = dict(mode="reduce-overhead", dynamic=False if not compile_dynamic else None)
             self._unet_fn = torch.compile(unet_fn, **opts)
             self._decode_fn = torch.compile(decode_fn, **opts)
+            if plan is not None:
+                self._crop_fn = torch.compile(crop_fn, **opts)
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -264,6 +286,76 @@ class Engine:
     def device_bytes(self) -> int:
         return sum(av.device_bytes for av in self._avatars.values())
 
+    @torch.inference_mode()
+    def measure_crop(self, key: str, frames: int = 4, seed: int = 0, chunk: int = 16) -> dict:
+        """Prepare and check the cropped decode for a registered avatar (eager, on the
+        caller's stream: the daemon runs it on its low-priority stream, off the worker).
+
+        Records the GroupNorm sums of the rows the crop does not compute from a whole
+        decode of every frame with neutral audio (tokens of the positional encoding
+        alone), then decodes ``frames`` frames with other, random audio both ways and
+        compares the blended boxes (uint8 levels). Returns the figures, with
+        ``accepted`` and, when accepted, ``sums`` for ``enable_crop``; never changes the
+        avatar itself.
+        """
+        plan = self.crop_plan
+        if plan is None:
+            raise ValueError("the cropped decode is off (decode = 'full')")
+        av = self._avatar(key)
+        first_row = cropped_decode.first_visible_row(av.masks, av.geometry)
+        figures: dict = {"crop_row": plan.visible_row, "first_visible_row": first_row,
+                         "tolerance": self.crop_tolerance, "mode": self.decode_mode}
+        unet, vae = self.models.unet, self.models.vae
+        neutral = stages.tokens_from_windows(torch.zeros((1, 10, 5, AUDIO_DIM), device=self.device,
+                                                         dtype=self.dtype))
+        sums = torch.empty((av.num_frames, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
+        for start in range(0, av.num_frames, chunk):
+            idx = torch.arange(start, min(start + chunk, av.num_frames), device=self.device)
+            pred = stages.unet_step(unet, av.latents[idx], neutral.expand(len(idx), -1, -1), self._timestep)
+            _, sums[idx] = cropped_decode.decode_rows(vae, pred, plan, record=True)
+        k = min(frames, av.num_frames)
+        idx = torch.from_numpy(np.linspace(0, av.num_frames - 1, k).round().astype(np.int64)).to(self.device)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        windows = torch.randn((k, 10, 5, AUDIO_DIM), generator=generator).to(self.device, self.dtype)
+        pred = stages.unet_step(unet, av.latents[idx], stages.tokens_from_windows(windows), self._timestep)
+        ones = torch.ones(k, device=self.device)
+        whole = stages.paste(stages.decode(vae, pred), av.crops[idx], av.masks[idx], av.geometry[idx], ones)
+        crop = stages.paste(cropped_decode.decode_to_unit_rows(vae, pred, plan, sums[idx]), av.crops[idx],
+                            av.masks[idx], av.geometry[idx], ones)
+        diff = (whole.float() - crop.float()).abs()
+        mean_abs, max_abs = float(diff.mean()), float(diff.max())
+        # Measured either way (the figures say how far off a refused crop is), decided
+        # by the rows first: a crop that leaves out rows the blend shows is never used.
+        covered, close = first_row >= plan.visible_row, mean_abs <= self.crop_tolerance
+        accepted = covered and (close or self.decode_mode == "cropped")
+        if not covered:
+            reason = (f"the blend shows face rows from {first_row}, above the crop's first row "
+                      f"{plan.visible_row} (lower model.decode_crop_row to {first_row} or less)")
+        elif not close:
+            reason = (f"the cropped decode's blended box is off by {mean_abs:.3f} levels on average, more "
+                      f"than model.decode_tolerance {self.crop_tolerance:g}"
+                      + ("; used anyway (model.decode = 'cropped')" if accepted else ""))
+        else:
+            reason = None
+        figures.update(accepted=accepted, mean_abs=round(mean_abs, 4), max_abs=round(max_abs, 2), reason=reason)
+        if accepted:
+            figures["sums"] = sums
+        return figures
+
+    def enable_crop(self, key: str, sums: torch.Tensor) -> None:
+        """Use the cropped decode for ``key``'s frames (``measure_crop``'s sums)."""
+        av = self._avatar(key)
+        plan = self.crop_plan
+        if plan is None or tuple(sums.shape) != (av.num_frames, plan.layers, plan.groups, 2):
+            raise ValueError(f"avatar {key!r}: group sums {tuple(sums.shape)} do not fit its frames and the plan")
+        av.gn_sums = sums
+
+    def decoder_flops(self, cropped: bool) -> float:
+        """The decoder's FLOPs per frame, whole or under the crop plan."""
+        plan = self.crop_plan if cropped and self.crop_plan is not None else cropped_decode.plan_crop(
+            self.models.vae.decoder, 0)
+        return cropped_decode.decoder_flops(self.models.vae, plan)
+
     def idle_frame(self, avatar_key: str, index: int) -> np.ndarray:
         """The avatar's own frame as RGBA (host copy; no device work)."""
         av = self._avatar(avatar_key)
@@ -307,8 +399,14 @@ class Engine:
                 if self.compiled and self._dynamic and size >= 2:
                     self._mark_dynamic = size
                 args = ([key] * size, [i % 2 for i in range(size)], tokens, [1.0] * size)
-                for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
-                    self.launch(*args).boxes()
+                av = self._avatars[key]
+                # Both decodes get compiled and recorded; the steps are timed with the one
+                # most batches take (the cropped one, when it is on).
+                for sums in ([None, torch.zeros((2, self.crop_plan.layers, self.crop_plan.groups, 2),
+                                                device=self.device)] if self.crop_plan is not None else [None]):
+                    av.gn_sums = sums
+                    for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
+                        self.launch(*args).boxes()
                 t = time.perf_counter()
                 for _ in range(3):
                     self.launch(*args).boxes()
@@ -374,7 +472,16 @@ class Engine:
         pred = self._unet_fn(latents, tokens)
         if timing:
             events[1].record()
-        image = self._decode_fn(pred)[:n]
+        if self.crop_plan is not None and all(av.gn_sums is not None for av, _, _ in groups):
+            plan = self.crop_plan
+            sums = torch.empty((size, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
+            for av, pos, idx in groups:
+                sums[pos] = av.gn_sums[idx]
+            if self._mark_dynamic:
+                torch._dynamo.mark_dynamic(sums, 0, min=2, max=max(2, self.max_batch))
+            image = self._crop_fn(pred, sums)[:n]
+        else:
+            image = self._decode_fn(pred)[:n]
         if timing:
             events[2].record()
         hb = max(av.crops.shape[1] for av, _, _ in groups)

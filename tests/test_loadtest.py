@@ -131,7 +131,8 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
-               LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu")
+               LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu",
+               LIPSYNC_MODEL__DECODE="cropped")  # the daemon's cropped-decode path, end to end
     # CPU-sized: 3 fps (the tiny model makes ~5-7 frames/s of 512x512 on one free core,
     # half that on a busy runner; a frame is 333 ms, so the latency floor is ~3 frames
     # = 1 s plus a step, not the GPU's 180 ms). Whether a shared runner meets the SLO
@@ -156,7 +157,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
-                        "step_ms", "gpu_memory_mb", "estimates", "gc", "stall_events", "stall_dumps", "slo_met"}
+                        "step_ms", "gpu_memory_mb", "estimates", "decode", "gc", "stall_events", "stall_dumps", "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -202,6 +203,13 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert sum(e["sessions"] for e in row["stall_events"]) == s["clock"]["restarts_in_window"]
     assert row["stall_dumps"]["threshold_ms"] == 500 and row["stall_dumps"]["dumps"] >= 0
     assert "garbage collections" in run.stdout
+    # The session spoke through the cropped decode once its avatar's validation passed
+    # (forced mode: the tiny random model's upper face moves with the audio).
+    decode = row["decode"]
+    assert decode["mode"] == "cropped" and decode["crop_row"] == 96
+    assert decode["gflop_per_frame"]["cropped"] < decode["gflop_per_frame"]["whole"]
+    [crop] = decode["avatars"].values()
+    assert crop["accepted"] is True and crop["mean_abs"] >= 0, crop
     estimates = row["estimates"]
     assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
 

@@ -282,7 +282,9 @@ class ModelSection(_Section):
     # until then, and where it fails, the whole decode); "full": never; "cropped": every
     # avatar whose blend the rows cover, whatever the difference (benchmarks with random
     # weights, whose upper face moves with the audio as a real model's does not).
-    decode: Literal["auto", "full", "cropped"] = "auto"
+    # "full" by default until a loadtest shows the daemon's steps faster with the crop
+    # (the decode alone is; docs/BENCHMARKS.md, "Cropped decode").
+    decode: Literal["auto", "full", "cropped"] = "full"
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)
     extra_margin: int = 10

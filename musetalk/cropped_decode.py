@@ -93,7 +93,9 @@ def plan_crop(decoder: nn.Module, visible_row: int, latent_rows: int = 32) -> Cr
     starts = [0] * (len(stages) + 1)
     need = visible_row
     for s in range(len(stages), 0, -1):
-        starts[s] = max(0, need - convs[s - 1])
+        # Even: the upsampled rows of the previous stage then begin exactly here (no
+        # one-row slice, which would make the convolution's input a strided copy).
+        starts[s] = max(0, need - convs[s - 1]) // 2 * 2
         need = starts[s] // 2
     # The GroupNorm boundaries: the first row of each layer's input that is computed
     # from true values (the start plus the contaminated rows above it).
@@ -121,19 +123,23 @@ def _group_sums(x: torch.Tensor, groups: int, rows: int) -> torch.Tensor:
 def _cropped_group_norm(gn: nn.GroupNorm, x: torch.Tensor, skip: int, full_rows: int,
                         cached: torch.Tensor) -> torch.Tensor:
     """GroupNorm of a crop whose statistics are completed by the cached sums of the rows
-    not computed; the crop's first ``skip`` rows (contaminated) are left out of them."""
-    b, c, h, w = x.shape
+    not computed; the crop's first ``skip`` rows (contaminated) are left out of them.
+
+    Sums per channel first (a reduction over rows and columns, which keeps the
+    channels-last layout), then per group; the normalisation is one multiply-add per
+    channel. No reshaped copy of the activations is made."""
+    b, c = x.shape[:2]
     g = gn.num_groups
-    part = x[:, :, skip:].float().reshape(b, g, -1)
-    count = (c // g) * full_rows * w
-    s1 = part.sum(-1) + cached[..., 0]
-    s2 = (part * part).sum(-1) + cached[..., 1]
+    per = c // g
+    part = x[:, :, skip:].float()
+    s1 = part.sum(dim=(2, 3)).view(b, g, per).sum(-1) + cached[..., 0]
+    s2 = (part * part).sum(dim=(2, 3)).view(b, g, per).sum(-1) + cached[..., 1]
+    count = per * full_rows * x.shape[3]
     mean = s1 / count
-    var = (s2 / count - mean * mean).clamp_min(0.0)
-    scale = torch.rsqrt(var + gn.eps)
-    y = (x.float().reshape(b, g, -1) - mean[..., None]) * scale[..., None]
-    y = y.reshape(b, c, h, w) * gn.weight.float()[None, :, None, None] + gn.bias.float()[None, :, None, None]
-    return y.to(x.dtype)
+    inv = torch.rsqrt((s2 / count - mean * mean).clamp_min(0.0) + gn.eps)
+    scale = inv.repeat_interleave(per, dim=1) * gn.weight.float()
+    shift = gn.bias.float() - mean.repeat_interleave(per, dim=1) * scale
+    return (x.float() * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
 
 
 def decode_rows(vae: nn.Module, latents: torch.Tensor, plan: CropPlan, sums: torch.Tensor | None = None,

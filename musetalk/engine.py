@@ -206,7 +206,10 @@ class Engine:
             self._unet_fn = torch.compile(unet_fn, **opts)
             self._decode_fn = torch.compile(decode_fn, **opts)
             if plan is not None:
-                self._crop_fn = torch.compile(crop_fn, **opts)
+                # One static graph per bucket: the only form measured faster than the whole
+                # decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md); the
+                # dynamic-batch graph measured no faster inside the step.
+                self._crop_fn = torch.compile(crop_fn, mode="reduce-overhead", dynamic=False)
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -477,8 +480,6 @@ class Engine:
             sums = torch.empty((size, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
             for av, pos, idx in groups:
                 sums[pos] = av.gn_sums[idx]
-            if self._mark_dynamic:
-                torch._dynamo.mark_dynamic(sums, 0, min=2, max=max(2, self.max_batch))
             image = self._crop_fn(pred, sums)[:n]
         else:
             image = self._decode_fn(pred)[:n]

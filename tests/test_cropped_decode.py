@@ -54,8 +54,9 @@ def test_a_crop_with_the_frames_own_sums_gives_the_visible_rows_of_the_whole_dec
 def test_the_plan_starts_each_stage_its_convolutions_above_the_rows_it_must_deliver():
     vae = build_vae(SD_VAE_FT_MSE_CONFIG)  # full-size architecture (random weights): real stages
     plan = plan_crop(vae.decoder, 104)
-    # 256-row stage: upsampler conv + 3 resnets (6 convs) + conv_out = 8 rows up; 128: 7; 64: 7.
-    assert plan.starts == (0, 13, 41, 96)
+    # 256-row stage: upsampler conv + 3 resnets (6 convs) + conv_out = 8 rows up; 128: 7; 64: 7;
+    # each start rounded down to an even row (48 - 7 = 41 -> 40; 20 - 7 = 13 -> 12).
+    assert plan.starts == (0, 12, 40, 96)
     assert plan.layers == 19 and plan.groups == 32
     assert plan.boundaries[-1] == 103  # conv_norm_out: rows below it feed conv_out's 104..
     whole, cropped = decoder_flops(vae, plan_crop(vae.decoder, 0)), decoder_flops(vae, plan)

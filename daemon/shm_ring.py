@@ -1,0 +1,176 @@
+"""A single-producer, single-consumer message ring in shared memory, with a doorbell.
+
+The transport between the asyncio edge and a GPU-server process (docs/ARCHITECTURE.md,
+"Processes"): audio, frame requests and finished boxes cross it as bytes, never pickled.
+One ring carries one direction; each side owns one index:
+
+    offset 0   head  u64  bytes ever written (only the producer writes it)
+    offset 8   tail  u64  bytes ever read (only the consumer writes it)
+    offset 16  capacity u64, then the data area from offset 64
+
+A record is ``u32 length | u16 kind | u16 0 | payload``, padded to 8 bytes, laid out
+contiguously: a record that would run past the end leaves a wrap marker (length
+0xFFFFFFFF) and starts again at the beginning. The producer writes the payload first
+and then the head; the consumer reads the head, then the payload, then moves the tail.
+On x86-64 (total store order, and CPython's stores are whole 8-byte writes) that order
+is what the other process sees; nothing else synchronises the two.
+
+The doorbell is an ``eventfd``: the producer bumps it after each write, the consumer
+waits on it (``loop.add_reader`` on the edge, ``wait`` on a thread in the server) and
+drains every record before waiting again. Both survive ``fork``/``exec`` by name (the
+shared memory) and by file descriptor (``pass_fds``).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+from multiprocessing import shared_memory
+from typing import Iterator
+
+HEADER = 64
+RECORD = struct.Struct("<IHH")  # length (payload bytes), kind, reserved
+WRAP = 0xFFFFFFFF
+_U64 = struct.Struct("<Q")
+
+
+def _pad(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class RingFull(Exception):
+    """The consumer has not read enough for this record yet."""
+
+
+class Ring:
+    """One direction of a shared-memory channel. ``create`` makes it (and unlinks it
+    on ``close``); ``attach`` opens one another process made, by name."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, doorbell: int, owner: bool) -> None:
+        self._shm = shm
+        self._buf = shm.buf
+        self.doorbell = doorbell
+        self._owner = owner
+        self.capacity = _U64.unpack_from(self._buf, 16)[0]
+        if self.capacity <= 0 or self.capacity % 8 or HEADER + self.capacity > shm.size:
+            raise ValueError(f"shared memory {shm.name!r} holds no ring (capacity {self.capacity})")
+
+    @classmethod
+    def create(cls, capacity: int) -> "Ring":
+        if capacity < 64 or capacity % 8:
+            raise ValueError(f"ring capacity {capacity} must be a multiple of 8, at least 64 bytes")
+        shm = shared_memory.SharedMemory(create=True, size=HEADER + capacity)
+        shm.buf[:HEADER] = bytes(HEADER)
+        _U64.pack_into(shm.buf, 16, capacity)
+        doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return cls(shm, doorbell, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, doorbell: int) -> "Ring":
+        # Untracked: the creator unlinks it; this process's resource tracker must not
+        # (Python < 3.13 has no track=False: unregister what attaching registered).
+        try:
+            shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+        except TypeError:
+            from multiprocessing import resource_tracker
+
+            shm = shared_memory.SharedMemory(name=name)
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return cls(shm, doorbell, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload one record can carry."""
+        return self.capacity // 2 - RECORD.size
+
+    def _head(self) -> int:
+        return _U64.unpack_from(self._buf, 0)[0]
+
+    def _tail(self) -> int:
+        return _U64.unpack_from(self._buf, 8)[0]
+
+    def used(self) -> int:
+        return self._head() - self._tail()
+
+    # ---- producer ------------------------------------------------------------------------
+    def write(self, kind: int, *parts: bytes | bytearray | memoryview) -> None:
+        """Append one record (its payload is ``parts`` joined) and ring the doorbell.
+        Raises ``RingFull`` when the consumer is behind (the caller decides: wait, drop
+        or fail), ``ValueError`` for a payload no record of this ring can hold."""
+        size = sum(len(p) for p in parts)
+        if size > self.max_payload:
+            raise ValueError(f"a {size}-byte message exceeds this ring's {self.max_payload}-byte records")
+        need = _pad(RECORD.size + size)
+        head, cap = self._head(), self.capacity
+        at = head % cap
+        skip = cap - at if at + need > cap else 0  # the wrap: this record starts at 0
+        if head + skip + need - self._tail() > cap:
+            raise RingFull(f"{self.used()} of {cap} bytes unread")
+        buf = self._buf
+        if skip:
+            if skip >= RECORD.size:
+                RECORD.pack_into(buf, HEADER + at, WRAP, 0, 0)
+            at = 0
+        RECORD.pack_into(buf, HEADER + at, size, kind, 0)
+        pos = HEADER + at + RECORD.size
+        for p in parts:
+            n = len(p)
+            buf[pos:pos + n] = p
+            pos += n
+        _U64.pack_into(buf, 0, head + skip + need)  # publish: after the payload
+        os.eventfd_write(self.doorbell, 1)
+
+    # ---- consumer ------------------------------------------------------------------------
+    def read(self) -> tuple[int, bytes] | None:
+        """The next record (kind, payload copied out), or None when the ring is empty."""
+        tail, head, cap = self._tail(), self._head(), self.capacity
+        if tail == head:
+            return None
+        at = tail % cap
+        if cap - at < RECORD.size:  # too short for a marker: the producer skipped it
+            tail += cap - at
+            at = 0
+        else:
+            length = RECORD.unpack_from(self._buf, HEADER + at)[0]
+            if length == WRAP:
+                tail += cap - at
+                at = 0
+        length, kind, _ = RECORD.unpack_from(self._buf, HEADER + at)
+        start = HEADER + at + RECORD.size
+        payload = bytes(self._buf[start:start + length])
+        _U64.pack_into(self._buf, 8, tail + _pad(RECORD.size + length))
+        return kind, payload
+
+    def drain(self) -> Iterator[tuple[int, bytes]]:
+        """Every record there now, in order (clears the doorbell first, so a write that
+        lands meanwhile rings it again)."""
+        try:
+            os.eventfd_read(self.doorbell)
+        except BlockingIOError:
+            pass
+        while (record := self.read()) is not None:
+            yield record
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Block until the doorbell rings or ``timeout_s`` passes (a thread's wait);
+        True when it rang."""
+        ready, _, _ = select.select([self.doorbell], [], [], timeout_s)
+        return bool(ready)
+
+    def close(self) -> None:
+        self._buf = None  # type: ignore[assignment]
+        try:
+            self._shm.close()
+        except BufferError:  # a memoryview still held elsewhere: the mapping goes with the process
+            pass
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self.doorbell)

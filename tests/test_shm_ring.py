@@ -1,0 +1,130 @@
+"""The shared-memory ring (``daemon.shm_ring``): records in order across wrap-arounds,
+back-pressure when full, and the same bytes seen by another real process, woken by the
+eventfd doorbell on an asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from daemon.shm_ring import Ring, RingFull
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_records_come_out_in_order_through_many_wrap_arounds():
+    ring = Ring.create(4096)
+    try:
+        rng = random.Random(0)
+        sent: list[tuple[int, bytes]] = []
+        got: list[tuple[int, bytes]] = []
+        for i in range(3000):
+            payload = rng.randbytes(rng.randrange(0, 900))
+            while True:
+                try:
+                    ring.write(i % 7, payload[:10], payload[10:])  # parts are joined
+                    break
+                except RingFull:
+                    got.extend(ring.drain())
+            sent.append((i % 7, payload))
+        got.extend(ring.drain())
+        assert got == sent
+        assert ring.used() == 0 and ring.read() is None
+    finally:
+        ring.close()
+
+
+def test_a_full_ring_refuses_until_read_and_an_oversized_record_is_refused():
+    ring = Ring.create(512)
+    try:
+        ring.write(1, bytes(200))  # 208 bytes with its header
+        ring.write(2, b"\x02" * 200)
+        with pytest.raises(RingFull):
+            ring.write(3, bytes(100))  # 416 + 112 > 512
+        assert ring.read() == (1, bytes(200))
+        ring.write(3, b"\x03" * 100)  # wraps: 96 bytes left at the end are skipped
+        assert ring.read() == (2, b"\x02" * 200)
+        assert ring.read() == (3, b"\x03" * 100) and ring.read() is None
+        with pytest.raises(ValueError, match="exceeds"):
+            ring.write(3, bytes(ring.max_payload + 1))
+        ring.write(4, b"")  # an empty payload is a record too
+        assert ring.read() == (4, b"")
+    finally:
+        ring.close()
+
+
+_ECHO = """
+import os, sys, zlib, struct
+from daemon.shm_ring import Ring, RingFull
+inbox = Ring.attach(sys.argv[1], int(sys.argv[2]))
+outbox = Ring.attach(sys.argv[3], int(sys.argv[4]))
+done = False
+while not done:
+    inbox.wait(5.0)
+    for kind, payload in inbox.drain():
+        if kind == 99:
+            done = True
+            break
+        reply = struct.pack("<HIQ", kind, zlib.crc32(payload), len(payload))
+        while True:
+            try:
+                outbox.write(kind, reply)
+                break
+            except RingFull:
+                inbox.wait(0.001)
+inbox.close(); outbox.close()
+"""
+
+
+async def test_another_process_reads_the_same_bytes_and_answers_through_its_own_ring():
+    import struct
+
+    to_child, from_child = Ring.create(64 * 1024), Ring.create(16 * 1024)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, to_child.name, str(to_child.doorbell), from_child.name,
+         str(from_child.doorbell)],
+        pass_fds=(to_child.doorbell, from_child.doorbell), cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    loop = asyncio.get_running_loop()
+    answers: list[tuple[int, int, int]] = []
+    woke = asyncio.Event()
+
+    def on_doorbell() -> None:
+        for kind, payload in from_child.drain():
+            k, crc, n = struct.unpack("<HIQ", payload)
+            assert k == kind
+            answers.append((kind, crc, n))
+        woke.set()
+
+    loop.add_reader(from_child.doorbell, on_doorbell)
+    try:
+        rng = random.Random(1)
+        expected = []
+        for i in range(2000):
+            payload = rng.randbytes(rng.randrange(0, 6000))  # many wraps of the 64 kB ring
+            while True:
+                try:
+                    to_child.write(i % 50, payload)
+                    break
+                except RingFull:  # back-pressure: the child is behind
+                    await asyncio.sleep(0.001)
+            expected.append((i % 50, zlib.crc32(payload), len(payload)))
+        while len(answers) < len(expected):
+            woke.clear()
+            await asyncio.wait_for(woke.wait(), timeout=30)
+        assert answers == expected
+        to_child.write(99)
+        assert await asyncio.to_thread(child.wait, 30) == 0
+    finally:
+        loop.remove_reader(from_child.doorbell)
+        if child.poll() is None:
+            child.kill()
+        to_child.close()
+        from_child.close()

@@ -221,9 +221,14 @@ class Daemon:
             servers = [u.strip() for u in s.nats.url.split(",") if u.strip()]
         self.nats_url = servers[0]
         if s.model.enabled:
-            from daemon.engine_host import EngineHost
+            if s.daemon.gpu_process:
+                from daemon.gpu_client import GpuServerHost
 
-            self.engine_host = EngineHost(s, self.metrics)
+                self.engine_host = GpuServerHost(s, self.metrics)
+            else:
+                from daemon.engine_host import EngineHost
+
+                self.engine_host = EngineHost(s, self.metrics)
             await self.engine_host.start()
         self.nc = await connect(s.nats, servers, on_state=self._on_nats_state)
         self.nats_connected = True

@@ -53,6 +53,11 @@ class DaemonSection(_Section):
     # a full collection walks only what sessions allocate since: each collection holds
     # the GIL, stopping every session's frame loop and the generation worker at once.
     gc_freeze: bool = True
+    # Run the model in its own process (daemon.gpu_server): the GPU work and its Python
+    # no longer share this process's GIL with the sessions' frame clocks, and a crash of
+    # it is survived (sessions show idle frames while it restarts). Off by default until
+    # measured on a GPU.
+    gpu_process: bool = False
 
     @field_validator("capacity_fps")
     @classmethod

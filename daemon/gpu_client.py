@@ -1,0 +1,384 @@
+"""The edge's side of the GPU-server process (``daemon.gpu_process = true``).
+
+``GpuServerHost`` is what sessions talk to in place of ``EngineHost``, with the same
+calls: it starts ``python -m daemon.gpu_server``, carries audio, plans and controls to
+it through a shared-memory ring and hands the finished boxes it sends back to each
+session's callback on the event loop. Avatars are acquired over the control socket:
+the decoded frames go over as an ``.npy`` file the server maps (removed once it has
+them), and the prepared avatar comes back as its key and boxes.
+
+The supervisor: when the server process dies, every open stream gets one failed frame
+(its session sends an ``error`` event and keeps showing idle frames: the frame clock
+runs here, not there), the server is started again, the streams are opened and their
+avatars acquired again, and new utterances generate as before. The utterances that were
+speaking lose their remaining generated frames (fallbacks: idle mouth, audio in sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from daemon import errors
+from daemon import gpu_wire as wire
+from daemon.config import Settings
+from daemon.embedded_nats import _die_with_parent
+from daemon.errors import LipsyncError
+from daemon.log import get_logger
+from daemon.metrics import Metrics
+from daemon.shm_ring import Ring, RingFull
+
+log = get_logger(__name__)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+INBOX_BYTES = 16 * 1024 * 1024  # edge -> server: audio and plans
+OUTBOX_BYTES = 64 * 1024 * 1024  # server -> edge: boxes (135 kB each at 300x300)
+RESTART_DELAY_S = 0.5
+MAX_RESTARTS = 10  # in a row without a ready server: then it stays down (health fails)
+
+
+class ServerDown(RuntimeError):
+    """The GPU server process died; it is being started again."""
+
+
+@dataclass
+class RemoteAvatar:
+    """What the edge keeps of an avatar prepared in the GPU server."""
+
+    key: str
+    num_frames: int
+    blend_boxes: np.ndarray
+    face_boxes: np.ndarray
+    frames: np.ndarray  # the idle video's frames (the edge's copy)
+    landmark_source: str | None = None
+
+
+@dataclass
+class _Stream:
+    idx: int
+    fps: int
+    on_result: Callable[[list[tuple[int, int, Any, BaseException | None]]], None]
+    last_plan: tuple[int, int] | None = None  # (utterance, frame) of the newest plan
+
+
+class GpuServerHost:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.measured_fps: float | None = None
+        self.one_session_fps: float | None = None
+        self.default_fps: int = settings.video.fps
+        self.warmup_ms: dict[int, float] = {}
+        self.load_s = 0.0
+        self.restarts = 0
+        self.device = None  # the CUDA device lives in the server
+        self._dir = settings.daemon.state_dir / "gpu-server"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._inbox: Ring | None = None
+        self._outbox: Ring | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ready = False
+        self._closing = False
+        self._status: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._next_idx = 0
+        self._speaking = 0
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._next_call = 0
+        self._avatars: dict[str, tuple[Any, str, str | None, RemoteAvatar]] = {}  # key -> (video, hash, url, avatar)
+        self._avatar_refs: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = asyncio.Event()
+        self.dropped_records = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        t = time.perf_counter()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        await self._spawn()
+        self.load_s = time.perf_counter() - t
+        self._spawn_task(self._supervise(), "gpu-server-supervisor")
+
+    async def _spawn(self) -> None:
+        """Start a server and wait for its ``ready`` (model loaded and warmed up)."""
+        settings_path = self._dir / "settings.json"
+        settings_path.write_text(self.settings.model_dump_json())
+        os.chmod(settings_path, 0o600)
+        self._inbox, self._outbox = Ring.create(INBOX_BYTES), Ring.create(OUTBOX_BYTES)
+        ours, theirs = socket.socketpair()
+        fds = (self._inbox.doorbell, self._outbox.doorbell, theirs.fileno())
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.gpu_server", "--settings", str(settings_path),
+            "--inbox", self._inbox.name, str(self._inbox.doorbell),
+            "--outbox", self._outbox.name, str(self._outbox.doorbell), "--control", str(theirs.fileno()),
+            pass_fds=fds, preexec_fn=_die_with_parent(), env=env)
+        theirs.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=ours)
+        first = await self._reader.readline()
+        message = json.loads(first) if first else {"op": "failed", "code": errors.INTERNAL,
+                                                    "message": "the GPU server exited while starting"}
+        if message.get("op") != "ready":
+            await self._reap()
+            raise LipsyncError(message.get("code", errors.INTERNAL),
+                               f"the GPU server did not start: {message.get('message')}")
+        self.measured_fps = message.get("measured_fps")
+        self.one_session_fps = message.get("one_session_fps")
+        self.default_fps = message.get("default_fps") or self.default_fps
+        self.warmup_ms = {int(k): v for k, v in (message.get("warmup_ms") or {}).items()}
+        asyncio.get_running_loop().add_reader(self._outbox.doorbell, self._on_outbox)
+        self._spawn_task(self._control_replies(self._reader), "gpu-server-control")
+        self._ready = True
+        log.info("GPU server ready", pid=self._proc.pid, device=message.get("device"),
+                 measured_fps=self.measured_fps, restarts=self.restarts)
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._closing:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._closing:
+                return
+            self._ready = False
+            log.error("the GPU server process exited; restarting it, sessions show idle frames meanwhile",
+                      exit_code=code, pid=self._proc.pid, restarts=self.restarts)
+            self._server_lost(ServerDown(f"the GPU server process exited with code {code}; it is being restarted"))
+            await self._reap()
+            while not self._closing:
+                await asyncio.sleep(RESTART_DELAY_S)
+                try:
+                    await self._spawn()
+                    self.restarts += 1
+                    failures = 0
+                    await self._restore()
+                    break
+                except Exception as exc:
+                    failures += 1
+                    log.error("the GPU server failed to start again", error=str(exc), attempt=failures)
+                    if failures >= MAX_RESTARTS:
+                        log.error("the GPU server stays down: the daemon is not healthy", attempts=failures)
+                        return
+
+    def _server_lost(self, error: BaseException) -> None:
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(error)
+        self._calls.clear()
+        for st in self._streams.values():
+            if st.last_plan is not None:
+                st.on_result([(st.last_plan[0], st.last_plan[1], None, error)])
+
+    async def _restore(self) -> None:
+        """Streams and avatars the sessions hold, in the new server."""
+        for sid, st in self._streams.items():
+            self._write(wire.OPEN, wire.open_stream(st.idx, st.fps, sid))
+        if self._speaking:
+            self._write(wire.SPEAKING, wire.speaking(self._speaking))
+        for key, (video, content_hash, url, _) in list(self._avatars.items()):
+            await self._acquire_remote(video, content_hash, url, None)
+
+    async def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ring in (self._inbox, self._outbox):
+            if ring is not None:
+                if ring is self._outbox:
+                    loop.remove_reader(ring.doorbell)
+                ring.close()
+        self._inbox = self._outbox = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._ready:
+            try:
+                await asyncio.wait_for(self._call("shutdown"), timeout=5)
+            except Exception:
+                pass
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout=15)
+            except asyncio.TimeoutError:
+                self._proc.kill()
+        self._ready = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reap()
+
+    def _spawn_task(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ---- control path ----------------------------------------------------------------
+    async def _call(self, op: str, **args: Any) -> Any:
+        if not self._ready or self._writer is None:
+            raise ServerDown("the GPU server is restarting")
+        self._next_call += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[self._next_call] = fut
+        self._writer.write(json.dumps({"id": self._next_call, "op": op, "args": args}).encode() + b"\n")
+        await self._writer.drain()
+        return await fut
+
+    async def _control_replies(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            reply = json.loads(line)
+            fut = self._calls.pop(reply.get("id"), None)
+            if fut is None or fut.done():
+                continue
+            if reply.get("ok"):
+                fut.set_result(reply.get("result"))
+            else:
+                fut.set_exception(LipsyncError(reply.get("code", errors.INTERNAL), reply.get("message", "")))
+
+    # ---- hot path --------------------------------------------------------------------
+    def _write(self, kind: int, *parts: Any) -> None:
+        if not self._ready or self._inbox is None:
+            self.dropped_records += 1  # the server is restarting: nothing to tell it
+            return
+        try:
+            self._inbox.write(kind, *parts)
+        except RingFull:
+            self.dropped_records += 1
+            log.warning("the GPU server is not reading: a record was dropped", kind=kind)
+
+    def _on_outbox(self) -> None:
+        if self._outbox is None:
+            return
+        for kind, payload in self._outbox.drain():
+            if kind == wire.RESULTS:
+                idx, results = wire.read_results(payload)
+                for st in self._streams.values():
+                    if st.idx == idx:
+                        st.on_result(results)
+                        break
+            elif kind == wire.STATUS:
+                self._status = wire.read_status(payload)
+
+    # ---- the sessions' calls (as EngineHost's) -------------------------------------------
+    def alive(self) -> bool:
+        return self._ready and self._proc is not None and self._proc.returncode is None
+
+    def busy_fraction(self) -> float | None:
+        return self._status.get("busy")
+
+    def processing_budget_s(self) -> float:
+        # The server's figure for its current load; while it restarts, the last one
+        # (an utterance placed meanwhile falls back anyway).
+        return float(self._status.get("budget_s") or 0.25)
+
+    def device_info(self) -> dict[str, Any]:
+        return {"gpu_process": {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
+                                "dropped_records": self.dropped_records},
+                "steps": self._status.get("steps", 0), "frames_generated": self._status.get("frames_generated", 0),
+                "measured_fps": self.measured_fps, "load_s": round(self.load_s, 1), **self._info}
+
+    async def refresh_info(self) -> dict[str, Any]:
+        """The server's own ``device_info`` (a control call)."""
+        self._info = await self._call("info")
+        return self.device_info()
+
+    def speaking_changed(self, delta: int) -> None:
+        self._speaking += delta
+        self._write(wire.SPEAKING, wire.speaking(delta))
+
+    def open_stream(self, session_id: str, fps: int, on_result: Any) -> None:
+        self._next_idx += 1
+        st = self._streams[session_id] = _Stream(self._next_idx, fps, on_result)
+        self._write(wire.OPEN, wire.open_stream(st.idx, fps, session_id))
+
+    def close_stream(self, session_id: str) -> None:
+        st = self._streams.pop(session_id, None)
+        if st is not None:
+            self._write(wire.CLOSE, wire.index(st.idx))
+
+    def push_audio(self, session_id: str, utterance: int, pcm16k: Any) -> None:
+        self._write(wire.AUDIO, *wire.audio(self._streams[session_id].idx, utterance, pcm16k))
+
+    def flush_audio(self, session_id: str, utterance: int) -> None:
+        self._write(wire.FLUSH, wire.utterance(self._streams[session_id].idx, utterance))
+
+    def plan_frames(self, session_id: str, plans: list[Any]) -> None:
+        if not plans:
+            return
+        st = self._streams[session_id]
+        st.last_plan = (plans[-1].utterance, plans[-1].frame)
+        self._write(wire.PLANS, *wire.plans(st.idx, plans[0].avatar_key, plans))
+
+    def cancel(self, session_id: str, utterance: int | None = None, before_frame: int | None = None) -> None:
+        st = self._streams.get(session_id)
+        if st is not None:
+            self._write(wire.CANCEL, wire.cancel(st.idx, utterance, before_frame))
+
+    def shift(self, session_id: str, utterance: int | None, delta_s: float) -> None:
+        st = self._streams.get(session_id)
+        if st is not None:
+            self._write(wire.SHIFT, wire.shift(st.idx, utterance, delta_s))
+
+    # ---- avatars ---------------------------------------------------------------------
+    async def acquire_avatar(self, video: Any, content_hash: str, log_: Any,
+                             url: str | None = None) -> tuple[RemoteAvatar, dict[str, float]]:
+        avatar, timings = await self._acquire_remote(video, content_hash, url, log_)
+        self._avatar_refs[avatar.key] = self._avatar_refs.get(avatar.key, 0) + 1
+        return avatar, timings
+
+    async def _acquire_remote(self, video: Any, content_hash: str, url: str | None,
+                              log_: Any) -> tuple[RemoteAvatar, dict[str, float]]:
+        path = self._dir / "videos" / f"{content_hash}-{os.getpid()}-{time.monotonic_ns()}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(np.save, path, np.ascontiguousarray(video.frames), allow_pickle=False)
+        try:
+            result = await self._call("acquire", frames=str(path), fps=float(video.fps),
+                                      duration_s=float(video.duration_s), content_hash=content_hash, url=url,
+                                      session_id=None)
+        except ServerDown:
+            raise LipsyncError(errors.INTERNAL, "the GPU server is restarting: try the start again in a few "
+                                                "seconds") from None
+        finally:
+            path.unlink(missing_ok=True)  # the server maps it; the mapping outlives the name
+        avatar = RemoteAvatar(key=result["key"], num_frames=result["num_frames"],
+                              blend_boxes=np.asarray(result["blend_boxes"], np.int32),
+                              face_boxes=np.asarray(result["face_boxes"], np.int32), frames=video.frames,
+                              landmark_source=result.get("landmark_source"))
+        self._avatars[avatar.key] = (video, content_hash, url, avatar)
+        return avatar, result.get("timings") or {}
+
+    async def release_avatar(self, key: str) -> None:
+        refs = self._avatar_refs.get(key, 0) - 1
+        if refs > 0:
+            self._avatar_refs[key] = refs
+            return
+        self._avatar_refs.pop(key, None)
+        self._avatars.pop(key, None)
+        if self.alive():
+            try:
+                await asyncio.wait_for(self._call("release", key=key), timeout=10)
+            except Exception as exc:
+                log.warning("release avatar failed", key=key, error=repr(exc))
+
+    async def make_speech(self, session: Any) -> Any:
+        from daemon.speech import SpeechPipeline
+
+        avatar, timings = await self.acquire_avatar(session.video, session.video_hash, session.log,
+                                                    session.video_url)
+        return SpeechPipeline(session, self, avatar, timings)

@@ -1,0 +1,129 @@
+"""The model in its own process (``daemon.gpu_process = true``): the daemon's edge and
+a real ``python -m daemon.gpu_server`` child on the CPU with tiny random weights, talking
+through shared-memory rings; the recording decoded and checked; the server killed
+mid-utterance (SIGKILL) and restarted under a session that keeps playing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.app import Daemon
+from daemon.config import Settings
+from daemon.producer import read_wav_mono16, stream_pcm
+from tests.media import decode_audio, decode_video_frames
+from tests.test_speech import FPS, RATE, SPEECH, idle_video, speech_settings, start, tiny_models  # noqa: F401
+
+
+@pytest.fixture
+async def split_daemon(nats_server, tmp_path, tiny_models, idle_video):
+    base = speech_settings(nats_server, tmp_path, tiny_models, idle_video)
+    settings = Settings.model_validate({**base.model_dump(), "daemon": {**base.daemon.model_dump(), "gpu_process": True}})
+    d = Daemon(settings)
+    await d.start()
+    yield d
+    await d.shutdown()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_session_speaks_through_the_gpu_server_process(split_daemon, client):
+    host = split_daemon.engine_host
+    assert type(host).__name__ == "GpuServerHost" and host.alive()
+    assert host.pid is not None and host.pid != os.getpid()
+    reply = await start(client, "remote")
+    session = split_daemon.sessions["remote"]
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", "remote", pcm, rate, realtime=True, chunk_ms=40)
+    await client.nc.publish("lipsync.control.remote", json.dumps({"op": "flush"}).encode())
+    finished = await client.wait_event("remote", "playback_finished", timeout=40)
+    assert finished["interrupted"] is False
+    counts = session.speech.stats()["counts"]
+    assert counts["speech"] + counts["fallback"] == math.ceil(len(pcm) * FPS / rate), counts
+    assert counts["speech"] >= 5, counts  # generated in the other process, in time
+    info = await host.refresh_info()
+    # Every frame that needed the model and was shown generated was made by the server.
+    assert info["frames_generated"] >= counts["needed"] - counts["fallback"], (info, counts)
+    assert info["gpu_process"]["restarts"] == 0 and info["device"] == "cpu"
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "remote"})
+    await client.wait_event("remote", "stopped")
+
+    # The boxes came back through the ring and were written into the idle frames: the
+    # recording's mouth region changes where speech frames were shown, A/V lengths agree.
+    frames, fps = decode_video_frames(Path(reply["output"]["path"]))
+    audio, audio_rate = decode_audio(Path(reply["output"]["path"]))
+    assert fps == FPS and abs(len(frames) / FPS - len(audio) / audio_rate) <= 1 / FPS + 1024 / audio_rate
+    avatar = session.speech.avatar
+    x1, y1, x2, y2 = avatar.blend_boxes[0]
+    first = frames[0][y1:y2, x1:x2].astype(np.int16)
+    assert max(float(np.abs(f[y1:y2, x1:x2].astype(np.int16) - first).mean()) for f in frames) > 10
+
+
+async def test_a_killed_gpu_server_is_restarted_while_the_session_keeps_playing(split_daemon, client):
+    host = split_daemon.engine_host
+    await start(client, "crash")
+    session = split_daemon.sessions["crash"]
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    speaking = asyncio.create_task(stream_pcm(client.nc, "lipsync", "crash", pcm, rate, realtime=True, chunk_ms=40))
+    await client.wait_event("crash", "speaking", timeout=20)
+    await _until(lambda: session.speech.stats()["counts"]["speech"] >= 2, 20, "no generated frame before the kill")
+    first_pid = host.pid
+    os.kill(first_pid, signal.SIGKILL)
+    tick = session.tick
+    # The frame clock runs in the edge: frames keep going out while the server is gone.
+    await _until(lambda: session.tick >= tick + 5, 5, "the session stopped publishing")
+    err = await client.wait_event("crash", "error", timeout=10)
+    assert err["code"] == "generation_failed" and "GPU server process exited" in err["message"]
+    await _until(lambda: host.alive() and host.pid != first_pid, 60, "the GPU server was not restarted")
+    assert host.restarts == 1
+    await speaking
+    await client.nc.publish("lipsync.control.crash", json.dumps({"op": "flush"}).encode())
+    await client.wait_event("crash", "playback_finished", timeout=40)
+    # The next utterance generates again, in the new server.
+    before = session.speech.stats()["counts"]["speech"]
+    await stream_pcm(client.nc, "lipsync", "crash", pcm[: rate * 2], rate, realtime=True, chunk_ms=40,
+                     seq_start=100_000)
+    await client.nc.publish("lipsync.control.crash", json.dumps({"op": "flush"}).encode())
+    await _until(lambda: len(client.events_of("crash", "playback_finished")) >= 2, 40, "no second utterance")
+    assert session.speech.stats()["counts"]["speech"] > before
+    assert session.loop_alive()
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "crash"})
+    await client.wait_event("crash", "stopped")
+
+
+async def test_a_clear_crosses_to_the_gpu_server_within_a_frame(split_daemon, client):
+    host = split_daemon.engine_host
+    await start(client, "hush")
+    session = split_daemon.sessions["hush"]
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", "hush", pcm, rate, realtime=False)  # all of it: frames queue up
+    await client.wait_event("hush", "speaking", timeout=20)
+    await _until(lambda: session.speech.stats()["counts"]["speech"] >= 2, 20, "no generated frame")
+    tick = session.tick
+    assert (await client.request("lipsync.control.hush", {"op": "clear"}))["ok"]
+    ev = await client.wait_event("hush", "playback_finished", timeout=5)
+    assert ev["interrupted"] is True and session.tick - tick <= 2
+    # The cancel reached the server: it holds no frame of the utterance any more.
+    pending = []
+    for _ in range(100):
+        pending.append((await host.refresh_info())["pending_frames"])
+        if pending[-1] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pending[-1] == 0, pending
+    assert session.tick - tick <= 3, pending  # by the session's own frames (10 fps), not wall time
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "hush"})
+    await client.wait_event("hush", "stopped")

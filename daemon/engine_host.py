@@ -242,6 +242,26 @@ class EngineHost:
     def step_s(self) -> float:
         return self._worker.est.step_s_total if self._worker else 0.0
 
+    def estimates(self) -> dict[str, Any]:
+        """The worker's step and round estimates (they set the processing budget)."""
+        return self.worker.est.snapshot()
+
+    async def reset_peak_memory(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    async def peak_memory_mb(self) -> float | None:
+        if self.device is None or self.device.type != "cuda":
+            return None
+        import torch
+
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+
+    async def refresh_info(self) -> dict[str, Any]:
+        return self.device_info()
+
     @property
     def worker(self) -> GenerationWorker:
         assert self._worker is not None, "EngineHost.start() first"

@@ -79,7 +79,7 @@ class GpuServerHost:
         self.warmup_ms: dict[int, float] = {}
         self.load_s = 0.0
         self.restarts = 0
-        self.device = None  # the CUDA device lives in the server
+        self.device: Any = None  # the server's torch.device (its CUDA context lives there)
         self._dir = settings.daemon.state_dir / "gpu-server"
         self._proc: asyncio.subprocess.Process | None = None
         self._inbox: Ring | None = None
@@ -136,6 +136,9 @@ class GpuServerHost:
         self.one_session_fps = message.get("one_session_fps")
         self.default_fps = message.get("default_fps") or self.default_fps
         self.warmup_ms = {int(k): v for k, v in (message.get("warmup_ms") or {}).items()}
+        import torch  # a device name only: no CUDA context is made here
+
+        self.device = torch.device(message.get("device") or "cpu")
         asyncio.get_running_loop().add_reader(self._outbox.doorbell, self._on_outbox)
         self._spawn_task(self._control_replies(self._reader), "gpu-server-control")
         self._ready = True
@@ -297,6 +300,29 @@ class GpuServerHost:
         """The server's own ``device_info`` (a control call)."""
         self._info = await self._call("info")
         return self.device_info()
+
+    # The counters and estimates the loadtest reads (from the newest status: at most
+    # gpu_server.STATUS_PERIOD_S old).
+    @property
+    def steps(self) -> int:
+        return int(self._status.get("steps", 0))
+
+    @property
+    def frames_generated(self) -> int:
+        return int(self._status.get("frames_generated", 0))
+
+    @property
+    def step_s(self) -> float:
+        return float(self._status.get("step_s", 0.0))
+
+    def estimates(self) -> dict[str, Any]:
+        return self._status.get("estimates") or {}
+
+    async def reset_peak_memory(self) -> None:
+        await self._call("reset_peak_memory")
+
+    async def peak_memory_mb(self) -> float | None:
+        return await self._call("peak_memory_mb")
 
     def speaking_changed(self, delta: int) -> None:
         self._speaking += delta

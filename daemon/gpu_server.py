@@ -123,6 +123,10 @@ class GpuServer:
             return None
         if op == "info":
             return self.host.device_info()
+        if op == "reset_peak_memory":
+            return await self.host.reset_peak_memory()
+        if op == "peak_memory_mb":
+            return await self.host.peak_memory_mb()
         if op == "shutdown":
             self._done.set()
             return None

@@ -706,6 +706,7 @@ class _RoundSamples:
     restarts: dict[str, int]  # each session's clock restarts within the window
     restart_times: dict[str, list[tuple[float, float]]]  # (monotonic, behind s) of those
     stalls: dict[str, Any]  # StallDumps' figures
+    device_info: dict[str, Any] | None  # the engine host's, at the window's end
     gpu_busy: float | None
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
@@ -752,10 +753,12 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         gpu.record()
         if options.stall_dump_ms:
             stalls.record()
-        _reset_peak_memory(host)
+        if host is not None:
+            await host.reset_peak_memory()
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
-        lags, busy, memory = probe.take(), gpu.take(), _peak_memory_mb(host)
+        lags, busy = probe.take(), gpu.take()
+        memory = await host.peak_memory_mb() if host is not None else None
         pauses = gc_pauses.take()
         stall_dumps = await stalls.take()
         restarts = {sid: n - restarts0.get(sid, 0) for sid, n in _clock_restarts(daemon, sids).items()}
@@ -763,6 +766,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         restart_times = {sid: [(t, b) for t, b in daemon.sessions[sid].restart_log if lo <= t <= hi]
                          for sid in sids if sid in daemon.sessions}
 
+        device_info = await host.refresh_info() if host is not None else None
         summaries = await asyncio.gather(*(_producer_summary(daemon, p, sid, end_wall - time.time() + 60)
                                            for p, sid in zip(producers, sids)))
     finally:
@@ -772,7 +776,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                 p.kill()
                 await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
-                         stall_dumps, busy, memory, list(summaries))
+                         stall_dumps, device_info, busy, memory, list(summaries))
 
 
 def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
@@ -836,9 +840,11 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
         # The worker's estimates at the end of the round (they set the processing budget).
-        "estimates": daemon.engine_host.worker.est.snapshot() if daemon.engine_host is not None else None,
+        "estimates": daemon.engine_host.estimates() if daemon.engine_host is not None else None,
         # The cropped decode: mode, FLOPs, and each avatar's validation figures.
-        "decode": daemon.engine_host.device_info()["decode"] if daemon.engine_host is not None else None,
+        "decode": samples.device_info.get("decode") if samples.device_info else None,
+        # The model's process: this one, or a GPU server (daemon.gpu_process) with its restarts.
+        "gpu_process": samples.device_info.get("gpu_process") if samples.device_info else None,
         "slo_met": slo_met(per_session, options.slo),
     }
 
@@ -903,21 +909,6 @@ def _engine_counters(host: Any) -> tuple[int, int, float]:
     if host is None:
         return 0, 0, 0.0
     return host.steps, host.frames_generated, host.step_s
-
-
-def _reset_peak_memory(host: Any) -> None:
-    if host is not None and host.device is not None and host.device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(host.device)
-
-
-def _peak_memory_mb(host: Any) -> float | None:
-    if host is None or host.device is None or host.device.type != "cuda":
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_allocated(host.device) / 2**20, 1)
 
 
 # --------------------------------------------------------------------------- report

@@ -127,12 +127,15 @@ def test_mirrored_landmarks_keep_their_meaning() -> None:
     assert mirrored[0, 30, 0] == pytest.approx(511 - demo[0, 30, 0])  # the nose tip stays itself
 
 
-def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("process", ["in-process", "gpu-server"])
+def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, process: str) -> None:
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1",
                LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny", LIPSYNC_MODEL__DEVICE="cpu",
-               LIPSYNC_MODEL__DECODE="cropped")  # the daemon's cropped-decode path, end to end
+               LIPSYNC_MODEL__DECODE="cropped",  # the daemon's cropped-decode path, end to end
+               # ...and the same measurement of a daemon whose model runs in its own process.
+               LIPSYNC_DAEMON__GPU_PROCESS="1" if process == "gpu-server" else "0")
     # CPU-sized: 3 fps (the tiny model makes ~5-7 frames/s of 512x512 on one free core,
     # half that on a busy runner; a frame is 333 ms, so the latency floor is ~3 frames
     # = 1 s plus a step, not the GPU's 180 ms). Whether a shared runner meets the SLO
@@ -157,7 +160,8 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
-                        "step_ms", "gpu_memory_mb", "estimates", "decode", "gc", "stall_events", "stall_dumps", "slo_met"}
+                        "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
+                        "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -210,6 +214,11 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path) -> 
     assert decode["gflop_per_frame"]["cropped"] < decode["gflop_per_frame"]["whole"]
     [crop] = decode["avatars"].values()
     assert crop["accepted"] is True and crop["mean_abs"] >= 0, crop
+    if process == "gpu-server":
+        assert row["gpu_process"]["alive"] is True and row["gpu_process"]["restarts"] == 0
+        assert isinstance(row["gpu_process"]["pid"], int) and row["gpu_process"]["dropped_records"] == 0
+    else:
+        assert row["gpu_process"] is None
     estimates = row["estimates"]
     assert estimates["round_ms"] > 0 and estimates["step_ms"] and all(v > 0 for v in estimates["step_ms"].values())
 

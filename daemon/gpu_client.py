@@ -98,8 +98,8 @@ class GpuServerHost:
         self._avatars: dict[str, tuple[Any, str, str | None, RemoteAvatar]] = {}  # key -> (video, hash, url, avatar)
         self._avatar_refs: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._started = asyncio.Event()
         self.dropped_records = 0
+        metrics.remote = self._remote_metrics
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,6 +142,7 @@ class GpuServerHost:
         asyncio.get_running_loop().add_reader(self._outbox.doorbell, self._on_outbox)
         self._spawn_task(self._control_replies(self._reader), "gpu-server-control")
         self._ready = True
+        self.metrics.gpu_server_up.set(1)
         log.info("GPU server ready", pid=self._proc.pid, device=message.get("device"),
                  measured_fps=self.measured_fps, restarts=self.restarts)
 
@@ -153,6 +154,7 @@ class GpuServerHost:
             if self._closing:
                 return
             self._ready = False
+            self.metrics.gpu_server_up.set(0)
             log.error("the GPU server process exited; restarting it, sessions show idle frames meanwhile",
                       exit_code=code, pid=self._proc.pid, restarts=self.restarts)
             self._server_lost(ServerDown(f"the GPU server process exited with code {code}; it is being restarted"))
@@ -162,6 +164,7 @@ class GpuServerHost:
                 try:
                     await self._spawn()
                     self.restarts += 1
+                    self.metrics.gpu_server_restarts.inc()
                     failures = 0
                     await self._restore()
                     break
@@ -320,6 +323,9 @@ class GpuServerHost:
 
     async def reset_peak_memory(self) -> None:
         await self._call("reset_peak_memory")
+
+    async def _remote_metrics(self) -> str:
+        return await self._call("metrics")
 
     async def peak_memory_mb(self) -> float | None:
         return await self._call("peak_memory_mb")

@@ -123,6 +123,10 @@ class GpuServer:
             return None
         if op == "info":
             return self.host.device_info()
+        if op == "metrics":
+            from prometheus_client import generate_latest
+
+            return generate_latest(self.host.metrics.registry).decode()
         if op == "reset_peak_memory":
             return await self.host.reset_peak_memory()
         if op == "peak_memory_mb":

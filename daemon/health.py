@@ -8,6 +8,8 @@ trouble must never fail it); /readyz "should it get new sessions?" (for a balanc
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -60,6 +62,16 @@ class HealthServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
+        if self.metrics.remote is not None:
+            # Families the GPU-server process fills: its figures, not this registry's zeros.
+            from daemon.metrics import families
+
+            try:
+                remote = await asyncio.wait_for(self.metrics.remote(), timeout=2)
+            except Exception:  # down or restarting: the families are left out this scrape
+                remote = ""
+            names = self.metrics.remote_families
+            body = (families(body.decode(), names, keep=False) + families(remote, names, keep=True)).encode()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def aclose(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -78,6 +80,16 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )
 
+        # The model's own process (daemon.gpu_process): up or not, and how often restarted.
+        self.gpu_server_up = Gauge("lipsync_gpu_server_up", "1 while the GPU-server process is ready "
+                                   "(daemon.gpu_process; absent in-process)", registry=r)
+        self.gpu_server_restarts = Counter("lipsync_gpu_server_restarts", "GPU-server processes started "
+                                           "again after one exited", registry=r)
+        # Families another process fills (the GPU server's step histograms): /metrics takes
+        # them from there (``remote``) instead of from this registry.
+        self.remote: Any = None  # async () -> exposition text of those families
+        self.remote_families = ("lipsync_gpu_step_seconds", "lipsync_gpu_batch_frames")
+
     def forget_session(self, session_id: str) -> None:
         """Drop a closed session's per-session series (a label set per session id ever
         seen would grow without bound)."""
@@ -85,3 +97,21 @@ class Metrics:
             self.frames_degraded.remove(session_id)
         except KeyError:
             pass  # it never had a degraded frame
+
+
+def families(text: str, names: tuple[str, ...], keep: bool) -> str:
+    """Prometheus exposition text reduced to the families ``names`` (``keep``) or to
+    every other family: a family is its ``# HELP``/``# TYPE`` lines and the samples whose
+    name starts with it (``_bucket``, ``_sum``, ``_count``, ``_created``...)."""
+    out, current = [], None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            current = line.split()[2]
+        elif line and not line.startswith("#"):
+            sample = line.split("{")[0].split()[0]
+            if current is None or not sample.startswith(current):
+                current = sample
+        inside = current is not None and any(current == n or current.startswith(n + "_") for n in names)
+        if inside == keep:
+            out.append(line)
+    return "\n".join(out) + ("\n" if out else "")

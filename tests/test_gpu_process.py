@@ -58,6 +58,17 @@ async def test_a_session_speaks_through_the_gpu_server_process(split_daemon, cli
     # Every frame that needed the model and was shown generated was made by the server.
     assert info["frames_generated"] >= counts["needed"] - counts["fallback"], (info, counts)
     assert info["gpu_process"]["restarts"] == 0 and info["device"] == "cpu"
+    # /metrics: the steps' histograms come from the server's process, once each family.
+    import aiohttp
+
+    http = split_daemon.settings.http
+    async with aiohttp.ClientSession() as web:
+        async with web.get(f"http://{http.host}:{http.port}/metrics") as resp:
+            text = await resp.text()
+    steps = [ln for ln in text.splitlines() if ln.startswith("lipsync_gpu_step_seconds_count")]
+    assert len(steps) == 1 and float(steps[0].split()[-1]) >= 1, steps
+    assert text.count("# TYPE lipsync_gpu_step_seconds histogram") == 1
+    assert "lipsync_gpu_server_up 1.0" in text
     await client.request("lipsync.session.stop", {"v": 1, "session_id": "remote"})
     await client.wait_event("remote", "stopped")
 
@@ -89,6 +100,7 @@ async def test_a_killed_gpu_server_is_restarted_while_the_session_keeps_playing(
     assert err["code"] == "generation_failed" and "GPU server process exited" in err["message"]
     await _until(lambda: host.alive() and host.pid != first_pid, 60, "the GPU server was not restarted")
     assert host.restarts == 1
+    assert split_daemon.metrics.gpu_server_restarts._value.get() == 1
     await speaking
     await client.nc.publish("lipsync.control.crash", json.dumps({"op": "flush"}).encode())
     await client.wait_event("crash", "playback_finished", timeout=40)
@@ -127,3 +139,13 @@ async def test_a_clear_crosses_to_the_gpu_server_within_a_frame(split_daemon, cl
     assert session.tick - tick <= 3, pending  # by the session's own frames (10 fps), not wall time
     await client.request("lipsync.session.stop", {"v": 1, "session_id": "hush"})
     await client.wait_event("hush", "stopped")
+
+
+def test_exposition_text_splits_by_family():
+    from daemon.metrics import families
+
+    text = ("# HELP a_seconds A\n# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 2.0\n"
+            "a_seconds_count 2.0\n# HELP b B\n# TYPE b gauge\nb 1.0\n")
+    assert families(text, ("a_seconds",), keep=True).splitlines() == [
+        "# HELP a_seconds A", "# TYPE a_seconds histogram", 'a_seconds_bucket{le="1"} 2.0', "a_seconds_count 2.0"]
+    assert families(text, ("a_seconds",), keep=False) == "# HELP b B\n# TYPE b gauge\nb 1.0\n"

@@ -615,7 +615,10 @@ class Daemon:
         reasons = []
         if time.monotonic() - self._heartbeat_at > 3.0:
             reasons.append("event loop stalled")
-        if self.engine_host is not None and not self.engine_host.alive():
+        host = self.engine_host
+        if host is not None and not getattr(host, "live", host.alive)():
+            # A GPU-server process being restarted counts as live (sessions keep playing):
+            # only one that stays down after its restarts is not.
             reasons.append("generation worker not running")
         return (not reasons, reasons)
 
@@ -649,7 +652,8 @@ class Daemon:
             if not session.publisher_healthy:
                 reasons.append(f"session {session.id}: output down (LiveKit reconnecting or sink failed)")
         if self.engine_host is not None and not self.engine_host.alive():
-            reasons.append("generation worker not running")
+            reasons.append("generation worker not running" if not hasattr(self.engine_host, "live")
+                           else "GPU-server process not ready (restarting, or down)")
         return (not reasons, reasons)
 
     async def _refresh_registry(self) -> None:

@@ -99,6 +99,7 @@ class GpuServerHost:
         self._avatar_refs: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dropped_records = 0
+        self._given_up = False
         metrics.remote = self._remote_metrics
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -172,7 +173,8 @@ class GpuServerHost:
                     failures += 1
                     log.error("the GPU server failed to start again", error=str(exc), attempt=failures)
                     if failures >= MAX_RESTARTS:
-                        log.error("the GPU server stays down: the daemon is not healthy", attempts=failures)
+                        log.error("the GPU server stays down: the daemon is not live", attempts=failures)
+                        self._given_up = True
                         return
 
     def _server_lost(self, error: BaseException) -> None:
@@ -283,7 +285,13 @@ class GpuServerHost:
 
     # ---- the sessions' calls (as EngineHost's) -------------------------------------------
     def alive(self) -> bool:
+        """The server is up and ready now (``/health``)."""
         return self._ready and self._proc is not None and self._proc.returncode is None
+
+    def live(self) -> bool:
+        """Up, or being restarted (``/livez`` and the watchdog): False only once the
+        supervisor has given up (``MAX_RESTARTS`` failed starts in a row)."""
+        return self.alive() or (not self._given_up and not self._closing)
 
     def busy_fraction(self) -> float | None:
         return self._status.get("busy")

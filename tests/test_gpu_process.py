@@ -96,6 +96,10 @@ async def test_a_killed_gpu_server_is_restarted_while_the_session_keeps_playing(
     tick = session.tick
     # The frame clock runs in the edge: frames keep going out while the server is gone.
     await _until(lambda: session.tick >= tick + 5, 5, "the session stopped publishing")
+    # Restarting: /livez stays ok (the watchdog must not kill the daemon), /health says why.
+    assert split_daemon.liveness()[0] is True
+    await _until(lambda: not split_daemon.health_check()[0], 5, "health did not notice")
+    assert any("GPU-server process" in r for r in split_daemon.health_check()[1])
     err = await client.wait_event("crash", "error", timeout=10)
     assert err["code"] == "generation_failed" and "GPU server process exited" in err["message"]
     await _until(lambda: host.alive() and host.pid != first_pid, 60, "the GPU server was not restarted")

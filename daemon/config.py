@@ -230,14 +230,20 @@ class LiveKitSection(_Section):
     def secret(self) -> SecretStr | None:
         return self.api_secret or _read_secret_file(self.api_secret_file)
 
-    def missing_credentials(self) -> list[str]:
-        """The credential settings that are not set, each named with its environment
-        variable and file; raises ConfigError for a secret file that cannot be read."""
-        return [
+    def credentials(self) -> tuple[SecretStr | None, SecretStr | None, list[str]]:
+        """Key and secret, each file read once, and the settings of those not set (each
+        named with its environment variable and file); raises ConfigError for a secret
+        file that cannot be read."""
+        key, secret = self.key(), self.secret()
+        missing = [
             f"livekit.{name} (env LIPSYNC_LIVEKIT__{name.upper()}, or livekit.{name}_file)"
-            for name, value in (("api_key", self.key()), ("api_secret", self.secret()))
+            for name, value in (("api_key", key), ("api_secret", secret))
             if value is None or not value.get_secret_value()
         ]
+        return key, secret, missing
+
+    def missing_credentials(self) -> list[str]:
+        return self.credentials()[2]
 
 
 class OutputSection(_Section):

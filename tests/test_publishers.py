@@ -634,6 +634,27 @@ async def test_factory_livekit_defaults_the_identity(tmp_path: Path) -> None:
     await pub.aclose()
 
 
+def test_factory_reads_each_secret_file_once_per_start(tmp_path: Path, monkeypatch) -> None:
+    """One read per start: the credential check and the token use the same secret (a
+    file rotated between two reads could not make them differ)."""
+    import daemon.config as config
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET.get_secret_value() + "\n")
+    s = settings(tmp_path, url="wss://lk", api_key=KEY, api_secret_file=secret_file)
+    reads: list[Path] = []
+    real = config._read_secret_file
+
+    def counting(path):
+        if path is not None:
+            reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(config, "_read_secret_file", counting)
+    pub = make_publisher(s, "s1", FMT, "room-9", None, room_connector=FakeConnector())
+    assert isinstance(pub, LiveKitPublisher) and reads == [secret_file]
+
+
 @pytest.mark.parametrize("reason", ["DUPLICATE_IDENTITY", "PARTICIPANT_REMOVED", "ROOM_DELETED"])
 async def test_livekit_terminal_disconnects_end_the_session_instead_of_retrying(reason) -> None:
     """Two sessions of one identity would kick each other out forever: a reason no

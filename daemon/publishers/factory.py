@@ -76,14 +76,13 @@ def make_publisher(
             connect_timeout_s=lk.connect_timeout_s, room_connector=room_connector, token=livekit_token,
         )
     try:
-        missing = lk.missing_credentials()
+        key, secret, missing = lk.credentials()  # each secret file read once per start
     except ConfigError as exc:
         raise LipsyncError(PUBLISHER_FAILED, str(exc)) from None
     if missing:
         raise LipsyncError(
             PUBLISHER_FAILED, f"LiveKit credentials are not configured: set {' and '.join(missing)}"
         )
-    key, secret = lk.key(), lk.secret()
     assert key is not None and secret is not None
     return LiveKitPublisher(
         url=lk.url,

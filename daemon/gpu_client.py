@@ -42,6 +42,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 INBOX_BYTES = 16 * 1024 * 1024  # edge -> server: audio and plans
 OUTBOX_BYTES = 64 * 1024 * 1024  # server -> edge: boxes (135 kB each at 300x300)
 RESTART_DELAY_S = 0.5
+NEED_FRAMES = "need_frames"  # the server's answer to an acquire by name of a video it lacks
 MAX_RESTARTS = 10  # in a row without a ready server: then it stays down (health fails)
 
 
@@ -91,6 +92,7 @@ class GpuServerHost:
         self._status: dict[str, Any] = {}
         self._info: dict[str, Any] = {}
         self._streams: dict[str, _Stream] = {}
+        self._by_idx: dict[int, _Stream] = {}
         self._next_idx = 0
         self._speaking = 0
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -172,6 +174,8 @@ class GpuServerHost:
                 except Exception as exc:
                     failures += 1
                     log.error("the GPU server failed to start again", error=str(exc), attempt=failures)
+                    self._ready = False
+                    await self._reap()  # a half-restored server goes too: the next try starts clean
                     if failures >= MAX_RESTARTS:
                         log.error("the GPU server stays down: the daemon is not live", attempts=failures)
                         self._given_up = True
@@ -193,7 +197,8 @@ class GpuServerHost:
         if self._speaking:
             self._write(wire.SPEAKING, wire.speaking(self._speaking))
         for key, (video, content_hash, url, _) in list(self._avatars.items()):
-            await self._acquire_remote(video, content_hash, url, None)
+            for _ in range(self._avatar_refs.get(key, 0)):  # the server counts holders as we do
+                await self._acquire_remote(video, content_hash, url, None)
 
     async def _reap(self) -> None:
         loop = asyncio.get_running_loop()
@@ -276,10 +281,9 @@ class GpuServerHost:
         for kind, payload in self._outbox.drain():
             if kind == wire.RESULTS:
                 idx, results = wire.read_results(payload)
-                for st in self._streams.values():
-                    if st.idx == idx:
-                        st.on_result(results)
-                        break
+                st = self._by_idx.get(idx)
+                if st is not None:  # else closed meanwhile: nobody waits for these
+                    st.on_result(results)
             elif kind == wire.STATUS:
                 self._status = wire.read_status(payload)
 
@@ -344,12 +348,13 @@ class GpuServerHost:
 
     def open_stream(self, session_id: str, fps: int, on_result: Any) -> None:
         self._next_idx += 1
-        st = self._streams[session_id] = _Stream(self._next_idx, fps, on_result)
+        st = self._streams[session_id] = self._by_idx[self._next_idx] = _Stream(self._next_idx, fps, on_result)
         self._write(wire.OPEN, wire.open_stream(st.idx, fps, session_id))
 
     def close_stream(self, session_id: str) -> None:
         st = self._streams.pop(session_id, None)
         if st is not None:
+            self._by_idx.pop(st.idx, None)
             self._write(wire.CLOSE, wire.index(st.idx))
 
     def push_audio(self, session_id: str, utterance: int, pcm16k: Any) -> None:
@@ -384,18 +389,23 @@ class GpuServerHost:
 
     async def _acquire_remote(self, video: Any, content_hash: str, url: str | None,
                               log_: Any) -> tuple[RemoteAvatar, dict[str, float]]:
-        path = self._dir / "videos" / f"{content_hash}-{os.getpid()}-{time.monotonic_ns()}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(np.save, path, np.ascontiguousarray(video.frames), allow_pickle=False)
+        args = dict(fps=float(video.fps), duration_s=float(video.duration_s), content_hash=content_hash, url=url)
         try:
-            result = await self._call("acquire", frames=str(path), fps=float(video.fps),
-                                      duration_s=float(video.duration_s), content_hash=content_hash, url=url,
-                                      session_id=None)
+            try:  # a video the server holds already (another session's) goes over by name only
+                result = await self._call("acquire", frames=None, **args)
+            except LipsyncError as exc:
+                if exc.code != NEED_FRAMES:
+                    raise
+                path = self._dir / "videos" / f"{content_hash}-{os.getpid()}-{time.monotonic_ns()}.npy"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(np.save, path, np.ascontiguousarray(video.frames), allow_pickle=False)
+                try:
+                    result = await self._call("acquire", frames=str(path), **args)
+                finally:
+                    path.unlink(missing_ok=True)  # the server maps it; the mapping outlives the name
         except ServerDown:
             raise LipsyncError(errors.INTERNAL, "the GPU server is restarting: try the start again in a few "
                                                 "seconds") from None
-        finally:
-            path.unlink(missing_ok=True)  # the server maps it; the mapping outlives the name
         avatar = RemoteAvatar(key=result["key"], num_frames=result["num_frames"],
                               blend_boxes=np.asarray(result["blend_boxes"], np.int32),
                               face_boxes=np.asarray(result["face_boxes"], np.int32), frames=video.frames,
@@ -404,12 +414,13 @@ class GpuServerHost:
         return avatar, result.get("timings") or {}
 
     async def release_avatar(self, key: str) -> None:
+        """One holder less, here and in the server (which counts holders the same way)."""
         refs = self._avatar_refs.get(key, 0) - 1
         if refs > 0:
             self._avatar_refs[key] = refs
-            return
-        self._avatar_refs.pop(key, None)
-        self._avatars.pop(key, None)
+        else:
+            self._avatar_refs.pop(key, None)
+            self._avatars.pop(key, None)
         if self.alive():
             try:
                 await asyncio.wait_for(self._call("release", key=key), timeout=10)

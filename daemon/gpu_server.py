@@ -37,6 +37,7 @@ from daemon.shm_ring import Ring, RingFull
 
 log = get_logger("daemon.gpu_server")
 STATUS_PERIOD_S = 0.05
+NEED_FRAMES = "need_frames"
 
 
 class GpuServer:
@@ -52,6 +53,11 @@ class GpuServer:
         self._backlog: deque[tuple[int, list[bytes]]] = deque()  # records waiting for ring room
         self._writer: asyncio.StreamWriter | None = None
         self._done = asyncio.Event()
+        # Decoded videos of the avatars held, by content: a second session of one video
+        # sends its name, not its frames.
+        self.videos: dict[str, Any] = {}
+        self.video_refs: dict[str, int] = {}
+        self.key_hash: dict[str, str] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -109,17 +115,32 @@ class GpuServer:
         if op == "acquire":
             from daemon.avatars import DecodedVideo
 
-            frames = np.load(args["frames"], mmap_mode="r", allow_pickle=False)
-            video = DecodedVideo(frames=frames, fps=args["fps"], width=frames.shape[2], height=frames.shape[1],
-                                 duration_s=args["duration_s"])
-            avatar, timings = await self.host.acquire_avatar(video, args["content_hash"], log.bind(
-                session_id=args.get("session_id")), args.get("url"))
+            content_hash = args["content_hash"]
+            video = self.videos.get(content_hash)
+            if video is None:
+                if not args.get("frames"):
+                    raise LipsyncError(NEED_FRAMES, "this video's frames are not here yet: send them")
+                frames = np.load(args["frames"], mmap_mode="r", allow_pickle=False)
+                video = DecodedVideo(frames=frames, fps=args["fps"], width=frames.shape[2], height=frames.shape[1],
+                                     duration_s=args["duration_s"])
+            avatar, timings = await self.host.acquire_avatar(video, content_hash, log, args.get("url"))
+            self.videos[content_hash] = video
+            self.video_refs[content_hash] = self.video_refs.get(content_hash, 0) + 1
+            self.key_hash[avatar.key] = content_hash
             return {"key": avatar.key, "num_frames": avatar.num_frames, "timings": timings,
                     "blend_boxes": np.asarray(avatar.blend_boxes).tolist(),
                     "face_boxes": np.asarray(avatar.face_boxes).tolist(),
                     "landmark_source": getattr(avatar, "landmark_source", None)}
         if op == "release":
             await self.host.release_avatar(args["key"])
+            content_hash = self.key_hash.get(args["key"])
+            refs = self.video_refs.get(content_hash, 0) - 1
+            if refs > 0:
+                self.video_refs[content_hash] = refs
+            else:  # no holder left: the frames go (a later acquire sends them again)
+                self.video_refs.pop(content_hash, None)
+                self.videos.pop(content_hash, None)
+                self.key_hash.pop(args["key"], None)
             return None
         if op == "info":
             return self.host.device_info()

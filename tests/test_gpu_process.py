@@ -153,3 +153,28 @@ def test_exposition_text_splits_by_family():
     assert families(text, ("a_seconds",), keep=True).splitlines() == [
         "# HELP a_seconds A", "# TYPE a_seconds histogram", 'a_seconds_bucket{le="1"} 2.0', "a_seconds_count 2.0"]
     assert families(text, ("a_seconds",), keep=False) == "# HELP b B\n# TYPE b gauge\nb 1.0\n"
+
+
+async def test_a_second_session_of_one_video_sends_no_frames_and_releases_balance(split_daemon, client,
+                                                                                monkeypatch):
+    import daemon.gpu_client as gpu_client
+
+    saves = []
+    real_save = np.save
+    monkeypatch.setattr(gpu_client.np, "save", lambda path, *a, **k: (saves.append(path), real_save(path, *a, **k)))
+    host = split_daemon.engine_host
+    await start(client, "one")
+    await start(client, "two")
+    assert len(saves) == 1  # the second start named the video the server holds
+    assert (await host.refresh_info())["avatars"] == 1
+    for sid in ("one", "two"):
+        await client.request("lipsync.session.stop", {"v": 1, "session_id": sid})
+        await client.wait_event(sid, "stopped")
+    # Every holder released in the server too: nothing held, the frames dropped with it.
+    await _until(lambda: not host._avatar_refs, 5, "the edge still holds the avatar")
+    assert (await host.refresh_info())["avatars"] == 0
+    assert not list((split_daemon.settings.daemon.state_dir / "gpu-server" / "videos").iterdir())
+    await start(client, "three")
+    assert len(saves) == 2
+    await client.request("lipsync.session.stop", {"v": 1, "session_id": "three"})
+    await client.wait_event("three", "stopped")

@@ -7,6 +7,7 @@ connection) runs in tracked tasks, and GPU work runs on the engine's own thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import math
 import os
@@ -35,6 +36,7 @@ from daemon.metrics import Metrics
 from daemon.protocol import parse_json_message, session_id_hint, valid_session_id
 from daemon.publishers.base import MediaFormat
 from daemon.session import Session, SessionDeps
+from daemon.speech import make_speech
 from daemon.systemd import SystemdNotifier
 from schemas import (
     ControlMessage,
@@ -433,7 +435,7 @@ class Daemon:
             resolve_url=self.resolver.resolve, acquire_video=acquire,
             release_video=self.store.release, make_publisher=publisher,
             on_fatal=self._close_later,
-            make_speech=self.engine_host.make_speech if self.engine_host else None,
+            make_speech=functools.partial(make_speech, self.engine_host) if self.engine_host else None,
             default_fps=(lambda: self.engine_host.default_fps) if self.engine_host else None,
         )
 

@@ -355,6 +355,20 @@ class EngineHost:
         self._avatar_refs[key] = self._avatar_refs.get(key, 0) + 1
         return self._avatars[key], timings
 
+    def _on_prep_stream(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (blocking: from a thread) on the low-priority stream, so that it
+        never delays the live steps, and wait for its GPU work."""
+        import contextlib
+
+        import torch
+
+        prep = self._prep_stream
+        with torch.cuda.stream(prep) if prep is not None else contextlib.nullcontext():
+            result = fn()
+        if prep is not None:
+            prep.synchronize()
+        return result
+
     async def _prepare(self, key: str, video: Any, options: dict[str, Any], log_: Any, landmarker: Any):
         from musetalk.avatar import load_cached, prepare_avatar, save_prepared
 
@@ -362,21 +376,11 @@ class EngineHost:
         directory = self.settings.daemon.state_dir / "avatars" / key
 
         def prepare():
-            import contextlib
-
-            import torch
-
-            # A low-priority stream: preparation never delays the live steps.
-            stream = torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else contextlib.nullcontext()
-            with stream:
-                avatar = prepare_avatar(
-                    video.frames, video.fps, landmarker=landmarker,
-                    encode_latents=self.engine.models.encode_latents, face_parser=self.face_parser,
-                    extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode, key=key,
-                )
-            if self._prep_stream is not None:
-                self._prep_stream.synchronize()
-            return avatar
+            return self._on_prep_stream(lambda: prepare_avatar(
+                video.frames, video.fps, landmarker=landmarker,
+                encode_latents=self.engine.models.encode_latents, face_parser=self.face_parser,
+                extra_margin=cfg.extra_margin, parsing_mode=cfg.parsing_mode, key=key,
+            ))
 
         t = time.perf_counter()
         # A cached avatar loads at once; only a preparation waits for the ones before it.
@@ -420,21 +424,9 @@ class EngineHost:
         """Measure the cropped decode for a registered avatar off the worker (on the
         low-priority stream: live steps go first) and switch the avatar to it if it
         passes; logged once either way, and in `status`."""
-        def measure() -> dict[str, Any]:
-            import contextlib
-
-            import torch
-
-            stream = torch.cuda.stream(self._prep_stream) if self._prep_stream is not None else contextlib.nullcontext()
-            with stream:
-                figures = self.engine.measure_crop(key)
-            if self._prep_stream is not None:
-                self._prep_stream.synchronize()
-            return figures
-
         t = time.perf_counter()
         try:
-            figures = await asyncio.to_thread(measure)
+            figures = await asyncio.to_thread(self._on_prep_stream, lambda: self.engine.measure_crop(key))
             sums = figures.pop("sums", None)
             if sums is not None and key in self._avatars:
                 await self.call(lambda: self.engine.enable_crop(key, sums))
@@ -461,13 +453,6 @@ class EngineHost:
                 await asyncio.wait_for(self.call(lambda: self.engine.unregister_avatar(key)), timeout=10)
             except Exception as exc:
                 log.warning("unregister avatar failed", key=key, error=repr(exc))
-
-    async def make_speech(self, session: Any) -> Any:
-        from daemon.speech import SpeechPipeline
-
-        avatar, timings = await self.acquire_avatar(session.video, session.video_hash, session.log,
-                                                    session.video_url)
-        return SpeechPipeline(session, self, avatar, timings)
 
     # ---- shutdown --------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -426,10 +426,3 @@ class GpuServerHost:
                 await asyncio.wait_for(self._call("release", key=key), timeout=10)
             except Exception as exc:
                 log.warning("release avatar failed", key=key, error=repr(exc))
-
-    async def make_speech(self, session: Any) -> Any:
-        from daemon.speech import SpeechPipeline
-
-        avatar, timings = await self.acquire_avatar(session.video, session.video_hash, session.log,
-                                                    session.video_url)
-        return SpeechPipeline(session, self, avatar, timings)

@@ -371,12 +371,17 @@ class LoopLagProbe:
         return samples
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await _cancelled(self._task)
+
+
+async def _cancelled(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a probe's task and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 class StallDumps:
@@ -404,13 +409,8 @@ class StallDumps:
             await asyncio.sleep(self.interval_s)
 
     async def take(self) -> dict[str, Any]:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await _cancelled(self._task)
+        self._task = None
         faulthandler.cancel_dump_traceback_later()
         if self._file is None:
             return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "stacks": []}

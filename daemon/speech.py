@@ -562,3 +562,10 @@ class SpeechPipeline:
         return {"counts": dict(self.counts), "timeline": "".join(self.timeline),
                 "generated_fraction": round(generated / wanted, 4) if wanted else None,
                 "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "n": len(lat)}}
+
+
+async def make_speech(host: Any, session: Any) -> SpeechPipeline:
+    """A session's speech pipeline on ``host`` (``EngineHost``, or ``GpuServerHost``
+    when the model runs in its own process): the avatar of its video acquired first."""
+    avatar, timings = await host.acquire_avatar(session.video, session.video_hash, session.log, session.video_url)
+    return SpeechPipeline(session, host, avatar, timings)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk import stages
 from musetalk.cropped_decode import decode_rows, decode_to_unit_rows, decoder_flops, first_visible_row, plan_crop
 from musetalk.engine import Engine
 from musetalk.vae import SD_VAE_FT_MSE_CONFIG, TINY_VAE_CONFIG, build_vae
@@ -45,8 +44,7 @@ def test_a_crop_with_the_frames_own_sums_gives_the_visible_rows_of_the_whole_dec
     # The [0, 1] faces: the rows the crop leaves out are 0, the rest the decoder's.
     unit = decode_to_unit_rows(tiny_vae, z, plan, sums)
     assert unit.shape == (3, 3, 256, 256) and torch.count_nonzero(unit[:, :, :104]) == 0
-    # Other frames' sums (another mouth): close but not exact, which is why it is validated.
-    other, _ = decode_rows(tiny_vae, z + 0.5 * torch.randn_like(z), plan, record=True)
+    # Another frame's sums (another mouth): close but not exact, which is why it is validated.
     off, _ = decode_rows(tiny_vae, z, plan, sums.roll(1, dims=0))
     assert (off - expected[:, :, 104:]).abs().max() > 1e-3
 

@@ -203,6 +203,9 @@ class EngineHost:
             "compiled": bool(self.engine and self.engine.compiled),
             "load_s": round(self.load_s, 1),
             "decode": self._decode_info(),
+            # Sampled steps: each stage's device ms, per step and per frame, by bucket.
+            "stages": w.stage_figures() if w else {},
+            "avatars_device_mb": round(self.engine.device_bytes() / 2**20, 1) if self.engine else 0.0,
         }
         if self.device is not None and self.device.type == "cuda":
             import torch

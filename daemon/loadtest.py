@@ -652,7 +652,9 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
     sids = [f"lt{n}-{i}" for i in range(n)]
     avatars = [avatar_ids[i % len(avatar_ids)] for i in range(n)]
     t = time.monotonic()
+    host = daemon.engine_host
     try:
+        before = await host.refresh_info() if host is not None else None
         started = await asyncio.gather(
             *(_start_session(nc, prefix, sid, avatar, options.rate, fps) for sid, avatar in zip(sids, avatars)),
             return_exceptions=True)
@@ -669,7 +671,8 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
             if not hasattr(daemon.sessions[sid].speech, "frame_records"):
                 raise LoadtestError("the daemon's speech pipeline keeps no frame_records "
                                     "(daemon.speech.FrameRecord): this load test reads them")
-        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu, starts)
+        memory = _memory_before(before, await host.refresh_info() if host is not None else None, n)
+        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu, starts, memory)
     finally:
         await asyncio.gather(*(_stop_session(nc, prefix, sid) for sid in sids if sid in daemon.sessions))
 
@@ -712,11 +715,33 @@ class _RoundSamples:
     producers: list[dict[str, Any]]  # each producer's summary
 
 
+def _memory_before(before: dict[str, Any] | None, started: dict[str, Any] | None, n: int) -> dict[str, Any]:
+    """GPU memory (MB allocated, the model's process) before the round's sessions
+    started and with them started but silent: what they hold beyond the step's working
+    memory, split into their avatars' device tensors and the rest (audio streams), per
+    session. None where the device is not CUDA."""
+    b = (before or {}).get("memory_allocated_mb")
+    a = (started or {}).get("memory_allocated_mb")
+    if b is None or a is None:
+        return {"before_sessions_mb": None}
+    avatars_mb = (started or {}).get("avatars_device_mb") or 0.0
+    avatars = (started or {}).get("avatars") or 0
+    new_avatars_mb = avatars_mb - ((before or {}).get("avatars_device_mb") or 0.0)
+    held = a - b
+    return {"before_sessions_mb": b, "with_sessions_mb": a, "sessions_held_mb": held,
+            "avatars_device_mb": avatars_mb, "avatars": avatars,
+            "per_avatar_mb": round(avatars_mb / avatars, 1) if avatars else None,
+            "per_session_mb": round((held - new_avatars_mb) / n, 1) if n else None}
+
+
 async def _speak_and_measure(daemon: Any, nc: Any, sids: list[str], options: LoadtestOptions, fps: int,
                              probe: LoopLagProbe, gpu: GpuBusySampler,
-                             starts: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
+                             starts: dict[str, tuple[float, float, bool]],
+                             memory: dict[str, Any] | None = None) -> dict[str, Any]:
     samples = await _speak(daemon, sids, options, probe, gpu)
-    return _row(daemon, sids, options, fps, samples, starts)
+    row = _row(daemon, sids, options, fps, samples, starts)
+    row["memory"] = dict(memory or {}, peak_mb=samples.gpu_memory_mb)
+    return row
 
 
 async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: LoopLagProbe,
@@ -845,6 +870,9 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "decode": samples.device_info.get("decode") if samples.device_info else None,
         # The model's process: this one, or a GPU server (daemon.gpu_process) with its restarts.
         "gpu_process": samples.device_info.get("gpu_process") if samples.device_info else None,
+        # Sampled steps, by bucket: device ms of each stage (per step and per frame) and
+        # the worker's host ms per launch.
+        "stages": samples.device_info.get("stages") if samples.device_info else None,
         "slo_met": slo_met(per_session, options.slo),
     }
 

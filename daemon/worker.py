@@ -43,6 +43,10 @@ log = get_logger(__name__)
 # the event loop's callback, composing the frame).
 DELIVERY_MARGIN_S = 0.004
 MAX_IN_FLIGHT = 2
+# Every this many steps one records its stages' device times (CUDA events, read when the
+# step is done: no wait); the last STAGE_SAMPLES per bucket give ``stage_figures``.
+STAGE_SAMPLE_EVERY = 20
+STAGE_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,9 @@ class GenerationWorker:
         self.audio_round_s = 0.0
         self._rows_freed = False
         self.audio_round_failures = 0
+        # Per bucket: the stage ms of sampled steps, and the host ms of each launch call.
+        self._stage_samples: dict[int, deque[dict[str, float]]] = {}
+        self._launch_host_s: dict[int, deque[float]] = {}
         # Test hook and fault injection point: replaces the engine's launch for a batch.
         self.step_fn: Callable[[list[PendingFrame]], Any] | None = None
 
@@ -282,6 +289,26 @@ class GenerationWorker:
 
     def busy_fraction(self) -> float | None:
         return self.est.busy_fraction(time.monotonic())
+
+    def stage_figures(self) -> dict[str, dict[str, float]]:
+        """Per bucket: the median device ms of each stage of the sampled steps, the same
+        per frame, and the median host ms of a launch call (the worker thread's Python
+        and kernel launches for a step). Read from any thread (a snapshot of deques)."""
+        out: dict[str, dict[str, float]] = {}
+        for size in sorted(set(self._stage_samples) | set(self._launch_host_s)):
+            figures: dict[str, float] = {}
+            samples = list(self._stage_samples.get(size, ()))
+            if samples:
+                figures["samples"] = len(samples)
+                for name in samples[0]:
+                    ms = statistics.median(s[name] for s in samples)
+                    figures[f"{name}_ms"] = round(ms, 3)
+                    figures[f"{name}_ms_per_frame"] = round(ms / size, 3)
+            host = list(self._launch_host_s.get(size, ()))
+            if host:
+                figures["launch_host_ms"] = round(1000 * statistics.median(host), 3)
+            out[str(size)] = figures
+        return out
 
     def batch_cap_for(self, demand_fps: float) -> int:
         """The batch a step fills before it launches, at this demand (frames/s)."""
@@ -598,12 +625,15 @@ class GenerationWorker:
             if self.step_fn is not None:
                 handle = self.step_fn(batch)
             else:
+                t = time.perf_counter()
                 jobs = [item.job for item in batch]
                 rows = self.engine._upload(np.array([j.token_row for j in jobs], dtype=np.int64))
                 table = jobs[0].stream.streams.tokens
                 tokens = table.view(-1, *table.shape[-2:]).index_select(0, rows)
                 handle = self.engine.launch([j.plan.avatar_key for j in jobs], [j.plan.avatar_index for j in jobs],
-                                            tokens, [j.plan.blend for j in jobs])
+                                            tokens, [j.plan.blend for j in jobs],
+                                            timed=self.steps % STAGE_SAMPLE_EVERY == 0)
+                self._launch_host_s.setdefault(size, deque(maxlen=STAGE_SAMPLES)).append(time.perf_counter() - t)
         except Exception as exc:
             self.step_failures += 1
             log.error("generation step failed", frames=len(batch), error=repr(exc))
@@ -628,6 +658,9 @@ class GenerationWorker:
                 log.error("generation step failed", frames=len(batch), error=repr(exc))
             now = time.monotonic()
             gpu_s = handle.gpu_seconds() if error is None else None
+            stages = handle.stage_ms() if error is None and hasattr(handle, "stage_ms") else None
+            if stages is not None:
+                self._stage_samples.setdefault(size, deque(maxlen=STAGE_SAMPLES)).append(stages)
             self.est.add_step(size, gpu_s if gpu_s is not None else time.perf_counter() - launched, now)
             self.steps += 1
             self.metrics.gpu_step_seconds.observe(gpu_s or 0.0)

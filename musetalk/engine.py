@@ -87,13 +87,21 @@ class Launched:
 
     def __init__(self, keys: list[str], indices: list[int], boxes: np.ndarray, host: torch.Tensor,
                  hb: int, wb: int, event: "torch.cuda.Event | None", start: "torch.cuda.Event | None" = None,
-                 seconds: float | None = None) -> None:
+                 seconds: float | None = None, stage_events: list | None = None) -> None:
         self.keys, self.indices, self._boxes = keys, indices, boxes
         self._host, self._hb, self._wb, self._event = host, hb, wb, event
         self._start, self._seconds = start, seconds
+        self._stage_events = stage_events
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
+
+    def stage_ms(self) -> dict[str, float] | None:
+        """Device ms of each stage (unet, vae_decode, paste, copy_out, total) of a step
+        launched with ``timed=True``, once it is done; None otherwise."""
+        if self._stage_events is None or self._event is None or not self.ready():
+            return None
+        return _stage_ms(self._stage_events, self._event)
 
     def gpu_seconds(self) -> float | None:
         """Device time of the step (from its start on the stream to the end of its
@@ -433,7 +441,8 @@ class Engine:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def _generate(self, keys: list[str], indices: list[int], tokens: torch.Tensor, blends: np.ndarray):
+    def _generate(self, keys: list[str], indices: list[int], tokens: torch.Tensor, blends: np.ndarray,
+                  timed: bool = False):
         """UNet -> decode -> paste for one batch; returns the (n, Hb, Wb, 3) RGB boxes."""
         n = len(keys)
         size = self.bucket(n)
@@ -452,7 +461,7 @@ class Engine:
         if pad:
             tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1, -1)])
         tokens = tokens.to(self.dtype)
-        timing = self.record_timings and self.device.type == "cuda"
+        timing = (self.record_timings or timed) and self.device.type == "cuda"
         if timing:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
             events[0].record()
@@ -503,17 +512,16 @@ class Engine:
 
     def _record(self, events, end: "torch.cuda.Event") -> None:
         end.synchronize()
-        names = ("unet", "vae_decode", "paste")
-        self.last_timings_ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(names)}
-        self.last_timings_ms["copy_out"] = events[3].elapsed_time(end)
-        self.last_timings_ms["total"] = events[0].elapsed_time(end)
+        self.last_timings_ms = _stage_ms(events, end)
 
     @torch.inference_mode()
     def launch(self, keys: list[str], indices: list[int], tokens: torch.Tensor | np.ndarray,
-               blends: list[float] | np.ndarray) -> Launched:
+               blends: list[float] | np.ndarray, timed: bool = False) -> Launched:
         """Start one step for ``len(keys)`` frames (avatar key, avatar frame index, its
         [50, 384] tokens, its blend); the I420 boxes come back through the handle. At most
-        ``max_batch`` frames. Never waits for the device."""
+        ``max_batch`` frames. Never waits for the device (``record_timings`` does: it
+        fills ``last_timings_ms``); ``timed`` records the stages' device times for the
+        handle's ``stage_ms`` without waiting."""
         n = len(keys)
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a step takes 1..{self.max_batch} frames, got {n}")
@@ -527,7 +535,7 @@ class Engine:
         if self._copy_stream is not None:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        rgb, events = self._generate(keys, indices, tokens, np.asarray(blends, dtype=np.float32))
+        rgb, events = self._generate(keys, indices, tokens, np.asarray(blends, dtype=np.float32), timed)
         packed = pack_i420(*rgb_to_i420_planes(rgb))
         _, hb, wb, _ = rgb.shape
         boxes = np.stack([self._avatars[k].boxes[i] for k, i in zip(keys, indices)])
@@ -540,9 +548,9 @@ class Engine:
             done = torch.cuda.Event(enable_timing=True)
             done.record(self._copy_stream)
         packed.record_stream(self._copy_stream)
-        if events is not None:
+        if events is not None and self.record_timings:
             self._record(events, done)
-        return Launched(keys, indices, boxes, host, hb, wb, done, start)
+        return Launched(keys, indices, boxes, host, hb, wb, done, start, stage_events=events)
 
     def step(self, jobs: list[FrameJob]) -> list[np.ndarray]:
         """Generate one full RGBA frame (H, W, 4) uint8 per job, in order (offline path)."""
@@ -583,6 +591,16 @@ class Engine:
             frame[y1:y2, x1:x2, :3] = host[b, : y2 - y1, : x2 - x1]
             frames.append(frame)
         return frames
+
+
+def _stage_ms(events: list, end: "torch.cuda.Event") -> dict[str, float]:
+    """Device ms between a step's stage events (start, after the UNet, the decode, the
+    paste) and the end of its copy-out."""
+    names = ("unet", "vae_decode", "paste")
+    ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(names)}
+    ms["copy_out"] = events[3].elapsed_time(end)
+    ms["total"] = events[0].elapsed_time(end)
+    return ms
 
 
 def _synthetic_avatar(key: str, box: int, frame: int) -> PreparedAvatar:

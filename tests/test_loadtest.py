@@ -161,7 +161,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
-                        "slo_met"}
+                        "stages", "memory", "slo_met"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -181,6 +181,9 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert isinstance(s["jitter_ms_p99"], float) and 0 <= s["jitter_ms_p99"] < 5 * 1000 / FPS
     assert row["generated_pct_min"] == s["generated_pct"] and row["latency_p95_ms_max"] == p95
     assert row["gpu_busy"] is None and row["gpu_memory_mb"] is None  # no NVML, no CUDA here
+    assert row["memory"] == {"before_sessions_mb": None, "peak_mb": None}
+    # Stage device times need CUDA events; the worker's host ms per launch is there per bucket.
+    assert row["stages"] and all(b["launch_host_ms"] > 0 and "unet_ms" not in b for b in row["stages"].values())
     assert isinstance(row["loop_lag_p99_ms"], float) and row["loop_lag_p99_ms"] >= 0
     assert isinstance(row["mean_batch"], float) and row["mean_batch"] >= 1
     assert isinstance(row["step_ms"], float) and row["step_ms"] > 0

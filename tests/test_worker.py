@@ -35,9 +35,9 @@ async def worker(models, avatars, encoder):
     sizes: list[int] = []
     real_launch = engine.launch
 
-    def launch(keys, indices, tokens, blends):
+    def launch(keys, indices, tokens, blends, **kw):
         sizes.append(len(keys))
-        return real_launch(keys, indices, tokens, blends)
+        return real_launch(keys, indices, tokens, blends, **kw)
 
     engine.launch = launch
     w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
@@ -182,6 +182,48 @@ class _SlowDeviceStep:
 
     def gpu_seconds(self) -> float:
         return 0.03 * self.n
+
+
+class _StagedStep:
+    """A finished step that reports its stages' device times as the engine's handle does
+    on CUDA (the CPU engine has no device events to read)."""
+
+    def __init__(self, batch):
+        self.n = len(batch)
+
+    def ready(self) -> bool:
+        return True
+
+    def boxes(self):
+        return [object()] * self.n
+
+    def gpu_seconds(self) -> float:
+        return 0.001 * self.n
+
+    def stage_ms(self) -> dict[str, float]:
+        return {"unet": 2.0 * self.n, "vae_decode": 3.0 * self.n, "total": 6.0 * self.n}
+
+
+async def test_stage_figures_are_medians_per_bucket_and_per_frame(worker):
+    r = Results()
+    worker.post("open", "st", FPS, r)
+    worker.post("audio", "st", 0, speech(0.5, 11))
+    worker.post("flush", "st", 0)
+    worker.post("plans", "st", plans(0, range(6), "anna", time.monotonic() + 2))
+    await r.wait_for(6)  # the real engine's steps: the host ms of each launch, no device events
+    real = await worker.call(worker.stage_figures)
+    assert real and all(f["launch_host_ms"] > 0 and "unet_ms" not in f for f in real.values()), real
+    worker.step_fn = _StagedStep
+    worker.post("audio", "st", 1, speech(0.5, 12))
+    worker.post("flush", "st", 1)
+    worker.post("plans", "st", plans(1, range(6), "anna", time.monotonic() + 2))
+    await r.wait_for(12)
+    figures = await worker.call(worker.stage_figures)
+    timed = {size: f for size, f in figures.items() if "unet_ms" in f}
+    assert timed, figures
+    for size, f in timed.items():
+        assert f["unet_ms_per_frame"] == 2.0 and f["vae_decode_ms_per_frame"] == 3.0, f
+        assert f["total_ms"] == 6.0 * int(size) and f["samples"] >= 1
 
 
 async def test_under_overload_every_session_degrades_alike(worker):

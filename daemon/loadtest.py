@@ -671,7 +671,8 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
             if not hasattr(daemon.sessions[sid].speech, "frame_records"):
                 raise LoadtestError("the daemon's speech pipeline keeps no frame_records "
                                     "(daemon.speech.FrameRecord): this load test reads them")
-        memory = _memory_before(before, await host.refresh_info() if host is not None else None, n)
+        info = await _crop_validated(host) if host is not None else None
+        memory = _memory_before(before, info, n)
         return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu, starts, memory)
     finally:
         await asyncio.gather(*(_stop_session(nc, prefix, sid) for sid in sids if sid in daemon.sessions))
@@ -713,6 +714,22 @@ class _RoundSamples:
     gpu_busy: float | None
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
+
+
+async def _crop_validated(host: Any, timeout_s: float = 600.0) -> dict[str, Any]:
+    """The host's device_info once every avatar it holds has its cropped-decode
+    validation behind it (with model.decode = "full" at once): the validation runs on the
+    GPU in the background, and the measured window must not share the GPU with it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await host.refresh_info()
+        decode = info.get("decode") or {}
+        if decode.get("mode", "full") == "full" or len(decode.get("avatars") or {}) >= (info.get("avatars") or 0):
+            return info
+        if time.monotonic() > deadline:
+            raise LoadtestError(f"the cropped decode's validation of the avatars did not finish in {timeout_s:g} s "
+                                "(model.decode = \"full\" skips it)")
+        await asyncio.sleep(0.2)
 
 
 def _memory_before(before: dict[str, Any] | None, started: dict[str, Any] | None, n: int) -> dict[str, Any]:

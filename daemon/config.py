@@ -296,6 +296,12 @@ class ModelSection(_Section):
     # "full" by default until a loadtest shows the daemon's steps faster with the crop
     # (the decode alone is; docs/BENCHMARKS.md, "Cropped decode").
     decode: Literal["auto", "full", "cropped"] = "full"
+    # Kernel variants of the compiled step (measured by `python -m musetalk.step_bench`,
+    # docs/BENCHMARKS.md): fuse_step records the UNet and the decode as one CUDA graph per
+    # bucket instead of two; inductor_options are Inductor's own (torch.compile options,
+    # e.g. {"freezing": true}), empty for its defaults.
+    fuse_step: bool = False
+    inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)
     extra_margin: int = 10

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -40,18 +41,138 @@ STATUS_PERIOD_S = 0.05
 NEED_FRAMES = "need_frames"
 
 
+class _Client:
+    """One edge process: its ring pair, its control stream, the streams it opened (named
+    ``<client>/<session id>`` in the worker, so that two edges may reuse an id) and the
+    avatars it holds, all dropped when it disconnects."""
+
+    def __init__(self, server: "GpuServer", no: int, name: str, inbox: Ring, outbox: Ring,
+                 writer: asyncio.StreamWriter, owned_fds: tuple[int, ...] = ()) -> None:
+        self.server, self.no, self.name = server, no, name
+        self.inbox, self.outbox, self.writer = inbox, outbox, writer
+        self.sessions: dict[int, str] = {}  # stream index -> the edge's session id
+        self.keys: dict[int, str] = {}  # stream -> avatar key of its plans
+        self.avatar_refs: dict[str, int] = {}
+        self.speaking = 0
+        self._backlog: deque[tuple[int, list[bytes]]] = deque()  # records waiting for ring room
+        self._owned_fds = owned_fds
+        self.closed = False
+
+    def stream_id(self, idx: int) -> str:
+        return f"{self.no}/{self.sessions[idx]}" if self.server.listening else self.sessions[idx]
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message, default=str).encode() + b"\n")
+        await self.writer.drain()
+
+    def pump(self) -> None:
+        h = self.server.host
+        for kind, payload in self.inbox.drain():
+            try:
+                if kind == wire.AUDIO:
+                    idx, utt, pcm = wire.read_audio(payload)
+                    h.push_audio(self.stream_id(idx), utt, pcm)
+                elif kind == wire.PLANS:
+                    from daemon.worker import FramePlan
+
+                    idx, key, arr = wire.read_plans(payload)
+                    self.keys[idx] = key
+                    h.plan_frames(self.stream_id(idx), [
+                        FramePlan(int(r["utterance"]), int(r["frame"]), key, int(r["index"]), float(r["blend"]),
+                                  float(r["deadline"])) for r in arr])
+                elif kind == wire.FLUSH:
+                    idx, utt = wire.read_utterance(payload)
+                    h.flush_audio(self.stream_id(idx), utt)
+                elif kind == wire.SHIFT:
+                    idx, utt, delta = wire.read_shift(payload)
+                    h.shift(self.stream_id(idx), utt, delta)
+                elif kind == wire.CANCEL:
+                    idx, utt, before = wire.read_cancel(payload)
+                    h.cancel(self.stream_id(idx), utt, before)
+                elif kind == wire.OPEN:
+                    idx, fps, sid = wire.read_open(payload)
+                    self.sessions[idx] = sid
+                    h.open_stream(self.stream_id(idx), fps, lambda results, i=idx: self._results(i, results))
+                elif kind == wire.CLOSE:
+                    idx = wire.read_index(payload)
+                    if idx in self.sessions:
+                        h.close_stream(self.stream_id(idx))
+                    self.sessions.pop(idx, None)
+                    self.keys.pop(idx, None)
+                elif kind == wire.SPEAKING:
+                    delta = wire.read_speaking(payload)
+                    self.speaking += delta
+                    h.speaking_changed(delta)
+            except KeyError:
+                log.warning("a record for a stream that is not open", kind=kind, client=self.name)
+
+    def _results(self, idx: int, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
+        if self.closed:
+            return
+        key = next((box.avatar_key for _, _, box, _ in results if box is not None), self.keys.get(idx, ""))
+        self.queue(wire.RESULTS, wire.results(idx, key, results))
+
+    def queue(self, kind: int, parts: list[bytes]) -> None:
+        self._backlog.append((kind, parts))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._backlog and not self.closed:
+            kind, parts = self._backlog[0]
+            try:
+                self.outbox.write(kind, *parts)
+            except RingFull:  # the edge is behind: try again shortly, in order
+                asyncio.get_running_loop().call_later(0.002, self._flush)
+                return
+            self._backlog.popleft()
+
+    async def drop(self) -> list[str]:
+        """The edge is gone: its streams closed, its avatars released, its speaking count
+        taken back; returns the session ids that were still open."""
+        if self.closed:
+            return []
+        self.closed = True
+        h = self.server.host
+        asyncio.get_running_loop().remove_reader(self.inbox.doorbell)
+        open_ids = list(self.sessions.values())
+        for idx in list(self.sessions):
+            h.close_stream(self.stream_id(idx))
+        self.sessions.clear()
+        if self.speaking:
+            h.speaking_changed(-self.speaking)
+            self.speaking = 0
+        for key, refs in list(self.avatar_refs.items()):
+            for _ in range(refs):
+                await self.server.release(key)
+        self.avatar_refs.clear()
+        self.writer.close()
+        self.inbox.close()
+        self.outbox.close()
+        for fd in self._owned_fds:
+            os.close(fd)
+        return open_ids
+
+
 class GpuServer:
-    def __init__(self, settings: Any, inbox: Ring, outbox: Ring, control: socket.socket) -> None:
+    """``listen`` None: one edge on the inherited rings and socket (the server exits
+    when it leaves). Else a unix socket under the state dir that several edges attach
+    to, each handing over its own rings (``daemon.edge_processes``), plus one watcher
+    (the supervisor) told which sessions an edge held when it disconnects."""
+
+    def __init__(self, settings: Any, inbox: Ring | None = None, outbox: Ring | None = None,
+                 control: socket.socket | None = None, listen: Path | None = None) -> None:
         from daemon.engine_host import EngineHost
         from daemon.metrics import Metrics
 
         self.settings = settings
-        self.inbox, self.outbox, self.control = inbox, outbox, control
+        self.listening = listen is not None
+        self._listen = listen
+        self._single = (inbox, outbox, control)
         self.host = EngineHost(settings, Metrics())
-        self.sessions: dict[int, str] = {}
-        self.keys: dict[int, str] = {}  # stream -> avatar key of its plans
-        self._backlog: deque[tuple[int, list[bytes]]] = deque()  # records waiting for ring room
-        self._writer: asyncio.StreamWriter | None = None
+        self.clients: dict[int, _Client] = {}
+        self._next_client = 0
+        self._watchers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._done = asyncio.Event()
         # Decoded videos of the avatars held, by content: a second session of one video
         # sends its name, not its frames.
@@ -59,59 +180,165 @@ class GpuServer:
         self.video_refs: dict[str, int] = {}
         self.key_hash: dict[str, str] = {}
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._done.set)
-        reader, self._writer = await asyncio.open_connection(sock=self.control)
+        first: _Client | None = None
+        if not self.listening:
+            inbox, outbox, control = self._single
+            assert inbox is not None and outbox is not None and control is not None
+            reader, writer = await asyncio.open_connection(sock=control)
+            first = _Client(self, 0, "edge", inbox, outbox, writer)
         try:
             await self.host.start()
-        except LipsyncError as exc:
-            await self._send({"op": "failed", "code": exc.code, "message": exc.message})
-            return
         except Exception as exc:
-            await self._send({"op": "failed", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            failed = ({"op": "failed", "code": exc.code, "message": exc.message} if isinstance(exc, LipsyncError)
+                      else {"op": "failed", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            if first is not None:
+                await first.send(failed)
+            else:
+                log.error("the GPU server did not start", **{k: v for k, v in failed.items() if k != "op"})
             return
-        loop.add_reader(self.inbox.doorbell, self._pump)
         status = asyncio.create_task(self._status_loop())
-        await self._send({"op": "ready", **self._figures()})
-        control = asyncio.create_task(self._control_loop(reader))
-        await asyncio.wait([control, asyncio.create_task(self._done.wait())], return_when=asyncio.FIRST_COMPLETED)
-        loop.remove_reader(self.inbox.doorbell)
+        waits = [asyncio.create_task(self._done.wait())]
+        server = None
+        if first is not None:
+            waits.append(asyncio.create_task(self._serve(first, reader)))
+        else:
+            assert self._listen is not None
+            self._listen.unlink(missing_ok=True)
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(str(self._listen))
+            os.chmod(self._listen, 0o600)
+            server.listen(64)
+            server.setblocking(False)
+            waits.append(asyncio.create_task(self._accept_loop(server)))
+            log.info("GPU server listening", socket=str(self._listen))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if server is not None:
+            server.close()
+            self._listen.unlink(missing_ok=True)  # type: ignore[union-attr]
+        for task in waits + list(self._tasks):
+            task.cancel()
         status.cancel()
-        control.cancel()
-        await asyncio.gather(status, control, return_exceptions=True)
+        await asyncio.gather(status, *waits, *self._tasks, return_exceptions=True)
+        for client in list(self.clients.values()):
+            await client.drop()
         await self.host.aclose()
+
+    async def _serve(self, client: _Client, reader: asyncio.StreamReader) -> None:
+        self.clients[client.no] = client
+        asyncio.get_running_loop().add_reader(client.inbox.doorbell, client.pump)
+        await client.send({"op": "ready", "pid": os.getpid(), **self._figures()})
+        try:
+            while line := await reader.readline():
+                request = json.loads(line)
+                self._spawn(self._answer(client, request))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.clients.pop(client.no, None)
+            lost = await client.drop()
+            if not self.listening:
+                self._done.set()  # the edge closed the socket (or died)
+            else:
+                log.info("edge disconnected", client=client.name, open_sessions=len(lost))
+                for watcher in list(self._watchers):
+                    try:
+                        watcher.write(json.dumps({"op": "client_lost", "name": client.name,
+                                                  "sessions": lost}).encode() + b"\n")
+                        await watcher.drain()
+                    except ConnectionError:
+                        self._watchers.discard(watcher)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._spawn(self._accept(conn))
+
+    async def _accept(self, conn: socket.socket) -> None:
+        """An edge's hello (JSON, with its rings' doorbells as SCM_RIGHTS), or the
+        supervisor's (no rings: it only watches). Read before the socket becomes a
+        stream: a stream's reader would take the bytes and lose the descriptors."""
+        try:
+            conn.setblocking(True)
+            conn.settimeout(5)
+            msg, fds, _, _ = await asyncio.to_thread(socket.recv_fds, conn, 65536, 2)
+            conn.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except (OSError, ValueError) as exc:
+            log.warning("a client's hello could not be read", error=str(exc))
+            conn.close()
+            return
+        hello = json.loads(msg.split(b"\n", 1)[0] or b"{}")
+        if hello.get("role") == "watch":
+            self._watchers.add(writer)
+            writer.write(json.dumps({"op": "ready", "pid": os.getpid(), **self._figures()}).encode() + b"\n")
+            try:
+                while line := await reader.readline():
+                    request = json.loads(line)
+                    if request.get("op") == "clients":
+                        result = {c.name: sorted(c.sessions.values()) for c in self.clients.values()}
+                        writer.write(json.dumps({"op": "reply", "id": request.get("id"), "ok": True,
+                                                 "result": result}).encode() + b"\n")
+            except ConnectionError:
+                pass
+            finally:
+                self._watchers.discard(writer)
+            return
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            writer.close()
+            log.warning("an edge attached without its two ring doorbells", hello=hello)
+            return
+        self._next_client += 1
+        client = _Client(self, self._next_client, str(hello.get("name") or f"edge{self._next_client}"),
+                         Ring.attach(hello["inbox"], fds[0]), Ring.attach(hello["outbox"], fds[1]), writer,
+                         owned_fds=tuple(fds))
+        log.info("edge attached", client=client.name, pid=hello.get("pid"))
+        await self._serve(client, reader)
 
     def _figures(self) -> dict[str, Any]:
         h = self.host
         return {"measured_fps": h.measured_fps, "one_session_fps": h.one_session_fps, "default_fps": h.default_fps,
                 "warmup_ms": h.warmup_ms, "load_s": h.load_s, "device": str(h.device)}
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        assert self._writer is not None
-        self._writer.write(json.dumps(message, default=str).encode() + b"\n")
-        await self._writer.drain()
-
     # ---- control path ----------------------------------------------------------------
-    async def _control_loop(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            request = json.loads(line)
-            asyncio.create_task(self._answer(request))
-        self._done.set()  # the edge closed the socket (or died)
-
-    async def _answer(self, request: dict[str, Any]) -> None:
+    async def _answer(self, client: _Client, request: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"op": "reply", "id": request.get("id")}
         try:
-            reply["result"] = await self._handle(request["op"], request.get("args") or {})
+            reply["result"] = await self._handle(client, request["op"], request.get("args") or {})
             reply["ok"] = True
         except LipsyncError as exc:
             reply.update(ok=False, code=exc.code, message=exc.message)
         except Exception as exc:
             log.exception("control request failed", op=request.get("op"))
             reply.update(ok=False, code="internal", message=f"{type(exc).__name__}: {exc}")
-        await self._send(reply)
+        if not client.closed:
+            try:
+                await client.send(reply)
+            except ConnectionError:
+                pass
 
-    async def _handle(self, op: str, args: dict[str, Any]) -> Any:
+    async def release(self, key: str) -> None:
+        await self.host.release_avatar(key)
+        content_hash = self.key_hash.get(key)
+        refs = self.video_refs.get(content_hash, 0) - 1
+        if refs > 0:
+            self.video_refs[content_hash] = refs
+        else:  # no holder left: the frames go (a later acquire sends them again)
+            self.video_refs.pop(content_hash, None)
+            self.videos.pop(content_hash, None)
+            self.key_hash.pop(key, None)
+
+    async def _handle(self, client: _Client, op: str, args: dict[str, Any]) -> Any:
         if op == "acquire":
             from daemon.avatars import DecodedVideo
 
@@ -127,20 +354,24 @@ class GpuServer:
             self.videos[content_hash] = video
             self.video_refs[content_hash] = self.video_refs.get(content_hash, 0) + 1
             self.key_hash[avatar.key] = content_hash
+            if client.closed:  # the edge left while this was prepared: nobody holds it
+                await self.release(avatar.key)
+            else:
+                client.avatar_refs[avatar.key] = client.avatar_refs.get(avatar.key, 0) + 1
             return {"key": avatar.key, "num_frames": avatar.num_frames, "timings": timings,
                     "blend_boxes": np.asarray(avatar.blend_boxes).tolist(),
                     "face_boxes": np.asarray(avatar.face_boxes).tolist(),
                     "landmark_source": getattr(avatar, "landmark_source", None)}
         if op == "release":
-            await self.host.release_avatar(args["key"])
-            content_hash = self.key_hash.get(args["key"])
-            refs = self.video_refs.get(content_hash, 0) - 1
-            if refs > 0:
-                self.video_refs[content_hash] = refs
-            else:  # no holder left: the frames go (a later acquire sends them again)
-                self.video_refs.pop(content_hash, None)
-                self.videos.pop(content_hash, None)
-                self.key_hash.pop(args["key"], None)
+            key = args["key"]
+            refs = client.avatar_refs.get(key, 0)
+            if refs <= 0:
+                return None  # not this edge's to release
+            if refs > 1:
+                client.avatar_refs[key] = refs - 1
+            else:
+                client.avatar_refs.pop(key)
+            await self.release(key)
             return None
         if op == "info":
             return self.host.device_info()
@@ -153,64 +384,10 @@ class GpuServer:
         if op == "peak_memory_mb":
             return await self.host.peak_memory_mb()
         if op == "shutdown":
-            self._done.set()
+            if not self.listening:  # a shared server is the supervisor's to stop
+                self._done.set()
             return None
         raise ValueError(f"unknown control op {op!r}")
-
-    # ---- hot path --------------------------------------------------------------------
-    def _pump(self) -> None:
-        h = self.host
-        for kind, payload in self.inbox.drain():
-            try:
-                if kind == wire.AUDIO:
-                    idx, utt, pcm = wire.read_audio(payload)
-                    h.push_audio(self.sessions[idx], utt, pcm)
-                elif kind == wire.PLANS:
-                    from daemon.worker import FramePlan
-
-                    idx, key, arr = wire.read_plans(payload)
-                    self.keys[idx] = key
-                    h.plan_frames(self.sessions[idx], [
-                        FramePlan(int(r["utterance"]), int(r["frame"]), key, int(r["index"]), float(r["blend"]),
-                                  float(r["deadline"])) for r in arr])
-                elif kind == wire.FLUSH:
-                    idx, utt = wire.read_utterance(payload)
-                    h.flush_audio(self.sessions[idx], utt)
-                elif kind == wire.SHIFT:
-                    idx, utt, delta = wire.read_shift(payload)
-                    h.shift(self.sessions[idx], utt, delta)
-                elif kind == wire.CANCEL:
-                    idx, utt, before = wire.read_cancel(payload)
-                    h.cancel(self.sessions[idx], utt, before)
-                elif kind == wire.OPEN:
-                    idx, fps, sid = wire.read_open(payload)
-                    self.sessions[idx] = sid
-                    h.open_stream(sid, fps, lambda results, i=idx: self._results(i, results))
-                elif kind == wire.CLOSE:
-                    idx = wire.read_index(payload)
-                    sid = self.sessions.pop(idx, None)
-                    self.keys.pop(idx, None)
-                    if sid is not None:
-                        h.close_stream(sid)
-                elif kind == wire.SPEAKING:
-                    h.speaking_changed(wire.read_speaking(payload))
-            except KeyError:
-                log.warning("a record for a stream that is not open", kind=kind)
-
-    def _results(self, idx: int, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
-        key = next((box.avatar_key for _, _, box, _ in results if box is not None), self.keys.get(idx, ""))
-        self._backlog.append((wire.RESULTS, wire.results(idx, key, results)))
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._backlog:
-            kind, parts = self._backlog[0]
-            try:
-                self.outbox.write(kind, *parts)
-            except RingFull:  # the edge is behind: try again shortly, in order
-                asyncio.get_running_loop().call_later(0.002, self._flush)
-                return
-            self._backlog.popleft()
 
     async def _status_loop(self) -> None:
         h = self.host
@@ -219,31 +396,33 @@ class GpuServer:
             values = {"t": time.monotonic(), "budget_s": h.processing_budget_s(), "busy": h.busy_fraction(),
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
-            self._backlog.append((wire.STATUS, [wire.status(values)]))
-            self._flush()
+            record = wire.status(values)
+            for client in list(self.clients.values()):
+                client.queue(wire.STATUS, [record])
             await asyncio.sleep(STATUS_PERIOD_S)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m daemon.gpu_server")
     p.add_argument("--settings", required=True, help="the edge's settings, as JSON")
-    p.add_argument("--inbox", nargs=2, required=True, metavar=("NAME", "FD"))
-    p.add_argument("--outbox", nargs=2, required=True, metavar=("NAME", "FD"))
-    p.add_argument("--control", type=int, required=True)
+    p.add_argument("--inbox", nargs=2, metavar=("NAME", "FD"))
+    p.add_argument("--outbox", nargs=2, metavar=("NAME", "FD"))
+    p.add_argument("--control", type=int)
+    p.add_argument("--listen", type=Path, help="a unix socket several edges attach to (instead of the three above)")
     args = p.parse_args(argv)
+    if args.listen is None and not (args.inbox and args.outbox and args.control is not None):
+        p.error("give --inbox, --outbox and --control (one edge), or --listen SOCKET (several)")
     from daemon.config import Settings
 
     settings = Settings.model_validate_json(Path(args.settings).read_text())
     configure_logging(settings.logging.level, settings.logging.format)
+    if args.listen is not None:
+        asyncio.run(GpuServer(settings, listen=args.listen).run())
+        return 0
     inbox = Ring.attach(args.inbox[0], int(args.inbox[1]))
     outbox = Ring.attach(args.outbox[0], int(args.outbox[1]))
     control = socket.socket(fileno=args.control)
-    server = GpuServer(settings, inbox, outbox, control)
-    try:
-        asyncio.run(server.run())
-    finally:
-        inbox.close()
-        outbox.close()
+    asyncio.run(GpuServer(settings, inbox, outbox, control).run())
     return 0
 
 

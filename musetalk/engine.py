@@ -152,6 +152,8 @@ class Engine:
         decode: str = "full",
         crop_row: int = 96,
         crop_tolerance: float = 1.0,
+        fuse_step: bool = False,
+        inductor: dict | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -206,18 +208,34 @@ class Engine:
         def crop_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
             return cropped_decode.decode_to_unit_rows(vae, latents, plan, sums)
 
+        def fused_fn(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+            return decode_fn(unet_fn(latents, audio))
+
+        def fused_crop_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+            return crop_fn(unet_fn(latents, audio), sums)
+
         self._unet_fn, self._decode_fn, self._crop_fn = unet_fn, decode_fn, crop_fn
-        self._dynamic = compile_dynamic
+        self.fused = bool(fuse_step)
+        self._fused_fn, self._fused_crop_fn = fused_fn, fused_crop_fn
+        self._dynamic = compile_dynamic and not self.fused
         self._mark_dynamic = 0
         if self.compiled:
-            opts = dict(mode="reduce-overhead", dynamic=False if not compile_dynamic else None)
-            self._unet_fn = torch.compile(unet_fn, **opts)
-            self._decode_fn = torch.compile(decode_fn, **opts)
-            if plan is not None:
-                # One static graph per bucket: the only form measured faster than the whole
-                # decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md); the
-                # dynamic-batch graph measured no faster inside the step.
-                self._crop_fn = torch.compile(crop_fn, mode="reduce-overhead", dynamic=False)
+            # "reduce-overhead" is Inductor with CUDA graphs; options and mode exclude
+            # each other in torch.compile, so extra options come with the graphs' flag.
+            graphs = ({"options": {"triton.cudagraphs": True, **inductor}} if inductor
+                      else {"mode": "reduce-overhead"})
+            opts = dict(**graphs, dynamic=False if not self._dynamic else None)
+            if self.fused:
+                self._fused_fn = torch.compile(fused_fn, **graphs, dynamic=False)
+                self._fused_crop_fn = torch.compile(fused_crop_fn, **graphs, dynamic=False)
+            else:
+                self._unet_fn = torch.compile(unet_fn, **opts)
+                self._decode_fn = torch.compile(decode_fn, **opts)
+                if plan is not None:
+                    # One static graph per bucket: the only form measured faster than the
+                    # whole decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md);
+                    # the dynamic-batch graph measured no faster inside the step.
+                    self._crop_fn = torch.compile(crop_fn, **graphs, dynamic=False)
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -481,17 +499,22 @@ class Engine:
             # Compile once for every batch size (the first call traces with these marks).
             torch._dynamo.mark_dynamic(latents, 0, min=2, max=max(2, self.max_batch))
             torch._dynamo.mark_dynamic(tokens, 0, min=2, max=max(2, self.max_batch))
-        pred = self._unet_fn(latents, tokens)
-        if timing:
-            events[1].record()
+        sums = None
         if self.crop_plan is not None and all(av.gn_sums is not None for av, _, _ in groups):
             plan = self.crop_plan
             sums = torch.empty((size, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
             for av, pos, idx in groups:
                 sums[pos] = av.gn_sums[idx]
-            image = self._crop_fn(pred, sums)[:n]
+        if self.fused:  # one graph: its device time is counted as the UNet's, decode 0
+            image = (self._fused_fn(latents, tokens) if sums is None
+                     else self._fused_crop_fn(latents, tokens, sums))[:n]
+            if timing:
+                events[1].record()
         else:
-            image = self._decode_fn(pred)[:n]
+            pred = self._unet_fn(latents, tokens)
+            if timing:
+                events[1].record()
+            image = (self._decode_fn(pred) if sums is None else self._crop_fn(pred, sums))[:n]
         if timing:
             events[2].record()
         hb = max(av.crops.shape[1] for av, _, _ in groups)

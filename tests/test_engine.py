@@ -403,3 +403,13 @@ def test_caller_rgba_frames_are_shared_not_copied(models, engine, avatars):
     np.testing.assert_array_equal(shared.step(jobs)[0], engine.step(jobs)[0])
     with pytest.raises(ValueError, match="frames_rgba"):
         shared.register_avatar(av, frames_rgba=rgba[:, :, :, :3])
+
+
+def test_a_fused_step_gives_the_same_frames_as_the_two_stage_step(models, engine, avatars):
+    # model.fuse_step runs the UNet and the decode as one function (one graph on CUDA).
+    fused = Engine(models, max_batch=8, fuse_step=True)
+    for av in avatars:
+        fused.register_avatar(av)
+    jobs = [FrameJob("anna", 0, tokens(0)), FrameJob("ben", 1, tokens(1), blend=0.5)]
+    for a, b in zip(engine.step(jobs), fused.step(jobs)):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,152 @@
+"""The compiled step's kernel variants, measured against each other on one device.
+
+Each variant runs in its own process (a fresh compiler state and Inductor config): the
+real architectures with full-size random weights (speed does not depend on weight
+values), ``Engine(compile=True)`` as the daemon builds it, the cropped decode, a
+synthetic 300-pixel blend box. Per batch size: ms per step when steps are launched back
+to back (the device's throughput: the host runs ahead), ms per frame, the device ms of
+each stage (CUDA events of sampled steps), the host ms of one ``launch`` and the compile
+time (first launches, including CUDA-graph recording).
+
+    python -m musetalk.step_bench --variants baseline,fused,freezing --batches 12,24 --json steps.json
+
+Variants: ``baseline`` (what the daemon runs: ``mode="reduce-overhead"``, the UNet and the
+decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``freezing``
+(Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
+``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), and ``+``
+combinations such as ``fused+freezing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "fused": {"fuse_step": True},
+    "freezing": {"inductor": {"freezing": True}},
+    "autotune": {"inductor": {"max_autotune": True}},
+}
+
+
+def variant_options(name: str) -> dict[str, Any]:
+    """Engine keyword arguments of a variant name (``+`` joins variants)."""
+    opts: dict[str, Any] = {"fuse_step": False, "inductor": {}}
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise ValueError(f"unknown variant {part!r}: choose from {', '.join(VARIANTS)} (joined with +)")
+        extra = VARIANTS[part]
+        opts["fuse_step"] = opts["fuse_step"] or extra.get("fuse_step", False)
+        opts["inductor"] = {**opts["inductor"], **extra.get("inductor", {})}
+    return opts
+
+
+def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda", size: str = "full",
+                decode: str = "cropped") -> dict[str, Any]:
+    import torch
+
+    from musetalk.bench import build_random_models
+    from musetalk.engine import AUDIO_DIM, AUDIO_TOKENS, Engine, _synthetic_avatar
+
+    dev = torch.device(device)
+    opts = variant_options(name)
+    models = build_random_models(dev, torch.float16 if dev.type == "cuda" else torch.float32, size)
+    engine = Engine(models, compile=True, max_batch=max(batches), decode=decode,
+                    fuse_step=opts["fuse_step"], inductor=opts["inductor"] or None)
+    avatar = _synthetic_avatar("bench", 300, 512)
+    engine.register_avatar(avatar)
+    if engine.crop_plan is not None:  # the sums' values do not change the speed
+        plan = engine.crop_plan
+        engine._avatars["bench"].gn_sums = torch.zeros((avatar.num_frames, plan.layers, plan.groups, 2),
+                                                       device=dev)
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            args = (["bench"] * b, [i % 2 for i in range(b)],
+                    torch.randn(b, AUDIO_TOKENS, AUDIO_DIM, device=dev, dtype=torch.float16), [1.0] * b)
+            t0 = time.perf_counter()
+            for _ in range(3):  # compile, record, replay
+                engine.launch(*args).boxes()
+            compile_s = time.perf_counter() - t0
+            for _ in range(5):
+                engine.launch(*args).boxes()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            host_ms, handles = [], []
+            t0 = time.perf_counter()
+            for i in range(steps):
+                t = time.perf_counter()
+                handles.append(engine.launch(*args, timed=i % 4 == 0))
+                host_ms.append((time.perf_counter() - t) * 1000)
+            handles[-1].boxes()
+            step_ms = (time.perf_counter() - t0) / steps * 1000
+            stages: dict[str, list[float]] = {}
+            for h in handles:
+                for k, v in (h.stage_ms() or {}).items():
+                    stages.setdefault(k, []).append(v)
+            row = {"batch": b, "step_ms": round(step_ms, 3), "ms_per_frame": round(step_ms / b, 4),
+                   "frames_per_s": round(b * 1000 / step_ms, 1), "compile_s": round(compile_s, 1),
+                   "host_launch_ms": round(statistics.median(host_ms), 3),
+                   **{f"{k}_ms": round(statistics.median(v), 3) for k, v in stages.items()}}
+            rows.append(row)
+            print(json.dumps({"variant": name, **row}), file=sys.stderr, flush=True)
+    return {"variant": name, "options": opts, "rows": rows,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m musetalk.step_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="baseline,fused,freezing")
+    p.add_argument("--batches", default="12,24")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--decode", default="cropped", choices=("cropped", "full"))
+    p.add_argument("--timeout-s", type=float, default=600, help="per variant (compile included)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    batches = [int(x) for x in a.batches.split(",") if x]
+    if a.one:
+        print(json.dumps(run_variant(a.one, batches, a.steps, a.device, a.size, a.decode)))
+        return 0
+    names = [v for v in a.variants.split(",") if v]
+    for name in names:
+        variant_options(name)  # an unknown name fails before anything runs
+    results = []
+    for name in names:
+        cmd = [sys.executable, "-m", "musetalk.step_bench", "--one", name, "--batches", a.batches,
+               "--steps", str(a.steps), "--device", a.device, "--size", a.size, "--decode", a.decode]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+            if done.returncode != 0 or not lines:
+                tail = done.stderr.strip().splitlines()[-3:]
+                results.append({"variant": name, "error": f"exit {done.returncode}: {' | '.join(tail)}"[:800]})
+            else:
+                results.append(json.loads(lines[-1]))
+        except subprocess.TimeoutExpired:
+            results.append({"variant": name, "error": f"over {a.timeout_s:.0f} s (compile included)"})
+        r = results[-1]
+        for row in r.get("rows", []):
+            print(f"{name:>16} B={row['batch']:>3} {row['step_ms']:8.2f} ms/step {row['ms_per_frame']:7.3f} ms/frame "
+                  f"unet {row.get('unet_ms', 0):7.2f} decode {row.get('vae_decode_ms', 0):7.2f} "
+                  f"paste {row.get('paste_ms', 0):6.2f} host {row['host_launch_ms']:6.2f} "
+                  f"compile {row['compile_s']:6.1f} s", flush=True)
+        if "error" in r:
+            print(f"{name:>16} failed: {r['error']}", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

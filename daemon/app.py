@@ -223,7 +223,7 @@ class Daemon:
             servers = [u.strip() for u in s.nats.url.split(",") if u.strip()]
         self.nats_url = servers[0]
         if s.model.enabled:
-            if s.daemon.gpu_process:
+            if s.daemon.gpu_process or s.daemon.gpu_socket is not None:
                 from daemon.gpu_client import GpuServerHost
 
                 self.engine_host = GpuServerHost(s, self.metrics)
@@ -245,6 +245,8 @@ class Daemon:
             self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check,
                                         live=self.liveness, ready=self.readiness)
             await self._health.start()
+            if s.http.port_file is not None:
+                s.http.port_file.write_text(f"{self._health.port}\n")
         self._spawn(self._heartbeat(), "heartbeat")
         if s.daemon.gc_freeze:
             gc.collect()
@@ -460,8 +462,10 @@ class Daemon:
         self._update_gauges()
 
     def _session_rates(self) -> list[int]:
-        """The fps of every admitted session, live or starting: each may speak at any time."""
-        return [s.fps for s in self.sessions.values()]
+        """The fps of every admitted session, live or starting: each may speak at any time;
+        with several edge processes, the other edges' streams on the shared GPU too."""
+        others = getattr(self.engine_host, "other_rates", None)
+        return [s.fps for s in self.sessions.values()] + (others() if others is not None else [])
 
     def _update_gauges(self) -> None:
         """Sessions, frame budget and demand, as /metrics shows them: after every change."""
@@ -476,6 +480,10 @@ class Daemon:
         hands new starts to one with room, and rejoins when a session ends. A lone daemon
         stays and answers at_capacity."""
         if self.settings.nats.report_unknown_sessions or self._service is None or not self.accepting:
+            return
+        if self.settings.daemon.edge_index == 1:
+            # lipsyncd's first edge stays: the edges count one GPU's demand alike, so when
+            # one is full all are, and this one answers at_capacity.
             return
         full = self.admission.refusal(self._session_rates()) is not None
         endpoint = next((e for e in getattr(self._service, "_endpoints", []) if getattr(e, "_name", "") == "start"),

@@ -58,6 +58,17 @@ class DaemonSection(_Section):
     # it is survived (sessions show idle frames while it restarts). Off by default until
     # measured on a GPU.
     gpu_process: bool = False
+    # Edge processes (NATS, sessions, frame clocks, publishers) beside one GPU server:
+    # with more than one, ``lipsyncd`` supervises a GPU-server process and this many edges
+    # (daemon.supervisor), so that a LiveKit reconnect storm or a crash in one edge cannot
+    # delay or end the sessions of another. 1: one process (gpu_process decides where the
+    # model runs).
+    edge_processes: int = Field(1, ge=1, le=32)
+    # Set by lipsyncd for its edge processes, not in a config file: the shared GPU
+    # server's socket, and the edge's name and number (1..edge_processes).
+    gpu_socket: Path | None = None
+    edge_name: str = ""
+    edge_index: int = Field(0, ge=0)
 
     @field_validator("capacity_fps")
     @classmethod
@@ -263,6 +274,9 @@ class HttpSection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
+    # Once listening, write the port bound here (useful with port 0; lipsyncd's edge
+    # processes tell it theirs this way).
+    port_file: Path | None = None
 
 
 class LoggingSection(_Section):

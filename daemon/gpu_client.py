@@ -7,6 +7,11 @@ session's callback on the event loop. Avatars are acquired over the control sock
 the decoded frames go over as an ``.npy`` file the server maps (removed once it has
 them), and the prepared avatar comes back as its key and boxes.
 
+With ``daemon.gpu_socket`` set (``lipsyncd`` does it for its edge processes when
+``daemon.edge_processes`` > 1) it starts nothing: it attaches to the one GPU server of
+this machine over that unix socket, handing it the rings' names and doorbells, and the
+server's own supervisor (``daemon.supervisor``) restarts it.
+
 The supervisor: when the server process dies, every open stream gets one failed frame
 (its session sends an ``error`` event and keeps showing idle frames: the frame clock
 runs here, not there), the server is started again, the streams are opened and their
@@ -102,18 +107,35 @@ class GpuServerHost:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dropped_records = 0
         self._given_up = False
+        self._attach: Path | None = settings.daemon.gpu_socket
+        self._server_pid: int | None = None
+        self._control: asyncio.Task[Any] | None = None
         metrics.remote = self._remote_metrics
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         t = time.perf_counter()
         self._dir.mkdir(parents=True, exist_ok=True)
-        await self._spawn()
+        if self._attach is not None:  # a shared server being restarted: wait for it a while
+            deadline = time.monotonic() + self.settings.daemon.start_timeout_s
+            while True:
+                try:
+                    await self._spawn()
+                    break
+                except ServerDown as exc:
+                    if time.monotonic() > deadline:
+                        raise LipsyncError(errors.INTERNAL, f"{exc} (lipsyncd starts it; is it running?)") from None
+                    await asyncio.sleep(RESTART_DELAY_S)
+        else:
+            await self._spawn()
         self.load_s = time.perf_counter() - t
         self._spawn_task(self._supervise(), "gpu-server-supervisor")
 
     async def _spawn(self) -> None:
-        """Start a server and wait for its ``ready`` (model loaded and warmed up)."""
+        """Start a server (or attach to the shared one) and wait for its ``ready``
+        (model loaded and warmed up)."""
+        if self._attach is not None:
+            return await self._connect_shared(self._attach)
         settings_path = self._dir / "settings.json"
         settings_path.write_text(self.settings.model_dump_json())
         os.chmod(settings_path, 0o600)
@@ -128,6 +150,30 @@ class GpuServerHost:
             pass_fds=fds, preexec_fn=_die_with_parent(), env=env)
         theirs.close()
         self._reader, self._writer = await asyncio.open_connection(sock=ours)
+        await self._handshake()
+
+    async def _connect_shared(self, path: Path) -> None:
+        """Attach to the GPU server that listens on ``path``: a hello naming this edge's
+        rings, with their doorbells passed as SCM_RIGHTS."""
+        self._inbox, self._outbox = Ring.create(INBOX_BYTES), Ring.create(OUTBOX_BYTES)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            hello = {"role": "edge", "name": self.settings.daemon.edge_name or f"edge-{os.getpid()}",
+                     "pid": os.getpid(), "inbox": self._inbox.name, "outbox": self._outbox.name}
+            sock.setblocking(True)
+            socket.send_fds(sock, [json.dumps(hello).encode() + b"\n"], [self._inbox.doorbell, self._outbox.doorbell])
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            await self._reap()
+            raise ServerDown(f"no GPU server on {path}: {exc}") from None
+        self._reader, self._writer = await asyncio.open_connection(sock=sock)
+        await self._handshake()
+
+    async def _handshake(self) -> None:
+        assert self._reader is not None and self._outbox is not None
         first = await self._reader.readline()
         message = json.loads(first) if first else {"op": "failed", "code": errors.INTERNAL,
                                                     "message": "the GPU server exited while starting"}
@@ -142,24 +188,32 @@ class GpuServerHost:
         import torch  # a device name only: no CUDA context is made here
 
         self.device = torch.device(message.get("device") or "cpu")
+        self._server_pid = message.get("pid")
         asyncio.get_running_loop().add_reader(self._outbox.doorbell, self._on_outbox)
-        self._spawn_task(self._control_replies(self._reader), "gpu-server-control")
+        self._control = asyncio.create_task(self._control_replies(self._reader), name="gpu-server-control")
+        self._tasks.add(self._control)
+        self._control.add_done_callback(self._tasks.discard)
         self._ready = True
         self.metrics.gpu_server_up.set(1)
-        log.info("GPU server ready", pid=self._proc.pid, device=message.get("device"),
-                 measured_fps=self.measured_fps, restarts=self.restarts)
+        log.info("GPU server ready", pid=self._server_pid, device=message.get("device"),
+                 measured_fps=self.measured_fps, restarts=self.restarts, shared=self._attach is not None)
 
     async def _supervise(self) -> None:
         failures = 0
         while not self._closing:
-            assert self._proc is not None
-            code = await self._proc.wait()
+            if self._attach is not None:  # the shared server: its connection ends when it dies
+                assert self._control is not None
+                await asyncio.gather(self._control, return_exceptions=True)
+                code: Any = "unknown (a shared server: lipsyncd restarts it)"
+            else:
+                assert self._proc is not None
+                code = await self._proc.wait()
             if self._closing:
                 return
             self._ready = False
             self.metrics.gpu_server_up.set(0)
             log.error("the GPU server process exited; restarting it, sessions show idle frames meanwhile",
-                      exit_code=code, pid=self._proc.pid, restarts=self.restarts)
+                      exit_code=code, pid=self._server_pid, restarts=self.restarts)
             self._server_lost(ServerDown(f"the GPU server process exited with code {code}; it is being restarted"))
             await self._reap()
             while not self._closing:
@@ -173,9 +227,13 @@ class GpuServerHost:
                     break
                 except Exception as exc:
                     failures += 1
-                    log.error("the GPU server failed to start again", error=str(exc), attempt=failures)
                     self._ready = False
                     await self._reap()  # a half-restored server goes too: the next try starts clean
+                    if self._attach is not None:  # the supervisor restarts it; its model loads meanwhile
+                        if failures == 1 or failures % 20 == 0:
+                            log.warning("waiting for the shared GPU server", error=str(exc), attempt=failures)
+                        continue
+                    log.error("the GPU server failed to start again", error=str(exc), attempt=failures)
                     if failures >= MAX_RESTARTS:
                         log.error("the GPU server stays down: the daemon is not live", attempts=failures)
                         self._given_up = True
@@ -217,7 +275,7 @@ class GpuServerHost:
 
     async def aclose(self) -> None:
         self._closing = True
-        if self._ready:
+        if self._ready and self._attach is None:  # a shared server is lipsyncd's to stop
             try:
                 await asyncio.wait_for(self._call("shutdown"), timeout=5)
             except Exception:
@@ -240,7 +298,7 @@ class GpuServerHost:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._server_pid
 
     # ---- control path ----------------------------------------------------------------
     async def _call(self, op: str, **args: Any) -> Any:
@@ -290,12 +348,18 @@ class GpuServerHost:
     # ---- the sessions' calls (as EngineHost's) -------------------------------------------
     def alive(self) -> bool:
         """The server is up and ready now (``/health``)."""
+        if self._attach is not None:
+            return self._ready and self._control is not None and not self._control.done()
         return self._ready and self._proc is not None and self._proc.returncode is None
 
     def live(self) -> bool:
         """Up, or being restarted (``/livez`` and the watchdog): False only once the
         supervisor has given up (``MAX_RESTARTS`` failed starts in a row)."""
         return self.alive() or (not self._given_up and not self._closing)
+
+    def other_rates(self) -> list[int]:
+        """The fps of the streams other edge processes have open on a shared server."""
+        return list(self._status.get("other_rates") or [])
 
     def busy_fraction(self) -> float | None:
         return self._status.get("busy")

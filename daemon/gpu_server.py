@@ -51,6 +51,7 @@ class _Client:
         self.server, self.no, self.name = server, no, name
         self.inbox, self.outbox, self.writer = inbox, outbox, writer
         self.sessions: dict[int, str] = {}  # stream index -> the edge's session id
+        self.fps: dict[int, int] = {}  # stream index -> its frame rate (admission across edges)
         self.keys: dict[int, str] = {}  # stream -> avatar key of its plans
         self.avatar_refs: dict[str, int] = {}
         self.speaking = 0
@@ -92,12 +93,14 @@ class _Client:
                 elif kind == wire.OPEN:
                     idx, fps, sid = wire.read_open(payload)
                     self.sessions[idx] = sid
+                    self.fps[idx] = fps
                     h.open_stream(self.stream_id(idx), fps, lambda results, i=idx: self._results(i, results))
                 elif kind == wire.CLOSE:
                     idx = wire.read_index(payload)
                     if idx in self.sessions:
                         h.close_stream(self.stream_id(idx))
                     self.sessions.pop(idx, None)
+                    self.fps.pop(idx, None)
                     self.keys.pop(idx, None)
                 elif kind == wire.SPEAKING:
                     delta = wire.read_speaking(payload)
@@ -185,7 +188,7 @@ class GpuServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._done.set)
         first: _Client | None = None
@@ -203,7 +206,8 @@ class GpuServer:
                 await first.send(failed)
             else:
                 log.error("the GPU server did not start", **{k: v for k, v in failed.items() if k != "op"})
-            return
+            # 78 (EX_CONFIG): a config or the weights must change; a restart cannot help.
+            return 78 if failed["code"] in ("models_missing", "config_invalid") else 1
         status = asyncio.create_task(self._status_loop())
         waits = [asyncio.create_task(self._done.wait())]
         server = None
@@ -230,6 +234,7 @@ class GpuServer:
         for client in list(self.clients.values()):
             await client.drop()
         await self.host.aclose()
+        return 0
 
     async def _serve(self, client: _Client, reader: asyncio.StreamReader) -> None:
         self.clients[client.no] = client
@@ -283,10 +288,17 @@ class GpuServer:
             try:
                 while line := await reader.readline():
                     request = json.loads(line)
-                    if request.get("op") == "clients":
-                        result = {c.name: sorted(c.sessions.values()) for c in self.clients.values()}
-                        writer.write(json.dumps({"op": "reply", "id": request.get("id"), "ok": True,
-                                                 "result": result}).encode() + b"\n")
+                    op = request.get("op")
+                    if op == "clients":
+                        result: Any = {c.name: sorted(c.sessions.values()) for c in self.clients.values()}
+                    elif op == "metrics":
+                        from prometheus_client import generate_latest
+
+                        result = generate_latest(self.host.metrics.registry).decode()
+                    else:
+                        result = None
+                    writer.write(json.dumps({"op": "reply", "id": request.get("id"), "ok": op in ("clients", "metrics"),
+                                             "result": result}).encode() + b"\n")
             except ConnectionError:
                 pass
             finally:
@@ -396,9 +408,14 @@ class GpuServer:
             values = {"t": time.monotonic(), "budget_s": h.processing_budget_s(), "busy": h.busy_fraction(),
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
-            record = wire.status(values)
-            for client in list(self.clients.values()):
-                client.queue(wire.STATUS, [record])
+            clients = list(self.clients.values())
+            if len(clients) == 1:
+                record = wire.status(values)
+                clients[0].queue(wire.STATUS, [record])
+            for client in clients if len(clients) > 1 else ():
+                # Each edge admits against the whole GPU: the others' streams count too.
+                others = [f for c in clients if c is not client for f in c.fps.values()]
+                client.queue(wire.STATUS, [wire.status({**values, "other_rates": others})])
             await asyncio.sleep(STATUS_PERIOD_S)
 
 
@@ -417,13 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.model_validate_json(Path(args.settings).read_text())
     configure_logging(settings.logging.level, settings.logging.format)
     if args.listen is not None:
-        asyncio.run(GpuServer(settings, listen=args.listen).run())
-        return 0
+        return asyncio.run(GpuServer(settings, listen=args.listen).run())
     inbox = Ring.attach(args.inbox[0], int(args.inbox[1]))
     outbox = Ring.attach(args.outbox[0], int(args.outbox[1]))
     control = socket.socket(fileno=args.control)
-    asyncio.run(GpuServer(settings, inbox, outbox, control).run())
-    return 0
+    return asyncio.run(GpuServer(settings, inbox, outbox, control).run())
 
 
 if __name__ == "__main__":

@@ -39,7 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     # Everything the daemon owns is released inside _run; the process then just leaves.
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    if settings.daemon.edge_processes > 1:  # a GPU server and N edges (daemon.supervisor)
+        _exit(loop.run_until_complete(_supervise(settings, args.config)))
     _exit(loop.run_until_complete(_run(settings)))
+
+
+async def _supervise(settings, config_path: str | None) -> int:
+    from daemon.supervisor import Supervisor
+
+    problem = settings.livekit_problem()
+    if problem is not None:
+        log.error("startup failed", code="config_invalid", error=problem)
+        return EXIT_CONFIG
+    return await Supervisor(settings, config_path).run()
 
 
 def _exit(code: int) -> NoReturn:

@@ -16,6 +16,10 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
 
 
+# The families the GPU-server process fills (daemon.gpu_process): an edge shows its figures.
+REMOTE_FAMILIES = ("lipsync_gpu_step_seconds", "lipsync_gpu_batch_frames")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -88,7 +92,7 @@ class Metrics:
         # Families another process fills (the GPU server's step histograms): /metrics takes
         # them from there (``remote``) instead of from this registry.
         self.remote: Any = None  # async () -> exposition text of those families
-        self.remote_families = ("lipsync_gpu_step_seconds", "lipsync_gpu_batch_frames")
+        self.remote_families = REMOTE_FAMILIES
 
     def forget_session(self, session_id: str) -> None:
         """Drop a closed session's per-session series (a label set per session id ever

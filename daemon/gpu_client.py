@@ -464,7 +464,7 @@ class GpuServerHost:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 await asyncio.to_thread(np.save, path, np.ascontiguousarray(video.frames), allow_pickle=False)
                 try:
-                    result = await self._call("acquire", frames=str(path), **args)
+                    result = await self._call("acquire", frames=str(path.resolve()), **args)  # the server may run elsewhere
                 finally:
                     path.unlink(missing_ok=True)  # the server maps it; the mapping outlives the name
         except ServerDown:

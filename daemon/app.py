@@ -276,8 +276,11 @@ class Daemon:
         await self._service.add_endpoint(EndpointConfig(
             name="start", subject=self.subjects.start, handler=self._on_start,
             queue_group=s.nats.queue_group))
-        await self._service.add_endpoint(EndpointConfig(
-            name="status", subject=f"{s.nats.subject_prefix}.status", handler=self._on_status))
+        # An edge of lipsyncd (daemon.edge_processes > 1) answers on a subject of its own:
+        # lipsyncd answers <prefix>.status with every edge's reply merged.
+        status = (f"{s.nats.subject_prefix}.status" if not s.daemon.edge_index
+                  else f"{s.nats.subject_prefix}.status.{s.daemon.edge_name}")
+        await self._service.add_endpoint(EndpointConfig(name="status", subject=status, handler=self._on_status))
         # stop, audio and control go to every daemon: only the owner of a session acts.
         limits = dict(pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024)
         await self.nc.subscribe(self.subjects.stop, cb=self._on_stop)

@@ -115,6 +115,7 @@ class Supervisor:
             from daemon.bus import connect
 
             self.nc = await connect(s.nats, servers, name="lipsyncd-supervisor")
+            await self.nc.subscribe(f"{s.nats.subject_prefix}.status", cb=self._on_status)
             if s.http.enabled:
                 await self._start_http()
             if s.model.enabled:
@@ -330,6 +331,43 @@ class Supervisor:
             await self.nc.flush(timeout=2)
         except Exception:
             pass
+
+    async def _on_status(self, msg: Any) -> None:
+        """``<prefix>.status``: every edge's reply (asked on its own subject) merged: all
+        sessions, their counts summed, admission as the edges see it (the whole GPU)."""
+        from daemon.app import generated_fraction
+
+        prefix = self.settings.nats.subject_prefix
+
+        async def ask(edge: _Child) -> dict[str, Any] | None:
+            try:
+                reply = await self.nc.request(f"{prefix}.status.{edge.name}", b"", timeout=2)
+                return json.loads(reply.data)
+            except Exception:
+                return None
+
+        running = [e for e in self.edges if e.running]
+        replies = await asyncio.gather(*(ask(e) for e in running))
+        answered = {e.name: r for e, r in zip(running, replies) if r is not None}
+        sessions = [x for r in answered.values() for x in r.get("sessions") or []]
+        counts = [x["speech"]["counts"] for x in sessions if isinstance(x.get("speech"), dict)
+                  and isinstance(x["speech"].get("counts"), dict)]
+        first = next(iter(answered.values()), None)
+        edges = {e.name: {"running": e.running, "answered": e.name in answered, "restarts": e.restarts,
+                          "active": (answered.get(e.name) or {}).get("active")} for e in self.edges}
+        merged: dict[str, Any] = {
+            "sessions": sessions, "active": sum(r.get("active") or 0 for r in answered.values()),
+            "capacity": first.get("capacity", 0) if first else 0,
+            "accepting": any(r.get("accepting") for r in answered.values()),
+            "device": {**(first.get("device") or {} if first else {}), "edges": edges,
+                       "gpu_server": {"ready": self.gpu_ready, "restarts": self.gpu.restarts}},
+            "admission": first.get("admission") if first else None,
+            "speaking": sum(r.get("speaking") or 0 for r in answered.values()),
+            "generated_fraction": generated_fraction(*counts),
+            "gpu_busy": first.get("gpu_busy") if first else None,
+        }
+        if msg.reply:
+            await msg.respond(json.dumps(merged, default=str).encode())
 
     # ---- the edges -------------------------------------------------------------------
     async def _keep_edge(self, edge: _Child) -> None:

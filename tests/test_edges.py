@@ -160,6 +160,12 @@ async def test_two_edges_and_a_gpu_server_survive_each_others_crashes(nats_serve
                     continue
         assert held is not None, "twelve starts all went to one edge"
         victim, survivor = held["edge1"], held["edge2"]
+        # `status`: lipsyncd merges both edges' replies.
+        from schemas import StatusReply
+
+        status = StatusReply.model_validate(await client.request("lipsync.status", b""))
+        assert status.active == len(sids) and sorted(x["session_id"] for x in status.sessions) == sorted(sids)
+        assert status.device["edges"]["edge1"]["active"] == len(victim) and status.device["gpu_server"]["ready"]
 
         # Both edges generate through the one GPU server.
         first = await _speak(client, survivor[0])

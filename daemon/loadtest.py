@@ -531,8 +531,11 @@ def prepare_settings(settings: Settings, options: LoadtestOptions, avatars: dict
         model=model,
         video={"fps": fps},
         output={"sink": options.sink},
-        # The load test finds the capacity itself: admission must let every session in.
-        daemon={"max_sessions": most, "capacity_fps": 1e9},
+        # The load test finds the capacity itself: admission must let every session in
+        # (attached to a shared GPU server, daemon.gpu_socket, admission also counts the
+        # other edges' sessions: daemon.max_sessions then stays if it is larger).
+        daemon={"max_sessions": most if settings.daemon.gpu_socket is None else max(most, settings.daemon.max_sessions),
+                "capacity_fps": 1e9},
         fetch={"allow_file_urls": True},
         avatars={name: {"idle_video_url": path.resolve().as_uri()} for name, path in avatars.items()},
     )

@@ -284,3 +284,18 @@ async def test_a_stalled_loop_leaves_the_stack_it_stalled_in(tmp_path: Path) -> 
     assert figures["dumps"] == 1 and figures["threshold_ms"] == 80.0
     [main] = [st for st in figures["stacks"] if st["thread"] == "MainThread"]
     assert main["frames"].split(" <- ")[0].endswith("in _blocks_the_loop_for_a_while") and main["dumps"] == 1
+
+
+def test_admission_lets_every_round_in_and_counts_other_edges_when_attached(tmp_path):
+    from daemon.config import Settings
+    from daemon.loadtest import prepare_settings
+
+    base = {"daemon": {"state_dir": str(tmp_path), "max_sessions": 24},
+            "model": {"random_weights": True, "device": "cpu"}}
+    options = LoadtestOptions(sessions=(1, 12))
+    alone, _ = prepare_settings(Settings(**base), options, {}, cuda=False)
+    assert alone.daemon.max_sessions == 12 and alone.daemon.capacity_fps == 1e9
+    # Attached to a shared GPU server, another edge's sessions count too: 24 stays.
+    shared = Settings(**{**base, "daemon": {**base["daemon"], "gpu_socket": str(tmp_path / "gpu.sock")}})
+    attached, _ = prepare_settings(shared, options, {}, cuda=False)
+    assert attached.daemon.max_sessions == 24

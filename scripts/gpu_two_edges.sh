@@ -17,10 +17,12 @@ python3 -m daemon.gpu_server --settings gs.json --listen /tmp/lt/gpu.sock > "$ou
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 900); do [ -S /tmp/lt/gpu.sock ] && break; sleep 1; done
+edges=()
 for e in 1 2; do
   (cd /tmp/e$e && LIPSYNC_DAEMON__GPU_SOCKET=/tmp/lt/gpu.sock LIPSYNC_DAEMON__EDGE_NAME=edge$e \
     python3 -m daemon.cli --config /dev/null loadtest --sessions "$per" --seconds "$seconds" --warmup-s 5 \
     --sink livekit-local --json "$out/edge$e.json" > "$out/edge$e.log" 2>&1) &
+  edges+=($!)
 done
-wait %2 %3
+wait "${edges[@]}"
 grep -h "sessions:" "$out"/edge*.log

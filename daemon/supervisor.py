@@ -377,6 +377,9 @@ class Supervisor:
             "LIPSYNC_DAEMON__EDGE_PROCESSES": "1",
             "LIPSYNC_DAEMON__EDGE_NAME": edge.name,
             "LIPSYNC_DAEMON__EDGE_INDEX": str(index),
+            # lipsyncd reads each edge's health on loopback, whatever http says for itself.
+            "LIPSYNC_HTTP__ENABLED": "true",
+            "LIPSYNC_HTTP__HOST": "127.0.0.1",
             "LIPSYNC_HTTP__PORT": "0",
             "LIPSYNC_HTTP__PORT_FILE": str(port_file),
             # Several daemons on one queue group: audio for another edge's session is not an error.
@@ -430,7 +433,7 @@ class Supervisor:
             return
         for path in ("/livez", "/readyz", "/health"):
             try:
-                async with http.get(f"http://{self.settings.http.host}:{edge.port}{path}") as r:
+                async with http.get(f"http://127.0.0.1:{edge.port}{path}") as r:
                     body = await r.json()
                     edge.checks[path] = (r.status == 200, list(body.get("reasons") or []))
             except Exception as exc:
@@ -533,7 +536,7 @@ class Supervisor:
                 if e.port is None:
                     continue
                 try:
-                    async with http.get(f"http://{self.settings.http.host}:{e.port}/metrics") as r:
+                    async with http.get(f"http://127.0.0.1:{e.port}/metrics") as r:
                         # The GPU server's families come once, from it, not from every edge.
                         texts[e.name] = families(await r.text(), REMOTE_FAMILIES, keep=False)
                 except Exception:

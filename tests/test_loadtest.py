@@ -286,7 +286,33 @@ async def test_a_stalled_loop_leaves_the_stack_it_stalled_in(tmp_path: Path) -> 
     assert main["frames"].split(" <- ")[0].endswith("in _blocks_the_loop_for_a_while") and main["dumps"] == 1
 
 
-def test_admission_lets_every_round_in_and_counts_other_edges_when_attached(tmp_path):
+@pytest.fixture
+def restored_logging():
+    """prepare_settings configures logging for the run (WARNING, console): put back what
+    the other tests' log captures rely on."""
+    import logging
+    import warnings
+
+    import structlog
+
+    from daemon.log import OWN_STDLIB_LOGGERS
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level, show = list(root.handlers), root.level, warnings.showwarning
+    own = {name: logging.getLogger(name).level for name in OWN_STDLIB_LOGGERS}
+    yield
+    structlog.configure(**saved)
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    warnings.showwarning = show
+    for name, lvl in own.items():
+        logging.getLogger(name).setLevel(lvl)
+
+
+def test_admission_lets_every_round_in_and_counts_other_edges_when_attached(tmp_path, restored_logging):
     from daemon.config import Settings
     from daemon.loadtest import prepare_settings
 

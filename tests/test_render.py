@@ -157,7 +157,10 @@ def test_render_reports_a_bad_video_in_one_line(tmp_path):
                          "--random-weights", "tiny", "--device", "cpu", timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     [line] = run.stderr.strip().splitlines()
-    assert line.startswith("lipsync render: ") and f"{junk} is not a readable video file" in line
+    # Random bytes are now and then probed as some other format ("is a 'lrc' file;
+    # accepted containers: ..."): either way one line that names the file and says why.
+    assert line.startswith("lipsync render: ") and (f"{junk} is not a readable video file" in line
+                                                    or f"{junk} is a " in line and "accepted containers" in line)
 
 
 def test_render_without_a_face_is_one_line_and_no_bar_off_a_terminal(tmp_path):

@@ -243,10 +243,8 @@ class Daemon:
         await self._subscribe()
         if s.http.enabled:
             self._health = HealthServer(s.http.host, s.http.port, self.metrics, self.health_check,
-                                        live=self.liveness, ready=self.readiness)
+                                        live=self.liveness, ready=self.readiness, port_file=s.http.port_file)
             await self._health.start()
-            if s.http.port_file is not None:
-                s.http.port_file.write_text(f"{self._health.port}\n")
         self._spawn(self._heartbeat(), "heartbeat")
         if s.daemon.gc_freeze:
             gc.collect()

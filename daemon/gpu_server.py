@@ -409,10 +409,7 @@ class GpuServer:
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
             clients = list(self.clients.values())
-            if len(clients) == 1:
-                record = wire.status(values)
-                clients[0].queue(wire.STATUS, [record])
-            for client in clients if len(clients) > 1 else ():
+            for client in clients:
                 # Each edge admits against the whole GPU: the others' streams count too.
                 others = [f for c in clients if c is not client for f in c.fps.values()]
                 client.queue(wire.STATUS, [wire.status({**values, "other_rates": others})])

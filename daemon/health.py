@@ -9,6 +9,7 @@ trouble must never fail it); /readyz "should it get new sessions?" (for a balanc
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from collections.abc import Awaitable, Callable
 
@@ -25,13 +26,20 @@ Check = Callable[[], tuple[bool, list[str]]]
 
 class HealthServer:
     """Each check returns (ok, reasons); its path answers 200 or 503 with them.
-    ``live`` and ``ready`` default to ``check`` when not given."""
+    ``live`` and ``ready`` default to ``check`` when not given. ``details`` adds fields
+    to every answer; ``metrics_text`` replaces the registry's text on /metrics (lipsyncd's
+    supervisor: its processes merged); ``port_file`` gets the bound port."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, check: Check,
-                 live: Check | None = None, ready: Check | None = None) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics | None, check: Check,
+                 live: Check | None = None, ready: Check | None = None,
+                 details: Callable[[], dict] | None = None,
+                 metrics_text: Callable[[], Awaitable[str]] | None = None, port_file: Path | None = None) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
+        self.details = details
+        self.metrics_text = metrics_text
+        self.port_file = port_file
         self.checks: dict[str, Check] = {"/health": check, "/livez": live or check, "/readyz": ready or check}
         self._runner: web.AppRunner | None = None
 
@@ -47,20 +55,26 @@ class HealthServer:
         sockets = site._server.sockets if site._server else []  # the bound port when 0 was asked
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        if self.port_file is not None:
+            self.port_file.write_text(f"{self.port}\n")
         log.info("health server listening", url=f"http://{self.host}:{self.port}/health",
                  paths=sorted(self.checks))
 
-    @staticmethod
-    def _answer(check: Check) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _answer(self, check: Check) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(_: web.Request) -> web.Response:
             ok, reasons = check()
             return web.json_response(
-                {"status": "ok" if ok else "unavailable", "reasons": reasons}, status=200 if ok else 503
+                {"status": "ok" if ok else "unavailable", "reasons": reasons,
+                 **(self.details() if self.details is not None else {})}, status=200 if ok else 503
             )
 
         return handler
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        if self.metrics_text is not None:
+            text = await self.metrics_text()
+            return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        assert self.metrics is not None
         body = generate_latest(self.metrics.registry)
         if self.metrics.remote is not None:
             # Families the GPU-server process fills: its figures, not this registry's zeros.

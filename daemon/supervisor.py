@@ -180,7 +180,7 @@ class Supervisor:
         if self._watch is not None:
             self._watch[1].close()
         if self._http is not None:
-            await self._http.cleanup()
+            await self._http.aclose()
         if self.nc is not None:
             try:
                 await self.nc.drain()
@@ -493,40 +493,27 @@ class Supervisor:
             reasons += [] if ok else [f"{e.name}: {r}" for r in why or ["unhealthy"]]
         return (not reasons, reasons)
 
+    def _processes(self) -> dict[str, Any]:
+        """What /health, /livez and /readyz add: each process's pid, restarts, sessions."""
+        processes: dict[str, Any] = {e.name: {"running": e.running, "pid": e.proc.pid if e.proc else None,
+                                              "restarts": e.restarts, "port": e.port,
+                                              "sessions": self._clients.get(e.name, [])} for e in self.edges}
+        processes["gpu"] = {"running": self.gpu.running, "ready": self.gpu_ready,
+                            "pid": self.gpu.proc.pid if self.gpu.proc else None, "restarts": self.gpu.restarts}
+        return {"processes": processes}
+
     async def _start_http(self) -> None:
-        from aiohttp import web
+        from daemon.health import HealthServer
 
-        def answer(check: Any) -> Any:
-            async def handler(_: web.Request) -> web.Response:
-                ok, reasons = check()
-                processes = {e.name: {"running": e.running, "pid": e.proc.pid if e.proc else None,
-                                      "restarts": e.restarts, "port": e.port,
-                                      "sessions": self._clients.get(e.name, [])} for e in self.edges}
-                processes["gpu"] = {"running": self.gpu.running, "ready": self.gpu_ready,
-                                    "pid": self.gpu.proc.pid if self.gpu.proc else None,
-                                    "restarts": self.gpu.restarts}
-                return web.json_response({"status": "ok" if ok else "unavailable", "reasons": reasons,
-                                          "processes": processes}, status=200 if ok else 503)
-            return handler
+        http = self.settings.http
+        self._http = HealthServer(http.host, http.port, None, self.health_check, live=self.liveness,
+                                  ready=self.readiness, details=self._processes, metrics_text=self._metrics,
+                                  port_file=http.port_file)
+        await self._http.start()
+        self.http_port = self._http.port
 
-        app = web.Application()
-        app.router.add_get("/health", answer(self.health_check))
-        app.router.add_get("/livez", answer(self.liveness))
-        app.router.add_get("/readyz", answer(self.readiness))
-        app.router.add_get("/metrics", self._metrics)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.settings.http.host, self.settings.http.port)
-        await site.start()
-        sockets = site._server.sockets if site._server else []
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.http.port
-        if self.settings.http.port_file is not None:
-            self.settings.http.port_file.write_text(f"{self.http_port}\n")
-
-    async def _metrics(self, _: Any) -> Any:
+    async def _metrics(self) -> str:
         import aiohttp
-        from aiohttp import web
-        from prometheus_client import CONTENT_TYPE_LATEST
 
         from daemon.metrics import REMOTE_FAMILIES, families
 
@@ -546,7 +533,7 @@ class Supervisor:
         except Exception:
             pass
         texts["supervisor"] = self._own_metrics()
-        return web.Response(body=merge_metrics(texts).encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return merge_metrics(texts)
 
     def _own_metrics(self) -> str:
         lines = ["# HELP lipsync_process_up Whether each of lipsyncd's processes runs (the GPU server: ready)",

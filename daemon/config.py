@@ -315,6 +315,11 @@ class ModelSection(_Section):
     # bucket instead of two; inductor_options are Inductor's own (torch.compile options,
     # e.g. {"freezing": true}), empty for its defaults.
     fuse_step: bool = False
+    # "subpixel": the UNet's and the decoder's upsamplers (nearest 2x, then a 3x3
+    # convolution) computed as one 2x2 convolution of the input: the same function with
+    # 4/9 of those convolutions' FLOPs (musetalk/subpixel.py); "nearest": as the models
+    # define them.
+    upsample: Literal["nearest", "subpixel"] = "nearest"
     inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)

@@ -151,7 +151,8 @@ class EngineHost:
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch,
                              compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step,
                              decode=decode, crop_row=cfg.decode_crop_row, crop_tolerance=cfg.decode_tolerance,
-                             fuse_step=cfg.fuse_step, inductor=cfg.inductor_options or None)
+                             fuse_step=cfg.fuse_step, inductor=cfg.inductor_options or None,
+                             upsample=cfg.upsample)
         if self.device.type == "cuda":
             self._prep_stream = torch.cuda.Stream(self.device, priority=0)
         from musetalk.avatar import PreparationTools

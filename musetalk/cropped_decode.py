@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musetalk.subpixel import SubpixelUpsample, covers
+
 
 @dataclass(frozen=True)
 class CropPlan:
@@ -55,15 +57,19 @@ class CropPlan:
 
 
 def _stages(decoder: nn.Module) -> list[tuple[nn.Module, list[nn.Module], bool]]:
-    """Stages from the first upsampling on: (the upsampler's conv that opens the stage,
-    the resnets at that resolution, whether the output conv closes it)."""
+    """Stages from the first upsampling on: (the upsampler that opens the stage: nearest
+    2x + a 3x3 convolution, as diffusers' ``Upsample2D`` or ``musetalk.subpixel``'s
+    equivalent; the resnets at that resolution; whether the output conv closes it)."""
     ups = list(decoder.up_blocks)
     out = []
     for s in range(1, len(ups)):
         upsamplers = ups[s - 1].upsamplers
         if upsamplers is None or len(upsamplers) != 1:
             raise ValueError("cropped decode needs one upsampler between the decoder's up blocks")
-        out.append((upsamplers[0].conv, list(ups[s].resnets), s == len(ups) - 1))
+        up = upsamplers[0]
+        if not (isinstance(up, SubpixelUpsample) or covers(up)):
+            raise ValueError("cropped decode needs nearest 2x upsamplers with a 3x3 convolution")
+        out.append((up, list(ups[s].resnets), s == len(ups) - 1))
     if ups[-1].upsamplers is not None:
         raise ValueError("cropped decode needs a last up block without an upsampler")
     return out
@@ -181,15 +187,17 @@ def decode_rows(vae: nn.Module, latents: torch.Tensor, plan: CropPlan, sums: tor
 
     start, bad = 0, 0
     stages = _stages(decoder)
-    for s, (up_conv, resnets, last) in enumerate(stages, start=1):
+    for s, (upsampler, resnets, last) in enumerate(stages, start=1):
         full_rows = latents.shape[2] * 2 ** s  # the whole map's rows at this stage
         first = plan.starts[s] if crop else 0
         keep = first // 2  # the rows of the previous stage this one reads
         if keep < start + bad:
             raise AssertionError(f"stage {s} reads row {keep}, computed from true values only from {start + bad}")
-        x = F.interpolate(x[:, :, keep - start:], scale_factor=2.0, mode="nearest")[:, :, first - 2 * keep:]
+        assert first == 2 * keep, (s, first)  # the plan's starts are even
+        # Upsampling then convolving the rows from ``keep`` on (either form of the
+        # upsampler): the first output row reads the zero padding, as in a crop.
+        x = upsampler(x[:, :, keep - start:])
         start, reach = first, (1 if first > 0 else 0)
-        x = up_conv(x)
         bad = reach
         for r in resnets:
             h = r.nonlinearity(norm(r.norm1, x, start, bad, full_rows))
@@ -266,10 +274,11 @@ def decoder_flops(vae: nn.Module, plan: CropPlan, latent_rows: int = 32, latent_
             total += 2.0 * n * c * c * 4 + 2.0 * 2 * n * n * c
     for r in decoder.up_blocks[0].resnets:
         total += resnet(r, rows, cols)
-    for s, (up_conv, resnets, last) in enumerate(_stages(decoder), start=1):
+    for s, (upsampler, resnets, last) in enumerate(_stages(decoder), start=1):
         rows, cols = rows * 2, cols * 2
         h = rows - (plan.starts[s] if plan.cropped else 0)
-        total += conv(up_conv, h, cols) + sum(resnet(r, h, cols) for r in resnets)
+        up = upsampler.flops(h, cols) if isinstance(upsampler, SubpixelUpsample) else conv(upsampler.conv, h, cols)
+        total += up + sum(resnet(r, h, cols) for r in resnets)
         if last:
             total += conv(decoder.conv_out, h, cols)
     return total

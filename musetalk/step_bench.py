@@ -13,7 +13,8 @@ time (first launches, including CUDA-graph recording).
 Variants: ``baseline`` (what the daemon runs: ``mode="reduce-overhead"``, the UNet and the
 decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``freezing``
 (Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
-``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), and ``+``
+``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), ``subpixel``
+(``model.upsample = "subpixel"``: the upsamplers as 2x2 convolutions), and ``+``
 combinations such as ``fused+freezing``.
 """
 
@@ -33,18 +34,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {"fuse_step": True},
     "freezing": {"inductor": {"freezing": True}},
     "autotune": {"inductor": {"max_autotune": True}},
+    "subpixel": {"upsample": "subpixel"},
 }
 
 
 def variant_options(name: str) -> dict[str, Any]:
     """Engine keyword arguments of a variant name (``+`` joins variants)."""
-    opts: dict[str, Any] = {"fuse_step": False, "inductor": {}}
+    opts: dict[str, Any] = {"fuse_step": False, "inductor": {}, "upsample": "nearest"}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise ValueError(f"unknown variant {part!r}: choose from {', '.join(VARIANTS)} (joined with +)")
         extra = VARIANTS[part]
         opts["fuse_step"] = opts["fuse_step"] or extra.get("fuse_step", False)
         opts["inductor"] = {**opts["inductor"], **extra.get("inductor", {})}
+        opts["upsample"] = extra.get("upsample", opts["upsample"])
     return opts
 
 
@@ -59,7 +62,8 @@ def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda",
     opts = variant_options(name)
     models = build_random_models(dev, torch.float16 if dev.type == "cuda" else torch.float32, size)
     engine = Engine(models, compile=True, max_batch=max(batches), decode=decode,
-                    fuse_step=opts["fuse_step"], inductor=opts["inductor"] or None)
+                    fuse_step=opts["fuse_step"], inductor=opts["inductor"] or None,
+                    upsample=opts["upsample"])
     avatar = _synthetic_avatar("bench", 300, 512)
     engine.register_avatar(avatar)
     if engine.crop_plan is not None:  # the sums' values do not change the speed

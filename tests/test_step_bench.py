@@ -12,8 +12,10 @@ from musetalk.step_bench import main, variant_options
 
 
 def test_variant_names_join_their_options():
-    assert variant_options("baseline") == {"fuse_step": False, "inductor": {}}
-    assert variant_options("fused+freezing") == {"fuse_step": True, "inductor": {"freezing": True}}
+    assert variant_options("baseline") == {"fuse_step": False, "inductor": {}, "upsample": "nearest"}
+    assert variant_options("fused+freezing") == {"fuse_step": True, "inductor": {"freezing": True},
+                                                 "upsample": "nearest"}
+    assert variant_options("subpixel+fused")["upsample"] == "subpixel"
     assert variant_options("freezing+autotune")["inductor"] == {"freezing": True, "max_autotune": True}
     with pytest.raises(ValueError, match="unknown variant 'fast'.*baseline"):
         variant_options("fused+fast")
@@ -27,12 +29,12 @@ def test_an_unknown_variant_fails_before_anything_runs(tmp_path):
 
 def test_each_variant_runs_in_its_own_process_and_reports_its_rows(tmp_path):
     out = tmp_path / "steps.json"
-    rc = main(["--device", "cpu", "--size", "tiny", "--variants", "baseline,fused", "--batches", "1,2",
+    rc = main(["--device", "cpu", "--size", "tiny", "--variants", "baseline,fused+subpixel", "--batches", "1,2",
                "--steps", "2", "--timeout-s", "300", "--json", str(out)])
     assert rc == 0
     results = json.loads(out.read_text())
-    assert [r["variant"] for r in results] == ["baseline", "fused"]
-    assert results[1]["options"]["fuse_step"] is True
+    assert [r["variant"] for r in results] == ["baseline", "fused+subpixel"]
+    assert results[1]["options"]["fuse_step"] is True and results[1]["options"]["upsample"] == "subpixel"
     for r in results:
         assert [row["batch"] for row in r["rows"]] == [1, 2]
         for row in r["rows"]:

@@ -27,7 +27,7 @@ from nats.micro.service import EndpointConfig, Service
 
 from daemon import errors
 from daemon.bus import Subjects, connect
-from daemon.config import DaemonSection, Settings
+from daemon.config import DaemonSection, Settings, uses_gpu_process
 from daemon.embedded_nats import EmbeddedNatsServer
 from daemon.errors import LipsyncError
 from daemon.health import HealthServer
@@ -223,7 +223,7 @@ class Daemon:
             servers = [u.strip() for u in s.nats.url.split(",") if u.strip()]
         self.nats_url = servers[0]
         if s.model.enabled:
-            if s.daemon.gpu_process or s.daemon.gpu_socket is not None:
+            if uses_gpu_process(s) or s.daemon.gpu_socket is not None:
                 from daemon.gpu_client import GpuServerHost
 
                 self.engine_host = GpuServerHost(s, self.metrics)

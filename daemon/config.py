@@ -55,9 +55,10 @@ class DaemonSection(_Section):
     gc_freeze: bool = True
     # Run the model in its own process (daemon.gpu_server): the GPU work and its Python
     # no longer share this process's GIL with the sessions' frame clocks, and a crash of
-    # it is survived (sessions show idle frames while it restarts). Off by default until
-    # measured on a GPU.
-    gpu_process: bool = False
+    # it is survived (sessions show idle frames while it restarts). "auto": when the
+    # model runs on CUDA (measured on an H200: event-loop lag p99 under 2 ms at 24
+    # sessions, against 938 late ticks at 16 in one process); in-process on a CPU.
+    gpu_process: bool | Literal["auto"] = "auto"
     # Edge processes (NATS, sessions, frame clocks, publishers) beside one GPU server:
     # with more than one, ``lipsyncd`` supervises a GPU-server process and this many edges
     # (daemon.supervisor), so that a LiveKit reconnect storm or a crash in one edge cannot
@@ -294,7 +295,7 @@ class ModelSection(_Section):
     compile: bool = True
     compile_dynamic: bool = True
     max_batch: int = Field(32, ge=1)
-    bucket_step: int = Field(8, ge=1)
+    bucket_step: int = Field(4, ge=1)
     # "demand": a step fills the smallest batch that keeps up with the open sessions at
     # batch_utilization of the GPU (shorter steps, shorter latency); "max": up to max_batch.
     batch_sizing: Literal["demand", "max"] = "demand"
@@ -307,9 +308,9 @@ class ModelSection(_Section):
     # until then, and where it fails, the whole decode); "full": never; "cropped": every
     # avatar whose blend the rows cover, whatever the difference (benchmarks with random
     # weights, whose upper face moves with the audio as a real model's does not).
-    # "full" by default until a loadtest shows the daemon's steps faster with the crop
-    # (the decode alone is; docs/BENCHMARKS.md, "Cropped decode").
-    decode: Literal["auto", "full", "cropped"] = "full"
+    # "auto" by default: measured on an H200 a frame's step 2.40 -> 1.84 ms (16 -> 20
+    # sessions; docs/BENCHMARKS.md, "Fifth session").
+    decode: Literal["auto", "full", "cropped"] = "auto"
     # Kernel variants of the compiled step (measured by `python -m musetalk.step_bench`,
     # docs/BENCHMARKS.md): fuse_step records the UNet and the decode as one CUDA graph per
     # bucket instead of two; inductor_options are Inductor's own (torch.compile options,
@@ -319,7 +320,7 @@ class ModelSection(_Section):
     # convolution) computed as one 2x2 convolution of the input: the same function with
     # 4/9 of those convolutions' FLOPs (musetalk/subpixel.py); "nearest": as the models
     # define them.
-    upsample: Literal["nearest", "subpixel"] = "nearest"
+    upsample: Literal["nearest", "subpixel"] = "subpixel"
     inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)
@@ -453,3 +454,15 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration ({resolved or 'defaults'}): {exc}") from None
     finally:
         _CONFIG_PATH_HOLDER.pop("path", None)
+
+
+def uses_gpu_process(s: Settings) -> bool:
+    """``daemon.gpu_process`` resolved: "auto" runs the model in its own process where it
+    runs on CUDA (a CPU box keeps it in the edge's process)."""
+    if s.daemon.gpu_process != "auto":
+        return bool(s.daemon.gpu_process)
+    if not s.model.enabled:
+        return False
+    from musetalk.models import resolve_device
+
+    return resolve_device(s.model.device).type == "cuda"

@@ -61,6 +61,8 @@ from musetalk.whisper import (
 # next segment: a frame spans 10, and a slot rolls over only once its next frame starts
 # within this many features of the boundary.
 TAIL_FEATURES = 2 * FEATURES_PER_FRAME
+# The rows an encode's last layer computes come in multiples of this (fewer shapes).
+QUERY_ROW_STEP = 16
 
 def encoder_buckets(most: int) -> list[int]:
     """Encoder batch sizes: 1, 2, 4, 8, then steps of at most half the size (12, 16, 24,
@@ -261,6 +263,10 @@ class GpuAudioStreams:
         self._slots = [_Slot() for _ in range(self.max_streams)]
         self._lock = threading.Lock()
         self._rounds = 0
+        # The encoder's last layer on the rows the round reads only (exact: keys and
+        # values still from every position); False runs it whole.
+        self.prune_last_layer = True
+        self.pruned_rounds = 0
 
         device, d = self.device, AUDIO_DIM
         shape = (self.max_streams, self.ring_frames, AUDIO_TOKENS, d)
@@ -576,6 +582,34 @@ class GpuAudioStreams:
         # segment's tail is offline), the rest as left context; never outside the segment.
         return min(p.need_lo, max(0, p.need_hi + w // 4 - w), WINDOW_FEATURES - w)
 
+    def _query_rows(self, items: int, state_rows: np.ndarray, codes: np.ndarray,
+                    tail_items: list[int]) -> np.ndarray | None:
+        """The window positions each encoded item's frames and tail read, as the same
+        number Q of consecutive rows per item ([bucket(items), Q]), for an encoder whose
+        last layer computes only those (``device_hidden_states(rows=...)``); None (the
+        whole layer) when no item is encoded or the rows are most of the window (a burst
+        of audio after a stall)."""
+        if not items or not self.prune_last_layer:
+            return None
+        w = self.window_features
+        lo = np.full(items, w, dtype=np.int64)
+        hi = np.zeros(items, dtype=np.int64)
+        read = state_rows[codes == _STATE]
+        np.minimum.at(lo, read // w, read % w)
+        np.maximum.at(hi, read // w, read % w + 1)
+        if tail_items:
+            lo[tail_items] = np.minimum(lo[tail_items], w - TAIL_FEATURES)
+            hi[tail_items] = w
+        lo = np.minimum(lo, hi)  # an item reading nothing (never planned) gets no span
+        q = -(-max(1, int((hi - lo).max())) // QUERY_ROW_STEP) * QUERY_ROW_STEP
+        if 2 * q > w:
+            return None
+        n = self.bucket(items) if self.batch_buckets else items
+        first = np.zeros(n, dtype=np.int64)
+        first[:items] = np.minimum(lo, w - q)
+        self.pruned_rounds += 1
+        return first[:, None] + np.arange(q, dtype=np.int64)[None, :]
+
     def _launch(self, plans: list[_SlotPlan], up: _Uploads) -> None:
         """Device work of one round, in stream order; no host sync."""
         for p in plans:
@@ -587,10 +621,12 @@ class GpuAudioStreams:
         tail_store += [(p.final_item, p.slot * 2 + (p.segment - 1) % 2) for p in plans if p.final]
         starts = [p.current_start for p in plans if p.current] + [WINDOW_FEATURES - self.window_features] * sum(
             1 for p in plans if p.final)
+        query_rows = self._query_rows(len(starts), state_rows, codes, [i for i, _ in tail_store])
         ints = [
             up.zero_before, up.pre_delta, up.pre_lens, up.final_rows, up.zero_between,
             up.post_delta, up.post_lens, current_rows, token_rows, state_rows, tail_rows, codes,
             [i for i, _ in tail_store], [r for _, r in tail_store], starts,
+            query_rows.reshape(-1) if query_rows is not None else [],
         ]
         ints = [np.asarray(x, dtype=np.int64) for x in ints]
         which = self._rounds % 2
@@ -604,7 +640,12 @@ class GpuAudioStreams:
             views.append(flat[pos : pos + len(x)])
             pos += len(x)
         (zero_before, pre_delta, pre_lens, final_rows, zero_between, post_delta, post_lens,
-         current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst, starts_t) = views
+         current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst, starts_t,
+         query_rows_t) = views
+        if query_rows is not None:
+            query_rows_t = query_rows_t.view(query_rows.shape)
+        else:
+            query_rows_t = None
 
         audio = self._audio
         if len(up.zero_before):
@@ -630,12 +671,12 @@ class GpuAudioStreams:
                 starts_t = torch.cat([starts_t, starts_t.new_zeros(self.bucket(n) - n)])
             mel = log_mel_device(batch, self._mel_filters_t, self._window)
             if self.window_features == WINDOW_FEATURES:
-                states = self.encoder.device_hidden_states(mel)  # [items, 1500, 5, 384]
+                states = self.encoder.device_hidden_states(mel, rows=query_rows_t)  # [items, 1500, 5, 384]
             else:
                 w = self.window_features
                 cols = 2 * starts_t[:, None] + torch.arange(2 * w, device=self.device)[None, :]
                 mel = torch.gather(mel, 2, cols[:, None, :].expand(-1, mel.shape[1], -1))
-                states = self.encoder.device_hidden_states(mel, starts_t)  # [items, w, 5, 384]
+                states = self.encoder.device_hidden_states(mel, starts_t, rows=query_rows_t)  # [items, w, 5, 384]
         if len(token_rows):
             from_tail = self._tails.view(-1, HIDDEN_STATES, AUDIO_DIM).index_select(0, tail_rows_t)
             code = codes_t.view(-1, 1, 1)
@@ -696,7 +737,8 @@ def gpu_stream_tokens(
 
 
 def time_rounds(
-    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int
+    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int,
+    prune: bool = True,
 ) -> dict[str, float]:
     """Steady state mid-utterance: each of ``slots`` streams starts with 1 s of audio
     (its frames made and consumed untimed), then every round each gets one chunk and
@@ -705,6 +747,7 @@ def time_rounds(
     import time
 
     streams = GpuAudioStreams(encoder, max_streams=slots)
+    streams.prune_last_layer = prune
     ids = [streams.open() for _ in range(slots)]
     prefill = SAMPLE_RATE
     x = np.resize(pcm16k, prefill + (rounds + warmup) * chunk_samples + slots * 1601)
@@ -798,21 +841,25 @@ def _main() -> None:
             print(line, flush=True)
         for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
             for b in slots:
-                timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2)
-                print(
-                    f"round B={b} chunk={chunk_ms}ms: {timing['round_ms_mean']:.2f} ms per round with frames "
-                    f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
-                    f"{timing['rounds']} rounds, {timing['frames']} frames",
-                    flush=True,
-                )
+                for prune in (False, True):
+                    timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2, prune=prune)
+                    print(
+                        f"round B={b} chunk={chunk_ms}ms last layer {'pruned' if prune else 'whole'}: "
+                        f"{timing['round_ms_mean']:.2f} ms per round with frames "
+                        f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
+                        f"{timing['rounds']} rounds, {timing['frames']} frames",
+                        flush=True,
+                    )
         if cuda:
             for b in slots:
-                mel_ms, encoder_ms = _time_stages(encoder, b)
-                print(f"stages B={b}: log-mel {mel_ms:.2f} ms, encoder {encoder_ms:.2f} ms", flush=True)
+                mel_ms, encoder_ms, pruned_ms = _time_stages(encoder, b)
+                print(f"stages B={b}: log-mel {mel_ms:.2f} ms, encoder {encoder_ms:.2f} ms, "
+                      f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms", flush=True)
 
 
-def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float]:
-    """Device ms of the two big stages of a round with ``items`` encodes."""
+def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float, float]:
+    """Device ms of the two big stages of a round with ``items`` encodes (the encoder
+    whole, then with its last layer on QUERY_ROW_STEP rows, a 40 ms chunk's)."""
     window = torch.hann_window(N_FFT, device=encoder.device)
     filters = torch.from_numpy(np.ascontiguousarray(encoder.mel_filters.T, dtype=np.float32)).to(encoder.device)
     audio = 0.1 * torch.randn(items, WINDOW_SAMPLES, device=encoder.device)
@@ -829,7 +876,9 @@ def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> 
         stop.synchronize()
         return start.elapsed_time(stop) / repeat
 
-    return ms(lambda: log_mel_device(audio, filters, window)), ms(lambda: encoder.device_hidden_states(mel))
+    rows = 1400 + torch.arange(QUERY_ROW_STEP, device=encoder.device).expand(items, -1)
+    return (ms(lambda: log_mel_device(audio, filters, window)), ms(lambda: encoder.device_hidden_states(mel)),
+            ms(lambda: encoder.device_hidden_states(mel, rows=rows)))
 
 
 if __name__ == "__main__":

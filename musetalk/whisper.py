@@ -112,7 +112,8 @@ class WhisperAudioEncoder:
             return [stacked[b, lo:hi].float().cpu().numpy() for b, (lo, hi) in enumerate(keep)]
         return stacked.float().cpu().numpy()
 
-    def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
         """The 5 hidden states of mel windows, left on the device: no host copy, no sync.
 
         ``mel``: [B, n_mels, N] on ``self.device`` (any float dtype); N = 3000 (a full 30 s
@@ -121,6 +122,12 @@ class WhisperAudioEncoder:
         [B, N/2, 5, d_model] in the encoder's dtype: ``encode_batch`` (so the reference
         forward at a full window), for callers that keep features on the GPU
         (musetalk/audio_gpu.py).
+
+        ``rows`` ([B, Q] long, positions in 0..N/2-1) names the only positions the caller
+        reads: the last layer then runs its queries and MLP on those rows alone (its keys
+        and values still come from every position, so the rows' values are unchanged) and
+        its state is zero elsewhere; the other four states stay whole. The last layer is a
+        quarter of the encoder; a round reads tens of rows of a window's 1500.
         """
         if offsets is None and (mel.ndim != 3 or tuple(mel.shape[1:]) != (self.num_mel_bins, WINDOW_MEL_FRAMES)):
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, {WINDOW_MEL_FRAMES}], got {tuple(mel.shape)}")
@@ -136,11 +143,37 @@ class WhisperAudioEncoder:
                 positions = offsets[:, None] + torch.arange(h.shape[1], device=h.device)[None, :]
                 h = h + enc.embed_positions(positions)
             states = [h]
-            for layer in enc.layers:
+            layers = list(enc.layers)
+            for layer in layers if rows is None else layers[:-1]:
                 h = layer(h, None)
                 states.append(h)
-            states[-1] = enc.layer_norm(h)
+            if rows is None:
+                states[-1] = enc.layer_norm(h)
+                return torch.stack(states, dim=2)
+            last = enc.layer_norm(_layer_at_rows(layers[-1], h, rows))
+            states.append(h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last))
             return torch.stack(states, dim=2)
+
+
+def _layer_at_rows(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A whisper encoder layer's output at ``rows`` ([B, Q]) of its input ``h`` ([B, N, D]):
+    what ``layer(h, None)`` gives there (pre-norm self-attention over all N positions,
+    then the MLP), computing queries, attention outputs and the MLP for the Q rows only."""
+    attn = layer.self_attn
+    b, n, d = h.shape
+    heads = attn.num_heads
+    x = layer.self_attn_layer_norm(h)
+    picked = rows[:, :, None].expand(-1, -1, d)
+    q = (attn.q_proj(torch.gather(x, 1, picked)) * attn.scaling).view(b, -1, heads, d // heads).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, heads, d // heads).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, heads, d // heads).transpose(1, 2)
+    a = nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+    y = torch.gather(h, 1, picked) + attn.out_proj(a.transpose(1, 2).reshape(b, -1, d))
+    y = y + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(y))))
+    if y.dtype == torch.float16:
+        clamp = torch.finfo(y.dtype).max - 1000
+        y = torch.clamp(y, min=-clamp, max=clamp)
+    return y
 
 
 def _check_files(model_dir: Path) -> None:

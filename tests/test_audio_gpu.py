@@ -168,9 +168,9 @@ def test_several_slots_in_one_round_equal_each_alone(encoder, speech16k):
     batch_sizes = []
     original = encoder.device_hidden_states
 
-    def counting(mel):
+    def counting(mel, *args, **kwargs):
         batch_sizes.append(mel.shape[0])
-        return original(mel)
+        return original(mel, *args, **kwargs)
 
     encoder.device_hidden_states = counting
     try:
@@ -387,3 +387,50 @@ def test_short_window_equals_the_host_streaming_path(encoder):
     np.testing.assert_allclose(np.stack(got[slot]), np.stack(want), atol=2e-4)
     with pytest.raises(ValueError, match="window_s"):
         GpuAudioStreams(encoder, window_s=0.5)
+
+
+# --------------------------------------------------------------------------- last layer on the read rows
+
+
+def test_last_layer_on_rows_equals_the_whole_layer_there(encoder, speech16k):
+    mel = torch.from_numpy(np.stack([encoder.log_mel(speech16k), encoder.log_mel(speech16k[3000:])]))
+    whole = encoder.device_hidden_states(mel)
+    rows = torch.tensor([[0, 1, 2, 700, 1499], [40, 41, 42, 43, 44]])
+    pruned = encoder.device_hidden_states(mel, rows=rows)
+    assert pruned.shape == whole.shape == (2, 1500, 5, 384)
+    # The first four states are the whole encoder's everywhere.
+    np.testing.assert_allclose(pruned[:, :, :4].numpy(), whole[:, :, :4].numpy(), atol=1e-6)
+    for b in range(2):
+        np.testing.assert_allclose(pruned[b, rows[b], 4].numpy(), whole[b, rows[b], 4].numpy(), atol=1e-5)
+        others = np.setdiff1d(np.arange(1500), rows[b].numpy())
+        assert not pruned[b, others, 4].any()  # never computed, never read
+    # The last state depends on every position (keys and values of the whole window).
+    assert not torch.allclose(whole[0, rows[0], 4], whole[1, rows[0], 4])
+
+
+def test_streams_with_the_last_layer_pruned_give_the_whole_encoders_tokens(encoder, speech16k, long_signal):
+    """Two slots at different phases, one of them across the 30 s boundary (a final
+    encode and a stored tail), streamed in 40 ms chunks: the pruned rounds' tokens are the
+    whole encoder's, and the rounds did prune."""
+    sources = [long_signal[: WINDOW_SAMPLES + 16000], speech16k[1234:]]
+    starts = [WINDOW_SAMPLES - 6400, 0]
+    out = {}
+    for prune in (False, True):
+        streams = GpuAudioStreams(encoder, max_streams=4, ring_frames=64)
+        streams.prune_last_layer = prune
+        slots = [streams.open() for _ in sources]
+        streams.push(slots[0], sources[0][: starts[0]])
+        drain(streams, {})
+        got: dict[int, list[np.ndarray]] = {}
+        for r in range(25):
+            for slot, x, s0 in zip(slots, sources, starts):
+                streams.push(slot, x[s0 + 640 * r : s0 + 640 * (r + 1)])
+            drain(streams, got)
+        for slot in slots:
+            streams.flush(slot)
+        drain(streams, got)
+        out[prune] = [np.stack(got[slot]) for slot in slots]
+        assert (streams.pruned_rounds > 20) == prune
+    for whole, pruned in zip(out[False], out[True]):
+        assert whole.shape == pruned.shape and len(whole) >= 25
+        np.testing.assert_allclose(pruned, whole, atol=1e-5)

@@ -63,6 +63,19 @@ from musetalk.whisper import (
 TAIL_FEATURES = 2 * FEATURES_PER_FRAME
 # The rows an encode's last layer computes come in multiples of this (fewer shapes).
 QUERY_ROW_STEP = 16
+# Row counts whose encodes are CUDA graphs (captured by ``warm`` for every encoder
+# bucket): a 40 ms chunk's frames read 10-14 rows, a segment's end 20-32.
+GRAPH_QUERY_ROWS = (16, 32)
+
+
+@dataclass
+class _EncoderGraph:
+    """One captured encode: its static inputs (views of shared buffers) and output."""
+
+    graph: torch.cuda.CUDAGraph
+    mel: torch.Tensor
+    rows: torch.Tensor
+    out: torch.Tensor
 
 def encoder_buckets(most: int) -> list[int]:
     """Encoder batch sizes: 1, 2, 4, 8, then steps of at most half the size (12, 16, 24,
@@ -223,6 +236,7 @@ class GpuAudioStreams:
         lookahead_frames: int = 0,
         window_s: float = 30.0,
         batch_buckets: bool | None = None,
+        graphs: bool | None = None,
     ):
         if int(fps) != fps or not 1 <= fps <= FEATURE_RATE:
             raise ValueError(f"fps must be an integer in 1..{FEATURE_RATE}, got {fps}")
@@ -267,6 +281,12 @@ class GpuAudioStreams:
         # values still from every position); False runs it whole.
         self.prune_last_layer = True
         self.pruned_rounds = 0
+        # CUDA graphs of the pruned 30 s encode, one per (bucket, rows) captured by
+        # ``warm`` (default: on CUDA): a round's ~100 encoder kernels become one launch
+        # (the host time of a round is mostly those launches). Other encodes run eagerly.
+        self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
+        self._graphs: dict[tuple[int, int], _EncoderGraph] = {}
+        self.graph_rounds = 0
 
         device, d = self.device, AUDIO_DIM
         shape = (self.max_streams, self.ring_frames, AUDIO_TOKENS, d)
@@ -312,7 +332,48 @@ class GpuAudioStreams:
                         torch.cuda.current_stream(self.device).synchronize()
                     if timed:
                         timings[b] = 1000 * (time.perf_counter() - t)
+        if self.graphs and self.device.type == "cuda" and self.batch_buckets and self.window_features == WINDOW_FEATURES:
+            self._capture_graphs(sizes)
         return timings
+
+    def _capture_graphs(self, sizes: list[int]) -> None:
+        """Capture the pruned encode at every bucket and GRAPH_QUERY_ROWS; the graphs share
+        one memory pool and one static input and output buffer (rounds replay one at a
+        time, in stream order). A failed capture leaves every encode eager."""
+        import logging
+
+        most = max(sizes)
+        try:
+            mel_in = torch.zeros((most, self.encoder.num_mel_bins, 2 * WINDOW_FEATURES), dtype=torch.float32,
+                                 device=self.device)
+            out = torch.zeros((most, WINDOW_FEATURES, HIDDEN_STATES, AUDIO_DIM), dtype=self.dtype, device=self.device)
+            pool = torch.cuda.graph_pool_handle()
+            graphs = {}
+            with torch.inference_mode():
+                for b in sizes:
+                    for q in GRAPH_QUERY_ROWS:
+                        rows = torch.zeros((b, q), dtype=torch.long, device=self.device)
+                        mel, dst = mel_in[:b], out[:b]
+
+                        def encode(mel=mel, rows=rows, dst=dst) -> None:
+                            self.encoder.device_hidden_states(mel, rows=rows, out=dst)
+
+                        side = torch.cuda.Stream(self.device)
+                        side.wait_stream(torch.cuda.current_stream(self.device))
+                        with torch.cuda.stream(side):
+                            encode()
+                            encode()
+                        torch.cuda.current_stream(self.device).wait_stream(side)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                            encode()
+                        graphs[(b, q)] = _EncoderGraph(graph, mel, rows, dst)
+            torch.cuda.current_stream(self.device).synchronize()
+        except Exception as exc:  # eager encodes work everywhere; say why they stay eager
+            logging.getLogger(__name__).warning("audio encoder CUDA graphs not captured (eager encodes): %r", exc)
+            self._graphs = {}
+            return
+        self._graphs = graphs
 
     # ------------------------------------------------------------------ host API
 
@@ -670,7 +731,14 @@ class GpuAudioStreams:
                 batch = torch.cat([batch, batch.new_zeros(self.bucket(n) - n, batch.shape[1])])
                 starts_t = torch.cat([starts_t, starts_t.new_zeros(self.bucket(n) - n)])
             mel = log_mel_device(batch, self._mel_filters_t, self._window)
-            if self.window_features == WINDOW_FEATURES:
+            graph = self._graphs.get((mel.shape[0], query_rows_t.shape[1])) if query_rows_t is not None else None
+            if graph is not None:
+                graph.mel.copy_(mel)
+                graph.rows.copy_(query_rows_t)
+                graph.graph.replay()
+                states = graph.out  # valid until the next replay, which is stream-ordered after its readers
+                self.graph_rounds += 1
+            elif self.window_features == WINDOW_FEATURES:
                 states = self.encoder.device_hidden_states(mel, rows=query_rows_t)  # [items, 1500, 5, 384]
             else:
                 w = self.window_features
@@ -720,11 +788,15 @@ def drain(streams: GpuAudioStreams, out: dict[int, list[np.ndarray]] | None = No
 
 
 def gpu_stream_tokens(
-    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, chunk_samples: int, fps: int = 25, lookahead_frames: int = 0
+    encoder: WhisperAudioEncoder, pcm16k: np.ndarray, chunk_samples: int, fps: int = 25, lookahead_frames: int = 0,
+    graphs: bool = False,
 ) -> np.ndarray:
     """Tokens [floor(seconds * fps), 50, 384] of one utterance pushed in fixed-size chunks
-    through ``GpuAudioStreams``, rounds after every push (as ``musetalk.audio.stream_tokens``)."""
-    streams = GpuAudioStreams(encoder, fps=fps, max_streams=1, lookahead_frames=lookahead_frames)
+    through ``GpuAudioStreams``, rounds after every push (as ``musetalk.audio.stream_tokens``);
+    ``graphs``: with the encoder's CUDA graphs (captured by ``warm``)."""
+    streams = GpuAudioStreams(encoder, fps=fps, max_streams=1, lookahead_frames=lookahead_frames, graphs=graphs)
+    if graphs:
+        streams.warm()
     slot = streams.open()
     out: dict[int, list[np.ndarray]] = {}
     for start in range(0, len(pcm16k), chunk_samples):
@@ -738,7 +810,7 @@ def gpu_stream_tokens(
 
 def time_rounds(
     encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int,
-    prune: bool = True,
+    prune: bool = True, graphs: bool = False,
 ) -> dict[str, float]:
     """Steady state mid-utterance: each of ``slots`` streams starts with 1 s of audio
     (its frames made and consumed untimed), then every round each gets one chunk and
@@ -746,8 +818,10 @@ def time_rounds(
     the device synchronized) over the rounds that made frames."""
     import time
 
-    streams = GpuAudioStreams(encoder, max_streams=slots)
+    streams = GpuAudioStreams(encoder, max_streams=slots, graphs=graphs)
     streams.prune_last_layer = prune
+    if graphs:
+        streams.warm()  # captures the graphs
     ids = [streams.open() for _ in range(slots)]
     prefill = SAMPLE_RATE
     x = np.resize(pcm16k, prefill + (rounds + warmup) * chunk_samples + slots * 1601)
@@ -788,6 +862,7 @@ def time_rounds(
         "host_ms_mean": float(np.mean(host_ms)) if host_ms else 0.0,
         "round_ms_mean": float(np.mean(total_ms)) if total_ms else 0.0,
         "round_ms_max": float(np.max(total_ms)) if total_ms else 0.0,
+        "graph_rounds": streams.graph_rounds,
     }
 
 
@@ -841,25 +916,36 @@ def _main() -> None:
             print(line, flush=True)
         for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
             for b in slots:
-                for prune in (False, True):
-                    timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2, prune=prune)
+                for prune, graphs in ((False, False), (True, False)) + (((True, True),) if cuda else ()):
+                    timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2, prune=prune,
+                                         graphs=graphs)
                     print(
-                        f"round B={b} chunk={chunk_ms}ms last layer {'pruned' if prune else 'whole'}: "
+                        f"round B={b} chunk={chunk_ms}ms last layer {'pruned' if prune else 'whole'}, "
+                        f"{'graphs' if graphs else 'eager'}: "
                         f"{timing['round_ms_mean']:.2f} ms per round with frames "
                         f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
-                        f"{timing['rounds']} rounds, {timing['frames']} frames",
+                        f"{timing['rounds']} rounds, {timing['frames']} frames, {timing['graph_rounds']} graphed",
                         flush=True,
                     )
         if cuda:
+            for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+                eager = gpu_stream_tokens(encoder, x, 16 * chunk_ms, graphs=False)
+                graphed = gpu_stream_tokens(encoder, x, 16 * chunk_ms, graphs=True)
+                print(f"graphed vs eager tokens, chunk={chunk_ms}ms: frames {len(graphed)}/{len(eager)}, "
+                      f"max abs {np.abs(graphed - eager).max():.3g}", flush=True)
+        if cuda:
             for b in slots:
-                mel_ms, encoder_ms, pruned_ms = _time_stages(encoder, b)
+                mel_ms, encoder_ms, pruned_ms, graph_ms = _time_stages(encoder, b)
                 print(f"stages B={b}: log-mel {mel_ms:.2f} ms, encoder {encoder_ms:.2f} ms, "
-                      f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms", flush=True)
+                      f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms, "
+                      f"the same as a CUDA graph {graph_ms:.2f} ms", flush=True)
 
 
-def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float, float]:
+def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float, float, float]:
     """Device ms of the two big stages of a round with ``items`` encodes (the encoder
-    whole, then with its last layer on QUERY_ROW_STEP rows, a 40 ms chunk's)."""
+    whole, then with its last layer on QUERY_ROW_STEP rows, a 40 ms chunk's, eager and as
+    a CUDA graph). Eager calls queued back to back are bound by their launches where the
+    device is faster than the host; the graph's figure is the device's."""
     window = torch.hann_window(N_FFT, device=encoder.device)
     filters = torch.from_numpy(np.ascontiguousarray(encoder.mel_filters.T, dtype=np.float32)).to(encoder.device)
     audio = 0.1 * torch.randn(items, WINDOW_SAMPLES, device=encoder.device)
@@ -876,9 +962,17 @@ def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> 
         stop.synchronize()
         return start.elapsed_time(stop) / repeat
 
-    rows = 1400 + torch.arange(QUERY_ROW_STEP, device=encoder.device).expand(items, -1)
+    rows = (1400 + torch.arange(QUERY_ROW_STEP, device=encoder.device).expand(items, -1)).contiguous()
+    out = torch.empty((items, WINDOW_FEATURES, HIDDEN_STATES, AUDIO_DIM), dtype=encoder.dtype, device=encoder.device)
+    with torch.inference_mode():
+        for _ in range(2):
+            encoder.device_hidden_states(mel, rows=rows, out=out)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            encoder.device_hidden_states(mel, rows=rows, out=out)
     return (ms(lambda: log_mel_device(audio, filters, window)), ms(lambda: encoder.device_hidden_states(mel)),
-            ms(lambda: encoder.device_hidden_states(mel, rows=rows)))
+            ms(lambda: encoder.device_hidden_states(mel, rows=rows)), ms(graph.replay))
 
 
 if __name__ == "__main__":

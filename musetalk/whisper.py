@@ -113,7 +113,7 @@ class WhisperAudioEncoder:
         return stacked.float().cpu().numpy()
 
     def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None,
-                             rows: torch.Tensor | None = None) -> torch.Tensor:
+                             rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The 5 hidden states of mel windows, left on the device: no host copy, no sync.
 
         ``mel``: [B, n_mels, N] on ``self.device`` (any float dtype); N = 3000 (a full 30 s
@@ -128,6 +128,9 @@ class WhisperAudioEncoder:
         and values still come from every position, so the rows' values are unchanged) and
         its state is zero elsewhere; the other four states stay whole. The last layer is a
         quarter of the encoder; a round reads tens of rows of a window's 1500.
+
+        ``out``: a [B, N/2, 5, d_model] tensor to write the states into (a CUDA graph's
+        static output); returned.
         """
         if offsets is None and (mel.ndim != 3 or tuple(mel.shape[1:]) != (self.num_mel_bins, WINDOW_MEL_FRAMES)):
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, {WINDOW_MEL_FRAMES}], got {tuple(mel.shape)}")
@@ -149,10 +152,10 @@ class WhisperAudioEncoder:
                 states.append(h)
             if rows is None:
                 states[-1] = enc.layer_norm(h)
-                return torch.stack(states, dim=2)
-            last = enc.layer_norm(_layer_at_rows(layers[-1], h, rows))
-            states.append(h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last))
-            return torch.stack(states, dim=2)
+            else:
+                last = enc.layer_norm(_layer_at_rows(layers[-1], h, rows))
+                states.append(h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last))
+            return torch.stack(states, dim=2) if out is None else torch.stack(states, dim=2, out=out)
 
 
 def _layer_at_rows(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -434,3 +434,36 @@ def test_streams_with_the_last_layer_pruned_give_the_whole_encoders_tokens(encod
     for whole, pruned in zip(out[False], out[True]):
         assert whole.shape == pruned.shape and len(whole) >= 25
         np.testing.assert_allclose(pruned, whole, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_encodes_give_the_eager_tokens_without_a_sync(tmp_path, speech16k):
+    cuda_encoder = load_whisper_encoder(write_random_whisper(tmp_path, "tiny", seed=0), device="cuda")
+    x = speech16k[4000:13800]
+    eager = gpu_stream_tokens(cuda_encoder, x, 640, graphs=False)
+    graphed = gpu_stream_tokens(cuda_encoder, x, 640, graphs=True)
+    np.testing.assert_allclose(graphed, eager, atol=1e-3)
+    streams = GpuAudioStreams(cuda_encoder, max_streams=4, ring_frames=64, graphs=True)
+    streams.warm()
+    slots = [streams.open() for _ in range(4)]
+    for slot in slots:
+        streams.push(slot, x[:3200])
+    drain(streams)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for r in range(8):
+            for i, slot in enumerate(slots[: 1 + r % 4]):
+                streams.push(slot, x[3200 + 640 * r : 3840 + 640 * r])
+            for slot, first, count in streams.round():
+                streams.consumed(slot, first + count)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert streams.graph_rounds >= 6
+
+
+def test_graphs_are_cuda_only(encoder):
+    streams = GpuAudioStreams(encoder, max_streams=2, graphs=True)
+    streams.warm()
+    assert streams._graphs == {} and streams.graph_rounds == 0

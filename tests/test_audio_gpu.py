@@ -444,7 +444,7 @@ def test_cuda_graphed_encodes_give_the_eager_tokens_without_a_sync(tmp_path, spe
     eager = gpu_stream_tokens(cuda_encoder, x, 640, graphs=False)
     graphed = gpu_stream_tokens(cuda_encoder, x, 640, graphs=True)
     np.testing.assert_allclose(graphed, eager, atol=1e-3)
-    streams = GpuAudioStreams(cuda_encoder, max_streams=4, ring_frames=64, graphs=True)
+    streams = GpuAudioStreams(cuda_encoder, max_streams=8, ring_frames=64, graphs=True)  # graphs up to 4 items
     streams.warm()
     slots = [streams.open() for _ in range(4)]
     for slot in slots:

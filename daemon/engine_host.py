@@ -306,11 +306,20 @@ class EngineHost:
         ms = self.settings.model.processing_budget_ms
         if ms is not None:
             return ms / 1000
+        return self.worker.processing_budget_s(*self._budget_load())
+
+    def processing_budget_parts(self) -> dict[str, float] | None:
+        """The terms of ``processing_budget_s`` (None when the config fixes it)."""
+        if self.settings.model.processing_budget_ms is not None:
+            return None
+        return self.worker.processing_budget_parts(*self._budget_load())
+
+    def _budget_load(self) -> tuple[int, float]:
         # Every open session may speak during this utterance: budget for all of them.
         worker = self.worker
         sessions = max(self._speaking + 1, worker.open_streams)
         demand = worker.demand_fps + max(0, sessions - worker.open_streams) * self.settings.video.fps
-        return worker.processing_budget_s(sessions, demand)
+        return sessions, demand
 
     def speaking_changed(self, delta: int) -> None:
         self._speaking = max(0, self._speaking + delta)

@@ -369,6 +369,10 @@ class GpuServerHost:
         # (an utterance placed meanwhile falls back anyway).
         return float(self._status.get("budget_s") or 0.25)
 
+    def processing_budget_parts(self) -> dict[str, float] | None:
+        """The terms of the server's budget figure (its status record's)."""
+        return self._status.get("budget_parts")
+
     def device_info(self) -> dict[str, Any]:
         return {"gpu_process": {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
                                 "dropped_records": self.dropped_records},

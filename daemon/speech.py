@@ -47,6 +47,7 @@ import numpy as np
 from daemon import errors
 from daemon.frames import compose
 from daemon.log import get_logger
+from daemon.worker import budget_from_parts
 from schemas import ErrorEvent, PlaybackFinishedEvent, SpeakingEvent
 
 log = get_logger(__name__)
@@ -207,12 +208,16 @@ class SpeechPipeline:
             # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time
             # that is here this long after the first chunk, which brought its own duration.
             context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
-            budget = self.host.processing_budget_s()
+            parts = getattr(self.host, "processing_budget_parts", None)
+            budget_parts = parts() if parts is not None else None
+            # The budget from the same terms it records (one reading of the estimates).
+            budget = budget_from_parts(budget_parts) if budget_parts else self.host.processing_budget_s()
         else:
             # No model: each frame needs only its own audio; a margin for the producer's
             # and the network's jitter keeps real-time chunks from arriving after their tick.
             context = 1 / self.fps - first_chunk_samples / self.rate
             budget = NO_MODEL_JITTER_S
+            budget_parts = None
         due = arrived + max(0.0, context) + budget
         exact = (due - self.session.t0) * self.fps
         earlier = 0.0
@@ -238,6 +243,10 @@ class SpeechPipeline:
             "start_in_ms": round((self.session.tick_time(tick) - earlier + lead / self.rate - time.monotonic())
                                  * 1000, 1),
         }
+        if budget_parts:
+            # What the budget was made of (round, step, the bucket and load it planned for).
+            self.last_placement["budget_parts"] = {k: round(v, 2) if isinstance(v, float) else v
+                                                   for k, v in budget_parts.items()}
         self.log.info("utterance placed", **self.last_placement)
         if earlier:
             self.session.rephase(earlier)

@@ -111,6 +111,12 @@ class _Stream:
         return self.voices[utterance % 2]
 
 
+def budget_from_parts(parts: dict[str, float]) -> float:
+    """Seconds of a processing budget from its terms (``processing_budget_parts``): the
+    wait for a round, the round, two steps, the delivery margin."""
+    return (parts["round_interval_ms"] + parts["round_ms"] + 2 * parts["step_ms"] + parts["margin_ms"]) / 1000
+
+
 class _Estimates:
     """Step time per bucket (median of recent GPU times), audio round time, busy time."""
 
@@ -333,9 +339,18 @@ class GenerationWorker:
         its round (at most the round interval), the round, the step then on the GPU (the
         batching wait keeps about one queued), its own step (a frame of every session, up
         to the batch the demand sizes), and a margin for delivery."""
-        cap = self.batch_cap_for(demand_fps if demand_fps is not None else self.demand_fps)
-        step = self.est.step(self.engine.bucket(max(1, min(cap, sessions))))
-        return self.round_interval_s + self.est.round() + 2 * step + 0.010
+        return budget_from_parts(self.processing_budget_parts(sessions, demand_fps))
+
+    def processing_budget_parts(self, sessions: int, demand_fps: float | None = None) -> dict[str, float]:
+        """``processing_budget_s``'s terms in ms, and what chose them (the load it planned
+        for, the batch cap and bucket whose step estimate it took): placements record
+        them, so that a budget far from the steps measured can be traced."""
+        demand = demand_fps if demand_fps is not None else self.demand_fps
+        cap = self.batch_cap_for(demand)
+        bucket = self.engine.bucket(max(1, min(cap, sessions)))
+        return {"round_interval_ms": 1000 * self.round_interval_s, "round_ms": 1000 * self.est.round(),
+                "step_ms": 1000 * self.est.step(bucket), "margin_ms": 10.0, "sessions": sessions,
+                "demand_fps": demand, "cap": cap, "bucket": bucket}
 
     # ---- the worker thread -------------------------------------------------------------
     def _run(self, warm_engine: Callable[[], dict[int, float]] | None, warm_fps: int | None,

@@ -194,8 +194,14 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
 
     # The utterance's placement and the worker's estimates explain the latency.
     placement = s["placement"]
-    assert set(placement) == {"budget_ms", "context_ms", "lead_ms", "rephase_ms", "start_in_ms"}
+    assert set(placement) == {"budget_ms", "context_ms", "lead_ms", "rephase_ms", "start_in_ms", "budget_parts"}
     assert placement["budget_ms"] > 0 and placement["context_ms"] > 0
+    # The budget's terms: the round wait and round, two steps of the bucket it planned for
+    # (one session: a batch of one), the delivery margin.
+    parts = placement["budget_parts"]
+    assert parts["sessions"] == 1 and parts["bucket"] >= 1 and parts["cap"] >= 1
+    assert placement["budget_ms"] == pytest.approx(
+        parts["round_interval_ms"] + parts["round_ms"] + 2 * parts["step_ms"] + parts["margin_ms"], abs=0.2)
     assert p50 >= placement["context_ms"]  # no frame before its audio context can be there
     # livekit-local keeps each frame's timestamp: speech starts on a tick moved onto its
     # due time, with no leading silence (less than a frame).

@@ -647,6 +647,24 @@ class GpuAudioStreams:
         # segment's tail is offline), the rest as left context; never outside the segment.
         return min(p.need_lo, max(0, p.need_hi + w // 4 - w), WINDOW_FEATURES - w)
 
+    def _replay(self, graph: _EncoderGraph, mel: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The graphed encode of ``mel`` at ``rows``: its static output (valid until the
+        next replay, which is stream-ordered after this round's readers), or None, with
+        every graph dropped, if the replay failed (the encode then runs eagerly)."""
+        try:
+            graph.mel.copy_(mel)
+            graph.rows.copy_(rows)
+            graph.graph.replay()
+        except Exception as exc:
+            import logging
+
+            logging.getLogger(__name__).error("audio encoder CUDA graph replay failed: encodes run eagerly "
+                                              "from now on: %r", exc)
+            self._graphs = {}
+            return None
+        self.graph_rounds += 1
+        return graph.out
+
     def _query_rows(self, items: int, state_rows: np.ndarray, codes: np.ndarray,
                     tail_items: list[int]) -> np.ndarray | None:
         """The window positions each encoded item's frames and tail read, as the same
@@ -737,14 +755,10 @@ class GpuAudioStreams:
             mel = log_mel_device(batch, self._mel_filters_t, self._window)
             graph = self._graphs.get((mel.shape[0], query_rows_t.shape[1])) if query_rows_t is not None else None
             if graph is not None:
-                graph.mel.copy_(mel)
-                graph.rows.copy_(query_rows_t)
-                graph.graph.replay()
-                states = graph.out  # valid until the next replay, which is stream-ordered after its readers
-                self.graph_rounds += 1
-            elif self.window_features == WINDOW_FEATURES:
+                states = self._replay(graph, mel, query_rows_t)
+            if states is None and self.window_features == WINDOW_FEATURES:
                 states = self.encoder.device_hidden_states(mel, rows=query_rows_t)  # [items, 1500, 5, 384]
-            else:
+            elif states is None:
                 w = self.window_features
                 cols = 2 * starts_t[:, None] + torch.arange(2 * w, device=self.device)[None, :]
                 mel = torch.gather(mel, 2, cols[:, None, :].expand(-1, mel.shape[1], -1))

@@ -467,3 +467,30 @@ def test_graphs_are_cuda_only(encoder):
     streams = GpuAudioStreams(encoder, max_streams=2, graphs=True)
     streams.warm()
     assert streams._graphs == {} and streams.graph_rounds == 0
+
+
+def test_a_failing_graph_replay_falls_back_to_eager_encodes(encoder, speech16k):
+    """A graph whose replay raises (here: a stand-in, as no CUDA graph exists on a CPU) is
+    dropped with every other graph, and that round's encode runs eagerly: the tokens
+    are the eager ones."""
+    from musetalk.audio_gpu import _EncoderGraph
+
+    class Broken:
+        def replay(self):
+            raise RuntimeError("replay failed")
+
+    x = speech16k[4000:9000]
+    want = gpu_stream_tokens(encoder, x, 640)
+    streams = GpuAudioStreams(encoder, max_streams=1)
+    dummy = torch.zeros(1)
+    streams._graphs = {(1, q): _EncoderGraph(Broken(), torch.zeros(1, 80, 3000), torch.zeros(1, q, dtype=torch.long),
+                                             dummy) for q in (16, 32)}
+    slot = streams.open()
+    got: dict[int, list[np.ndarray]] = {}
+    for start in range(0, len(x), 640):
+        streams.push(slot, x[start:start + 640])
+        drain(streams, got)
+    streams.flush(slot)
+    drain(streams, got)
+    assert streams._graphs == {} and streams.graph_rounds == 0
+    np.testing.assert_allclose(np.stack(got[slot]), want, atol=1e-6)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU call's measurements, in order, each step's output under OUT_DIR (a progress file
+# says where it is): start it detached, then poll, since it runs longer than one call:
+#   setsid nohup scripts/gpu_session.sh /tmp/res [STEPS...] > /tmp/res.log 2>&1 &
+# Steps (default: audio ref lt):
+#   audio  python -m musetalk.audio_gpu: audio rounds (whole / pruned / graphed encoder)
+#   ref    MuseTalk's reference flow (the 4x target's baseline), 500 frames
+#   lt     lipsync loadtest, sessions $LT_SESSIONS (default 4,16,20,24; the first row
+#          prepares the four avatars and is not a measurement), 60 s each
+#   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
+#   tests  the CUDA tests (pytest -m gpu --noconftest)
+# Extra LIPSYNC_* variables in the environment reach the loadtest's daemon.
+# Needs scripts/gpu_setup.sh first (the wheels in /tmp/site and /tmp/site2).
+set -u
+out="${1:?output dir}"; shift
+mkdir -p "$out" /tmp/lt && out="$(cd "$out" && pwd)"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="/tmp/site:/tmp/site2:$root" PATH="/tmp/site/bin:/tmp/site2/bin:$PATH" PYTHONUNBUFFERED=1
+export LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda
+say() { echo "$(date -u +%T) $*" >> "$out/progress"; }
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)
+for step in "${steps[@]}"; do
+  say "start $step"
+  case "$step" in
+    audio) (cd "$root" && timeout 300 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 --slots 8,12,24 \
+             --rounds 30) > "$out/audio.log" 2>&1 ;;
+    ref) (cd "$root" && timeout 300 python3 -m musetalk.bench --device cuda --reference-flow --frames 500 \
+           --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
+    lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \
+          --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/lt.json") > "$out/lt.log" 2>&1 ;;
+    two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
+    tests) (cd "$root" && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu --noconftest \
+             tests/test_audio_gpu.py tests/test_engine.py) > "$out/tests.log" 2>&1 ;;
+    *) say "unknown step $step"; continue ;;
+  esac
+  say "done $step rc=$?"
+done
+say "all done"

@@ -974,20 +974,26 @@ def print_row(row: dict[str, Any], flush: bool = False) -> None:
           f"{_fmt(row['gpu_memory_mb'])} MB: SLO {'met' if row['slo_met'] else 'NOT met'}", flush=flush)
 
 
+def _budget_basis(placement: dict[str, Any] | None) -> str:
+    """The step its budget planned for, as ``sessions/bucket`` (``-`` where none was)."""
+    parts = (placement or {}).get("budget_parts")
+    return f"{parts['sessions']}/{parts['bucket']}" if parts else "-"
+
+
 def print_report(report: dict[str, Any]) -> None:
     slo = report["config"]["slo"]
     print(f"\ncard {report['card']}, commit {report['commit'] or '?'}, {report['config']['fps']} fps, "
           f"sink {report['config']['sink']}, {report['config']['seconds']:g} s measured per round; SLO: "
           f">= {slo['generated_pct']:g} % generated, p95 <= {slo['latency_p95_ms']:g} ms")
     print(f"{'session':>10} {'needed':>7} {'gen':>7} {'gen %':>7} {'fallbk':>7} {'undrun':>7} "
-          f"{'p50':>7} {'p95':>7} {'p99':>7} {'jitter':>7} {'budget':>7}")
+          f"{'p50':>7} {'p95':>7} {'p99':>7} {'jitter':>7} {'budget':>7} {'for':>7}")
     for row in report["rows"]:
         for s in row["per_session"]:
             lat = s["latency_ms"]
             print(f"{s['session_id']:>10} {s['needed']:>7} {s['generated']:>7} {_fmt(s['generated_pct']):>7} "
                   f"{s['fallbacks']:>7} {s['underruns']:>7} {_fmt(lat['p50']):>7} {_fmt(lat['p95']):>7} "
                   f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7} "
-                  f"{_fmt((s.get('placement') or {}).get('budget_ms')):>7}")
+                  f"{_fmt((s.get('placement') or {}).get('budget_ms')):>7} {_budget_basis(s.get('placement')):>7}")
         print_row(row)
         starts = [s["start"] for s in row["per_session"]]
         print(f"  start: reply max {_fmt(max(s['reply_ms'] for s in starts))} ms, first frame max "

@@ -124,6 +124,9 @@ class _Estimates:
         # Seeded three deep: one slow first step or round moves the median little.
         self._steps: dict[int, deque[float]] = {b: deque([ms / 1000] * 3, maxlen=9) for b, ms in initial_ms.items()}
         self._round: deque[float] = deque([0.002] * 3, maxlen=9)
+        # The rounds' device time (CUDA events): with the encoder graphed, a round's host
+        # launch is shorter than its GPU work, which frames queued after it also wait for.
+        self._round_device: deque[float] = deque(maxlen=9)
         self._busy: deque[tuple[float, float]] = deque()
         self.step_s_total = 0.0
 
@@ -148,12 +151,21 @@ class _Estimates:
         while self._busy and now - self._busy[0][0] > 10.0:
             self._busy.popleft()
 
+    def add_round_device(self, seconds: float) -> None:
+        self._round_device.append(seconds)
+
     def round(self) -> float:
-        return statistics.median(self._round)
+        """A round's cost to the frames after it: the longer of its host time (this
+        thread) and its device time (the GPU queue), medians of recent rounds."""
+        host = statistics.median(self._round)
+        return max(host, statistics.median(self._round_device)) if self._round_device else host
 
     def snapshot(self) -> dict[str, Any]:
         """The current estimates in ms (for reports): audio round, step per bucket."""
-        return {"round_ms": round(1000 * statistics.median(list(self._round)), 2),
+        return {"round_ms": round(1000 * self.round(), 2),
+                "round_host_ms": round(1000 * statistics.median(list(self._round)), 2),
+                "round_device_ms": (round(1000 * statistics.median(list(self._round_device)), 2)
+                                    if self._round_device else None),
                 "step_ms": {b: round(1000 * statistics.median(list(d)), 2) for b, d in sorted(self._steps.items()) if d}}
 
     def add_round(self, seconds: float) -> None:
@@ -207,6 +219,7 @@ class GenerationWorker:
         self._sessions: dict[str, _Stream] = {}
         self._in_flight: deque[tuple[Any, list[PendingFrame], int, float]] = deque()
         self._gpu_free_at = 0.0
+        self._round_events: deque[tuple[Any, Any]] = deque(maxlen=64)  # (start, end) CUDA events of rounds
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -562,7 +575,9 @@ class GenerationWorker:
     # ---- audio -------------------------------------------------------------------------
     def _audio_round(self) -> bool:
         """One round of every fps's streams; whether it made frames."""
+        self._collect_round_events()
         t = time.perf_counter()
+        start = self._cuda_event()
         made: list[tuple[int, int, int]] = []
         for streams in self._streams_by_fps.values():
             made += [(id(streams), *m) for m in streams.round()]
@@ -572,6 +587,8 @@ class GenerationWorker:
         if not made:
             return False
         self.est.add_round(elapsed)  # the rounds frames wait for
+        if start is not None:
+            self._round_events.append((start, self._cuda_event()))
         by_slot = {(id(st.streams), v.slot): (st, v) for st in self._sessions.values() for v in st.voices}
         for streams_id, slot, first, count in made:
             found = by_slot.get((streams_id, slot))
@@ -587,6 +604,23 @@ class GenerationWorker:
                 else:
                     self._ready(st, voice, plan, row)
         return True
+
+    def _cuda_event(self) -> Any:
+        """A timing event recorded now on the worker's stream (None off CUDA)."""
+        if self.engine.device.type != "cuda":
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _collect_round_events(self) -> None:
+        """Device times of the rounds whose work is done (no wait: events not yet
+        reached stay for a later round)."""
+        while self._round_events and self._round_events[0][1].query():
+            start, end = self._round_events.popleft()
+            self.est.add_round_device(start.elapsed_time(end) / 1000)
 
     # ---- generation --------------------------------------------------------------------
     def _launch_or_wait(self, now: float) -> float:

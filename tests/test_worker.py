@@ -417,3 +417,23 @@ async def test_steps_fill_the_smallest_batch_that_keeps_up_with_the_open_session
     finally:
         thread = w.stop()
         await asyncio.to_thread(thread.join, 10)
+
+
+def test_a_rounds_estimate_is_the_longer_of_its_host_and_device_times():
+    """A graphed encoder launches a round in less time than the GPU takes to run it; the
+    frames queued after it wait for the GPU: the estimate takes the longer of the two
+    (host time alone where no device time was measured: a CPU, or before the first)."""
+    from daemon.worker import _Estimates
+
+    est = _Estimates({4: 10.0})
+    est.seed_round(0.006)
+    assert est.round() == pytest.approx(0.006)
+    for _ in range(5):
+        est.add_round(0.002)  # graphed: a short launch...
+        est.add_round_device(0.004)  # ...of longer GPU work
+    assert est.round() == pytest.approx(0.004)
+    snap = est.snapshot()
+    assert (snap["round_ms"], snap["round_host_ms"], snap["round_device_ms"]) == (4.0, 2.0, 4.0)
+    for _ in range(9):
+        est.add_round(0.008)  # eager: the launch is the longer
+    assert est.round() == pytest.approx(0.008)

@@ -881,6 +881,14 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "gc": gc_figures(samples.gc_pauses, mono_window[0]),
         "stall_events": stall_events(samples.restart_times, mono_window[0]),
         "stall_dumps": samples.stalls,
+        # Frames/s in the window: needed (voiced), made by the GPU, shown generated. Made
+        # but not shown were generated too late (their GPU time lost); needed but not
+        # made were dropped before launch (too late to try) or never planned.
+        "frames_per_s": {
+            "needed": round(sum(s["needed"] for s in per_session) / options.seconds, 1),
+            "generated": round((frames1 - frames0) / options.seconds, 1),
+            "shown_generated": round(sum(s["generated"] for s in per_session) / options.seconds, 1),
+        },
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
@@ -995,6 +1003,10 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{_fmt(lat['p99']):>7} {_fmt(s['jitter_ms_p99']):>7} "
                   f"{_fmt((s.get('placement') or {}).get('budget_ms')):>7} {_budget_basis(s.get('placement')):>7}")
         print_row(row)
+        fps_ = row.get("frames_per_s") or {}
+        if fps_:
+            print(f"  frames/s: needed {fps_['needed']}, generated {fps_['generated']}, shown generated "
+                  f"{fps_['shown_generated']} (generated but not shown: too late)")
         starts = [s["start"] for s in row["per_session"]]
         print(f"  start: reply max {_fmt(max(s['reply_ms'] for s in starts))} ms, first frame max "
               f"{_fmt(max((s['to_first_frame_ms'] for s in starts if s['to_first_frame_ms'] is not None), default=None))}"

@@ -161,7 +161,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
-                        "stages", "memory", "slo_met"}
+                        "stages", "memory", "slo_met", "frames_per_s"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -186,6 +186,14 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert row["stages"] and all(b["launch_host_ms"] > 0 and "unet_ms" not in b for b in row["stages"].values())
     assert isinstance(row["loop_lag_p99_ms"], float) and row["loop_lag_p99_ms"] >= 0
     assert isinstance(row["mean_batch"], float) and row["mean_batch"] >= 1
+    # Frames/s of the window: what was needed, what the model made, what was shown made;
+    # one session on an idle runner is shown nearly all it made (edges of the window aside).
+    rates = row["frames_per_s"]
+    assert rates["needed"] > 0 and rates["generated"] > 0 and 0 < rates["shown_generated"] <= rates["needed"]
+    assert rates["shown_generated"] == pytest.approx(
+        sum(s["generated"] for s in row["per_session"]) / SECONDS, abs=0.1)
+    assert rates["generated"] >= 0.8 * rates["shown_generated"], rates
+    assert f"frames/s: needed {rates['needed']}" in table, table
     assert isinstance(row["step_ms"], float) and row["step_ms"] > 0
 
     # One round: its avatar was prepared by this session's start, so no cached start to report.

@@ -21,7 +21,7 @@ from daemon.config import Settings
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
 from daemon.metrics import Metrics
-from daemon.worker import FramePlan, GenerationWorker, OnResult
+from daemon.worker import FramePlan, GenerationWorker, OnResult, budget_from_parts
 
 log = get_logger(__name__)
 
@@ -301,25 +301,21 @@ class EngineHost:
         self.worker.post("close", session_id)
 
     def processing_budget_s(self) -> float:
+        return self.processing_budget()[0]
+
+    def processing_budget(self) -> tuple[float, dict[str, float] | None]:
         """Time from a frame's audio context being complete to its generated frame, at
-        the current load (config model.processing_budget_ms overrides)."""
+        the current load, and the terms it is made of (``worker.processing_budget_parts``;
+        None where config model.processing_budget_ms fixes it)."""
         ms = self.settings.model.processing_budget_ms
         if ms is not None:
-            return ms / 1000
-        return self.worker.processing_budget_s(*self._budget_load())
-
-    def processing_budget_parts(self) -> dict[str, float] | None:
-        """The terms of ``processing_budget_s`` (None when the config fixes it)."""
-        if self.settings.model.processing_budget_ms is not None:
-            return None
-        return self.worker.processing_budget_parts(*self._budget_load())
-
-    def _budget_load(self) -> tuple[int, float]:
+            return ms / 1000, None
         # Every open session may speak during this utterance: budget for all of them.
         worker = self.worker
         sessions = max(self._speaking + 1, worker.open_streams)
         demand = worker.demand_fps + max(0, sessions - worker.open_streams) * self.settings.video.fps
-        return sessions, demand
+        parts = worker.processing_budget_parts(sessions, demand)
+        return budget_from_parts(parts), parts
 
     def speaking_changed(self, delta: int) -> None:
         self._speaking = max(0, self._speaking + delta)

@@ -365,13 +365,12 @@ class GpuServerHost:
         return self._status.get("busy")
 
     def processing_budget_s(self) -> float:
-        # The server's figure for its current load; while it restarts, the last one
-        # (an utterance placed meanwhile falls back anyway).
-        return float(self._status.get("budget_s") or 0.25)
+        return self.processing_budget()[0]
 
-    def processing_budget_parts(self) -> dict[str, float] | None:
-        """The terms of the server's budget figure (its status record's)."""
-        return self._status.get("budget_parts")
+    def processing_budget(self) -> tuple[float, dict[str, float] | None]:
+        # The server's figure for its current load and its terms; while it restarts, the
+        # last one (an utterance placed meanwhile falls back anyway).
+        return float(self._status.get("budget_s") or 0.25), self._status.get("budget_parts")
 
     def device_info(self) -> dict[str, Any]:
         return {"gpu_process": {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,

@@ -35,7 +35,6 @@ from daemon import gpu_wire as wire
 from daemon.errors import LipsyncError
 from daemon.log import configure_logging, get_logger
 from daemon.shm_ring import Ring, RingFull
-from daemon.worker import budget_from_parts
 
 log = get_logger("daemon.gpu_server")
 STATUS_PERIOD_S = 0.05
@@ -406,9 +405,8 @@ class GpuServer:
         h = self.host
         while True:
             w = h.worker
-            parts = h.processing_budget_parts()  # one reading of the estimates for both
-            values = {"t": time.monotonic(), "budget_s": budget_from_parts(parts) if parts else h.processing_budget_s(),
-                      "budget_parts": parts, "busy": h.busy_fraction(),
+            budget_s, parts = h.processing_budget()
+            values = {"t": time.monotonic(), "budget_s": budget_s, "budget_parts": parts, "busy": h.busy_fraction(),
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
             clients = list(self.clients.values())

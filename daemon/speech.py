@@ -47,7 +47,6 @@ import numpy as np
 from daemon import errors
 from daemon.frames import compose
 from daemon.log import get_logger
-from daemon.worker import budget_from_parts
 from schemas import ErrorEvent, PlaybackFinishedEvent, SpeakingEvent
 
 log = get_logger(__name__)
@@ -208,10 +207,7 @@ class SpeechPipeline:
             # Frame 0 needs audio through the end of frame 2 (+ lookahead): at real time
             # that is here this long after the first chunk, which brought its own duration.
             context = (CONTEXT_FRAMES + 1 + self.lookahead_frames) / self.fps - first_chunk_samples / self.rate
-            parts = getattr(self.host, "processing_budget_parts", None)
-            budget_parts = parts() if parts is not None else None
-            # The budget from the same terms it records (one reading of the estimates).
-            budget = budget_from_parts(budget_parts) if budget_parts else self.host.processing_budget_s()
+            budget, budget_parts = self.host.processing_budget()
         else:
             # No model: each frame needs only its own audio; a margin for the producer's
             # and the network's jitter keeps real-time chunks from arriving after their tick.

@@ -30,6 +30,7 @@ next 30 s segment also stay staged until the slot's frames reach the segment's e
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -56,6 +57,8 @@ from musetalk.whisper import (
     WINDOW_SAMPLES,
     WhisperAudioEncoder,
 )
+
+log = logging.getLogger(__name__)
 
 # Features of a segment's final encoding kept per slot for frames that straddle into the
 # next segment: a frame spans 10, and a slot rolls over only once its next frame starts
@@ -344,8 +347,6 @@ class GpuAudioStreams:
         """Capture the pruned encode at every bucket and GRAPH_QUERY_ROWS; the graphs share
         one memory pool and one static input and output buffer (rounds replay one at a
         time, in stream order). A failed capture leaves every encode eager."""
-        import logging
-
         most = max(sizes)
         try:
             mel_in = torch.zeros((most, self.encoder.num_mel_bins, 2 * WINDOW_FEATURES), dtype=torch.float32,
@@ -374,7 +375,7 @@ class GpuAudioStreams:
                         graphs[(b, q)] = _EncoderGraph(graph, mel, rows, dst)
             torch.cuda.current_stream(self.device).synchronize()
         except Exception as exc:  # eager encodes work everywhere; say why they stay eager
-            logging.getLogger(__name__).warning("audio encoder CUDA graphs not captured (eager encodes): %r", exc)
+            log.warning("audio encoder CUDA graphs not captured (eager encodes): %r", exc)
             self._graphs = {}
             return
         self._graphs = graphs
@@ -656,10 +657,7 @@ class GpuAudioStreams:
             graph.rows.copy_(rows)
             graph.graph.replay()
         except Exception as exc:
-            import logging
-
-            logging.getLogger(__name__).error("audio encoder CUDA graph replay failed: encodes run eagerly "
-                                              "from now on: %r", exc)
+            log.error("audio encoder CUDA graph replay failed: encodes run eagerly from now on: %r", exc)
             self._graphs = {}
             return None
         self.graph_rounds += 1
@@ -725,10 +723,7 @@ class GpuAudioStreams:
         (zero_before, pre_delta, pre_lens, final_rows, zero_between, post_delta, post_lens,
          current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst, starts_t,
          query_rows_t) = views
-        if query_rows is not None:
-            query_rows_t = query_rows_t.view(query_rows.shape)
-        else:
-            query_rows_t = None
+        query_rows_t = query_rows_t.view(query_rows.shape) if query_rows is not None else None
 
         audio = self._audio
         if len(up.zero_before):

@@ -154,6 +154,11 @@ class _Estimates:
     def add_round_device(self, seconds: float) -> None:
         self._round_device.append(seconds)
 
+    def round_device(self) -> float:
+        """A round's expected device time: the median of recent rounds' CUDA events, else
+        (none measured yet) its host time."""
+        return statistics.median(self._round_device) if self._round_device else statistics.median(self._round)
+
     def round(self) -> float:
         """A round's cost to the frames after it: the longer of its host time (this
         thread) and its device time (the GPU queue), medians of recent rounds."""
@@ -218,7 +223,11 @@ class GenerationWorker:
         self._inbox: list[tuple[Any, ...]] = []
         self._sessions: dict[str, _Stream] = {}
         self._in_flight: deque[tuple[Any, list[PendingFrame], int, float]] = deque()
+        # When the GPU is expected to have done what is queued on the worker's stream: the
+        # steps in flight and the audio rounds launched between them (a graphed round's
+        # host launch ends before its GPU work). Frames are judged against it at launch.
         self._gpu_free_at = 0.0
+        self._round_done_at = 0.0
         self._round_events: deque[tuple[Any, Any]] = deque(maxlen=64)  # (start, end) CUDA events of rounds
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -577,6 +586,7 @@ class GenerationWorker:
         """One round of every fps's streams; whether it made frames."""
         self._collect_round_events()
         t = time.perf_counter()
+        launched_at = time.monotonic()
         start = self._cuda_event()
         made: list[tuple[int, int, int]] = []
         for streams in self._streams_by_fps.values():
@@ -589,6 +599,10 @@ class GenerationWorker:
         self.est.add_round(elapsed)  # the rounds frames wait for
         if start is not None:
             self._round_events.append((start, self._cuda_event()))
+            # Its GPU work runs after what was queued before it; steps launched now queue
+            # behind it.
+            self._round_done_at = max(launched_at, self._gpu_free_at) + self.est.round_device()
+            self._gpu_free_at = self._round_done_at
         by_slot = {(id(st.streams), v.slot): (st, v) for st in self._sessions.values() for v in st.voices}
         for streams_id, slot, first, count in made:
             found = by_slot.get((streams_id, slot))
@@ -717,7 +731,7 @@ class GenerationWorker:
             if error is None:
                 self.frames_generated += len(batch)
             if not self._in_flight:
-                self._gpu_free_at = now
+                self._gpu_free_at = max(now, self._round_done_at)
             self._deliver(batch, boxes, error)
 
     def _deliver(self, batch: list[PendingFrame], boxes: list[Any] | None, error: BaseException | None) -> None:

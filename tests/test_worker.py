@@ -437,3 +437,38 @@ def test_a_rounds_estimate_is_the_longer_of_its_host_and_device_times():
     for _ in range(9):
         est.add_round(0.008)  # eager: the launch is the longer
     assert est.round() == pytest.approx(0.008)
+
+
+class _DeviceEvent:
+    """A recorded CUDA timing event as the worker reads one (``query``, ``elapsed_time``)
+    for a device whose audio rounds take 200 ms: the CPU engine has no device events."""
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end) -> float:
+        return 200.0
+
+
+async def test_frames_due_before_a_queued_rounds_gpu_work_ends_are_dropped_not_launched(worker):
+    """A graphed audio round returns before its GPU work is done, and steps launched after
+    it queue behind that work: the worker's model of when the GPU is free counts it, so a
+    frame that could only finish after the round's device time is dropped (its session
+    shows the idle frame) instead of taking GPU time and arriving late."""
+    worker._cuda_event = _DeviceEvent
+    for _ in range(9):
+        worker.est.add_round_device(0.2)
+    r = Results()
+    worker.post("open", "q", FPS, r)
+    worker.post("audio", "q", 0, speech(0.4, 5))
+    worker.post("flush", "q", 0)
+    worker.post("plans", "q", plans(0, range(4), "anna", time.monotonic() + 0.12))
+    deadline = time.monotonic() + 20
+    while await worker.call(lambda: worker.frames_dropped_late) < 4:
+        assert time.monotonic() < deadline, (worker.frames_dropped_late, worker.launched_sizes)
+        await asyncio.sleep(0.05)
+    assert worker.launched_sizes == [] and r.items == []
+    # Frames due after the round's work ends are generated as usual.
+    worker.post("plans", "q", plans(0, range(4, 8), "anna", time.monotonic() + 3.0))
+    await r.wait_for(4)
+    assert sorted(f for _, f, _, _ in r.items) == [4, 5, 6, 7]

@@ -10,6 +10,12 @@ time (first launches, including CUDA-graph recording).
 
     python -m musetalk.step_bench --variants baseline,fused,freezing --batches 12,24 --json steps.json
 
+``--profile N`` adds, per batch, a kernel profile of N more steps (torch.profiler): the
+device ms a step spends in each kind of kernel (``kernel_category``: convolutions,
+matrix products, attention, Inductor's fused pointwise and reduction kernels such as
+GroupNorm and SiLU, copies) and the costliest kernels, which says what a faster kernel
+would have to replace.
+
 Variants: ``baseline`` (what the daemon runs: ``mode="reduce-overhead"``, the UNet and the
 decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``freezing``
 (Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
@@ -51,8 +57,67 @@ def variant_options(name: str) -> dict[str, Any]:
     return opts
 
 
+# Kernel names (CUDA) or operator names (CPU) -> the kind of work, first match wins.
+_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("conv", ("conv", "fprop", "implicit_gemm", "winograd")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "aten::mm", "addmm", "bmm", "matmul", "linear")),
+    ("reduction", ("triton_red", "triton_per", "reduce", "norm", "aten::sum", "aten::mean", "aten::var")),
+    ("pointwise", ("triton_poi", "elementwise", "vectorized", "aten::add", "aten::mul", "silu", "gelu",
+                   "aten::sub", "aten::div", "clamp", "aten::cat", "aten::stack", "upsample", "index")),
+    ("copy", ("memcpy", "memset", "copy", "aten::to", "aten::contiguous")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The kind of work a kernel (or a CPU operator) does, from its name."""
+    low = name.lower()
+    for category, needles in _CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return "other"
+
+
+def profile_steps(launch: Any, steps: int, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """Device ms per step by kernel category, and the ``top`` costliest kernels, over
+    ``steps`` calls of ``launch`` (each returns a step handle) under torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            launch().boxes()
+        if cuda:
+            torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    kernels: list[tuple[float, str, int]] = []
+    for ev in prof.key_averages():
+        if cuda:
+            us = getattr(ev, "self_device_time_total", None)
+            if us is None:
+                us = ev.self_cuda_time_total
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        else:
+            us = ev.self_cpu_time_total
+            if not ev.key.startswith("aten::"):
+                continue
+        if us <= 0:
+            continue
+        ms = us / 1000 / steps
+        kind = kernel_category(ev.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        kernels.append((ms, ev.key, ev.count // steps))
+    kernels.sort(reverse=True)
+    return {"steps": steps, "total_ms": round(sum(by_kind.values()), 3),
+            "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [{"ms": round(ms, 3), "calls": calls, "kind": kernel_category(name), "name": name[:160]}
+                    for ms, name, calls in kernels[:top]]}
+
+
 def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda", size: str = "full",
-                decode: str = "cropped") -> dict[str, Any]:
+                decode: str = "cropped", profile: int = 0) -> dict[str, Any]:
     import torch
 
     from musetalk.bench import build_random_models
@@ -99,6 +164,8 @@ def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda",
                    "frames_per_s": round(b * 1000 / step_ms, 1), "compile_s": round(compile_s, 1),
                    "host_launch_ms": round(statistics.median(host_ms), 3),
                    **{f"{k}_ms": round(statistics.median(v), 3) for k, v in stages.items()}}
+            if profile:
+                row["kernels"] = profile_steps(lambda: engine.launch(*args), profile, dev.type == "cuda")
             rows.append(row)
             print(json.dumps({"variant": name, **row}), file=sys.stderr, flush=True)
     return {"variant": name, "options": opts, "rows": rows,
@@ -115,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="full", choices=("full", "tiny"))
     p.add_argument("--decode", default="cropped", choices=("cropped", "full"))
     p.add_argument("--timeout-s", type=float, default=600, help="per variant (compile included)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps per batch: device ms by kernel kind, the costliest kernels")
     p.add_argument("--json", type=Path)
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",") if x]
     if a.one:
-        print(json.dumps(run_variant(a.one, batches, a.steps, a.device, a.size, a.decode)))
+        print(json.dumps(run_variant(a.one, batches, a.steps, a.device, a.size, a.decode, a.profile)))
         return 0
     names = [v for v in a.variants.split(",") if v]
     for name in names:
@@ -128,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in names:
         cmd = [sys.executable, "-m", "musetalk.step_bench", "--one", name, "--batches", a.batches,
-               "--steps", str(a.steps), "--device", a.device, "--size", a.size, "--decode", a.decode]
+               "--steps", str(a.steps), "--device", a.device, "--size", a.size, "--decode", a.decode,
+               "--profile", str(a.profile)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -145,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"unet {row.get('unet_ms', 0):7.2f} decode {row.get('vae_decode_ms', 0):7.2f} "
                   f"paste {row.get('paste_ms', 0):6.2f} host {row['host_launch_ms']:6.2f} "
                   f"compile {row['compile_s']:6.1f} s", flush=True)
+            if "kernels" in row:
+                k = row["kernels"]
+                kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in k["by_kind_ms"].items())
+                print(f"{'':>16} kernels {k['total_ms']:.2f} ms/step: {kinds}", flush=True)
+                for item in k["top"][:6]:
+                    print(f"{'':>20} {item['ms']:7.3f} ms x{item['calls']:<3} {item['kind']:<9} {item['name'][:90]}",
+                          flush=True)
         if "error" in r:
             print(f"{name:>16} failed: {r['error']}", flush=True)
     if a.json:

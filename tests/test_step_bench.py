@@ -40,3 +40,31 @@ def test_each_variant_runs_in_its_own_process_and_reports_its_rows(tmp_path):
         for row in r["rows"]:
             assert row["step_ms"] > 0 and row["frames_per_s"] > 0
             assert row["ms_per_frame"] == pytest.approx(row["step_ms"] / row["batch"], rel=1e-3)
+
+
+def test_kernel_names_are_sorted_into_kinds_of_work():
+    from musetalk.step_bench import kernel_category
+
+    assert kernel_category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert kernel_category("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "gemm"
+    assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert kernel_category("triton_red_fused_native_group_norm_0") == "reduction"
+    assert kernel_category("triton_poi_fused_add_silu_3") == "pointwise"
+    assert kernel_category("Memcpy DtoH (Device -> Pinned)") == "copy"
+    assert kernel_category("aten::mkldnn_convolution") == "conv"
+    assert kernel_category("aten::addmm") == "gemm"
+    assert kernel_category("some_unknown_kernel") == "other"
+
+
+def test_a_profile_gives_each_kind_of_works_ms_per_step(tmp_path):
+    out = tmp_path / "steps.json"
+    rc = main(["--device", "cpu", "--size", "tiny", "--variants", "baseline", "--batches", "2", "--steps", "1",
+               "--profile", "2", "--timeout-s", "300", "--json", str(out)])
+    assert rc == 0
+    kernels = json.loads(out.read_text())[0]["rows"][0]["kernels"]
+    assert kernels["steps"] == 2 and kernels["total_ms"] > 0
+    # The CPU's operators stand in for the kernels: the UNet's attention and both
+    # models' convolutions are there.
+    assert kernels["by_kind_ms"]["conv"] > 0 and kernels["by_kind_ms"]["attention"] > 0
+    assert kernels["total_ms"] == pytest.approx(sum(kernels["by_kind_ms"].values()), abs=0.01)
+    assert kernels["top"] and all(t["kind"] in kernels["by_kind_ms"] for t in kernels["top"])

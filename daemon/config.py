@@ -298,8 +298,11 @@ class ModelSection(_Section):
     bucket_step: int = Field(4, ge=1)
     # "demand": a step fills the smallest batch that keeps up with the open sessions at
     # batch_utilization of the GPU (shorter steps, shorter latency); "max": up to max_batch.
+    # 0.85: on an H200 20 sessions then run 16-frame steps and meet the SLO (p95 178 ms);
+    # at 0.8 no small bucket fits, their steps take 20 frames and p95 is 190 ms
+    # (docs/BENCHMARKS.md, ninth session).
     batch_sizing: Literal["demand", "max"] = "demand"
-    batch_utilization: float = Field(0.8, gt=0, le=1)
+    batch_utilization: float = Field(0.85, gt=0, le=1)
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per

@@ -58,7 +58,11 @@ def variant_options(name: str) -> dict[str, Any]:
 
 
 # Kernel names (CUDA) or operator names (CPU) -> the kind of work, first match wins.
+# Inductor's own kernels come first: their names list the operators they fused, so a
+# pointwise kernel beside a convolution is called "triton_poi_fused_..._convolution_...".
 _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("reduction", ("triton_red", "triton_per")),
+    ("pointwise", ("triton_poi",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("conv", ("conv", "fprop", "implicit_gemm", "winograd")),
     ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "aten::mm", "addmm", "bmm", "matmul", "linear")),

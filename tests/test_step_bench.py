@@ -50,6 +50,9 @@ def test_kernel_names_are_sorted_into_kinds_of_work():
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
     assert kernel_category("triton_red_fused_native_group_norm_0") == "reduction"
     assert kernel_category("triton_poi_fused_add_silu_3") == "pointwise"
+    # Inductor names its kernels after the operators it fused: still pointwise work.
+    assert kernel_category("triton_poi_fused__to_copy_add_clone_convolution_div_expand_mul_silu") == "pointwise"
+    assert kernel_category("triton_red_fused_convolution_native_group_norm_1") == "reduction"
     assert kernel_category("Memcpy DtoH (Device -> Pinned)") == "copy"
     assert kernel_category("aten::mkldnn_convolution") == "conv"
     assert kernel_category("aten::addmm") == "gemm"

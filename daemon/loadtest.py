@@ -315,10 +315,20 @@ class GcPauses:
         return samples
 
 
-def gc_figures(pauses: list[tuple[int, float, float]], since: float = 0.0) -> dict[str, Any]:
+def gc_heap() -> dict[str, int]:
+    """The objects a full collection walks now (``walked``: those the collector tracks in
+    its three generations) and those ``gc.freeze`` put out of its reach at start-up
+    (``frozen``): a long full collection is many walked objects. Counted outside the
+    measured window (listing them holds the GIL)."""
+    return {"walked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}
+
+
+def gc_figures(pauses: list[tuple[int, float, float]], since: float = 0.0,
+               heap: dict[str, int] | None = None) -> dict[str, Any]:
     """A row's garbage collections: how many, the longest, and those over 20 ms (each as
-    [seconds into the window, generation, ms])."""
-    return {"collections": len(pauses),
+    [seconds into the window, generation, ms]); with ``heap`` (``gc_heap`` at the window's
+    end), the objects a full collection then walked."""
+    return {**({"heap": heap} if heap is not None else {}), "collections": len(pauses),
             "max_ms": round(1000 * max((p[1] for p in pauses), default=0.0), 2),
             "over_20ms": sum(1 for p in pauses if p[1] > 0.020),
             "long": [[round(p[2] - since, 2), p[0], round(1000 * p[1], 1)] for p in pauses if p[1] > 0.020][:50]}
@@ -717,6 +727,7 @@ class _RoundSamples:
     gpu_busy: float | None
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
+    gc_heap: dict[str, int] | None = None  # gc_heap() at the window's end
 
 
 async def _crop_validated(host: Any, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -805,6 +816,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         lags, busy = probe.take(), gpu.take()
         memory = await host.peak_memory_mb() if host is not None else None
         pauses = gc_pauses.take()
+        heap = gc_heap()
         stall_dumps = await stalls.take()
         restarts = {sid: n - restarts0.get(sid, 0) for sid, n in _clock_restarts(daemon, sids).items()}
         lo, hi = window[0] + wall_to_mono, window[1] + wall_to_mono
@@ -821,7 +833,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                 p.kill()
                 await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
-                         stall_dumps, device_info, busy, memory, list(summaries))
+                         stall_dumps, device_info, busy, memory, list(summaries), heap)
 
 
 def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
@@ -878,7 +890,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
              if s["start"]["avatar_cached"] and s["start"]["to_first_frame_ms"] is not None), default=None),
         "gpu_busy": samples.gpu_busy,
         "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
-        "gc": gc_figures(samples.gc_pauses, mono_window[0]),
+        "gc": gc_figures(samples.gc_pauses, mono_window[0], samples.gc_heap),
         "stall_events": stall_events(samples.restart_times, mono_window[0]),
         "stall_dumps": samples.stalls,
         # Frames/s in the window: needed (voiced), made by the GPU, shown generated. Made
@@ -1017,7 +1029,9 @@ def print_report(report: dict[str, Any]) -> None:
         restarts = [s["clock"]["restarts_in_window"] for s in row["per_session"] if s.get("clock")]
         print(f"  in the window: clock restarts {sum(r or 0 for r in restarts)} (all sessions), garbage "
               f"collections {row['gc']['collections']}, longest {row['gc']['max_ms']} ms, "
-              f"{row['gc']['over_20ms']} over 20 ms")
+              f"{row['gc']['over_20ms']} over 20 ms"
+              + (f"; a full collection walks {row['gc']['heap']['walked']} objects "
+                 f"({row['gc']['heap']['frozen']} frozen at start)" if row["gc"].get("heap") else ""))
         decode = row.get("decode") or {}
         if decode.get("avatars"):
             print(f"  decode {decode['mode']} from row {decode['crop_row']} ({decode['gflop_per_frame']} GFLOP/frame): "

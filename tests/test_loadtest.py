@@ -218,7 +218,8 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert s["clock"]["rephases"] == (1 if placement["rephase_ms"] else 0)
     assert s["clock"]["restarts"] >= s["clock"]["restarts_in_window"] >= 0 and s["clock"]["late_ticks"] >= 0
     # Python's collections in the window (each holds the GIL): counted, the longest timed.
-    assert set(row["gc"]) == {"collections", "max_ms", "over_20ms", "long"}
+    assert set(row["gc"]) == {"heap", "collections", "max_ms", "over_20ms", "long"}
+    assert row["gc"]["heap"]["walked"] > 0 and row["gc"]["heap"]["frozen"] > 0  # the daemon froze its start-up
     assert row["gc"]["collections"] >= row["gc"]["over_20ms"] == len(row["gc"]["long"]) >= 0
     assert row["gc"]["max_ms"] >= 0
     # Stalls: the clock restarts grouped into events, and the stacks the loop stalled in.
@@ -269,6 +270,20 @@ def test_gc_pauses_are_recorded_only_in_the_window():
     assert gc_figures([(2, 0.030, 101.5), (0, 0.001, 102.0)], since=100.0) == {
         "collections": 2, "max_ms": 30.0, "over_20ms": 1, "long": [[1.5, 2, 30.0]]}
     assert gc_figures([]) == {"collections": 0, "max_ms": 0.0, "over_20ms": 0, "long": []}
+
+
+def test_the_heap_a_full_collection_walks_is_counted():
+    import gc
+
+    from daemon.loadtest import gc_figures, gc_heap
+
+    gc.collect()
+    before = gc_heap()
+    kept = [[i] for i in range(20000)]  # lists are always tracked (a dict of ints is not)
+    after = gc_heap()
+    assert after["walked"] - before["walked"] >= 20000 and after["frozen"] == gc.get_freeze_count()
+    assert gc_figures([], heap=after)["heap"] == after
+    del kept
 
 
 def test_clock_restarts_close_together_are_one_stall_event():

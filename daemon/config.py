@@ -321,9 +321,11 @@ class ModelSection(_Section):
     fuse_step: bool = False
     # "subpixel": the UNet's and the decoder's upsamplers (nearest 2x, then a 3x3
     # convolution) computed as one 2x2 convolution of the input: the same function with
-    # 4/9 of those convolutions' FLOPs (musetalk/subpixel.py); "nearest": as the models
-    # define them.
-    upsample: Literal["nearest", "subpixel"] = "subpixel"
+    # 4/9 of those convolutions' FLOPs (musetalk/subpixel.py); "transposed": the same
+    # function as a stride-2 transposed convolution, which writes the upsampled map
+    # itself (no pass interleaving the four phases; not yet measured on a GPU);
+    # "nearest": as the models define them.
+    upsample: Literal["nearest", "subpixel", "transposed"] = "subpixel"
     inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)

@@ -177,13 +177,16 @@ class Engine:
             models.vae.to(memory_format=torch.channels_last)
         # "subpixel": every upsampler (nearest 2x + 3x3 conv) of the UNet and the decoder
         # as one 2x2 convolution of its input (the same function, 4/9 of its FLOPs;
-        # ``musetalk.subpixel``). It changes the models in place, for every user of them.
-        if upsample not in ("nearest", "subpixel"):
-            raise ValueError(f"upsample {upsample!r} must be nearest or subpixel")
+        # ``musetalk.subpixel``); "transposed": the same as a stride-2 transposed
+        # convolution (no phase interleave). It changes the models in place, for every
+        # user of them.
+        if upsample not in ("nearest", "subpixel", "transposed"):
+            raise ValueError(f"upsample {upsample!r} must be nearest, subpixel or transposed")
         self.upsample = upsample
-        if upsample == "subpixel":
-            swapped = use_subpixel_upsampling(models.unet) + use_subpixel_upsampling(models.vae.decoder)
-            log.info("subpixel upsampling: %d upsamplers", swapped)
+        if upsample != "nearest":
+            swapped = (use_subpixel_upsampling(models.unet, upsample)
+                       + use_subpixel_upsampling(models.vae.decoder, upsample))
+            log.info("%s upsampling: %d upsamplers", upsample, swapped)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # Buckets on CUDA, compiled or not: with cuDNN's benchmark mode every new batch

@@ -20,7 +20,8 @@ Variants: ``baseline`` (what the daemon runs: ``mode="reduce-overhead"``, the UN
 decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``freezing``
 (Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
 ``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), ``subpixel``
-(``model.upsample = "subpixel"``: the upsamplers as 2x2 convolutions), and ``+``
+(``model.upsample = "subpixel"``: the upsamplers as 2x2 convolutions), ``transposed``
+(``model.upsample = "transposed"``: as stride-2 transposed convolutions), and ``+``
 combinations such as ``fused+freezing``.
 """
 
@@ -41,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "freezing": {"inductor": {"freezing": True}},
     "autotune": {"inductor": {"max_autotune": True}},
     "subpixel": {"upsample": "subpixel"},
+    "transposed": {"upsample": "transposed"},
 }
 
 

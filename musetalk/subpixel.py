@@ -16,7 +16,14 @@ by rounding (the summed taps are formed in float32, then cast to the model's dty
 zero padding is the same too: the rows and columns that read it are the same output
 pixels as before, which the cropped decode relies on (``musetalk.cropped_decode``).
 
-``use_subpixel_upsampling(module)`` swaps every such upsampler of a model for
+The same pair is also a transposed convolution of the input (stride 2, 4x4 kernel,
+padding 1): output row 2i + a reads input rows i - 1 and i (a = 0) or i and i + 1
+(a = 1), which the stride-2 kernel's rows 3 and 1 (a = 0) or 2 and 0 (a = 1) reach,
+holding the same summed taps (``transposed_weights``). That form ("transposed") writes
+the interleaved output in the convolution itself; the 2x2 form ("subpixel") needs a
+pass that interleaves its four phases. Same multiply-adds, same zero padding.
+
+``use_subpixel_upsampling(module, form)`` swaps every such upsampler of a model for
 ``SubpixelUpsample``, which keeps the original for any call it does not cover (an
 explicit ``output_size`` other than twice the input).
 """
@@ -51,6 +58,28 @@ def subpixel_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[t
     return w4, b4
 
 
+# _STRIDED[k][r]: how much of the 3x3 kernel's row r the stride-2 4x4 kernel's row k
+# holds (output row 2i + a = 2 * input row - 1 + k): row 3 and row 1 make the even
+# output rows (input rows i - 1 and i), rows 2 and 0 the odd ones (rows i and i + 1).
+_STRIDED = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+FORMS = ("subpixel", "transposed")
+
+
+def transposed_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel (Cout, Cin, 3, 3) -> the (Cin, Cout, 4, 4) kernel of
+    ``conv_transpose2d(x, ., stride=2, padding=1)`` computing nearest 2x + that 3x3
+    convolution; summed in float32 (or wider), returned in the kernel's dtype."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"transposed upsampling needs a 3x3 kernel, got {tuple(weight.shape)}")
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    taps = _STRIDED.to(weight.device, acc)
+    wt = torch.einsum("kr,ls,oirs->iokl", taps, taps, weight.to(acc)).contiguous().to(weight.dtype)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    return wt
+
+
 def subpixel_upsample_conv(x: torch.Tensor, weight4: torch.Tensor, bias4: torch.Tensor | None) -> torch.Tensor:
     """``conv3x3(interpolate(x, 2, nearest))`` from ``subpixel_weights``: (B, C, H, W) ->
     (B, Cout, 2H, 2W), in ``x``'s memory format."""
@@ -77,36 +106,49 @@ def covers(upsampler: nn.Module) -> bool:
 
 
 class SubpixelUpsample(nn.Module):
-    """An ``Upsample2D`` computed by ``subpixel_upsample_conv``; calls with another
-    ``output_size`` than twice the input go to the original module."""
+    """An ``Upsample2D`` computed without its upsampled copy: as one 2x2 convolution
+    and a phase interleave (``form`` "subpixel", ``subpixel_upsample_conv``) or as a
+    stride-2 transposed convolution ("transposed"). Calls with another ``output_size``
+    than twice the input go to the original module."""
 
-    def __init__(self, original: nn.Module) -> None:
+    def __init__(self, original: nn.Module, form: str = "subpixel") -> None:
         super().__init__()
         if not covers(original):
             raise ValueError(f"{type(original).__name__} is not nearest 2x + a 3x3 convolution")
+        if form not in FORMS:
+            raise ValueError(f"upsampling form {form!r} must be one of {', '.join(FORMS)}")
         self.original = original
+        self.form = form
         self.in_channels = original.conv.in_channels
         self.out_channels = original.conv.out_channels
-        w4, b4 = subpixel_weights(original.conv.weight.detach(), None if original.conv.bias is None
-                                  else original.conv.bias.detach())
+        weight = original.conv.weight.detach()
+        bias = None if original.conv.bias is None else original.conv.bias.detach()
+        if form == "subpixel":
+            w4, b4 = subpixel_weights(weight, bias)
+        else:
+            w4, b4 = transposed_weights(weight), bias
         self.register_buffer("weight4", w4, persistent=False)
         self.register_buffer("bias4", b4, persistent=False)
 
     def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         if output_size is not None and tuple(output_size) != (2 * x.shape[2], 2 * x.shape[3]):
             return self.original(x, output_size, *args, **kwargs)
+        if self.form == "transposed":
+            return F.conv_transpose2d(x, self.weight4, self.bias4, stride=2, padding=1)
         return subpixel_upsample_conv(x, self.weight4, self.bias4)
 
     def flops(self, out_rows: int, out_cols: int) -> float:
         """Multiply-adds x2 for an output of ``out_rows`` x ``out_cols``."""
+        if self.form == "transposed":  # 4 of the 16 taps reach each output pixel
+            return 2.0 * out_rows * out_cols * self.in_channels * self.out_channels * 4
         return 2.0 * (out_rows // 2 + 1) * (out_cols // 2 + 1) * self.in_channels * 4 * self.out_channels * 4
 
 
-def use_subpixel_upsampling(model: nn.Module) -> int:
+def use_subpixel_upsampling(model: nn.Module, form: str = "subpixel") -> int:
     """Swap every covered upsampler inside ``model`` (in ``upsamplers`` lists, as
-    diffusers' blocks hold them) for a ``SubpixelUpsample``; returns how many. Apply it
-    after the model has its device, dtype and memory format (the kernels are derived
-    once). Idempotent."""
+    diffusers' blocks hold them) for a ``SubpixelUpsample`` of ``form``; returns how
+    many. Apply it after the model has its device, dtype and memory format (the kernels
+    are derived once). Idempotent: upsamplers already swapped stay as they are."""
     n = 0
     for module in list(model.modules()):
         ups = getattr(module, "upsamplers", None)
@@ -115,6 +157,6 @@ def use_subpixel_upsampling(model: nn.Module) -> int:
         for i, up in enumerate(ups):
             if isinstance(up, SubpixelUpsample) or not covers(up):
                 continue
-            ups[i] = SubpixelUpsample(up)
+            ups[i] = SubpixelUpsample(up, form)
             n += 1
     return n

@@ -41,6 +41,29 @@ def test_it_is_the_upsampler_s_function(shape, channels_last):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 6, 1, 1), (3, 4, 4, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@torch.inference_mode()
+def test_the_transposed_form_is_the_upsampler_s_function(shape, channels_last):
+    torch.manual_seed(0)
+    b, c, h, w = shape
+    up = Upsample2D(c, use_conv=True, out_channels=c + 3).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        up = up.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = SubpixelUpsample(up, "transposed")(x)
+    assert got.shape == (b, c + 3, 2 * h, 2 * w)
+    torch.testing.assert_close(got, up(x), rtol=0, atol=1e-12)
+
+
+def test_an_unknown_upsampling_form_is_refused(models):  # noqa: F811
+    with pytest.raises(ValueError, match="form 'pixelshuffle' must be one of subpixel, transposed"):
+        SubpixelUpsample(Upsample2D(4, use_conv=True), "pixelshuffle")
+    with pytest.raises(ValueError, match="upsample 'fast' must be nearest, subpixel or transposed"):
+        Engine(copy.deepcopy(models), upsample="fast")
+
+
 @torch.inference_mode()
 def test_another_output_size_goes_to_the_original():
     up = Upsample2D(4, use_conv=True).double()
@@ -59,12 +82,14 @@ def test_only_nearest_upsamplers_with_a_3x3_convolution_are_covered():
         SubpixelUpsample(Upsample2D(4, use_conv=False))
 
 
+@pytest.mark.parametrize("form", ["subpixel", "transposed"])
 @torch.inference_mode()
-def test_the_models_compute_the_same_with_their_upsamplers_swapped(models):  # noqa: F811
+def test_the_models_compute_the_same_with_their_upsamplers_swapped(models, form):  # noqa: F811
     unet, vae = copy.deepcopy(models.unet), copy.deepcopy(models.vae)
-    assert use_subpixel_upsampling(unet) == sum(b.upsamplers is not None for b in unet.up_blocks) > 0
-    assert use_subpixel_upsampling(vae.decoder) == len(vae.decoder.up_blocks) - 1
-    assert use_subpixel_upsampling(unet) == 0  # idempotent
+    assert use_subpixel_upsampling(unet, form) == sum(b.upsamplers is not None for b in unet.up_blocks) > 0
+    assert use_subpixel_upsampling(vae.decoder, form) == len(vae.decoder.up_blocks) - 1
+    assert use_subpixel_upsampling(unet, form) == 0  # idempotent
+    assert all(m.form == form for m in vae.decoder.modules() if isinstance(m, SubpixelUpsample))
     torch.manual_seed(1)
     latents = torch.randn(3, 8, 32, 32)
     audio = torch.from_numpy(np.stack([tokens(i) for i in range(3)]))
@@ -74,22 +99,26 @@ def test_the_models_compute_the_same_with_their_upsamplers_swapped(models):  # n
     torch.testing.assert_close(stages.decode(vae, pred), stages.decode(models.vae, pred), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["subpixel", "transposed"])
 @torch.inference_mode()
-def test_the_cropped_decode_is_the_same_with_subpixel_upsamplers():
+def test_the_cropped_decode_is_the_same_with_subpixel_upsamplers(form):
+    # In float64, so that the forms' different summation orders stay far below the
+    # tolerances (in float32 a group's plain sum can cancel to 1e-3 of its terms); the
+    # cropped GroupNorm itself computes in float32.
     torch.manual_seed(0)
-    vae = build_vae(TINY_VAE_CONFIG).eval()
+    vae = build_vae(TINY_VAE_CONFIG).eval().double()
     swapped = copy.deepcopy(vae)
-    use_subpixel_upsampling(swapped.decoder)
-    z = torch.randn(2, 4, 32, 32)
+    use_subpixel_upsampling(swapped.decoder, form)
+    z = torch.randn(2, 4, 32, 32, dtype=torch.float64)
     plan = plan_crop(vae.decoder, 104)
     assert plan_crop(swapped.decoder, 104) == plan
     whole, sums = decode_rows(vae, z, plan, record=True)
     _, sums_sp = decode_rows(swapped, z, plan, record=True)
-    torch.testing.assert_close(sums_sp, sums, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(sums_sp, sums, rtol=1e-9, atol=1e-9)
     cropped, _ = decode_rows(vae, z, plan, sums)
     cropped_sp, _ = decode_rows(swapped, z, plan, sums)
     torch.testing.assert_close(cropped_sp, cropped, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cropped_sp, whole, rtol=0, atol=2e-4)
+    torch.testing.assert_close(cropped_sp, whole, rtol=0, atol=1e-5)
 
 
 def test_the_full_size_decoder_s_flops_drop_by_five_ninths_of_its_upsamplers():
@@ -107,6 +136,12 @@ def test_the_full_size_decoder_s_flops_drop_by_five_ninths_of_its_upsamplers():
     assert after[0] == pytest.approx(before[0] - up_flops + sub, rel=1e-9)
     assert after[1] < before[1] * 0.9  # the cropped decode: about -15 %
     assert before[0] / 1e9 == pytest.approx(622.2, abs=0.1)
+    # The transposed form: 4 of its 16 taps reach each output pixel, none reads padding.
+    vae = build_vae(SD_VAE_FT_MSE_CONFIG)
+    use_subpixel_upsampling(vae.decoder, "transposed")
+    strided = sum(2.0 * (64 * 2 ** i) ** 2 * c.in_channels * c.out_channels * 4 for i, c in enumerate(ups))
+    assert decoder_flops(vae, whole) == pytest.approx(before[0] - up_flops + strided, rel=1e-9)
+    assert decoder_flops(vae, cropped) < after[1]
 
 
 @torch.inference_mode()
@@ -114,14 +149,15 @@ def test_the_engine_s_boxes_match_with_subpixel_upsampling(models):  # noqa: F81
     avatar = make_avatar("anna", 3, 96, 128, (40, 20, 88, 68), seed=1)
     audio = np.stack([tokens(i) for i in range(3)])
     out = []
-    for upsample in ("nearest", "subpixel"):
+    for upsample in ("nearest", "subpixel", "transposed"):
         eng = Engine(copy.deepcopy(models), max_batch=4, upsample=upsample)
         eng.register_avatar(avatar)
         out.append(eng.launch(["anna"] * 3, [0, 1, 2], torch.from_numpy(audio), [1.0] * 3).boxes())
-    assert len(out[0]) == len(out[1]) == 3
-    for a, b in zip(*out):
-        assert (a.x1, a.y1, a.x2, a.y2) == (b.x1, b.y1, b.x2, b.y2)
-        for pa, pb in ((a.y, b.y), (a.u, b.u), (a.v, b.v)):
-            assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
-    with pytest.raises(ValueError, match="upsample 'bicubic' must be nearest or subpixel"):
+    assert [len(o) for o in out] == [3, 3, 3]
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert (a.x1, a.y1, a.x2, a.y2) == (b.x1, b.y1, b.x2, b.y2)
+            for pa, pb in ((a.y, b.y), (a.u, b.u), (a.v, b.v)):
+                assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="upsample 'bicubic' must be nearest, subpixel or transposed"):
         Engine(models, upsample="bicubic")

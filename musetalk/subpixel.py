@@ -160,3 +160,81 @@ def use_subpixel_upsampling(model: nn.Module, form: str = "subpixel") -> int:
             ups[i] = SubpixelUpsample(up, form)
             n += 1
     return n
+
+
+def bench(shapes: list[tuple[int, int, int, int]], iters: int = 20, device: str = "cuda",
+          compiled: bool = True) -> list[dict]:
+    """Device ms of each upsampling form at (batch, channels, rows, cols) inputs, in the
+    decoder's layout (channels-last, fp16 on CUDA): the upsampler alone, eager, and (with
+    ``compiled``) the upsampler followed by GroupNorm + SiLU under torch.compile, as the
+    decoder's next layer fuses with it."""
+    import time
+
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def timed(fn, x) -> float:
+        for _ in range(3):
+            fn(x)
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+        return (time.perf_counter() - t) * 1000 / iters
+
+    rows = []
+    with torch.inference_mode():
+        for b, c, h, w in shapes:
+            torch.manual_seed(0)
+            conv = nn.Conv2d(c, c, 3, padding=1).to(dev, dtype).to(memory_format=torch.channels_last)
+            x = torch.randn(b, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w4, b4 = subpixel_weights(conv.weight, conv.bias)
+            wt = transposed_weights(conv.weight)
+            forms = {
+                "nearest": lambda t: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")),
+                "subpixel": lambda t: subpixel_upsample_conv(t, w4, b4),
+                "transposed": lambda t: F.conv_transpose2d(t, wt, conv.bias, stride=2, padding=1),
+            }
+            ref = forms["nearest"](x).float()
+            row: dict = {"shape": [b, c, h, w]}
+            for name, fn in forms.items():
+                row[f"{name}_ms"] = round(timed(fn, x), 3)
+                row[f"{name}_max_abs"] = round(float((fn(x).float() - ref).abs().max()), 5)
+            if compiled:
+                groups = 32 if c % 32 == 0 else 1
+                gamma, beta = torch.ones(c, device=dev, dtype=dtype), torch.zeros(c, device=dev, dtype=dtype)
+                for name in ("subpixel", "transposed"):
+                    up = forms[name]
+                    fused = torch.compile(lambda t, up=up: F.silu(F.group_norm(up(t), groups, gamma, beta)))
+                    row[f"{name}_norm_silu_ms"] = round(timed(fused, x), 3)
+            rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m musetalk.subpixel",
+                                description="time the upsampling forms (nearest + conv, subpixel, transposed)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shapes", default="24x256x84x128,24x512x46x64,24x512x27x32",
+                   help="inputs as BxCxHxW, comma-separated (defaults: the inputs of the decoder's three "
+                        "upsamplers in a 24-frame step cropped at row 96, last first)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",") if s]
+    for r in bench(shapes, a.iters, a.device, not a.no_compile):
+        print(json.dumps(r), flush=True)
+    sys.exit(0)

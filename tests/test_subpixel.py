@@ -161,3 +161,12 @@ def test_the_engine_s_boxes_match_with_subpixel_upsampling(models):  # noqa: F81
                 assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
     with pytest.raises(ValueError, match="upsample 'bicubic' must be nearest, subpixel or transposed"):
         Engine(models, upsample="bicubic")
+
+
+def test_the_forms_bench_times_each_form_and_checks_it_against_nearest():
+    from musetalk.subpixel import bench
+
+    rows = bench([(2, 8, 5, 6)], iters=1, device="cpu", compiled=False)
+    assert [r["shape"] for r in rows] == [[2, 8, 5, 6]]
+    for form in ("nearest", "subpixel", "transposed"):
+        assert rows[0][f"{form}_ms"] > 0 and rows[0][f"{form}_max_abs"] < 1e-4

@@ -8,6 +8,9 @@
 #   lt     lipsync loadtest, sessions $LT_SESSIONS (default 4,16,20,24; the first row
 #          prepares the four avatars and is not a measurement), 60 s each
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
+#   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
+#          (musetalk.step_bench, batches 16 and 24; about 4 minutes)
+#   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
 # Extra LIPSYNC_* variables in the environment reach the loadtest's daemon.
 # Needs scripts/gpu_setup.sh first (the wheels in /tmp/site and /tmp/site2).
@@ -29,6 +32,9 @@ for step in "${steps[@]}"; do
     lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \
           --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/lt.json") > "$out/lt.log" 2>&1 ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
+    sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches 16,24 \
+          --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;
+    up) (cd "$root" && timeout 200 python3 -m musetalk.subpixel --iters 20) > "$out/up.log" 2>&1 ;;
     tests) (cd "$root" && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu --noconftest \
              tests/test_audio_gpu.py tests/test_engine.py) > "$out/tests.log" 2>&1 ;;
     *) say "unknown step $step"; continue ;;

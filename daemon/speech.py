@@ -133,6 +133,57 @@ class FrameRecord:
     latency_s: float | None = None
 
 
+FRAME_KINDS = ("idle", "speech", "fallback", "underrun", "playback")
+
+
+class FrameLog:
+    """The last ``maxlen`` published frames as columns (numpy arrays used as a ring), read
+    back as ``FrameRecord``s. A session publishes 25 records a second and keeps 20,000:
+    as objects, 24 long sessions held 480,000 that every full garbage collection walked,
+    each collection stopping every session's frame loop (about 50 ms here); as columns
+    they are five arrays."""
+
+    def __init__(self, maxlen: int) -> None:
+        if maxlen < 1:
+            raise ValueError("a frame log keeps at least one frame")
+        self.maxlen = maxlen
+        self._wall = np.zeros(maxlen, dtype=np.float64)
+        self._latency = np.full(maxlen, np.nan, dtype=np.float64)
+        self._kind = np.zeros(maxlen, dtype=np.uint8)
+        self._needed = np.zeros(maxlen, dtype=bool)
+        self._generated = np.zeros(maxlen, dtype=bool)
+        self._count = 0  # frames appended so far
+
+    def append(self, wall: float, kind: str, needed: bool, generated: bool, latency: float | None) -> None:
+        code = FRAME_KINDS.index(kind)  # before any column changes
+        i = self._count % self.maxlen
+        self._wall[i] = wall
+        self._kind[i] = code
+        self._needed[i] = needed
+        self._generated[i] = generated
+        self._latency[i] = np.nan if latency is None else latency
+        self._count += 1
+
+    def __len__(self) -> int:
+        return min(self._count, self.maxlen)
+
+    def _order(self) -> np.ndarray:
+        n = len(self)
+        return (np.arange(n) + (self._count - n)) % self.maxlen
+
+    def __iter__(self):
+        """The kept frames as records, oldest first (made now: reading is rare)."""
+        for i in self._order():
+            latency = self._latency[i]
+            yield FrameRecord(float(self._wall[i]), FRAME_KINDS[self._kind[i]], bool(self._needed[i]),
+                              bool(self._generated[i]), None if np.isnan(latency) else float(latency))
+
+    def totals(self) -> tuple[int, int]:
+        """(frames shown generated, frames that needed generation) among those kept."""
+        n = len(self)
+        return int(self._generated[:n].sum()), int(self._needed[:n].sum())
+
+
 class SpeechPipeline:
     """Implements the session's FrameSource and its audio/control entry points.
 
@@ -170,7 +221,7 @@ class SpeechPipeline:
         # The most recent chunks' latencies (a bounded window: status sorts it).
         self.latencies: deque[float] = deque(maxlen=5000)
         self.counts = {"speech": 0, "fallback": 0, "playback": 0, "underrun": 0, "failed": 0, "needed": 0}
-        self.frame_records: deque[FrameRecord] = deque(maxlen=20000)
+        self.frame_records = FrameLog(20000)
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
         self.timeline: deque[str] = deque(maxlen=250)
@@ -490,7 +541,7 @@ class SpeechPipeline:
                 self.session.deps.metrics.audio_to_frame_latency.observe(latency)
             if utt.flushed and utt.total_frames is not None and utt.played >= utt.total_frames:
                 self._finish(utt)
-        self.frame_records.append(FrameRecord(wall, kind, needed, generated, latency))
+        self.frame_records.append(wall, kind, needed, generated, latency)
         # One at a time, removed once sent: a cancelled frame loop leaves the rest to
         # the session's close (take_events).
         while self._events:
@@ -562,8 +613,7 @@ class SpeechPipeline:
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 1)) if lat else (lambda q: None)
-        generated = sum(1 for r in self.frame_records if r.generated)
-        wanted = sum(1 for r in self.frame_records if r.needed)
+        generated, wanted = self.frame_records.totals()
         return {"counts": dict(self.counts), "timeline": "".join(self.timeline),
                 "generated_fraction": round(generated / wanted, 4) if wanted else None,
                 "latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "n": len(lat)}}

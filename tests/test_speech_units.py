@@ -4,6 +4,7 @@ buffer and the mouth gate."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from daemon.session import AudioClock, pingpong_index
 from daemon.speech import PcmBuffer, SpeechPipeline, Utterance
@@ -92,3 +93,31 @@ def test_mouth_follows_the_voice_and_closes_within_two_frames():
     utt2.audio.append(tone)
     ramp = [p.blend_for(utt2, f) for f in range(5)]
     assert ramp == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_the_frame_log_keeps_the_last_frames_in_order_and_no_object_per_frame():
+    import gc
+
+    from daemon.speech import FrameLog, FrameRecord
+
+    log = FrameLog(4)
+    assert list(log) == [] and log.totals() == (0, 0)
+    frames = [(10.0 + i, ("idle", "speech", "fallback", "underrun", "playback")[i % 5], i % 2 == 1, i % 4 == 1,
+               0.1 * i if i % 3 == 0 else None) for i in range(7)]
+    for f in frames:
+        log.append(*f)
+    assert len(log) == 4
+    assert list(log) == [FrameRecord(*f) for f in frames[3:]]  # the oldest three dropped, in order
+    assert log.totals() == (1, 2)  # frames 3..6: generated 5; needed 3 and 5
+    with pytest.raises(ValueError):
+        log.append(20.0, "sideways", False, False, None)
+    assert list(log) == [FrameRecord(*f) for f in frames[3:]]  # a refused frame changes nothing
+    # A long session's log is columns: appending frames adds no tracked object.
+    big = FrameLog(20000)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(20000):
+        big.append(float(i), "speech", True, True, None)
+    assert len(gc.get_objects()) - before < 100
+    with pytest.raises(ValueError, match="at least one"):
+        FrameLog(0)

@@ -209,6 +209,9 @@ async def test_failing_generation_step_shows_idle_and_reports(speech_daemon, cli
     and the worker go on."""
     await start(client, "boom")
     host = speech_daemon.engine_host
+    # The utterance plays 3 s after it arrives: on a loaded runner its frames would
+    # otherwise be dropped as too late before any step is tried (and nothing fails).
+    speech_daemon.sessions["boom"].speech.delay_frames = 3 * FPS
 
     def broken(jobs):
         if fault == "out-of-memory":

@@ -54,6 +54,7 @@ from musetalk.whisper import (
     N_FFT,
     SAMPLE_RATE,
     WINDOW_FEATURES,
+    WINDOW_MEL_FRAMES,
     WINDOW_SAMPLES,
     WhisperAudioEncoder,
 )
@@ -102,11 +103,53 @@ def log_mel_device(audio: torch.Tensor, mel_filters_t: torch.Tensor, window: tor
     (``mel_filters_t`` [n_mels, 201]), log10 with floor 1e-10, clamp to (item max - 8),
     (x + 4) / 4; float32 throughout. ``window``: the periodic Hann window of 400.
     """
+    return normalize_log_mel(log_spec_device(audio, mel_filters_t, window))
+
+
+def log_spec_device(audio: torch.Tensor, mel_filters_t: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """The log10 mel power of ``log_mel_device`` before whisper's normalization."""
     spec = torch.stft(
         audio, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
     )
     power = (spec[..., :-1].abs() ** 2).contiguous()
-    log_spec = torch.clamp(mel_filters_t @ power, min=1e-10).log10()
+    return torch.clamp(mel_filters_t @ power, min=1e-10).log10()
+
+
+# log10 of log_mel_device's power floor: every column of a zero-padded segment's silence.
+LOG_FLOOR = -10.0
+# Columns an incremental log-mel update computes come in powers of two from this (a
+# 40 ms chunk changes 6-7 columns of 3000).
+COLUMN_STEP = 16
+
+
+def changed_columns(old: int, new: int) -> tuple[int, int]:
+    """The log-mel columns (first, stop) of a 30 s segment whose 400-sample STFT windows
+    see the segment's samples ``old`` .. ``new - 1`` (column j's window is samples
+    160 j - 200 .. 160 j + 199, reflected at the segment's ends); every other column is
+    unchanged when those samples arrive."""
+    first = max(0, (old - N_FFT // 2) // HOP_LENGTH)
+    stop = min(WINDOW_SAMPLES // HOP_LENGTH, -(-(new + N_FFT // 2) // HOP_LENGTH))
+    return first, max(first, stop)
+
+
+def log_mel_columns(audio: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, mel_filters_t: torch.Tensor,
+                    window: torch.Tensor) -> torch.Tensor:
+    """log10 mel power (before whisper's normalization) of some STFT columns of some
+    segments: ``audio`` [S, 480000], ``rows`` [n] segment rows, ``columns`` [n, K]
+    column indices -> [n, K, n_mels]; each column as ``log_mel_device`` computes it
+    (centered 400-sample Hann windows, reflect padding at the segment's ends)."""
+    last = audio.shape[1] - 1
+    pos = (columns[:, :, None] * HOP_LENGTH - N_FFT // 2
+           + torch.arange(N_FFT, device=audio.device)[None, None, :]).abs()
+    pos = torch.where(pos > last, 2 * last - pos, pos)
+    frames = audio.view(-1)[rows[:, None, None] * audio.shape[1] + pos] * window
+    power = torch.fft.rfft(frames, n=N_FFT).abs() ** 2
+    return torch.clamp(power @ mel_filters_t.T, min=1e-10).log10()
+
+
+def normalize_log_mel(log_spec: torch.Tensor) -> torch.Tensor:
+    """Whisper's normalization of [B, n_mels, 3000] log10 mel power: clamp to (item max
+    - 8), then (x + 4) / 4 (the last steps of ``log_mel_device``)."""
     peak = log_spec.amax(dim=(1, 2), keepdim=True)
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
@@ -168,6 +211,9 @@ class _Uploads:
     post_delta: list[int] = field(default_factory=list)
     post_lens: list[int] = field(default_factory=list)
     post_n: int = 0
+    # Log-mel columns each upload changes (incremental log-mel): (slot, first, stop).
+    pre_cols: list[tuple[int, int, int]] = field(default_factory=list)
+    post_cols: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def any_work(self) -> bool:
@@ -295,6 +341,14 @@ class GpuAudioStreams:
         shape = (self.max_streams, self.ring_frames, AUDIO_TOKENS, d)
         self.tokens = torch.zeros(shape, dtype=self.dtype, device=device)
         self._audio = torch.zeros((self.max_streams, WINDOW_SAMPLES), dtype=torch.float32, device=device)
+        # Incremental log-mel (default): each slot's log10 mel power stays on the device
+        # and a round computes only the columns its new samples change (a 40 ms chunk:
+        # about 7 of 3000) instead of the whole 30 s STFT of every slot it encodes; the
+        # normalization (which needs the window's peak) runs per encode. False: the whole
+        # STFT per encode (measurements compare the two).
+        self.incremental_mel = True
+        self._log_spec = torch.full((self.max_streams, encoder.num_mel_bins, WINDOW_MEL_FRAMES), LOG_FLOOR,
+                                    dtype=torch.float32, device=device)
         self._tails = torch.zeros(
             (self.max_streams * 2, TAIL_FEATURES, HIDDEN_STATES, d), dtype=self.dtype, device=device
         )
@@ -548,6 +602,7 @@ class GpuAudioStreams:
             if frame_feature_start(s.frames_ready, self.fps) >= boundary - TAIL_FEATURES:
                 post = min(len(staged) - pre, WINDOW_SAMPLES)
         if pre:
+            up.pre_cols.append((index, *changed_columns(s.fill, s.fill + pre)))
             up.pre_parts.append(staged[:pre])
             up.pre_delta.append(index * WINDOW_SAMPLES + s.fill - up.pre_n)
             up.pre_lens.append(pre)
@@ -559,6 +614,7 @@ class GpuAudioStreams:
                 up.final_rows.append(index)
                 s.tails[s.segment % 2] = s.segment
             up.zero_between.append(index)
+            up.post_cols.append((index, *changed_columns(0, post)))
             up.post_parts.append(staged[pre : pre + post])
             up.post_delta.append(index * WINDOW_SAMPLES - up.post_n)
             up.post_lens.append(post)
@@ -703,11 +759,15 @@ class GpuAudioStreams:
         starts = [p.current_start for p in plans if p.current] + [WINDOW_FEATURES - self.window_features] * sum(
             1 for p in plans if p.final)
         query_rows = self._query_rows(len(starts), state_rows, codes, [i for i, _ in tail_store])
+        incremental = self.incremental_mel
+        pre_cols = up.pre_cols if incremental else []
+        post_cols = up.post_cols if incremental else []
         ints = [
             up.zero_before, up.pre_delta, up.pre_lens, up.final_rows, up.zero_between,
             up.post_delta, up.post_lens, current_rows, token_rows, state_rows, tail_rows, codes,
             [i for i, _ in tail_store], [r for _, r in tail_store], starts,
             query_rows.reshape(-1) if query_rows is not None else [],
+            [c[0] for c in pre_cols], [c[1] for c in pre_cols], [c[0] for c in post_cols], [c[1] for c in post_cols],
         ]
         ints = [np.asarray(x, dtype=np.int64) for x in ints]
         which = self._rounds % 2
@@ -722,32 +782,44 @@ class GpuAudioStreams:
             pos += len(x)
         (zero_before, pre_delta, pre_lens, final_rows, zero_between, post_delta, post_lens,
          current_rows_t, token_rows_t, state_rows_t, tail_rows_t, codes_t, tail_items, tail_dst, starts_t,
-         query_rows_t) = views
+         query_rows_t, pre_col_rows, pre_col_first, post_col_rows, post_col_first) = views
         query_rows_t = query_rows_t.view(query_rows.shape) if query_rows is not None else None
 
-        audio = self._audio
+        audio, log_spec = self._audio, self._log_spec
         if len(up.zero_before):
             audio.index_fill_(0, zero_before, 0.0)
+            log_spec.index_fill_(0, zero_before, LOG_FLOOR)
         if up.pre_n:
             self._scatter(samples[: up.pre_n], pre_delta, pre_lens, up.pre_n)
-        final_audio = audio.index_select(0, final_rows) if len(up.final_rows) else None
+            if pre_cols:
+                self._update_log_spec(pre_col_rows, pre_col_first, max(c[2] - c[1] for c in pre_cols))
+        # The segments encoded once complete, before their buffers take the next segment.
+        final_src = log_spec if incremental else audio
+        final = final_src.index_select(0, final_rows) if len(up.final_rows) else None
         if len(up.zero_between):
             audio.index_fill_(0, zero_between, 0.0)
+            log_spec.index_fill_(0, zero_between, LOG_FLOOR)
         if up.post_n:
             self._scatter(samples[up.pre_n :], post_delta, post_lens, up.post_n)
+            if post_cols:
+                self._update_log_spec(post_col_rows, post_col_first, max(c[2] - c[1] for c in post_cols))
         items = []
         if current_rows:
-            items.append(audio.index_select(0, current_rows_t))
-        if final_audio is not None:
-            items.append(final_audio)
+            items.append((log_spec if incremental else audio).index_select(0, current_rows_t))
+        if final is not None:
+            items.append(final)
         states = None
         if items:
             batch = torch.cat(items) if len(items) > 1 else items[0]
             n = batch.shape[0]
             if self.batch_buckets and self.bucket(n) > n:
-                batch = torch.cat([batch, batch.new_zeros(self.bucket(n) - n, batch.shape[1])])
+                pad = batch.new_full((self.bucket(n) - n, *batch.shape[1:]), LOG_FLOOR if incremental else 0.0)
+                batch = torch.cat([batch, pad])
                 starts_t = torch.cat([starts_t, starts_t.new_zeros(self.bucket(n) - n)])
-            mel = log_mel_device(batch, self._mel_filters_t, self._window)
+            if incremental:
+                mel = normalize_log_mel(batch)
+            else:
+                mel = log_mel_device(batch, self._mel_filters_t, self._window)
             graph = self._graphs.get((mel.shape[0], query_rows_t.shape[1])) if query_rows_t is not None else None
             if graph is not None:
                 states = self._replay(graph, mel, query_rows_t)
@@ -770,6 +842,17 @@ class GpuAudioStreams:
         if tail_store:
             tails = states.index_select(0, tail_items)[:, self.window_features - TAIL_FEATURES :]
             self._tails.index_copy_(0, tail_dst, tails)
+
+    def _update_log_spec(self, rows: torch.Tensor, first: torch.Tensor, widest: int) -> None:
+        """Recompute the log-mel columns first[i] .. first[i] + widest - 1 of segment rows[i]
+        (those its new samples changed; past the changed ones they are recomputed as they
+        are, so one width serves the round) from the samples now on the device."""
+        width = COLUMN_STEP
+        while width < widest:
+            width *= 2
+        columns = (first[:, None] + torch.arange(width, device=self.device)[None, :]).clamp_(max=WINDOW_MEL_FRAMES - 1)
+        values = log_mel_columns(self._audio, rows, columns, self._mel_filters_t, self._window)  # [n, K, mels]
+        self._log_spec[rows[:, None], :, columns] = values
 
     def _scatter(self, samples: torch.Tensor, delta: torch.Tensor, lens: torch.Tensor, n: int) -> None:
         """Sample i of piece p goes to flat position i + delta[p] of the segment buffers."""
@@ -823,7 +906,7 @@ def gpu_stream_tokens(
 
 def time_rounds(
     encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int,
-    prune: bool = True, graphs: bool = False,
+    prune: bool = True, graphs: bool = False, incremental_mel: bool = True,
 ) -> dict[str, float]:
     """Steady state mid-utterance: each of ``slots`` streams starts with 1 s of audio
     (its frames made and consumed untimed), then every round each gets one chunk and
@@ -833,6 +916,7 @@ def time_rounds(
 
     streams = GpuAudioStreams(encoder, max_streams=2 * slots, graphs=graphs)  # two a session, as the daemon
     streams.prune_last_layer = prune
+    streams.incremental_mel = incremental_mel
     if graphs:
         streams.warm()  # captures the graphs
     ids = [streams.open() for _ in range(slots)]
@@ -929,12 +1013,15 @@ def _main() -> None:
             print(line, flush=True)
         for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
             for b in slots:
-                for prune, graphs in ((False, False), (True, False)) + (((True, True),) if cuda else ()):
+                variants = ((False, False, True), (True, False, True))
+                if cuda:  # the daemon's form, then the same with the whole STFT per encode
+                    variants += ((True, True, True), (True, True, False))
+                for prune, graphs, incremental in variants:
                     timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2, prune=prune,
-                                         graphs=graphs)
+                                         graphs=graphs, incremental_mel=incremental)
                     print(
                         f"round B={b} chunk={chunk_ms}ms last layer {'pruned' if prune else 'whole'}, "
-                        f"{'graphs' if graphs else 'eager'}: "
+                        f"{'graphs' if graphs else 'eager'}, {'incremental' if incremental else 'whole-STFT'} log-mel: "
                         f"{timing['round_ms_mean']:.2f} ms per round with frames "
                         f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
                         f"{timing['rounds']} rounds, {timing['frames']} frames, {timing['graph_rounds']} graphed",
@@ -948,14 +1035,17 @@ def _main() -> None:
                       f"max abs {np.abs(graphed - eager).max():.3g}", flush=True)
         if cuda:
             for b in slots:
-                mel_ms, encoder_ms, pruned_ms, graph_ms = _time_stages(encoder, b)
-                print(f"stages B={b}: log-mel {mel_ms:.2f} ms, encoder {encoder_ms:.2f} ms, "
+                mel_ms, columns_ms, encoder_ms, pruned_ms, graph_ms = _time_stages(encoder, b)
+                print(f"stages B={b}: log-mel {mel_ms:.2f} ms whole STFT, {columns_ms:.2f} ms incremental "
+                      f"({COLUMN_STEP} columns and the normalization), encoder {encoder_ms:.2f} ms, "
                       f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms, "
                       f"the same as a CUDA graph {graph_ms:.2f} ms", flush=True)
 
 
-def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> tuple[float, float, float, float]:
-    """Device ms of the two big stages of a round with ``items`` encodes (the encoder
+def _time_stages(encoder: WhisperAudioEncoder, items: int,
+                 repeat: int = 20) -> tuple[float, float, float, float, float]:
+    """Device ms of the two big stages of a round with ``items`` encodes (the log-mel
+    whole and incremental, a 40 ms chunk's columns then the normalization; the encoder
     whole, then with its last layer on QUERY_ROW_STEP rows, a 40 ms chunk's, eager and as
     a CUDA graph). Eager calls queued back to back are bound by their launches where the
     device is faster than the host; the graph's figure is the device's."""
@@ -984,7 +1074,16 @@ def _time_stages(encoder: WhisperAudioEncoder, items: int, repeat: int = 20) -> 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             encoder.device_hidden_states(mel, rows=rows, out=out)
-    return (ms(lambda: log_mel_device(audio, filters, window)), ms(lambda: encoder.device_hidden_states(mel)),
+    spec = log_spec_device(audio, filters, window)
+    slots = torch.arange(items, device=encoder.device)
+    columns = (1200 + torch.arange(COLUMN_STEP, device=encoder.device)).expand(items, -1)
+
+    def incremental() -> None:
+        spec[slots[:, None], :, columns] = log_mel_columns(audio, slots, columns, filters, window)
+        normalize_log_mel(spec)
+
+    return (ms(lambda: log_mel_device(audio, filters, window)), ms(incremental),
+            ms(lambda: encoder.device_hidden_states(mel)),
             ms(lambda: encoder.device_hidden_states(mel, rows=rows)), ms(graph.replay))
 
 

@@ -17,7 +17,16 @@ from musetalk.audio import (
     stream_tokens,
     token_errors,
 )
-from musetalk.audio_gpu import GpuAudioStreams, drain, encoder_buckets, gpu_stream_tokens, log_mel_device
+from musetalk.audio_gpu import (
+    GpuAudioStreams,
+    changed_columns,
+    drain,
+    encoder_buckets,
+    gpu_stream_tokens,
+    log_mel_device,
+    log_spec_device,
+    normalize_log_mel,
+)
 from musetalk.whisper import WINDOW_SAMPLES, load_whisper_encoder, write_random_whisper
 
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"
@@ -231,6 +240,74 @@ def test_burst_waits_for_the_ring_and_crosses_the_boundary_exactly(encoder, long
     assert got.shape == offline.shape
     # Every frame was made with all the audio in: offline, across the boundary too.
     np.testing.assert_allclose(got, offline, atol=2e-5)
+
+
+def test_changed_columns_are_those_whose_windows_see_the_new_samples():
+    rng = np.random.default_rng(5)
+    window = torch.hann_window(400, periodic=True)
+    filters = torch.from_numpy(rng.random((80, 201)).astype(np.float32))
+    audio = torch.zeros(WINDOW_SAMPLES)
+    before = log_spec_device(audio[None], filters, window)[0]
+    for old, new in ((0, 640), (5000, 5640), (479000, WINDOW_SAMPLES), (100, 101)):
+        changed = audio.clone()
+        changed[old:new] = torch.from_numpy(rng.uniform(0.1, 0.5, new - old).astype(np.float32))
+        after = log_spec_device(changed[None], filters, window)[0]
+        moved = torch.nonzero((after != before).any(dim=0)).flatten()
+        first, stop = changed_columns(old, new)
+        assert len(moved) and first <= int(moved.min()) and int(moved.max()) < stop, (old, new, first, stop)
+        assert stop - first <= (new - old) // 160 + 5  # no more than the windows touched
+    assert changed_columns(0, 0)[0] == 0 and changed_columns(479990, WINDOW_SAMPLES)[1] == 3000
+
+
+def _mel_pair(streams: GpuAudioStreams, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = normalize_log_mel(streams._log_spec[slot : slot + 1])[0]
+    whole = log_mel_device(streams._audio[slot : slot + 1], streams._mel_filters_t, streams._window)[0]
+    return kept, whole
+
+
+def test_incremental_log_mel_equals_the_whole_stft_after_every_round(encoder, long_signal, speech16k):
+    """Uneven chunks, a burst, a reset, a new utterance and a 30 s rollover: after every
+    round the kept columns are those of the whole segment's STFT."""
+    streams = GpuAudioStreams(encoder, max_streams=2, ring_frames=1024)
+    a, b = streams.open(), streams.open()
+    rng = np.random.default_rng(1)
+    pos = 0
+    for _ in range(12):
+        n = int(rng.integers(1, 3000))
+        streams.push(a, long_signal[pos : pos + n])
+        streams.push(b, speech16k[pos : pos + n])
+        pos += n
+        drain(streams)
+        for slot in (a, b):
+            kept, whole = _mel_pair(streams, slot)
+            torch.testing.assert_close(kept, whole, atol=1e-4, rtol=0)
+    streams.reset(b)  # barge-in: the next utterance starts from silence
+    streams.push(b, speech16k[:700])
+    streams.push(a, long_signal[pos:])  # a burst across the segment boundary
+    streams.flush(a)
+    drain(streams)
+    for slot in (a, b):
+        kept, whole = _mel_pair(streams, slot)
+        torch.testing.assert_close(kept, whole, atol=1e-4, rtol=0)
+    assert streams.frames_ready(a) == num_video_frames(len(long_signal), 25)
+
+
+def test_incremental_log_mel_gives_the_whole_stft_tokens(encoder, long_signal):
+    def tokens(incremental: bool) -> np.ndarray:
+        streams = GpuAudioStreams(encoder, max_streams=1, ring_frames=1024)
+        streams.incremental_mel = incremental
+        slot = streams.open()
+        out: dict[int, list] = {}
+        for start in range(0, len(long_signal), 16000):
+            streams.push(slot, long_signal[start : start + 16000])
+            drain(streams, out)
+        streams.flush(slot)
+        drain(streams, out)
+        return _collect(out, slot)
+
+    kept, whole = tokens(True), tokens(False)
+    assert kept.shape == whole.shape == (782, 50, 384)
+    np.testing.assert_allclose(kept, whole, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- lifecycle

@@ -9,7 +9,8 @@
 #          prepares the four avatars and is not a measurement), 60 s each
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
 #   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
-#          (musetalk.step_bench, batches 16 and 24; about 4 minutes)
+#          (musetalk.step_bench, batches $SB_BATCHES, default 16,24; about 4 minutes)
+#   pick   the faster form of sb's largest batch becomes model.upsample for the later steps
 #   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
 # Extra LIPSYNC_* variables in the environment reach the loadtest's daemon.
@@ -25,15 +26,18 @@ steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)
 for step in "${steps[@]}"; do
   say "start $step"
   case "$step" in
-    audio) (cd "$root" && timeout 300 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 --slots 8,12,24 \
-             --rounds 30) > "$out/audio.log" 2>&1 ;;
+    audio) (cd "$root" && timeout 300 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 \
+             --slots "${AUDIO_SLOTS:-8,12,24}" --rounds 30) > "$out/audio.log" 2>&1 ;;
     ref) (cd "$root" && timeout 300 python3 -m musetalk.bench --device cuda --reference-flow --frames 500 \
            --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
     lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \
           --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/lt.json") > "$out/lt.log" 2>&1 ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
-    sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches 16,24 \
+    sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;
+    pick) form=$(python3 -c "import json,sys; r=[v for v in json.load(open(sys.argv[1])) if v.get('rows')]; \
+print(min(r, key=lambda v: v['rows'][-1]['step_ms'])['variant'] if r else '')" "$out/sb.json" 2>/dev/null)
+          [ -n "$form" ] && export LIPSYNC_MODEL__UPSAMPLE="$form"; say "model.upsample: ${LIPSYNC_MODEL__UPSAMPLE:-default}" ;;
     up) (cd "$root" && timeout 200 python3 -m musetalk.subpixel --iters 20) > "$out/up.log" 2>&1 ;;
     tests) (cd "$root" && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu --noconftest \
              tests/test_audio_gpu.py tests/test_engine.py) > "$out/tests.log" 2>&1 ;;

@@ -985,6 +985,8 @@ def _main() -> None:
     parser.add_argument("--slots", help="B values for the round timing; default 1,8,24,64 on cuda, 1,4 on the CPU")
     parser.add_argument("--rounds", type=int, help="timed rounds per B; default 50 on cuda, 3 on the CPU")
     parser.add_argument("--against-stream", action="store_true", help="also compare with StreamingAudioFeatures")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="on cuda: device ms of N pruned encodes per B by kernel kind, the costliest kernels")
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
@@ -1036,10 +1038,37 @@ def _main() -> None:
         if cuda:
             for b in slots:
                 mel_ms, columns_ms, encoder_ms, pruned_ms, graph_ms = _time_stages(encoder, b)
+                if args.profile:
+                    _profile_encoder(encoder, b, args.profile)
                 print(f"stages B={b}: log-mel {mel_ms:.2f} ms whole STFT, {columns_ms:.2f} ms incremental "
                       f"({COLUMN_STEP} columns and the normalization), encoder {encoder_ms:.2f} ms, "
                       f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms, "
                       f"the same as a CUDA graph {graph_ms:.2f} ms", flush=True)
+
+
+def _profile_encoder(encoder: WhisperAudioEncoder, items: int, calls: int) -> None:
+    """Print where a pruned encode of ``items`` windows spends its device time (the eager
+    encode runs the kernels its CUDA graph replays)."""
+    from types import SimpleNamespace
+
+    from musetalk.step_bench import profile_steps
+
+    mel = torch.randn(items, encoder.num_mel_bins, 2 * WINDOW_FEATURES, device=encoder.device)
+    rows = (1400 + torch.arange(QUERY_ROW_STEP, device=encoder.device).expand(items, -1)).contiguous()
+    with torch.inference_mode():
+        for _ in range(3):
+            encoder.device_hidden_states(mel, rows=rows)
+
+        def launch() -> SimpleNamespace:
+            encoder.device_hidden_states(mel, rows=rows)
+            return SimpleNamespace(boxes=lambda: None)
+
+        k = profile_steps(launch, calls, cuda=encoder.device.type == "cuda", top=10)
+    kinds = ", ".join(f"{kind} {ms:.3f}" for kind, ms in k["by_kind_ms"].items())
+    print(f"encoder profile B={items}: {k['total_ms']:.3f} ms a call ({k['total_ms'] / items:.3f} ms an encode): "
+          f"{kinds}", flush=True)
+    for item in k["top"]:
+        print(f"    {item['ms']:7.3f} ms x{item['calls']:<3} {item['kind']:<9} {item['name'][:100]}", flush=True)
 
 
 def _time_stages(encoder: WhisperAudioEncoder, items: int,

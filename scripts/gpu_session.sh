@@ -27,7 +27,7 @@ for step in "${steps[@]}"; do
   say "start $step"
   case "$step" in
     audio) (cd "$root" && timeout 300 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 \
-             --slots "${AUDIO_SLOTS:-8,12,24}" --rounds 30) > "$out/audio.log" 2>&1 ;;
+             --slots "${AUDIO_SLOTS:-8,12,24}" --rounds 30 --profile 10) > "$out/audio.log" 2>&1 ;;
     ref) (cd "$root" && timeout 300 python3 -m musetalk.bench --device cuda --reference-flow --frames 500 \
            --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
     lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \

@@ -7,6 +7,8 @@
 #   ref    MuseTalk's reference flow (the 4x target's baseline), 500 frames
 #   lt     lipsync loadtest, sessions $LT_SESSIONS (default 4,16,20,24; the first row
 #          prepares the four avatars and is not a measurement), 60 s each
+#   lt10   the same with model.audio_round_ms = 10 (rounds twice as often), sessions
+#          $LT10_SESSIONS (default 20,22), in a second process (the compile cache is warm)
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
 #   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
 #          (musetalk.step_bench, batches $SB_BATCHES, default 16,24; about 4 minutes)
@@ -32,6 +34,9 @@ for step in "${steps[@]}"; do
            --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
     lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \
           --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/lt.json") > "$out/lt.log" 2>&1 ;;
+    lt10) (cd /tmp/lt && LIPSYNC_MODEL__AUDIO_ROUND_MS=10 timeout 900 python3 -m daemon.cli --config /dev/null loadtest \
+          --sessions "${LT10_SESSIONS:-20,22}" --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 \
+          --json "$out/lt10.json") > "$out/lt10.log" 2>&1 ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
     sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;

@@ -82,12 +82,14 @@ class _EncoderGraph:
     out: torch.Tensor
 
 def encoder_buckets(most: int) -> list[int]:
-    """Encoder batch sizes: 1, 2, 4, 8, then steps of at most half the size (12, 16, 24,
-    32, 48, ...), up to ``most``."""
+    """Encoder batch sizes: 1, 2, 4, then every even size up to 32, then steps of at
+    least 8 and at most a quarter (40, 48, 56, 64, 80, ...), up to ``most``. A padded
+    item costs a whole encode (about 0.2 ms on an H200): with steps of 4 and 8 a round
+    of 9-24 encodes ran about 13 % padding, with steps of 2 about 4 %."""
     sizes, b = [], 1
     while b < most:
         sizes.append(b)
-        b = b * 2 if b < 8 else b + b // 2 if (b & (b - 1)) == 0 else b // 3 * 4
+        b = b * 2 if b < 4 else b + 2 if b < 32 else b + max(8, b // 4 // 8 * 8)
     sizes.append(b)
     return sizes
 

@@ -17,7 +17,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/device.txt"
-git log -1 --format='commit %H' 2>/dev/null | tee -a "$out/device.txt"
 date -u +'start %FT%TZ' | tee -a "$out/device.txt"
 timeout "${AUDIO_S:-150}" python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 --slots "${AUDIO_SLOTS:-12,24}" \
   --rounds 30 --profile 10 > "$out/audio.log" 2>&1

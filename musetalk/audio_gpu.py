@@ -371,18 +371,19 @@ class GpuAudioStreams:
     def warm(self) -> dict[int, float]:
         """One encode at every bucket up to one item per stream (cuDNN's search, the
         allocator's blocks; a round past that, a stream rolling over while all encode,
-        is rare): ms each, measured on a second run. Leaves no state behind."""
+        is rare), with the log-mel in the form the rounds compute it: ms each, measured
+        on a second run. Leaves no state behind."""
         import time
 
         timings: dict[int, float] = {}
         sizes = [b for b in self._buckets if b <= self.bucket(self.max_streams)] if self.batch_buckets else [1]
         with torch.inference_mode():
             for b in sizes:
-                audio = torch.zeros((b, WINDOW_SAMPLES), dtype=torch.float32, device=self.device)
+                silence = self._silence(b)
                 starts = torch.zeros(b, dtype=torch.long, device=self.device)
                 for timed in (False, True):
                     t = time.perf_counter()
-                    mel = log_mel_device(audio, self._mel_filters_t, self._window)
+                    mel = self._mel(silence)
                     if self.window_features == WINDOW_FEATURES:
                         self.encoder.device_hidden_states(mel)
                     else:
@@ -815,13 +816,9 @@ class GpuAudioStreams:
             batch = torch.cat(items) if len(items) > 1 else items[0]
             n = batch.shape[0]
             if self.batch_buckets and self.bucket(n) > n:
-                pad = batch.new_full((self.bucket(n) - n, *batch.shape[1:]), LOG_FLOOR if incremental else 0.0)
-                batch = torch.cat([batch, pad])
+                batch = torch.cat([batch, self._silence(self.bucket(n) - n)])
                 starts_t = torch.cat([starts_t, starts_t.new_zeros(self.bucket(n) - n)])
-            if incremental:
-                mel = normalize_log_mel(batch)
-            else:
-                mel = log_mel_device(batch, self._mel_filters_t, self._window)
+            mel = self._mel(batch)
             graph = self._graphs.get((mel.shape[0], query_rows_t.shape[1])) if query_rows_t is not None else None
             if graph is not None:
                 states = self._replay(graph, mel, query_rows_t)
@@ -844,6 +841,19 @@ class GpuAudioStreams:
         if tail_store:
             tails = states.index_select(0, tail_items)[:, self.window_features - TAIL_FEATURES :]
             self._tails.index_copy_(0, tail_dst, tails)
+
+    def _silence(self, n: int) -> torch.Tensor:
+        """``n`` silent segments in the form a round encodes from: log10 mel power at the
+        floor (incremental log-mel) or zero samples."""
+        if self.incremental_mel:
+            return self._log_spec.new_full((n, *self._log_spec.shape[1:]), LOG_FLOOR)
+        return self._audio.new_zeros((n, WINDOW_SAMPLES))
+
+    def _mel(self, batch: torch.Tensor) -> torch.Tensor:
+        """The encoder's input, [B, n_mels, 3000], of segments in the form ``_silence`` names."""
+        if self.incremental_mel:
+            return normalize_log_mel(batch)
+        return log_mel_device(batch, self._mel_filters_t, self._window)
 
     def _update_log_spec(self, rows: torch.Tensor, first: torch.Tensor, widest: int) -> None:
         """Recompute the log-mel columns first[i] .. first[i] + widest - 1 of segment rows[i]

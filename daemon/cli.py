@@ -124,6 +124,8 @@ def cmd_events(args, settings) -> int:
     """Print events until --until, --timeout or Ctrl-C. When NATS goes away (with the
     embedded server: the daemon stopped), say so on stderr and exit 1, or with --follow
     wait for it to come back and go on printing."""
+    import signal
+
     import nats
 
     from daemon.bus import auth_options
@@ -135,6 +137,19 @@ def cmd_events(args, settings) -> int:
         print(f"lipsync events: {text}", file=sys.stderr, flush=True)
 
     async def run() -> int:
+        # Ctrl-C and SIGTERM cancel the command wherever it waits. Through the loop's own
+        # handler: it wakes the loop whichever thread the signal lands on (with only
+        # signal.signal, a loop idle in its poll may not see it until something else
+        # wakes it: seconds when no event comes).
+        loop, main = asyncio.get_running_loop(), asyncio.current_task()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, main.cancel)
+        try:
+            return await follow()
+        except asyncio.CancelledError:
+            return 0
+
+    async def follow() -> int:
         done = asyncio.Event()  # --until seen
         closed = asyncio.Event()  # the connection is gone for good (no --follow)
 
@@ -195,7 +210,10 @@ def cmd_events(args, settings) -> int:
                 task.cancel()
             lost = closed.is_set() and not done.is_set()  # before our own close sets it too
             if not nc.is_closed:
-                await nc.close()
+                try:  # a close that hangs must not keep Ctrl-C from quitting
+                    await asyncio.wait_for(nc.close(), timeout=2)
+                except asyncio.TimeoutError:
+                    pass
         if lost:
             note(f"the connection to NATS at {redact_url(url)} closed: the daemon stopped (its embedded "
                  "nats-server stops with it) or NATS went away; use --follow to wait for it to come back")

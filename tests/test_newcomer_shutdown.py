@@ -168,3 +168,21 @@ async def test_events_follow_waits_for_the_daemon_to_come_back(tmp_path: Path):
         for proc in (first, second, events):
             if proc is not None:
                 proc.kill()
+
+
+def test_events_quits_at_ctrl_c_or_sigterm_while_it_waits_for_nats(tmp_path: Path):
+    """Waiting for a daemon that is not there yet: Ctrl-C and SIGTERM quit at once with
+    status 0 (through the event loop's own signal handler, which wakes a loop idle in its
+    poll whichever thread the signal lands on)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        events = lipsync_events(tmp_path, free_port(), "--follow")
+        try:
+            events.wait_for("not there yet: waiting for it", 20, stream="err")
+            time.sleep(0.3)  # inside its retry sleep, or a connect attempt
+            sent = time.monotonic()
+            events.proc.send_signal(sig)
+            assert events.wait_exit(10) == 0, events.output()
+            assert events.exited_at is not None and events.exited_at - sent < 5, events.output()
+            assert not any("Traceback" in l for _, l in events.lines + events.err_lines), events.output()
+        finally:
+            events.kill()

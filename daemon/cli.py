@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,26 @@ def cmd_status(args, settings) -> int:
     return 0
 
 
+async def _until_signal(work, signals: tuple[int, ...], code: int) -> int:
+    """Await a command's ``work``; any of ``signals`` cancels it wherever it waits and
+    gives ``code``. Through the loop's own handler, which wakes the loop whichever thread
+    the signal lands on: asyncio.run's Ctrl-C handler (signal.signal) reaches a loop idle
+    in its poll only when the signal interrupts that poll, else when something else wakes
+    it (seconds, when no message comes). asyncio.run's handler still covers the moment
+    before this one is in place (KeyboardInterrupt)."""
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    for sig in signals:
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        return code
+
+
 def cmd_events(args, settings) -> int:
     """Print events until --until, --timeout or Ctrl-C. When NATS goes away (with the
     embedded server: the daemon stopped), say so on stderr and exit 1, or with --follow
     wait for it to come back and go on printing."""
-    import signal
-
     import nats
 
     from daemon.bus import auth_options
@@ -137,19 +152,6 @@ def cmd_events(args, settings) -> int:
         print(f"lipsync events: {text}", file=sys.stderr, flush=True)
 
     async def run() -> int:
-        # Ctrl-C and SIGTERM cancel the command wherever it waits. Through the loop's own
-        # handler: it wakes the loop whichever thread the signal lands on (with only
-        # signal.signal, a loop idle in its poll may not see it until something else
-        # wakes it: seconds when no event comes).
-        loop, main = asyncio.get_running_loop(), asyncio.current_task()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, main.cancel)
-        try:
-            return await follow()
-        except asyncio.CancelledError:
-            return 0
-
-    async def follow() -> int:
         done = asyncio.Event()  # --until seen
         closed = asyncio.Event()  # the connection is gone for good (no --follow)
 
@@ -220,8 +222,8 @@ def cmd_events(args, settings) -> int:
             return 1
         return 0
 
-    try:
-        return asyncio.run(run())
+    try:  # Ctrl-C or SIGTERM: quit, status 0
+        return asyncio.run(_until_signal(run(), (signal.SIGINT, signal.SIGTERM), 0))
     except KeyboardInterrupt:
         return 0
 
@@ -251,7 +253,7 @@ def cmd_say(args, settings) -> int:
             await nc.close()
 
     try:
-        return asyncio.run(run())
+        return asyncio.run(_until_signal(run(), (signal.SIGINT,), 130))
     except SayError as exc:  # a bad WAV, the session's error event, no playback_finished
         print(f"lipsync say: {exc}", file=sys.stderr)
         return 1

@@ -86,10 +86,14 @@ def lipsyncd(tmp_path: Path, nats_port: int, name: str = "d", **env: str) -> Pro
     return Process([sys.executable, "-m", "daemon.main"], full, tmp_path)
 
 
-def lipsync_events(tmp_path: Path, nats_port: int, *args: str) -> Process:
+def lipsync(tmp_path: Path, nats_port: int, command: str, *args: str) -> Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
-    return Process([sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "events",
+    return Process([sys.executable, "-m", "daemon.cli", "--config", "/dev/null", command,
                     "--nats", f"nats://127.0.0.1:{nats_port}", *args], env, tmp_path, merge=False)
+
+
+def lipsync_events(tmp_path: Path, nats_port: int, *args: str) -> Process:
+    return lipsync(tmp_path, nats_port, "events", *args)
 
 
 async def start_session(nats_port: int, session_id: str) -> dict:
@@ -186,3 +190,27 @@ def test_events_quits_at_ctrl_c_or_sigterm_while_it_waits_for_nats(tmp_path: Pat
             assert not any("Traceback" in l for _, l in events.lines + events.err_lines), events.output()
         finally:
             events.kill()
+
+
+async def test_say_quits_at_ctrl_c_while_it_waits_for_playback_finished(tmp_path: Path):
+    """All its audio sent at once, `lipsync say` waits for the session's playback to end
+    (about 3 s of speech): Ctrl-C then quits at once with status 130."""
+    port = free_port()
+    daemon = lipsyncd(tmp_path, port)
+    say = None
+    try:
+        daemon.wait_for('"lipsyncd ready"', 60)
+        assert (await start_session(port, "s1"))["ok"]
+        say = lipsync(tmp_path, port, "say", "s1", str(Path(__file__).parent / "data" / "speech.wav"))
+        say.wait_for("streaming 3.18s", 20)
+        time.sleep(0.5)  # every chunk sent: it waits for playback_finished
+        sent = time.monotonic()
+        say.proc.send_signal(signal.SIGINT)
+        assert say.wait_exit(10) == 130, say.output()
+        assert say.exited_at is not None and say.exited_at - sent < 2.5, say.output()
+        assert not any('"type":"playback_finished"' in l for _, l in say.lines), say.output()
+        assert not any("Traceback" in l for _, l in say.lines + say.err_lines), say.output()
+    finally:
+        daemon.kill()
+        if say is not None:
+            say.kill()

@@ -9,6 +9,10 @@
 #          prepares the four avatars and is not a measurement), 60 s each
 #   lt10   the same with model.audio_round_ms = 10 (rounds twice as often), sessions
 #          $LT10_SESSIONS (default 20,22), in a second process (the compile cache is warm)
+#   lt-TAG the loadtest in a process of its own with the settings in $LT_TAG_ENV (TAG upper-
+#          cased, '-' as '_'; words like LIPSYNC_MODEL__BUCKET_STEP=2) and sessions
+#          $LT_TAG_SESSIONS (default 4,20,22), into lt-TAG.json: e.g. step lt-u90 with
+#          LT_U90_ENV="LIPSYNC_MODEL__BATCH_UTILIZATION=0.9" LT_U90_SESSIONS=22,24
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
 #   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
 #          (musetalk.step_bench, batches $SB_BATCHES, default 16,24; about 4 minutes)
@@ -37,6 +41,11 @@ for step in "${steps[@]}"; do
     lt10) (cd /tmp/lt && LIPSYNC_MODEL__AUDIO_ROUND_MS=10 timeout 900 python3 -m daemon.cli --config /dev/null loadtest \
           --sessions "${LT10_SESSIONS:-20,22}" --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 \
           --json "$out/lt10.json") > "$out/lt10.log" 2>&1 ;;
+    lt-*) tag="$(echo "${step#lt-}" | tr 'a-z-' 'A-Z_')"; envs="LT_${tag}_ENV"; sess="LT_${tag}_SESSIONS"
+          say "$step: ${!envs:-} sessions ${!sess:-4,20,22}"
+          (cd /tmp/lt && env ${!envs:-} timeout 1500 python3 -m daemon.cli --config /dev/null loadtest \
+            --sessions "${!sess:-4,20,22}" --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 \
+            --json "$out/$step.json") > "$out/$step.log" 2>&1 ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
     sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;

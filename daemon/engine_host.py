@@ -27,7 +27,15 @@ log = get_logger(__name__)
 
 MODEL_VERSION = "musetalk-1.5"
 # Of the frames/s measured at the best batch size, what admission counts on: the rest is
-# headroom for the audio rounds, host gaps and bucket padding.
+# headroom for the audio rounds (about 12-14 % of the GPU at 20-24 sessions), host gaps
+# and bucket padding. The warm-up's best bucket ran 625 frames/s on an H100 (32 frames
+# in 51.2 ms; the H200's steps are as fast), and 20 sessions at 25 fps met the SLO on an
+# H200 while 22 did not on either card (docs/BENCHMARKS.md, ninth and twelfth sessions):
+# 0.85 admitted 21; 0.82 admits 20 (512 frames/s) and still does if the warm-up measures
+# a few per cent slow (20 needs 610 frames/s, 21 would need 640).
+ADMISSION_FRACTION = 0.82
+# Of one session's frames/s (a step and its audio round after each other), what counts as
+# sustained when choosing a slow device's default fps (video.auto_fps).
 SUSTAINED_FRACTION = 0.85
 
 
@@ -175,7 +183,7 @@ class EngineHost:
         self.warmup_ms = step_ms
         if self.device.type == "cuda" and step_ms:
             best = max(size * 1000 / ms for size, ms in step_ms.items())
-            self.measured_fps = round(best * SUSTAINED_FRACTION, 1)
+            self.measured_fps = round(best * ADMISSION_FRACTION, 1)
         if step_ms:
             # One speaking session: a frame's step and its audio round, one after another.
             per_frame = step_ms[min(step_ms)] / 1000 / min(step_ms) + self.worker.est.round()

@@ -28,6 +28,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="/tmp/site:/tmp/site2:$root" PATH="/tmp/site/bin:/tmp/site2/bin:$PATH" PYTHONUNBUFFERED=1
 export LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda
 say() { echo "$(date -u +%T) $*" >> "$out/progress"; }
+# loadtest NAME LIMIT_S SESSIONS [VAR=value ...]: one loadtest process into NAME.json/.log
+loadtest() {
+  local name="$1" limit="$2" sessions="$3"; shift 3
+  (cd /tmp/lt && env "$@" timeout "$limit" python3 -m daemon.cli --config /dev/null loadtest --sessions "$sessions" \
+    --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/$name.json") > "$out/$name.log" 2>&1
+}
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)
 for step in "${steps[@]}"; do
   say "start $step"
@@ -36,16 +42,11 @@ for step in "${steps[@]}"; do
              --slots "${AUDIO_SLOTS:-8,12,24}" --rounds 30 --profile 10) > "$out/audio.log" 2>&1 ;;
     ref) (cd "$root" && timeout 300 python3 -m musetalk.bench --device cuda --reference-flow --frames 500 \
            --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
-    lt) (cd /tmp/lt && timeout 1200 python3 -m daemon.cli --config /dev/null loadtest --sessions "${LT_SESSIONS:-4,16,20,24}" \
-          --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/lt.json") > "$out/lt.log" 2>&1 ;;
-    lt10) (cd /tmp/lt && LIPSYNC_MODEL__AUDIO_ROUND_MS=10 timeout 900 python3 -m daemon.cli --config /dev/null loadtest \
-          --sessions "${LT10_SESSIONS:-20,22}" --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 \
-          --json "$out/lt10.json") > "$out/lt10.log" 2>&1 ;;
+    lt) loadtest lt 1200 "${LT_SESSIONS:-4,16,20,24}" ;;
+    lt10) loadtest lt10 900 "${LT10_SESSIONS:-20,22}" LIPSYNC_MODEL__AUDIO_ROUND_MS=10 ;;
     lt-*) tag="$(echo "${step#lt-}" | tr 'a-z-' 'A-Z_')"; envs="LT_${tag}_ENV"; sess="LT_${tag}_SESSIONS"
           say "$step: ${!envs:-} sessions ${!sess:-4,20,22}"
-          (cd /tmp/lt && env ${!envs:-} timeout 1500 python3 -m daemon.cli --config /dev/null loadtest \
-            --sessions "${!sess:-4,20,22}" --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 \
-            --json "$out/$step.json") > "$out/$step.log" 2>&1 ;;
+          loadtest "$step" 1500 "${!sess:-4,20,22}" ${!envs:-} ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
     sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;

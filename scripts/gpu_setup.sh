@@ -2,7 +2,8 @@
 # Prepares a GPU machine whose Python has torch but not this project's other dependencies:
 # installs the wheels carried in .whl/ (and .whl2/ when a second carry was needed) into
 # /tmp/site (or the packed form of both, .whlx/wheels.tar.xz from scripts/gpu_pack.sh: one
-# carry instead of two calls) and removes peft (its import breaks diffusers under that image's transformers).
+# carry instead of two calls) and removes peft (its import breaks diffusers under that
+# image's transformers).
 # Then: export PYTHONPATH=/tmp/site:/tmp/site2:$PWD PATH=/tmp/site/bin:/tmp/site2/bin:$PATH
 set -euo pipefail
 python3 -m pip uninstall -y -q peft 2>/dev/null || true

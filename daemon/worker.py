@@ -386,7 +386,12 @@ class GenerationWorker:
                 torch.cuda.set_stream(torch.cuda.Stream(self.engine.device, priority=-1))
             if warm_engine is not None:
                 self.warmup_ms = warm_engine()
-                self.est.seed_steps(self.warmup_ms)
+                # Seeded with the steps' device times where the warm-up has them: live
+                # steps add theirs (``gpu_seconds``), while the warm-up's host times also
+                # hold a launch and a wait (8 % more at 24 frames on an H100), which kept
+                # the buckets no step had used yet (the planner's choice, the first
+                # placements' budgets) that much too slow.
+                self.est.seed_steps(getattr(self.engine, "warmup_device_ms", None) or self.warmup_ms)
             if warm_fps is not None:
                 self.est.seed_round(self._warm_audio(warm_fps))
         except BaseException as exc:

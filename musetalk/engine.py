@@ -26,6 +26,7 @@ Inference runs under ``torch.inference_mode()``; the class never touches asyncio
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -199,6 +200,7 @@ class Engine:
         self._timestep = torch.zeros((), dtype=torch.long, device=self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.record_timings = False
+        self.warmup_device_ms: dict[int, float] = {}  # set by ``warmup``
         self.last_timings_ms: dict[str, float] = {}
 
         unet, vae, timestep = models.unet, models.vae, self._timestep
@@ -428,7 +430,10 @@ class Engine:
         cuDNN's algorithm search happen here), so that the first sessions do not pay for them, on a
         synthetic avatar with ``box``-pixel boxes in ``frame``-pixel frames (the paste
         costs what a real avatar's does). Returns ms per step at each size, measured after
-        the warm-up (the frames/s the device sustains follows from it)."""
+        the warm-up, host time from launch to the boxes on the host (the frames/s the
+        device sustains follows from it). ``warmup_device_ms`` keeps each size's device time
+        (from its start on the stream to the end of its copy-out, median of the three), the
+        measure live steps report with ``gpu_seconds``."""
         if self._buckets:
             sizes = self._buckets
         else:  # a CPU: enough to seed the step-time estimates, cheaply
@@ -451,9 +456,14 @@ class Engine:
                     for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
                         self.launch(*args).boxes()
                 t = time.perf_counter()
+                device_s = []
                 for _ in range(3):
-                    self.launch(*args).boxes()
+                    handle = self.launch(*args)
+                    handle.boxes()
+                    device_s.append(handle.gpu_seconds())
                 timings[size] = (time.perf_counter() - t) / 3 * 1000
+                if all(s is not None for s in device_s):
+                    self.warmup_device_ms[size] = statistics.median(device_s) * 1000
         finally:
             self._mark_dynamic = 0
             self.unregister_avatar(key)

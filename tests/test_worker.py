@@ -419,6 +419,27 @@ async def test_steps_fill_the_smallest_batch_that_keeps_up_with_the_open_session
         await asyncio.to_thread(thread.join, 10)
 
 
+async def test_the_step_estimates_start_from_the_warm_ups_device_times(models, avatars, encoder):
+    """The warm-up's host figures (launch to boxes on the host, which admission reads)
+    also hold a launch and a wait; live steps report their device time, so the
+    estimates start from the warm-up's device times: the buckets no live step has used
+    yet are planned with the same measure as the others."""
+    engine = Engine(models, max_batch=4)
+    w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=4, horizon_s=5.0)
+    warmed = w.start(warm_engine=engine.warmup)
+    try:
+        assert await asyncio.to_thread(warmed.wait, 60) and w.warm_error is None
+        assert set(engine.warmup_device_ms) == set(w.warmup_ms) == {1, 4}
+        assert engine.warmup_device_ms != w.warmup_ms
+        for size, ms in engine.warmup_device_ms.items():
+            assert 0 < ms
+            assert w.est.step(size) == pytest.approx(ms / 1000)
+    finally:
+        thread = w.stop()
+        await asyncio.to_thread(thread.join, 10)
+
+
 def test_a_rounds_estimate_is_the_longer_of_its_host_and_device_times():
     """A graphed encoder launches a round in less time than the GPU takes to run it; the
     frames queued after it wait for the GPU: the estimate takes the longer of the two

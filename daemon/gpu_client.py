@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,10 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 INBOX_BYTES = 16 * 1024 * 1024  # edge -> server: audio and plans
 OUTBOX_BYTES = 64 * 1024 * 1024  # server -> edge: boxes (135 kB each at 300x300)
 RESTART_DELAY_S = 0.5
+# Records the inbox has no room for wait on the edge (in order) up to this many bytes,
+# retried this often: about 10 s of the audio of 24 sessions (64 kB/s each).
+BACKLOG_BYTES = 16 * 1024 * 1024
+BACKLOG_RETRY_S = 0.002
 NEED_FRAMES = "need_frames"  # the server's answer to an acquire by name of a video it lacks
 MAX_RESTARTS = 10  # in a row without a ready server: then it stays down (health fails)
 
@@ -106,6 +111,11 @@ class GpuServerHost:
         self._avatar_refs: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dropped_records = 0
+        # Records the inbox had no room for, in order (``_write``); counted when queued.
+        self._backlog: deque[tuple[int, list[bytes]]] = deque()
+        self._backlog_bytes = 0
+        self._backlog_timer: asyncio.TimerHandle | None = None
+        self.backlogged_records = 0
         self._given_up = False
         self._attach: Path | None = settings.daemon.gpu_socket
         self._server_pid: int | None = None
@@ -259,6 +269,7 @@ class GpuServerHost:
                 await self._acquire_remote(video, content_hash, url, None)
 
     async def _reap(self) -> None:
+        self._clear_backlog()
         loop = asyncio.get_running_loop()
         for ring in (self._inbox, self._outbox):
             if ring is not None:
@@ -327,11 +338,50 @@ class GpuServerHost:
         if not self._ready or self._inbox is None:
             self.dropped_records += 1  # the server is restarting: nothing to tell it
             return
-        try:
-            self._inbox.write(kind, *parts)
-        except RingFull:
+        if not self._backlog:
+            try:
+                self._inbox.write(kind, *parts)
+                return
+            except RingFull as exc:
+                log.warning("the GPU server is behind: records wait in order until its inbox has room",
+                            kind=kind, inbox=str(exc))
+        # A lost audio record would shift the rest of its utterance against the clock (and
+        # a lost plan would drop its frames), so records wait, in order, while the server
+        # catches up: dropped only past a bound (the server then is stuck, not slow).
+        size = sum(len(p) for p in parts)
+        if self._backlog_bytes + size > BACKLOG_BYTES:
             self.dropped_records += 1
-            log.warning("the GPU server is not reading: a record was dropped", kind=kind)
+            log.error("the GPU server is not reading: a record was dropped", kind=kind,
+                      waiting_bytes=self._backlog_bytes)
+            return
+        self._backlog.append((kind, [bytes(p) for p in parts]))
+        self._backlog_bytes += size
+        self.backlogged_records += 1
+        if self._backlog_timer is None:
+            self._backlog_timer = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._write_backlog)
+
+    def _write_backlog(self) -> None:
+        self._backlog_timer = None
+        while self._backlog:
+            if self._inbox is None:
+                break
+            kind, parts = self._backlog[0]
+            try:
+                self._inbox.write(kind, *parts)
+            except RingFull:
+                self._backlog_timer = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._write_backlog)
+                return
+            self._backlog.popleft()
+            self._backlog_bytes -= sum(len(p) for p in parts)
+
+    def _clear_backlog(self) -> None:
+        """Records waiting for a server that is gone: its successor starts from ``_restore``."""
+        self.dropped_records += len(self._backlog)
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        if self._backlog_timer is not None:
+            self._backlog_timer.cancel()
+            self._backlog_timer = None
 
     def _on_outbox(self) -> None:
         if self._outbox is None:
@@ -374,7 +424,9 @@ class GpuServerHost:
 
     def device_info(self) -> dict[str, Any]:
         return {"gpu_process": {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
-                                "dropped_records": self.dropped_records},
+                                "dropped_records": self.dropped_records,
+                                "backlogged_records": self.backlogged_records,
+                                "loop_lag_ms_max": self._status.get("loop_lag_ms_max")},
                 "steps": self._status.get("steps", 0), "frames_generated": self._status.get("frames_generated", 0),
                 "measured_fps": self.measured_fps, "load_s": round(self.load_s, 1), **self._info}
 

@@ -38,6 +38,7 @@ from daemon.shm_ring import Ring, RingFull
 
 log = get_logger("daemon.gpu_server")
 STATUS_PERIOD_S = 0.05
+LOOP_LAG_WARN_MS = 100.0  # a hold-up of the server loop this long is logged (with its inboxes)
 NEED_FRAMES = "need_frames"
 
 
@@ -182,6 +183,7 @@ class GpuServer:
         self.videos: dict[str, Any] = {}
         self.video_refs: dict[str, int] = {}
         self.key_hash: dict[str, str] = {}
+        self.loop_lag_ms_max = 0.0  # the longest hold-up of this loop (``_status_loop``)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -413,8 +415,16 @@ class GpuServer:
             for client in clients:
                 # Each edge admits against the whole GPU: the others' streams count too.
                 others = [f for c in clients if c is not client for f in c.fps.values()]
-                client.queue(wire.STATUS, [wire.status({**values, "other_rates": others})])
+                client.queue(wire.STATUS, [wire.status({**values, "other_rates": others,
+                                                        "loop_lag_ms_max": round(self.loop_lag_ms_max, 1)})])
+            due = time.monotonic() + STATUS_PERIOD_S
             await asyncio.sleep(STATUS_PERIOD_S)
+            # This loop reads the edges' inboxes: while it is held up, their records wait.
+            lag_ms = 1000 * (time.monotonic() - due)
+            self.loop_lag_ms_max = max(self.loop_lag_ms_max, lag_ms)
+            if lag_ms > LOOP_LAG_WARN_MS:
+                log.warning("the GPU server's event loop was held up", lag_ms=round(lag_ms, 1),
+                            inbox_bytes={c.name: c.inbox.used() for c in self.clients.values()})
 
 
 def main(argv: list[str] | None = None) -> int:

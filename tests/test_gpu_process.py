@@ -183,3 +183,100 @@ async def test_a_second_session_of_one_video_sends_no_frames_and_releases_balanc
     assert len(saves) == 2
     await client.request("lipsync.session.stop", {"v": 1, "session_id": "three"})
     await client.wait_event("three", "stopped")
+
+
+def _edge_with_a_small_inbox(capacity: int):
+    """A ``GpuServerHost`` with a real ring as its inbox (no server: the test reads it)."""
+    from daemon.gpu_client import GpuServerHost
+    from daemon.metrics import Metrics
+    from daemon.shm_ring import Ring
+
+    host = GpuServerHost(Settings(), Metrics())
+    host._inbox, host._ready = Ring.create(capacity), True
+    return host
+
+
+async def test_records_the_inbox_has_no_room_for_wait_in_order_and_none_is_lost():
+    from daemon import gpu_wire as wire
+
+    host = _edge_with_a_small_inbox(8192)
+    try:
+        chunks = [np.full(640, i, dtype=np.float32) for i in range(12)]  # 2.6 kB records: 3 fit
+        for i, pcm in enumerate(chunks):
+            host._write(wire.AUDIO, *wire.audio(7, 1, pcm))
+            if i == 5:
+                pcm[:] = -1  # the caller's buffer is reused: what waits is a copy
+        assert host.dropped_records == 0 and host.backlogged_records == 9 and len(host._backlog) == 9
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < len(chunks):  # the server's side: read what is there, the edge refills
+            assert time.monotonic() < deadline, f"{len(got)} of {len(chunks)} records arrived"
+            while (record := host._inbox.read()) is not None:
+                got.append(record)
+            await asyncio.sleep(0.01)
+        assert [k for k, _ in got] == [wire.AUDIO] * 12
+        for i, (_, payload) in enumerate(got):
+            idx, utt, pcm = wire.read_audio(payload)
+            assert (idx, utt) == (7, 1) and pcm.shape == (640,) and np.all(pcm == i), i
+        assert not host._backlog and host._backlog_bytes == 0 and host._backlog_timer is None
+    finally:
+        host._clear_backlog()
+        host._inbox.close()
+
+
+async def test_past_its_bound_the_backlog_drops_and_says_so(monkeypatch, capsys):
+    from daemon import gpu_client
+    from daemon import gpu_wire as wire
+
+    monkeypatch.setattr(gpu_client, "BACKLOG_BYTES", 6000)
+    host = _edge_with_a_small_inbox(8192)
+    try:
+        for i in range(7):  # three fit the ring, two wait (5.1 kB), two are dropped
+            host._write(wire.AUDIO, *wire.audio(3, 0, np.zeros(640, dtype=np.float32)))
+        assert (host.backlogged_records, host.dropped_records) == (2, 2)
+        out = capsys.readouterr()
+        assert "records wait in order" in out.out + out.err and "a record was dropped" in out.out + out.err
+        assert host.device_info()["gpu_process"]["dropped_records"] == 2
+        # A server that is gone takes nothing of what waited for it: counted as dropped.
+        host._clear_backlog()
+        assert host.dropped_records == 4 and not host._backlog and host._backlog_timer is None
+    finally:
+        host._inbox.close()
+
+
+async def test_a_paused_gpu_server_loses_no_audio_record(nats_server, tmp_path, tiny_models, idle_video, client,
+                                                          monkeypatch):
+    """The server process stopped (SIGSTOP) for longer than its inbox holds (here 32 kB,
+    half a second of audio): the edge keeps the records in order and hands them over
+    when the server runs again; none is dropped and the session speaks on."""
+    from daemon import gpu_client
+
+    monkeypatch.setattr(gpu_client, "INBOX_BYTES", 32 * 1024)
+    base = speech_settings(nats_server, tmp_path, tiny_models, idle_video)
+    d = Daemon(Settings.model_validate({**base.model_dump(), "daemon": {**base.daemon.model_dump(), "gpu_process": True}}))
+    await d.start()
+    try:
+        host = d.engine_host
+        assert host._inbox.capacity == 32 * 1024
+        await start(client, "pause")
+        session = d.sessions["pause"]
+        pcm, rate = read_wav_mono16(SPEECH, RATE)
+        speaking = asyncio.create_task(stream_pcm(client.nc, "lipsync", "pause", pcm, rate, realtime=True,
+                                                  chunk_ms=40))
+        await _until(lambda: session.speech.stats()["counts"]["speech"] >= 2, 20, "no generated frame before the pause")
+        os.kill(host.pid, signal.SIGSTOP)
+        try:
+            await _until(lambda: len(host._backlog) >= 10, 10, "the inbox did not fill")
+            assert host.dropped_records == 0
+        finally:
+            os.kill(host.pid, signal.SIGCONT)
+        await _until(lambda: not host._backlog, 20, "the backlog was not handed over")
+        await speaking
+        await client.nc.publish("lipsync.control.pause", json.dumps({"op": "flush"}).encode())
+        await client.wait_event("pause", "playback_finished", timeout=60)
+        assert host.dropped_records == 0 and host.backlogged_records >= 10
+        counts = session.speech.stats()["counts"]
+        assert counts["speech"] + counts["fallback"] == math.ceil(len(pcm) * FPS / rate), counts
+        assert session.loop_alive() and host.alive() and host.restarts == 0
+    finally:
+        await d.shutdown()

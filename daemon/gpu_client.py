@@ -426,7 +426,8 @@ class GpuServerHost:
         return {"gpu_process": {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
                                 "dropped_records": self.dropped_records,
                                 "backlogged_records": self.backlogged_records,
-                                "loop_lag_ms_max": self._status.get("loop_lag_ms_max")},
+                                "loop_lag_ms_max": self._status.get("loop_lag_ms_max"),
+                                "inbox_used_max": self._status.get("inbox_used_max")},
                 "steps": self._status.get("steps", 0), "frames_generated": self._status.get("frames_generated", 0),
                 "measured_fps": self.measured_fps, "load_s": round(self.load_s, 1), **self._info}
 

@@ -56,6 +56,7 @@ class _Client:
         self.keys: dict[int, str] = {}  # stream -> avatar key of its plans
         self.avatar_refs: dict[str, int] = {}
         self.speaking = 0
+        self.inbox_used_max = 0  # bytes unread in the inbox when a pump began, at most
         self._backlog: deque[tuple[int, list[bytes]]] = deque()  # records waiting for ring room
         self._owned_fds = owned_fds
         self.closed = False
@@ -68,6 +69,12 @@ class _Client:
         await self.writer.drain()
 
     def pump(self) -> None:
+        # How far behind this side has been (the edge waits when the inbox is full).
+        self.inbox_used_max = max(self.inbox_used_max, self.inbox.used())
+        with self.server.host.worker.batched():
+            self._pump()
+
+    def _pump(self) -> None:
         h = self.server.host
         for kind, payload in self.inbox.drain():
             try:
@@ -416,7 +423,8 @@ class GpuServer:
                 # Each edge admits against the whole GPU: the others' streams count too.
                 others = [f for c in clients if c is not client for f in c.fps.values()]
                 client.queue(wire.STATUS, [wire.status({**values, "other_rates": others,
-                                                        "loop_lag_ms_max": round(self.loop_lag_ms_max, 1)})])
+                                                        "loop_lag_ms_max": round(self.loop_lag_ms_max, 1),
+                                                        "inbox_used_max": client.inbox_used_max})])
             due = time.monotonic() + STATUS_PERIOD_S
             await asyncio.sleep(STATUS_PERIOD_S)
             # This loop reads the edges' inboxes: while it is held up, their records wait.

@@ -22,13 +22,14 @@ generated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -221,6 +222,8 @@ class GenerationWorker:
         self.scheduler = BatchScheduler()
         self._cv = threading.Condition()
         self._inbox: list[tuple[Any, ...]] = []
+        self._batch: list[tuple[Any, ...]] | None = None  # ``batched``: this burst's messages
+        self._batch_thread = 0
         self._sessions: dict[str, _Stream] = {}
         self._in_flight: deque[tuple[Any, list[PendingFrame], int, float]] = deque()
         # When the GPU is expected to have done what is queued on the worker's stream: the
@@ -250,9 +253,32 @@ class GenerationWorker:
 
     # ---- the event loop's side (any thread) --------------------------------------------
     def post(self, *message: Any) -> None:
+        batch = self._batch
+        if batch is not None and threading.get_ident() == self._batch_thread:
+            batch.append(message)
+            return
         with self._cv:
             self._inbox.append(message)
             self._cv.notify()
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Messages this thread posts inside the block reach the worker together, on
+        leaving it: one lock and one wake-up for a burst (the GPU server's inbox pump)
+        instead of one per message, each of which could make it wait for the worker's
+        hold on the GIL."""
+        if self._batch is not None:  # nested: the outer block hands them over
+            yield
+            return
+        self._batch, self._batch_thread = [], threading.get_ident()
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            if batch:
+                with self._cv:
+                    self._inbox.extend(batch)
+                    self._cv.notify()
 
     def call(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` on the worker thread between rounds; the future settles on the loop."""

@@ -271,6 +271,10 @@ async def test_a_paused_gpu_server_loses_no_audio_record(nats_server, tmp_path, 
         finally:
             os.kill(host.pid, signal.SIGCONT)
         await _until(lambda: not host._backlog, 20, "the backlog was not handed over")
+        # The server saw its inbox nearly full and its loop held up by the pause.
+        await _until(lambda: (host.device_info()["gpu_process"]["inbox_used_max"] or 0) > host._inbox.capacity // 2,
+                     10, "the server did not report its inbox's fill")
+        assert host.device_info()["gpu_process"]["loop_lag_ms_max"] >= 100
         await speaking
         await client.nc.publish("lipsync.control.pause", json.dumps({"op": "flush"}).encode())
         await client.wait_event("pause", "playback_finished", timeout=60)

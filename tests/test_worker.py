@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -438,6 +439,27 @@ async def test_the_step_estimates_start_from_the_warm_ups_device_times(models, a
     finally:
         thread = w.stop()
         await asyncio.to_thread(thread.join, 10)
+
+
+async def test_messages_posted_in_a_batch_reach_the_worker_together_and_in_order(models, encoder):
+    w = GenerationWorker(Engine(models, max_batch=4),
+                         lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=4, horizon_s=5.0)  # not started
+    w.post("audio", "a", 0, 1)
+    other: list[int] = []
+    with w.batched():
+        w.post("audio", "a", 0, 2)
+        with w.batched():  # nested: still the outer block's
+            w.post("flush", "a", 0)
+        # Another thread's posts are not this block's: they go straight in.
+        t = threading.Thread(target=lambda: (w.post("audio", "b", 0, 9), other.append(len(w._inbox))))
+        t.start()
+        t.join()
+        assert [m[1:] for m in w._inbox] == [("a", 0, 1), ("b", 0, 9)] and other == [2]
+    assert [m for m in w._inbox] == [("audio", "a", 0, 1), ("audio", "b", 0, 9), ("audio", "a", 0, 2),
+                                     ("flush", "a", 0)]
+    w.post("close", "a")  # after the block: straight in again
+    assert w._inbox[-1] == ("close", "a") and w._batch is None
 
 
 def test_a_rounds_estimate_is_the_longer_of_its_host_and_device_times():

@@ -298,11 +298,12 @@ class ModelSection(_Section):
     bucket_step: int = Field(4, ge=1)
     # "demand": a step fills the smallest batch that keeps up with the open sessions at
     # batch_utilization of the GPU (shorter steps, shorter latency); "max": up to max_batch.
-    # 0.85: on an H200 20 sessions then run 16-frame steps and meet the SLO (p95 178 ms);
-    # at 0.8 no small bucket fits, their steps take 20 frames and p95 is 190 ms
-    # (docs/BENCHMARKS.md, ninth session).
+    # 0.9: on an H200 22 sessions then run 16-frame steps (p95 <= 168 ms; at 0.85 they
+    # took 24-frame steps, p95 194-209 ms on an H100); 20 sessions run 16-frame steps at
+    # 0.85 too (p95 178 ms); at 0.8 they took 20 (p95 190 ms) (docs/BENCHMARKS.md, ninth,
+    # twelfth and thirteenth sessions).
     batch_sizing: Literal["demand", "max"] = "demand"
-    batch_utilization: float = Field(0.85, gt=0, le=1)
+    batch_utilization: float = Field(0.9, gt=0, le=1)
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per
@@ -319,14 +320,14 @@ class ModelSection(_Section):
     # bucket instead of two; inductor_options are Inductor's own (torch.compile options,
     # e.g. {"freezing": true}), empty for its defaults.
     fuse_step: bool = False
-    # "subpixel": the UNet's and the decoder's upsamplers (nearest 2x, then a 3x3
-    # convolution) computed as one 2x2 convolution of the input: the same function with
-    # 4/9 of those convolutions' FLOPs (musetalk/subpixel.py); "transposed": the same
-    # function as a stride-2 transposed convolution, which writes the upsampled map
-    # itself (no pass interleaving the four phases; each decoder upsampler 6-25 % faster
-    # on an H200, the whole step not yet measured);
-    # "nearest": as the models define them.
-    upsample: Literal["nearest", "subpixel", "transposed"] = "subpixel"
+    # "transposed": the UNet's and the decoder's upsamplers (nearest 2x, then a 3x3
+    # convolution) computed as stride-2 transposed convolutions of their input, which
+    # write the upsampled map themselves: the same function with 4/9 of those
+    # convolutions' FLOPs (musetalk/subpixel.py); a step 3.6-4.7 % faster than
+    # "subpixel" on an H200 (16 and 20 frames, thirteenth session). "subpixel": the same
+    # function as one 2x2 convolution and a pass interleaving its four phases; "nearest":
+    # as the models define them.
+    upsample: Literal["nearest", "subpixel", "transposed"] = "transposed"
     inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)

@@ -344,7 +344,7 @@ class GpuServerHost:
                 return
             except RingFull as exc:
                 log.warning("the GPU server is behind: records wait in order until its inbox has room",
-                            kind=kind, inbox=str(exc))
+                            kind=kind, inbox=str(exc), session_id=self._record_session(kind, parts))
         # A lost audio record would shift the rest of its utterance against the clock (and
         # a lost plan would drop its frames), so records wait, in order, while the server
         # catches up: dropped only past a bound (the server then is stuck, not slow).
@@ -352,13 +352,21 @@ class GpuServerHost:
         if self._backlog_bytes + size > BACKLOG_BYTES:
             self.dropped_records += 1
             log.error("the GPU server is not reading: a record was dropped", kind=kind,
-                      waiting_bytes=self._backlog_bytes)
+                      waiting_bytes=self._backlog_bytes, session_id=self._record_session(kind, parts))
             return
         self._backlog.append((kind, [bytes(p) for p in parts]))
         self._backlog_bytes += size
         self.backlogged_records += 1
         if self._backlog_timer is None:
             self._backlog_timer = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._write_backlog)
+
+    def _record_session(self, kind: int, parts: tuple[Any, ...]) -> str | None:
+        """The session a record is for (every kind but SPEAKING starts with its stream
+        index), for the log."""
+        if kind == wire.SPEAKING or not parts or len(parts[0]) < 4:
+            return None
+        idx = int.from_bytes(bytes(parts[0][:4]), "little")
+        return next((sid for sid, st in self._streams.items() if st.idx == idx), None)
 
     def _write_backlog(self) -> None:
         self._backlog_timer = None

@@ -1032,6 +1032,12 @@ def print_report(report: dict[str, Any]) -> None:
               f"{row['gc']['over_20ms']} over 20 ms"
               + (f"; a full collection walks {row['gc']['heap']['walked']} objects "
                  f"({row['gc']['heap']['frozen']} frozen at start)" if row["gc"].get("heap") else ""))
+        gp = row.get("gpu_process") or {}
+        if gp:
+            print(f"  GPU server: restarts {gp.get('restarts')}, records dropped {gp.get('dropped_records')}, "
+                  f"waited on the edge {gp.get('backlogged_records')}, inbox fullest "
+                  f"{round((gp.get('inbox_used_max') or 0) / 1024, 1)} kB, its loop held up at most "
+                  f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
         decode = row.get("decode") or {}
         if decode.get("avatars"):
             print(f"  decode {decode['mode']} from row {decode['crop_row']} ({decode['gflop_per_frame']} GFLOP/frame): "

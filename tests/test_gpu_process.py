@@ -230,12 +230,15 @@ async def test_past_its_bound_the_backlog_drops_and_says_so(monkeypatch, capsys)
 
     monkeypatch.setattr(gpu_client, "BACKLOG_BYTES", 6000)
     host = _edge_with_a_small_inbox(8192)
+    host._streams["s-3"] = gpu_client._Stream(3, 25, lambda results: None)
     try:
         for i in range(7):  # three fit the ring, two wait (5.1 kB), two are dropped
             host._write(wire.AUDIO, *wire.audio(3, 0, np.zeros(640, dtype=np.float32)))
         assert (host.backlogged_records, host.dropped_records) == (2, 2)
         out = capsys.readouterr()
-        assert "records wait in order" in out.out + out.err and "a record was dropped" in out.out + out.err
+        logged = out.out + out.err
+        assert "records wait in order" in logged and "a record was dropped" in logged
+        assert logged.count("s-3") == 3, logged  # the first wait and each drop name the session
         assert host.device_info()["gpu_process"]["dropped_records"] == 2
         # A server that is gone takes nothing of what waited for it: counted as dropped.
         host._clear_backlog()

@@ -116,6 +116,7 @@ class GpuServerHost:
         self._backlog_bytes = 0
         self._backlog_timer: asyncio.TimerHandle | None = None
         self.backlogged_records = 0
+        self._dropping = False  # past the bound: records dropped (logged once until it drains)
         self._given_up = False
         self._attach: Path | None = settings.daemon.gpu_socket
         self._server_pid: int | None = None
@@ -351,8 +352,10 @@ class GpuServerHost:
         size = sum(len(p) for p in parts)
         if self._backlog_bytes + size > BACKLOG_BYTES:
             self.dropped_records += 1
-            log.error("the GPU server is not reading: a record was dropped", kind=kind,
-                      waiting_bytes=self._backlog_bytes, session_id=self._record_session(kind, parts))
+            if not self._dropping:  # once until the backlog drains (a stuck server: 550 a second)
+                self._dropping = True
+                log.error("the GPU server is not reading: records are dropped until it reads again",
+                          kind=kind, waiting_bytes=self._backlog_bytes, session_id=self._record_session(kind, parts))
             return
         self._backlog.append((kind, [bytes(p) for p in parts]))
         self._backlog_bytes += size
@@ -381,12 +384,16 @@ class GpuServerHost:
                 return
             self._backlog.popleft()
             self._backlog_bytes -= sum(len(p) for p in parts)
+        if not self._backlog and self._dropping:
+            self._dropping = False
+            log.info("the GPU server reads again: no record waits", dropped_records=self.dropped_records)
 
     def _clear_backlog(self) -> None:
         """Records waiting for a server that is gone: its successor starts from ``_restore``."""
         self.dropped_records += len(self._backlog)
         self._backlog.clear()
         self._backlog_bytes = 0
+        self._dropping = False
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
             self._backlog_timer = None

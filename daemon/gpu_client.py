@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +40,7 @@ from daemon.embedded_nats import _die_with_parent
 from daemon.errors import LipsyncError
 from daemon.log import get_logger
 from daemon.metrics import Metrics
-from daemon.shm_ring import Ring, RingFull
+from daemon.shm_ring import OrderedWriter, Ring
 
 log = get_logger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -111,10 +110,8 @@ class GpuServerHost:
         self._avatar_refs: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.dropped_records = 0
-        # Records the inbox had no room for, in order (``_write``); counted when queued.
-        self._backlog: deque[tuple[int, list[bytes]]] = deque()
-        self._backlog_bytes = 0
-        self._backlog_timer: asyncio.TimerHandle | None = None
+        # The inbox's writer: records it has no room for wait there, in order (``_write``).
+        self._inbox_records: OrderedWriter | None = None
         self.backlogged_records = 0
         self._dropping = False  # past the bound: records dropped (logged once until it drains)
         self._given_up = False
@@ -151,6 +148,7 @@ class GpuServerHost:
         settings_path.write_text(self.settings.model_dump_json())
         os.chmod(settings_path, 0o600)
         self._inbox, self._outbox = Ring.create(INBOX_BYTES), Ring.create(OUTBOX_BYTES)
+        self._inbox_records = self._inbox_writer(self._inbox)
         ours, theirs = socket.socketpair()
         fds = (self._inbox.doorbell, self._outbox.doorbell, theirs.fileno())
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
@@ -167,6 +165,7 @@ class GpuServerHost:
         """Attach to the GPU server that listens on ``path``: a hello naming this edge's
         rings, with their doorbells passed as SCM_RIGHTS."""
         self._inbox, self._outbox = Ring.create(INBOX_BYTES), Ring.create(OUTBOX_BYTES)
+        self._inbox_records = self._inbox_writer(self._inbox)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -278,6 +277,7 @@ class GpuServerHost:
                     loop.remove_reader(ring.doorbell)
                 ring.close()
         self._inbox = self._outbox = None
+        self._inbox_records = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -339,29 +339,32 @@ class GpuServerHost:
         if not self._ready or self._inbox is None:
             self.dropped_records += 1  # the server is restarting: nothing to tell it
             return
-        if not self._backlog:
-            try:
-                self._inbox.write(kind, *parts)
-                return
-            except RingFull as exc:
-                log.warning("the GPU server is behind: records wait in order until its inbox has room",
-                            kind=kind, inbox=str(exc), session_id=self._record_session(kind, parts))
         # A lost audio record would shift the rest of its utterance against the clock (and
         # a lost plan would drop its frames), so records wait, in order, while the server
         # catches up: dropped only past a bound (the server then is stuck, not slow).
-        size = sum(len(p) for p in parts)
-        if self._backlog_bytes + size > BACKLOG_BYTES:
+        records = self._inbox_records
+        assert records is not None
+        outcome = records.write(kind, *parts)
+        if outcome == "waiting":
+            self.backlogged_records += 1
+            if records.waiting == 1:
+                log.warning("the GPU server is behind: records wait in order until its inbox has room",
+                            kind=kind, inbox=f"{self._inbox.used()} of {self._inbox.capacity} bytes unread",
+                            session_id=self._record_session(kind, parts))
+        elif outcome == "dropped":
             self.dropped_records += 1
             if not self._dropping:  # once until the backlog drains (a stuck server: 550 a second)
                 self._dropping = True
-                log.error("the GPU server is not reading: records are dropped until it reads again",
-                          kind=kind, waiting_bytes=self._backlog_bytes, session_id=self._record_session(kind, parts))
-            return
-        self._backlog.append((kind, [bytes(p) for p in parts]))
-        self._backlog_bytes += size
-        self.backlogged_records += 1
-        if self._backlog_timer is None:
-            self._backlog_timer = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._write_backlog)
+                log.error("the GPU server is not reading: records are dropped until it reads again", kind=kind,
+                          waiting_bytes=records.waiting_bytes, session_id=self._record_session(kind, parts))
+
+    def _inbox_writer(self, inbox: Ring) -> OrderedWriter:
+        return OrderedWriter(inbox, BACKLOG_RETRY_S, BACKLOG_BYTES, on_drained=self._backlog_drained)
+
+    def _backlog_drained(self) -> None:
+        if self._dropping:
+            self._dropping = False
+            log.info("the GPU server reads again: no record waits", dropped_records=self.dropped_records)
 
     def _record_session(self, kind: int, parts: tuple[Any, ...]) -> str | None:
         """The session a record is for (every kind but SPEAKING starts with its stream
@@ -371,32 +374,11 @@ class GpuServerHost:
         idx = int.from_bytes(bytes(parts[0][:4]), "little")
         return next((sid for sid, st in self._streams.items() if st.idx == idx), None)
 
-    def _write_backlog(self) -> None:
-        self._backlog_timer = None
-        while self._backlog:
-            if self._inbox is None:
-                break
-            kind, parts = self._backlog[0]
-            try:
-                self._inbox.write(kind, *parts)
-            except RingFull:
-                self._backlog_timer = asyncio.get_running_loop().call_later(BACKLOG_RETRY_S, self._write_backlog)
-                return
-            self._backlog.popleft()
-            self._backlog_bytes -= sum(len(p) for p in parts)
-        if not self._backlog and self._dropping:
-            self._dropping = False
-            log.info("the GPU server reads again: no record waits", dropped_records=self.dropped_records)
-
     def _clear_backlog(self) -> None:
         """Records waiting for a server that is gone: its successor starts from ``_restore``."""
-        self.dropped_records += len(self._backlog)
-        self._backlog.clear()
-        self._backlog_bytes = 0
+        if self._inbox_records is not None:
+            self.dropped_records += self._inbox_records.clear()
         self._dropping = False
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-            self._backlog_timer = None
 
     def _on_outbox(self) -> None:
         if self._outbox is None:

@@ -25,7 +25,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy as np
 from daemon import gpu_wire as wire
 from daemon.errors import LipsyncError
 from daemon.log import configure_logging, get_logger
-from daemon.shm_ring import Ring, RingFull
+from daemon.shm_ring import OrderedWriter, Ring
 
 log = get_logger("daemon.gpu_server")
 STATUS_PERIOD_S = 0.05
@@ -57,7 +56,7 @@ class _Client:
         self.avatar_refs: dict[str, int] = {}
         self.speaking = 0
         self.inbox_used_max = 0  # bytes unread in the inbox when a pump began, at most
-        self._backlog: deque[tuple[int, list[bytes]]] = deque()  # records waiting for ring room
+        self.outbox_records = OrderedWriter(outbox)  # results wait here, in order, while the edge is behind
         self._owned_fds = owned_fds
         self.closed = False
 
@@ -124,18 +123,8 @@ class _Client:
         self.queue(wire.RESULTS, wire.results(idx, key, results))
 
     def queue(self, kind: int, parts: list[bytes]) -> None:
-        self._backlog.append((kind, parts))
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._backlog and not self.closed:
-            kind, parts = self._backlog[0]
-            try:
-                self.outbox.write(kind, *parts)
-            except RingFull:  # the edge is behind: try again shortly, in order
-                asyncio.get_running_loop().call_later(0.002, self._flush)
-                return
-            self._backlog.popleft()
+        if not self.closed:
+            self.outbox_records.write(kind, *parts)
 
     async def drop(self) -> list[str]:
         """The edge is gone: its streams closed, its avatars released, its speaking count
@@ -143,6 +132,7 @@ class _Client:
         if self.closed:
             return []
         self.closed = True
+        self.outbox_records.clear()  # results for an edge that is gone
         h = self.server.host
         asyncio.get_running_loop().remove_reader(self.inbox.doorbell)
         open_ids = list(self.sessions.values())

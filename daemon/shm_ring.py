@@ -23,11 +23,13 @@ shared memory) and by file descriptor (``pass_fds``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import struct
+from collections import deque
 from multiprocessing import shared_memory
-from typing import Iterator
+from typing import Callable, Iterator
 
 HEADER = 64
 RECORD = struct.Struct("<IHH")  # length (payload bytes), kind, reserved
@@ -174,3 +176,66 @@ class Ring:
             except FileNotFoundError:
                 pass
             os.close(self.doorbell)
+
+
+class OrderedWriter:
+    """One producer's records for a ring, in order, from an asyncio loop: written at once
+    while the ring has room; else they wait here (copied) behind the ones already
+    waiting and are retried every ``retry_s`` until the consumer has read enough. With
+    ``max_bytes``, a record that would take the waiting bytes past it is dropped instead.
+    ``on_drained`` is called when the last waiting record has been written."""
+
+    def __init__(self, ring: Ring, retry_s: float = 0.002, max_bytes: int | None = None,
+                 on_drained: Callable[[], None] | None = None) -> None:
+        self.ring = ring
+        self.retry_s = retry_s
+        self.max_bytes = max_bytes
+        self.on_drained = on_drained
+        self._waiting: deque[tuple[int, list[bytes], int]] = deque()
+        self.waiting_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def write(self, kind: int, *parts: bytes | bytearray | memoryview) -> str:
+        """"written", "waiting" (kept for a retry) or "dropped" (past ``max_bytes``)."""
+        if not self._waiting:
+            try:
+                self.ring.write(kind, *parts)
+                return "written"
+            except RingFull:
+                pass
+        size = sum(len(p) for p in parts)
+        if self.max_bytes is not None and self.waiting_bytes + size > self.max_bytes:
+            return "dropped"
+        self._waiting.append((kind, [bytes(p) for p in parts], size))
+        self.waiting_bytes += size
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.retry_s, self._retry)
+        return "waiting"
+
+    def _retry(self) -> None:
+        self._timer = None
+        while self._waiting:
+            kind, parts, size = self._waiting[0]
+            try:
+                self.ring.write(kind, *parts)
+            except RingFull:
+                self._timer = asyncio.get_running_loop().call_later(self.retry_s, self._retry)
+                return
+            self._waiting.popleft()
+            self.waiting_bytes -= size
+        if self.on_drained is not None:
+            self.on_drained()
+
+    def clear(self) -> int:
+        """Forgets what waits (its reader is gone); returns how many records that was."""
+        n = len(self._waiting)
+        self._waiting.clear()
+        self.waiting_bytes = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return n

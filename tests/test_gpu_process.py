@@ -193,6 +193,7 @@ def _edge_with_a_small_inbox(capacity: int):
 
     host = GpuServerHost(Settings(), Metrics())
     host._inbox, host._ready = Ring.create(capacity), True
+    host._inbox_records = host._inbox_writer(host._inbox)
     return host
 
 
@@ -206,7 +207,7 @@ async def test_records_the_inbox_has_no_room_for_wait_in_order_and_none_is_lost(
             host._write(wire.AUDIO, *wire.audio(7, 1, pcm))
             if i == 5:
                 pcm[:] = -1  # the caller's buffer is reused: what waits is a copy
-        assert host.dropped_records == 0 and host.backlogged_records == 9 and len(host._backlog) == 9
+        assert host.dropped_records == 0 and host.backlogged_records == 9 and host._inbox_records.waiting == 9
         got = []
         deadline = time.monotonic() + 5
         while len(got) < len(chunks):  # the server's side: read what is there, the edge refills
@@ -218,7 +219,8 @@ async def test_records_the_inbox_has_no_room_for_wait_in_order_and_none_is_lost(
         for i, (_, payload) in enumerate(got):
             idx, utt, pcm = wire.read_audio(payload)
             assert (idx, utt) == (7, 1) and pcm.shape == (640,) and np.all(pcm == i), i
-        assert not host._backlog and host._backlog_bytes == 0 and host._backlog_timer is None
+        records = host._inbox_records
+        assert not records.waiting and records.waiting_bytes == 0 and records._timer is None
     finally:
         host._clear_backlog()
         host._inbox.close()
@@ -243,16 +245,16 @@ async def test_past_its_bound_the_backlog_drops_and_says_so(monkeypatch, capsys)
         while host._inbox.read() is not None:
             pass
         await asyncio.sleep(0.05)
-        assert not host._backlog and "the GPU server reads again" in "".join(capsys.readouterr())
+        assert not host._inbox_records.waiting and "the GPU server reads again" in "".join(capsys.readouterr())
         host._write(wire.AUDIO, *wire.audio(3, 0, np.zeros(640, dtype=np.float32)))
         assert host.dropped_records == 2  # room again: written
         assert host.device_info()["gpu_process"]["dropped_records"] == 2
         # A server that is gone takes nothing of what waited for it: counted as dropped.
         for _ in range(4):
             host._write(wire.AUDIO, *wire.audio(3, 0, np.zeros(640, dtype=np.float32)))
-        assert len(host._backlog) == 2
+        assert host._inbox_records.waiting == 2
         host._clear_backlog()
-        assert host.dropped_records == 4 + 2 and not host._backlog and host._backlog_timer is None
+        assert host.dropped_records == 4 + 2 and not host._inbox_records.waiting and host._inbox_records._timer is None
     finally:
         host._inbox.close()
 
@@ -279,11 +281,11 @@ async def test_a_paused_gpu_server_loses_no_audio_record(nats_server, tmp_path, 
         await _until(lambda: session.speech.stats()["counts"]["speech"] >= 2, 20, "no generated frame before the pause")
         os.kill(host.pid, signal.SIGSTOP)
         try:
-            await _until(lambda: len(host._backlog) >= 10, 10, "the inbox did not fill")
+            await _until(lambda: host._inbox_records.waiting >= 10, 10, "the inbox did not fill")
             assert host.dropped_records == 0
         finally:
             os.kill(host.pid, signal.SIGCONT)
-        await _until(lambda: not host._backlog, 20, "the backlog was not handed over")
+        await _until(lambda: not host._inbox_records.waiting, 20, "the backlog was not handed over")
         # The server saw its inbox nearly full and its loop held up by the pause.
         await _until(lambda: (host.device_info()["gpu_process"]["inbox_used_max"] or 0) > host._inbox.capacity // 2,
                      10, "the server did not report its inbox's fill")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.shm_ring import Ring, RingFull
+from daemon.shm_ring import OrderedWriter, Ring, RingFull
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +37,35 @@ def test_records_come_out_in_order_through_many_wrap_arounds():
         got.extend(ring.drain())
         assert got == sent
         assert ring.used() == 0 and ring.read() is None
+    finally:
+        ring.close()
+
+
+async def test_an_ordered_writer_keeps_what_the_ring_has_no_room_for_and_writes_it_in_order():
+    ring = Ring.create(512)
+    drained: list[int] = []
+    writer = OrderedWriter(ring, retry_s=0.001, max_bytes=300, on_drained=lambda: drained.append(writer.waiting))
+    try:
+        buf = bytearray(b"\x01" * 200)
+        assert writer.write(1, buf) == "written"
+        assert writer.write(2, b"\x02" * 200) == "written"
+        assert writer.write(3, b"\x03" * 100) == "waiting"  # the ring is full
+        buf[:] = b"\x09" * 200  # the caller's buffer is reused: what waits is a copy
+        assert writer.write(4, b"\x04" * 100) == "waiting"  # behind the one waiting
+        assert writer.write(5, b"\x05" * 150) == "dropped"  # 200 waiting + 150 > 300
+        assert (writer.waiting, writer.waiting_bytes) == (2, 200)
+        got = []
+        for _ in range(500):
+            while (record := ring.read()) is not None:
+                got.append(record)
+            if len(got) == 4:
+                break
+            await asyncio.sleep(0.002)
+        assert got == [(1, b"\x01" * 200), (2, b"\x02" * 200), (3, b"\x03" * 100), (4, b"\x04" * 100)]
+        assert writer.waiting == 0 and writer.waiting_bytes == 0 and drained == [0]
+        ring.write(6, bytes(200))
+        ring.write(6, bytes(200))  # full again: one waits, then its reader is gone
+        assert writer.write(7, bytes(100)) == "waiting" and writer.clear() == 1 and writer._timer is None
     finally:
         ring.close()
 

@@ -304,6 +304,11 @@ class ModelSection(_Section):
     # twelfth and thirteenth sessions).
     batch_sizing: Literal["demand", "max"] = "demand"
     batch_utilization: float = Field(0.9, gt=0, le=1)
+    # A step that is not full waits for more frames (up to its batch) while the GPU is
+    # still busy with earlier work, and is launched just before the GPU is free: it starts
+    # no later, with more frames. Without it a saturated GPU runs what came in during the
+    # last step (13.2 frames a step at 24 sessions on an H200, against 16 planned).
+    fill_steps: bool = False
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per

@@ -605,7 +605,10 @@ def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any)
         "model": {"enabled": m.enabled, "device": str(device) if device is not None else m.device,
                   "dtype": m.dtype,
                   "random_weights": m.random_weights, "random_weights_size": m.random_weights_size,
-                  "compile": m.compile, "max_batch": m.max_batch,
+                  "compile": m.compile, "max_batch": m.max_batch, "bucket_step": m.bucket_step,
+                  "batch_sizing": m.batch_sizing, "batch_utilization": m.batch_utilization,
+                  "fill_steps": m.fill_steps, "upsample": m.upsample, "decode": m.decode,
+                  "audio_round_ms": m.audio_round_ms,
                   "playout_delay_frames": m.playout_delay_frames, "audio_window_s": m.audio_window_s},
         "avatars": {name: AVATAR_RECIPES[name][0] for name in AVATAR_RECIPES},
     }

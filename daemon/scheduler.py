@@ -133,16 +133,23 @@ class BatchScheduler:
 
 
 def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: float, gpu_free_at: float,
-               full_step_s: float, margin_s: float, poll_s: float = 0.002) -> float:
+               full_step_s: float, margin_s: float, poll_s: float = 0.002, fill_lead_s: float | None = None) -> float:
     """How long the worker may still wait for more frames before it launches a step: 0 =
     launch now. It launches when the batch is full, or when the most urgent frame could
     no longer make its deadline if the step waited (the GPU's queue, then a full step,
     then delivery). Otherwise it waits in short slices, re-checking as frames arrive:
-    a new frame never ends the wait by itself (only a full batch or the deadline do)."""
+    a new frame never ends the wait by itself (only a full batch or the deadline do).
+
+    With ``fill_lead_s``, a step that is not full also waits while the GPU is busy for
+    longer than that (the host's launch time and a wake-up): launched earlier it would
+    start on the GPU no sooner, only with fewer frames. A saturated GPU otherwise runs
+    what came in during the last step, partial batches that cost more a frame."""
     if pending <= 0:
         return poll_s
     if pending >= max_batch:
         return 0.0
+    if fill_lead_s is not None and gpu_free_at - now > fill_lead_s:
+        return min(gpu_free_at - now - fill_lead_s, poll_s)
     # One wait slice early: the loop wakes up to a slice late, and a frame launched
     # after its last safe moment would only be dropped as too late.
     launch_by = earliest_deadline - margin_s - full_step_s - max(0.0, gpu_free_at - now) - 2 * poll_s

@@ -44,6 +44,11 @@ log = get_logger(__name__)
 # the event loop's callback, composing the frame).
 DELIVERY_MARGIN_S = 0.004
 MAX_IN_FLIGHT = 2
+# ``fill_steps``: a step that is not full waits while the GPU stays busy for longer than
+# its host launch (the median of its bucket's recent launch calls, this until measured)
+# plus a wake-up of the worker's loop.
+FILL_LAUNCH_S = 0.006
+FILL_WAKE_S = 0.004
 # Every this many steps one records its stages' device times (CUDA events, read when the
 # step is done: no wait); the last STAGE_SAMPLES per bucket give ``stage_figures``.
 STAGE_SAMPLE_EVERY = 20
@@ -204,7 +209,8 @@ class GenerationWorker:
 
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
                  metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
-                 round_interval_s: float = 0.0, batch_utilization: float | None = None) -> None:
+                 round_interval_s: float = 0.0, batch_utilization: float | None = None,
+                 fill_steps: bool = False) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -216,6 +222,7 @@ class GenerationWorker:
         # None: every step takes up to max_batch frames; else batches are sized to the
         # demand (scheduler.batch_cap) at this share of the GPU.
         self.batch_utilization = batch_utilization
+        self.fill_steps = fill_steps
         self.demand_fps = 0.0  # the frame rates of the open sessions, summed
         self._cap: tuple[float, float, int] = (-1.0, 0.0, max_batch)  # (demand, when, cap)
         self.est = _Estimates(initial_step_ms or {})
@@ -229,8 +236,11 @@ class GenerationWorker:
         # When the GPU is expected to have done what is queued on the worker's stream: the
         # steps in flight and the audio rounds launched between them (a graphed round's
         # host launch ends before its GPU work). Frames are judged against it at launch.
+        # The queue holds each piece's estimate in launch order (a step's key, or None for
+        # a round); a step seen done re-bases the expectation on what is still queued, so
+        # estimates that run long never add up over a busy stretch.
         self._gpu_free_at = 0.0
-        self._round_done_at = 0.0
+        self._gpu_queue: deque[tuple[int | None, float]] = deque(maxlen=64)
         self._round_events: deque[tuple[Any, Any]] = deque(maxlen=64)  # (start, end) CUDA events of rounds
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -632,8 +642,8 @@ class GenerationWorker:
             self._round_events.append((start, self._cuda_event()))
             # Its GPU work runs after what was queued before it; steps launched now queue
             # behind it.
-            self._round_done_at = max(launched_at, self._gpu_free_at) + self.est.round_device()
-            self._gpu_free_at = self._round_done_at
+            self._gpu_free_at = max(launched_at, self._gpu_free_at) + self.est.round_device()
+            self._gpu_queue.append((None, self.est.round_device()))
         by_slot = {(id(st.streams), v.slot): (st, v) for st in self._sessions.values() for v in st.voices}
         for streams_id, slot, first, count in made:
             found = by_slot.get((streams_id, slot))
@@ -688,7 +698,8 @@ class GenerationWorker:
         # An audio round may start just before the last safe moment and hold this thread
         # for its duration (and queue its kernels ahead): the wait leaves room for one.
         wait = batch_wait(now, n, cap, self.scheduler.earliest_deadline(), gpu_free, full_s,
-                          DELIVERY_MARGIN_S + self.est.round())
+                          DELIVERY_MARGIN_S + self.est.round(),
+                          fill_lead_s=self._fill_lead_s(self.engine.bucket(cap)) if self.fill_steps else None)
         if wait > 0:
             return wait
         # Given up only when even a step a quarter faster than usual could not save it: a
@@ -734,7 +745,22 @@ class GenerationWorker:
             self._deliver(batch, None, exc)
             return
         self._gpu_free_at = max(now, self._gpu_free_at) + self.est.step(size)
+        self._gpu_queue.append((id(handle), self.est.step(size)))
         self._in_flight.append((handle, batch, size, time.perf_counter()))
+
+    def _fill_lead_s(self, size: int) -> float:
+        """How long before the GPU is free a step that is not full is launched anyway."""
+        host = self._launch_host_s.get(size)
+        return (statistics.median(host) if host else FILL_LAUNCH_S) + FILL_WAKE_S
+
+    def _retire(self, key: int, now: float) -> None:
+        """A step seen done at ``now``: what was queued before it is done too, what was
+        queued after it runs from now (the expectation only moves earlier: ``now`` may be
+        a loop's turn late)."""
+        while self._gpu_queue and self._gpu_queue.popleft()[0] != key:
+            pass
+        rest = sum(seconds for _, seconds in self._gpu_queue)
+        self._gpu_free_at = max(now, min(self._gpu_free_at, now + rest))
 
     def _collect(self, block: bool) -> None:
         while self._in_flight:
@@ -761,8 +787,7 @@ class GenerationWorker:
             self.metrics.gpu_batch_size.observe(len(batch))
             if error is None:
                 self.frames_generated += len(batch)
-            if not self._in_flight:
-                self._gpu_free_at = max(now, self._round_done_at)
+            self._retire(id(handle), now)
             self._deliver(batch, boxes, error)
 
     def _deliver(self, batch: list[PendingFrame], boxes: list[Any] | None, error: BaseException | None) -> None:

@@ -86,6 +86,23 @@ def test_batch_wait_launches_a_frame_that_cannot_wait_alone():
     assert batch_wait(10.0, 0, 8, float("inf"), 10.0, 0.05, 0.004) > 0
 
 
+def test_batch_wait_fills_a_step_while_the_gpu_is_busy():
+    from daemon.scheduler import batch_wait
+
+    # A saturated GPU: the most urgent frame is already past its last safe moment, so
+    # without a fill lead a partial batch goes now ...
+    assert batch_wait(10.0, 5, 16, 10.05, 10.02, 0.024, 0.004) == 0.0
+    # ... but the GPU is busy 20 ms more: launched now it would start no sooner, so a step
+    # with a 9 ms lead waits (in slices) for more frames ...
+    assert 0 < batch_wait(10.0, 5, 16, 10.05, 10.02, 0.024, 0.004, fill_lead_s=0.009) <= 0.002
+    # ... until the GPU is free within the lead, or the batch is full.
+    assert batch_wait(10.012, 5, 16, 10.05, 10.02, 0.024, 0.004, fill_lead_s=0.009) == 0.0
+    assert batch_wait(10.0, 16, 16, 10.05, 10.02, 0.024, 0.004, fill_lead_s=0.009) == 0.0
+    # An idle GPU: the deadline rule alone decides, as without the lead.
+    assert batch_wait(10.0, 1, 8, 10.055, 10.0, 0.05, 0.004, fill_lead_s=0.009) == 0.0
+    assert 0 < batch_wait(10.0, 3, 8, 10.2, 10.0, 0.05, 0.004, fill_lead_s=0.009) <= 0.002
+
+
 def test_frames_due_within_the_tie_window_go_to_the_least_served_first():
     s = BatchScheduler()
     # Session a (served 10) is due a little sooner than b (served 2) and c (served 5):

@@ -515,3 +515,91 @@ async def test_frames_due_before_a_queued_rounds_gpu_work_ends_are_dropped_not_l
     worker.post("plans", "q", plans(0, range(4, 8), "anna", time.monotonic() + 3.0))
     await r.wait_for(4)
     assert sorted(f for _, f, _, _ in r.items) == [4, 5, 6, 7]
+
+
+class _DeviceQueue:
+    """A device that runs each step for ``step_s`` after the one before it (launches
+    queue, as on a CUDA stream): the fill policy is about when steps start on a busy
+    device, which this CPU's synchronous steps cannot show."""
+
+    def __init__(self, step_s: float, sizes: list[int]):
+        self.step_s, self.sizes, self.free_at = step_s, sizes, 0.0
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch))
+        self.free_at = max(time.monotonic(), self.free_at) + self.step_s
+        end, n, step_s = self.free_at, len(batch), self.step_s
+
+        class Queued:
+            def ready(self) -> bool:
+                return time.monotonic() >= end
+
+            def boxes(self):
+                return [object()] * n
+
+            def gpu_seconds(self) -> float:
+                return step_s
+
+        return Queued()
+
+
+@pytest.mark.parametrize("fill", [True, False])
+async def test_a_step_waits_for_more_frames_while_the_device_is_busy(models, avatars, encoder, fill):
+    """With ``fill_steps`` a step that is not full is launched just before the device is
+    free, with the frames that came meanwhile; without it, as soon as its most urgent
+    frame has no time to wait (here: one frame, long before the device could start it)."""
+    engine = Engine(models, max_batch=4)
+    for av in avatars:
+        engine.register_avatar(av)
+    w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=4, horizon_s=60.0,
+                         initial_step_ms={1: 400.0, 4: 400.0}, fill_steps=fill)
+    sizes: list[int] = []
+    w.step_fn = _DeviceQueue(0.4, sizes)
+    w.start()
+    try:
+        r = Results()
+        w.post("open", "f", FPS, r)
+        w.post("audio", "f", 0, speech(0.4, 60))
+        w.post("flush", "f", 0)
+        await _tokens_ready(w, ["f"], 6)
+        t0 = time.monotonic()
+        w.post("plans", "f", plans(0, range(2), "anna", t0 + 0.43))  # due now: launched at once
+        # Frames 2-5 come one by one while the device runs the first step (until t0 + 0.4),
+        # each due too soon to wait for a step after the next (t0 + 0.8 + margins) but not
+        # so soon that the next could not save it (0.4 + 0.75 x 0.4 + margins).
+        for f in range(2, 6):
+            await asyncio.sleep(max(0.0, t0 + 0.06 * (f - 1) - time.monotonic()))
+            w.post("plans", "f", plans(0, range(f, f + 1), "anna", t0 + 0.76))
+        if fill:
+            await r.wait_for(6)
+            assert sizes == [2, 4], sizes  # the second step took every frame that came
+            assert w.frames_dropped_late == 0
+        else:
+            # Frame 2 went alone, queued behind the first step; the frames after it would
+            # end after their ticks behind that second step: dropped.
+            deadline = time.monotonic() + 20
+            while len(r.items) + await w.call(lambda: w.frames_dropped_late) < 6:
+                assert time.monotonic() < deadline, (sizes, len(r.items), w.frames_dropped_late)
+                await asyncio.sleep(0.05)
+            assert sizes == [2, 1] and w.frames_dropped_late == 3, (sizes, w.frames_dropped_late)
+        assert all(err is None for *_, err in r.items)
+    finally:
+        thread = w.stop()
+        await asyncio.to_thread(thread.join, 10)
+
+
+def test_a_step_seen_done_rebases_when_the_gpu_is_expected_free(models, encoder):
+    """What was queued before a finished step is done; what was queued after it runs from
+    the moment it is seen done. The expectation only moves earlier, so estimates that run
+    long never add up over a busy stretch."""
+    w = GenerationWorker(Engine(models, max_batch=4),
+                         lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.new_event_loop(), Metrics(), max_batch=4, horizon_s=5.0)  # not started
+    w._gpu_queue.extend([(None, 0.004), (1, 0.020), (None, 0.004), (2, 0.020)])
+    w._gpu_free_at = 100.060  # launched back to back, each estimate 2 ms long
+    w._retire(1, 100.010)  # the first step done 10 ms in: a round and a step remain
+    assert list(w._gpu_queue) == [(None, 0.004), (2, 0.020)]
+    assert w._gpu_free_at == pytest.approx(100.034)
+    w._retire(2, 100.040)  # seen late: the earlier expectation stands
+    assert w._gpu_free_at == pytest.approx(100.040) and not w._gpu_queue

@@ -294,7 +294,9 @@ class ModelSection(_Section):
     random_weights_size: Literal["full", "tiny"] = "tiny"
     compile: bool = True
     compile_dynamic: bool = True
-    max_batch: int = Field(32, ge=1)
+    # 16: a frame costs no less in a bigger step on an H100 or H200, and a longer step is
+    # a longer latency budget (config.toml; docs/BENCHMARKS.md, fourteenth session).
+    max_batch: int = Field(16, ge=1)
     bucket_step: int = Field(4, ge=1)
     # "demand": a step fills the smallest batch that keeps up with the open sessions at
     # batch_utilization of the GPU (shorter steps, shorter latency); "max": up to max_batch.
@@ -307,8 +309,10 @@ class ModelSection(_Section):
     # A step that is not full waits for more frames (up to its batch) while the GPU is
     # still busy with earlier work, and is launched just before the GPU is free: it starts
     # no later, with more frames. Without it a saturated GPU runs what came in during the
-    # last step (13.2 frames a step at 24 sessions on an H200, against 16 planned).
-    fill_steps: bool = False
+    # last step (13.2 frames a step at 24 sessions on an H200, against 16 planned). On an
+    # H100 at 24 sessions: 14.5 frames a step instead of 12.4, 524.6 frames/s made
+    # instead of 503.2 (docs/BENCHMARKS.md, fourteenth session).
+    fill_steps: bool = True
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per

@@ -294,8 +294,8 @@ class ModelSection(_Section):
     random_weights_size: Literal["full", "tiny"] = "tiny"
     compile: bool = True
     compile_dynamic: bool = True
-    # 16: a frame costs no less in a bigger step on an H100 or H200, and a longer step is
-    # a longer latency budget (config.toml; docs/BENCHMARKS.md, fourteenth session).
+    # 16: a step of 20 costs more a frame on an H100 or H200, and a longer step is a
+    # longer latency budget (config.toml; docs/BENCHMARKS.md, fourteenth session).
     max_batch: int = Field(16, ge=1)
     bucket_step: int = Field(4, ge=1)
     # "demand": a step fills the smallest batch that keeps up with the open sessions at

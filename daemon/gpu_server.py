@@ -31,9 +31,15 @@ from typing import Any
 import numpy as np
 
 from daemon import gpu_wire as wire
+# Imported here, not at a session's first request: importing daemon.avatars (aiohttp,
+# which builds an SSL context) held this loop, and every session's records, for 129-575
+# ms on an H100 box at the first avatar (docs/BENCHMARKS.md, fourteenth session).
+from daemon.avatars import DecodedVideo
 from daemon.errors import LipsyncError
 from daemon.log import configure_logging, get_logger
+from daemon.loop_watch import LoopWatch
 from daemon.shm_ring import OrderedWriter, Ring
+from daemon.worker import FramePlan
 
 log = get_logger("daemon.gpu_server")
 STATUS_PERIOD_S = 0.05
@@ -81,8 +87,6 @@ class _Client:
                     idx, utt, pcm = wire.read_audio(payload)
                     h.push_audio(self.stream_id(idx), utt, pcm)
                 elif kind == wire.PLANS:
-                    from daemon.worker import FramePlan
-
                     idx, key, arr = wire.read_plans(payload)
                     self.keys[idx] = key
                     h.plan_frames(self.stream_id(idx), [
@@ -351,8 +355,6 @@ class GpuServer:
 
     async def _handle(self, client: _Client, op: str, args: dict[str, Any]) -> Any:
         if op == "acquire":
-            from daemon.avatars import DecodedVideo
-
             content_hash = args["content_hash"]
             video = self.videos.get(content_hash)
             if video is None:
@@ -402,6 +404,13 @@ class GpuServer:
 
     async def _status_loop(self) -> None:
         h = self.host
+        watch = LoopWatch()
+        try:
+            await self._status_turns(h, watch)
+        finally:
+            watch.close()
+
+    async def _status_turns(self, h: Any, watch: LoopWatch) -> None:
         while True:
             w = h.worker
             budget_s, parts = h.processing_budget()
@@ -416,13 +425,18 @@ class GpuServer:
                                                         "loop_lag_ms_max": round(self.loop_lag_ms_max, 1),
                                                         "inbox_used_max": client.inbox_used_max})])
             due = time.monotonic() + STATUS_PERIOD_S
+            # Not back by the warning's threshold: every thread's stack goes to the watch.
+            watch.arm(STATUS_PERIOD_S + LOOP_LAG_WARN_MS / 1000)
             await asyncio.sleep(STATUS_PERIOD_S)
             # This loop reads the edges' inboxes: while it is held up, their records wait.
             lag_ms = 1000 * (time.monotonic() - due)
             self.loop_lag_ms_max = max(self.loop_lag_ms_max, lag_ms)
+            stacks = watch.take()
             if lag_ms > LOOP_LAG_WARN_MS:
+                # Where every thread stood while it was (the loop's own thread is MainThread).
                 log.warning("the GPU server's event loop was held up", lag_ms=round(lag_ms, 1),
-                            inbox_bytes={c.name: c.inbox.used() for c in self.clients.values()})
+                            inbox_bytes={c.name: c.inbox.used() for c in self.clients.values()},
+                            threads=[f"{st['thread']}: {st['frames']}" for st in stacks])
 
 
 def main(argv: list[str] | None = None) -> int:

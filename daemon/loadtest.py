@@ -46,6 +46,7 @@ import numpy as np
 from daemon.config import ASSETS_DIR, Settings
 from daemon.errors import LipsyncError
 from daemon.inprocess import SAMPLE_WAV, in_process_settings
+from daemon.loop_watch import stall_figures
 
 # Producers start within this many seconds of each other (each its own random offset).
 START_JITTER_S = 1.0
@@ -428,24 +429,6 @@ class StallDumps:
         self._file = None
         names = {f"0x{t.ident:016x}": t.name for t in threading.enumerate() if t.ident is not None}
         return stall_figures(self.path.read_text(errors="replace"), names, self.threshold_s)
-
-
-def stall_figures(text: str, names: dict[str, str], threshold_s: float, depth: int = 4) -> dict[str, Any]:
-    """faulthandler's dumps grouped: for each thread, its innermost ``depth`` frames and
-    in how many dumps it stood there, the most common first."""
-    dumps = [d for d in text.split("Timeout (")[1:]]
-    counts: dict[tuple[str, str], int] = {}
-    for dump in dumps:
-        for block in dump.split("\nThread ")[1:]:
-            lines = block.strip().splitlines()
-            ident = lines[0].split()[0]
-            frames = [ln.strip().removeprefix("File ").replace('"', "") for ln in lines[1:1 + depth]
-                      if ln.strip().startswith("File ")]
-            key = (names.get(ident, ident), " <- ".join(frames))
-            counts[key] = counts.get(key, 0) + 1
-    stacks = sorted(counts.items(), key=lambda kv: -kv[1])
-    return {"dumps": len(dumps), "threshold_ms": round(threshold_s * 1000, 1),
-            "stacks": [{"thread": t, "frames": f, "dumps": n} for (t, f), n in stacks[:24]]}
 
 
 class GpuBusySampler:

@@ -32,8 +32,9 @@ import numpy as np
 
 from daemon import gpu_wire as wire
 # Imported here, not at a session's first request: importing daemon.avatars (aiohttp,
-# which builds an SSL context) held this loop, and every session's records, for 129-575
-# ms on an H100 box at the first avatar (docs/BENCHMARKS.md, fourteenth session).
+# which builds an SSL context) held this loop, and every session's records, for 1.2 s on
+# the development machine at the first avatar; the likely cause of the 129-575 ms hold-ups
+# seen once a process on an H100 box (docs/BENCHMARKS.md, fourteenth session).
 from daemon.avatars import DecodedVideo
 from daemon.errors import LipsyncError
 from daemon.log import configure_logging, get_logger

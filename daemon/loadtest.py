@@ -714,6 +714,7 @@ class _RoundSamples:
     gpu_memory_mb: float | None
     producers: list[dict[str, Any]]  # each producer's summary
     gc_heap: dict[str, int] | None = None  # gc_heap() at the window's end
+    warmup_stalls: dict[str, Any] | None = None  # StallDumps' figures for the warm-up
 
 
 async def _crop_validated(host: Any, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -771,6 +772,9 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
     gc_pauses.start()
     stalls = StallDumps(_producer_log(daemon, f"stalls-{len(sids)}").with_suffix(".txt"),
                         threshold_s=(options.stall_dump_ms or 60) / 1000)
+    # The warm-up too (every session's first utterance starts in it), reported apart.
+    warm_stalls = StallDumps(_producer_log(daemon, f"stalls-warmup-{len(sids)}").with_suffix(".txt"),
+                             threshold_s=stalls.threshold_s)
     try:
         for i, sid in enumerate(sids):
             producers.append(await _spawn_producer(daemon, sid, i, options))
@@ -786,8 +790,11 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
             assert p.stdin is not None
             p.stdin.write(f"{start_wall:.6f} {end_wall:.6f}\n".encode())
             await p.stdin.drain()
+        if options.stall_dump_ms:
+            warm_stalls.record()
 
         await _sleep_until(window[0] + wall_to_mono)
+        warm_dumps = await warm_stalls.take()
         counters0 = _engine_counters(host)
         restarts0 = _clock_restarts(daemon, sids)
         gc_pauses.record()
@@ -819,7 +826,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                 p.kill()
                 await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
-                         stall_dumps, device_info, busy, memory, list(summaries), heap)
+                         stall_dumps, device_info, busy, memory, list(summaries), heap, warm_dumps)
 
 
 def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
@@ -879,6 +886,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "gc": gc_figures(samples.gc_pauses, mono_window[0], samples.gc_heap),
         "stall_events": stall_events(samples.restart_times, mono_window[0]),
         "stall_dumps": samples.stalls,
+        "stall_dumps_warmup": samples.warmup_stalls,
         # Frames/s in the window: needed (voiced), made by the GPU, shown generated. Made
         # but not shown were generated too late (their GPU time lost); needed but not
         # made were dropped before launch (too late to try) or never planned.
@@ -1035,4 +1043,6 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{sorted(e['sessions'] for e in events)} sessions each")
         for stack in (row.get("stall_dumps") or {}).get("stacks", [])[:8]:
             print(f"  stalled loop ({stack['dumps']} dumps), {stack['thread']}: {stack['frames']}")
+        for stack in (row.get("stall_dumps_warmup") or {}).get("stacks", [])[:4]:
+            print(f"  stalled loop in the warm-up ({stack['dumps']} dumps), {stack['thread']}: {stack['frames']}")
     print(f"capacity: {_fmt(report['capacity'])} sessions")

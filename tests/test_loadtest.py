@@ -157,11 +157,15 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     config = report["config"]
     assert (config["fps"], config["sink"], config["seconds"], config["warmup_s"]) == (FPS, "livekit-local", SECONDS, 2)
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
+    # The settings a row's figures depend on travel with the report.
+    assert {"bucket_step", "batch_sizing", "batch_utilization", "fill_steps", "upsample", "decode",
+            "audio_round_ms"} <= set(config["model"])
+    assert config["model"]["fill_steps"] is True  # the default
     [row] = report["rows"]
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
-                        "stages", "memory", "slo_met", "frames_per_s"}
+                        "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
@@ -225,6 +229,8 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     # Stalls: the clock restarts grouped into events, and the stacks the loop stalled in.
     assert sum(e["sessions"] for e in row["stall_events"]) == s["clock"]["restarts_in_window"]
     assert row["stall_dumps"]["threshold_ms"] == 500 and row["stall_dumps"]["dumps"] >= 0
+    # The warm-up's (every first utterance starts there) apart, with the same threshold.
+    assert row["stall_dumps_warmup"]["threshold_ms"] == 500 and row["stall_dumps_warmup"]["dumps"] >= 0
     assert "garbage collections" in run.stdout
     # The session spoke through the cropped decode once its avatar's validation passed
     # (forced mode: the tiny random model's upper face moves with the audio).

@@ -313,6 +313,11 @@ class ModelSection(_Section):
     # H100 at 24 sessions: 14.5 frames a step instead of 12.4, 524.6 frames/s made
     # instead of 503.2 (docs/BENCHMARKS.md, fourteenth session).
     fill_steps: bool = True
+    # How long before the GPU is free such a step is launched anyway, in ms; 0: the
+    # bucket's median host launch time (the loadtest's stages, launch_host_ms) plus 4 ms.
+    # The device can start once the UNet's work is queued (launch_queue_ms), so a shorter
+    # lead lets more frames in; not yet measured on a GPU.
+    fill_lead_ms: float = Field(0.0, ge=0, le=100)
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per

@@ -210,7 +210,7 @@ class GenerationWorker:
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
                  metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
                  round_interval_s: float = 0.0, batch_utilization: float | None = None,
-                 fill_steps: bool = False) -> None:
+                 fill_steps: bool = False, fill_lead_s: float | None = None) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -223,6 +223,7 @@ class GenerationWorker:
         # demand (scheduler.batch_cap) at this share of the GPU.
         self.batch_utilization = batch_utilization
         self.fill_steps = fill_steps
+        self.fill_lead_s = fill_lead_s  # None: the bucket's launch time + FILL_WAKE_S
         self.demand_fps = 0.0  # the frame rates of the open sessions, summed
         self._cap: tuple[float, float, int] = (-1.0, 0.0, max_batch)  # (demand, when, cap)
         self.est = _Estimates(initial_step_ms or {})
@@ -258,6 +259,7 @@ class GenerationWorker:
         # Per bucket: the stage ms of sampled steps, and the host ms of each launch call.
         self._stage_samples: dict[int, deque[dict[str, float]]] = {}
         self._launch_host_s: dict[int, deque[float]] = {}
+        self._launch_queue_s: dict[int, deque[float]] = {}  # launch call to its UNet queued
         # Test hook and fault injection point: replaces the engine's launch for a batch.
         self.step_fn: Callable[[list[PendingFrame]], Any] | None = None
 
@@ -356,8 +358,8 @@ class GenerationWorker:
 
     def stage_figures(self) -> dict[str, dict[str, float]]:
         """Per bucket: the median device ms of each stage of the sampled steps, the same
-        per frame, and the median host ms of a launch call (the worker thread's Python
-        and kernel launches for a step). Read from any thread (a snapshot of deques)."""
+        per frame, the median host ms of a launch call (the worker thread's Python and
+        kernel launches for a step) and of the part of it before the UNet's work is queued. Read from any thread (a snapshot of deques)."""
         out: dict[str, dict[str, float]] = {}
         for size in sorted(set(self._stage_samples) | set(self._launch_host_s)):
             figures: dict[str, float] = {}
@@ -371,6 +373,9 @@ class GenerationWorker:
             host = list(self._launch_host_s.get(size, ()))
             if host:
                 figures["launch_host_ms"] = round(1000 * statistics.median(host), 3)
+            queued = list(self._launch_queue_s.get(size, ()))
+            if queued:  # from the launch call to its UNet's work queued: a fill lead's floor
+                figures["launch_queue_ms"] = round(1000 * statistics.median(queued), 3)
             out[str(size)] = figures
         return out
 
@@ -739,6 +744,9 @@ class GenerationWorker:
                                             tokens, [j.plan.blend for j in jobs],
                                             timed=self.steps % STAGE_SAMPLE_EVERY == 0)
                 self._launch_host_s.setdefault(size, deque(maxlen=STAGE_SAMPLES)).append(time.perf_counter() - t)
+                if getattr(handle, "unet_queued_at", None) is not None:
+                    self._launch_queue_s.setdefault(size, deque(maxlen=STAGE_SAMPLES)).append(
+                        handle.unet_queued_at - t)
         except Exception as exc:
             self.step_failures += 1
             log.error("generation step failed", frames=len(batch), error=repr(exc))
@@ -750,6 +758,8 @@ class GenerationWorker:
 
     def _fill_lead_s(self, size: int) -> float:
         """How long before the GPU is free a step that is not full is launched anyway."""
+        if self.fill_lead_s is not None:
+            return self.fill_lead_s
         host = self._launch_host_s.get(size)
         return (statistics.median(host) if host else FILL_LAUNCH_S) + FILL_WAKE_S
 

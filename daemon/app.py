@@ -204,7 +204,7 @@ class Daemon:
     def check_config(self) -> None:
         """Raise, before anything starts, on a config that would fail every session
         later (LiveKit without its credentials): the daemon must not come up "ready"."""
-        problem = self.settings.livekit_problem()
+        problem = self.settings.livekit_problem() or self.settings.gpu_process_problem()
         if problem is not None:
             raise LipsyncError("config_invalid", problem)
 

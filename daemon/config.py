@@ -409,6 +409,24 @@ class Settings(BaseSettings):
     def recordings_dir(self) -> Path:
         return self.output.recordings_dir or self.daemon.state_dir / "recordings"
 
+    def gpu_process_problem(self) -> str | None:
+        """Why the model cannot run in a process of its own here, in words that say what to
+        change; None when it can or is not asked to. The shared-memory rings between the
+        processes need a CPU with total store order (x86-64)."""
+        from daemon import shm_ring
+
+        if shm_ring.ORDERED_STORES:
+            return None
+        d = self.daemon
+        if d.gpu_process is True or d.edge_processes > 1 or d.gpu_socket is not None:
+            import platform
+
+            return (f"daemon.gpu_process = true and daemon.edge_processes > 1 need an x86-64 CPU (the "
+                    f"processes' shared-memory rings rely on its store order); this one is "
+                    f"{platform.machine()}: set daemon.gpu_process = false and daemon.edge_processes = 1 "
+                    f"(the model then runs in the daemon's process)")
+        return None
+
     def livekit_problem(self) -> str | None:
         """Why sessions could not publish to LiveKit with this config, in words that say
         what to change; None when the output is not LiveKit or it has what it needs.
@@ -479,10 +497,14 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
 
 def uses_gpu_process(s: Settings) -> bool:
     """``daemon.gpu_process`` resolved: "auto" runs the model in its own process where it
-    runs on CUDA (a CPU box keeps it in the edge's process)."""
+    runs on CUDA (a CPU box keeps it in the edge's process), on an x86-64 CPU."""
     if s.daemon.gpu_process != "auto":
         return bool(s.daemon.gpu_process)
     if not s.model.enabled:
+        return False
+    from daemon import shm_ring
+
+    if not shm_ring.ORDERED_STORES:  # the rings need x86-64 (Settings.gpu_process_problem)
         return False
     from musetalk.models import resolve_device
 

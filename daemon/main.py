@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _supervise(settings, config_path: str | None) -> int:
     from daemon.supervisor import Supervisor
 
-    problem = settings.livekit_problem()
+    problem = settings.livekit_problem() or settings.gpu_process_problem()
     if problem is not None:
         log.error("startup failed", code="config_invalid", error=problem)
         return EXIT_CONFIG

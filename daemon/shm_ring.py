@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import select
 import struct
 from collections import deque
@@ -37,6 +38,10 @@ from multiprocessing import shared_memory
 from typing import Callable, Iterator
 
 HEADER = 64
+# Whether this CPU keeps one core's stores in order for the others (total store order):
+# the rings rely on it (module docstring). Elsewhere (aarch64, e.g. a Grace Hopper box)
+# a consumer could see a record's index before its bytes, and nothing here can fence.
+ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 RECORD = struct.Struct("<IHH")  # length (payload bytes), kind, reserved
 WRAP = 0xFFFFFFFF
 

@@ -211,3 +211,24 @@ def test_a_ring_is_never_seen_fuller_than_it_is_while_another_process_reads():
         if reader.poll() is None:
             reader.kill()
         ring.close()
+
+
+def test_on_a_cpu_without_ordered_stores_the_model_stays_in_process_and_asking_otherwise_is_refused(monkeypatch):
+    """The rings rely on x86-64's store order. Elsewhere (aarch64) "auto" keeps the model
+    in the daemon's process, and a config that asks for a GPU-server process is refused
+    at start with what to change."""
+    import daemon.shm_ring as shm_ring
+    from daemon.config import Settings, uses_gpu_process
+    from musetalk import models
+
+    monkeypatch.setattr(models, "resolve_device", lambda name: __import__("torch").device("cuda"))
+    auto = Settings(model={"device": "cuda"})
+    assert shm_ring.ORDERED_STORES  # this machine (CI's too)
+    assert uses_gpu_process(auto) and auto.gpu_process_problem() is None
+    monkeypatch.setattr(shm_ring, "ORDERED_STORES", False)
+    assert not uses_gpu_process(auto) and auto.gpu_process_problem() is None
+    for asked in ({"gpu_process": True}, {"edge_processes": 2}):
+        problem = Settings(daemon=asked).gpu_process_problem()
+        assert problem is not None and "x86-64" in problem
+        assert "daemon.gpu_process = false" in problem and "daemon.edge_processes = 1" in problem
+    assert Settings(daemon={"gpu_process": False}).gpu_process_problem() is None

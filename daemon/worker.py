@@ -359,7 +359,8 @@ class GenerationWorker:
     def stage_figures(self) -> dict[str, dict[str, float]]:
         """Per bucket: the median device ms of each stage of the sampled steps, the same
         per frame, the median host ms of a launch call (the worker thread's Python and
-        kernel launches for a step) and of the part of it before the UNet's work is queued. Read from any thread (a snapshot of deques)."""
+        kernel launches for a step) and of its part before the UNet's work is queued.
+        Read from any thread (a snapshot of deques)."""
         out: dict[str, dict[str, float]] = {}
         for size in sorted(set(self._stage_samples) | set(self._launch_host_s)):
             figures: dict[str, float] = {}

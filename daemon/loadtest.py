@@ -579,6 +579,24 @@ def _commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def source_digest(root: Path | None = None) -> str:
+    """The code a report was made with, named by its content: sha256 over every ``.py``
+    file of ``daemon/`` and ``musetalk/`` and ``config.toml`` (paths and bytes, in path
+    order), 16 hex digits. A GPU machine's copy of ``.git`` may be older than its files,
+    so ``commit`` alone can name the wrong tree; on a checkout,
+    ``python -c "from daemon.loadtest import source_digest; print(source_digest())"``
+    gives the digest to match."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parent.parent
+    files = sorted([p for d in ("daemon", "musetalk") for p in (root / d).rglob("*.py")] + [root / "config.toml"])
+    h = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any) -> dict[str, Any]:
     m = settings.model
     return {
@@ -642,7 +660,7 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
         import torch
 
         card = torch.cuda.get_device_name(device)
-    return {"commit": _commit(), "config": _config(settings, options, fps, device), "card": card,
+    return {"commit": _commit(), "source_digest": source_digest(), "config": _config(settings, options, fps, device), "card": card,
             "rows": rows, "capacity": capacity}
 
 
@@ -997,7 +1015,8 @@ def _budget_basis(placement: dict[str, Any] | None) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     slo = report["config"]["slo"]
-    print(f"\ncard {report['card']}, commit {report['commit'] or '?'}, {report['config']['fps']} fps, "
+    print(f"\ncard {report['card']}, commit {report['commit'] or '?'} (source {report.get('source_digest') or '?'}), "
+          f"{report['config']['fps']} fps, "
           f"sink {report['config']['sink']}, {report['config']['seconds']:g} s measured per round; SLO: "
           f">= {slo['generated_pct']:g} % generated, p95 <= {slo['latency_p95_ms']:g} ms")
     print(f"{'session':>10} {'needed':>7} {'gen':>7} {'gen %':>7} {'fallbk':>7} {'undrun':>7} "

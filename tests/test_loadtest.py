@@ -151,9 +151,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     report = json.loads(report_path.read_text())
     table = run.stdout[-3000:]  # the printed report, for any failure below
 
-    assert set(report) == {"commit", "config", "card", "rows", "capacity"}
+    assert set(report) == {"commit", "source_digest", "config", "card", "rows", "capacity"}
     assert report["commit"] is None or (isinstance(report["commit"], str) and len(report["commit"]) == 40)
     assert report["card"] == "cpu"
+    from daemon.loadtest import source_digest
+
+    assert report["source_digest"] == source_digest() and len(report["source_digest"]) == 16
     config = report["config"]
     assert (config["fps"], config["sink"], config["seconds"], config["warmup_s"]) == (FPS, "livekit-local", SECONDS, 2)
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
@@ -364,3 +367,23 @@ def test_admission_lets_every_round_in_and_counts_other_edges_when_attached(tmp_
     shared = Settings(**{**base, "daemon": {**base["daemon"], "gpu_socket": str(tmp_path / "gpu.sock")}})
     attached, _ = prepare_settings(shared, options, {}, cuda=False)
     assert attached.daemon.max_sessions == 24
+
+
+def test_the_source_digest_names_the_code_by_its_content(tmp_path: Path) -> None:
+    """A GPU machine's ``.git`` may be older than its files: the report also names the
+    tree by the bytes of its code and config, which any change moves."""
+    from daemon.loadtest import source_digest
+
+    for rel, text in {"daemon/a.py": "x = 1\n", "musetalk/sub/b.py": "y = 2\n", "config.toml": "[model]\n",
+                      "daemon/notes.md": "not code\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    first = source_digest(tmp_path)
+    assert len(first) == 16 and source_digest(tmp_path) == first
+    (tmp_path / "daemon/notes.md").write_text("changed\n")  # not code: the same
+    assert source_digest(tmp_path) == first
+    (tmp_path / "musetalk/sub/b.py").write_text("y = 3\n")
+    assert source_digest(tmp_path) != first
+    (tmp_path / "musetalk/sub/b.py").write_text("y = 2\n")
+    (tmp_path / "config.toml").write_text("[model]\nfill_steps = false\n")
+    assert source_digest(tmp_path) != first

@@ -35,6 +35,8 @@ loadtest() {
     --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/$name.json") > "$out/$name.log" 2>&1
 }
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)
+# The code by content (this machine's .git may be older than its files).
+say "source $(cd "$root" && python3 -c 'from daemon.loadtest import source_digest; print(source_digest())' 2>&1 | tail -1)"
 for step in "${steps[@]}"; do
   say "start $step"
   case "$step" in

@@ -46,7 +46,7 @@ import numpy as np
 from daemon.config import ASSETS_DIR, Settings
 from daemon.errors import LipsyncError
 from daemon.inprocess import SAMPLE_WAV, in_process_settings
-from daemon.loop_watch import stall_figures
+from daemon.loop_watch import LoopWatch, stall_figures, thread_names
 
 # Producers start within this many seconds of each other (each its own random offset).
 START_JITTER_S = 1.0
@@ -406,29 +406,29 @@ class StallDumps:
 
     def __init__(self, path: Path, threshold_s: float = 0.06, interval_s: float = 0.01) -> None:
         self.path, self.threshold_s, self.interval_s = path, threshold_s, interval_s
-        self._file: Any = None
+        self._watch: LoopWatch | None = None
         self._task: asyncio.Task[None] | None = None
 
     def record(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w+")
+        self._watch = LoopWatch(self.path)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="loadtest-stall-dumps")
 
     async def _run(self) -> None:
+        assert self._watch is not None
         while True:
-            faulthandler.dump_traceback_later(self.threshold_s, file=self._file)
+            self._watch.arm(self.threshold_s)
             await asyncio.sleep(self.interval_s)
 
     async def take(self) -> dict[str, Any]:
         await _cancelled(self._task)
         self._task = None
-        faulthandler.cancel_dump_traceback_later()
-        if self._file is None:
+        if self._watch is None:
+            faulthandler.cancel_dump_traceback_later()
             return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "stacks": []}
-        self._file.close()
-        self._file = None
-        names = {f"0x{t.ident:016x}": t.name for t in threading.enumerate() if t.ident is not None}
-        return stall_figures(self.path.read_text(errors="replace"), names, self.threshold_s)
+        text = self._watch.read()
+        self._watch.close()
+        self._watch = None
+        return stall_figures(text, thread_names(), self.threshold_s)
 
 
 class GpuBusySampler:

@@ -4,9 +4,9 @@ The loop re-arms ``faulthandler.dump_traceback_later`` each turn of a periodic t
 when it does not come back within the timeout, faulthandler's own C thread (it needs
 no GIL) writes every thread's Python stack to a scratch file. When the task then sees
 the hold-up, ``take`` reads what was written since the last call and groups it by
-thread (``stall_figures``): what the loop was running, and what the
-other threads were doing meanwhile. faulthandler has one timer per process: one watch
-a process.
+thread (``stall_figures``): what the loop was running, and what the other threads
+were doing meanwhile. faulthandler has one timer per process: one watch at a time (the
+GPU server's status task; the loadtest's ``StallDumps`` around its windows).
 """
 
 from __future__ import annotations
@@ -14,32 +14,46 @@ from __future__ import annotations
 import faulthandler
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 
 class LoopWatch:
-    def __init__(self) -> None:
-        self._file: Any = tempfile.TemporaryFile("w+b")
+    """The dumps go to a scratch file, or to ``path`` where they are to be kept."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        if path is None:
+            self._file: Any = tempfile.TemporaryFile("w+b")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("w+b")
         self._read = 0
 
     def arm(self, timeout_s: float) -> None:
         """From the loop: dump every thread's stack unless re-armed within ``timeout_s``."""
         faulthandler.dump_traceback_later(timeout_s, file=self._file)
 
-    def take(self, depth: int = 4) -> list[dict[str, Any]]:
-        """The stacks dumped since the last call (by thread, innermost ``depth`` frames,
-        most dumps first); empty when none was."""
+    def read(self) -> str:
+        """What was dumped since the last call."""
         self._file.seek(self._read)
         text = self._file.read().decode(errors="replace")
         self._read = self._file.tell()
-        if not text:
-            return []
-        names = {f"0x{t.ident:016x}": t.name for t in threading.enumerate() if t.ident is not None}
-        return stall_figures(text, names, 0.0, depth=depth)["stacks"]
+        return text
+
+    def take(self, depth: int = 4) -> list[dict[str, Any]]:
+        """The stacks dumped since the last call (by thread, innermost ``depth`` frames,
+        most dumps first); empty when none was."""
+        text = self.read()
+        return stall_figures(text, thread_names(), 0.0, depth=depth)["stacks"] if text else []
 
     def close(self) -> None:
         faulthandler.cancel_dump_traceback_later()
         self._file.close()
+
+
+def thread_names() -> dict[str, str]:
+    """faulthandler's thread ids (as it writes them) -> the threads' names."""
+    return {f"0x{t.ident:016x}": t.name for t in threading.enumerate() if t.ident is not None}
 
 
 def stall_figures(text: str, names: dict[str, str], threshold_s: float, depth: int = 4) -> dict[str, Any]:

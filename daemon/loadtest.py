@@ -660,8 +660,8 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
         import torch
 
         card = torch.cuda.get_device_name(device)
-    return {"commit": _commit(), "source_digest": source_digest(), "config": _config(settings, options, fps, device), "card": card,
-            "rows": rows, "capacity": capacity}
+    return {"commit": _commit(), "source_digest": source_digest(), "config": _config(settings, options, fps, device),
+            "card": card, "rows": rows, "capacity": capacity}
 
 
 async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_ids: list[str],

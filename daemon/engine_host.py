@@ -97,9 +97,10 @@ class EngineHost:
 
         # Two voices per session (an utterance finishing while the next one starts).
         slots = 2 * self.settings.daemon.max_sessions
-        return GpuAudioStreams(self.whisper, fps=fps, max_streams=slots,
-                               lookahead_frames=self.settings.model.lookahead_frames,
-                               window_s=self.audio_window_s)
+        cfg = self.settings.model
+        return GpuAudioStreams(self.whisper, fps=fps, max_streams=slots, lookahead_frames=cfg.lookahead_frames,
+                               window_s=self.audio_window_s,
+                               compile=cfg.compile and cfg.audio_compile and self.device.type == "cuda")
 
     @property
     def audio_window_s(self) -> float:

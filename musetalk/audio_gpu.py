@@ -288,6 +288,7 @@ class GpuAudioStreams:
         window_s: float = 30.0,
         batch_buckets: bool | None = None,
         graphs: bool | None = None,
+        compile: bool = False,
     ):
         if int(fps) != fps or not 1 <= fps <= FEATURE_RATE:
             raise ValueError(f"fps must be an integer in 1..{FEATURE_RATE}, got {fps}")
@@ -338,6 +339,10 @@ class GpuAudioStreams:
         self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
         self._graphs: dict[tuple[int, int], _EncoderGraph] = {}
         self.graph_rounds = 0
+        # The graphed encodes through torch.compile (``device_hidden_states(compiled=True)``):
+        # compiled once per shape at ``warm``, before the capture; eager encodes stay eager
+        # (a compile in the middle of serving would hold the round for seconds).
+        self.compile = bool(compile) and self.graphs
 
         device, d = self.device, AUDIO_DIM
         shape = (self.max_streams, self.ring_frames, AUDIO_TOKENS, d)
@@ -418,7 +423,7 @@ class GpuAudioStreams:
                         mel, dst = mel_in[:b], out[:b]
 
                         def encode(mel=mel, rows=rows, dst=dst) -> None:
-                            self.encoder.device_hidden_states(mel, rows=rows, out=dst)
+                            self.encoder.device_hidden_states(mel, rows=rows, out=dst, compiled=self.compile)
 
                         side = torch.cuda.Stream(self.device)
                         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -432,10 +437,18 @@ class GpuAudioStreams:
                         graphs[(b, q)] = _EncoderGraph(graph, mel, rows, dst)
             torch.cuda.current_stream(self.device).synchronize()
         except Exception as exc:  # eager encodes work everywhere; say why they stay eager
+            if self.compile:  # the compiled encode's fault, or the graphs'? Try them eager.
+                log.warning("audio encoder: compiled CUDA graphs not captured, capturing eager encodes: %r", exc)
+                self.compile = False
+                self._capture_graphs(sizes)
+                return
             log.warning("audio encoder CUDA graphs not captured (eager encodes): %r", exc)
             self._graphs = {}
             return
         self._graphs = graphs
+        log.info("audio encoder: %d CUDA graphs captured (batches %s, rows %s), %s", len(graphs),
+                 ",".join(map(str, sizes)), ",".join(map(str, GRAPH_QUERY_ROWS)),
+                 "compiled" if self.compile else "eager kernels")
 
     # ------------------------------------------------------------------ host API
 
@@ -897,12 +910,14 @@ def drain(streams: GpuAudioStreams, out: dict[int, list[np.ndarray]] | None = No
 
 def gpu_stream_tokens(
     encoder: WhisperAudioEncoder, pcm16k: np.ndarray, chunk_samples: int, fps: int = 25, lookahead_frames: int = 0,
-    graphs: bool = False,
+    graphs: bool = False, compile: bool = False,
 ) -> np.ndarray:
     """Tokens [floor(seconds * fps), 50, 384] of one utterance pushed in fixed-size chunks
     through ``GpuAudioStreams``, rounds after every push (as ``musetalk.audio.stream_tokens``);
-    ``graphs``: with the encoder's CUDA graphs (captured by ``warm``)."""
-    streams = GpuAudioStreams(encoder, fps=fps, max_streams=1, lookahead_frames=lookahead_frames, graphs=graphs)
+    ``graphs``: with the encoder's CUDA graphs (captured by ``warm``), ``compile``: of the
+    compiled encode."""
+    streams = GpuAudioStreams(encoder, fps=fps, max_streams=1, lookahead_frames=lookahead_frames, graphs=graphs,
+                              compile=compile)
     if graphs:
         streams.warm()
     slot = streams.open()
@@ -918,7 +933,7 @@ def gpu_stream_tokens(
 
 def time_rounds(
     encoder: WhisperAudioEncoder, pcm16k: np.ndarray, slots: int, chunk_samples: int, rounds: int, warmup: int,
-    prune: bool = True, graphs: bool = False, incremental_mel: bool = True,
+    prune: bool = True, graphs: bool = False, incremental_mel: bool = True, compile: bool = False,
 ) -> dict[str, float]:
     """Steady state mid-utterance: each of ``slots`` streams starts with 1 s of audio
     (its frames made and consumed untimed), then every round each gets one chunk and
@@ -926,7 +941,8 @@ def time_rounds(
     the device synchronized) over the rounds that made frames."""
     import time
 
-    streams = GpuAudioStreams(encoder, max_streams=2 * slots, graphs=graphs)  # two a session, as the daemon
+    streams = GpuAudioStreams(encoder, max_streams=2 * slots, graphs=graphs,  # two a session, as the daemon
+                              compile=compile)
     streams.prune_last_layer = prune
     streams.incremental_mel = incremental_mel
     if graphs:
@@ -999,6 +1015,8 @@ def _main() -> None:
     parser.add_argument("--against-stream", action="store_true", help="also compare with StreamingAudioFeatures")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="on cuda: device ms of N pruned encodes per B by kernel kind, the costliest kernels")
+    parser.add_argument("--stages-only", action="store_true",
+                        help="on cuda: only the stage timings per B (log-mel, encoder eager, graphed, compiled)")
     args = parser.parse_args()
 
     cuda = args.device.startswith("cuda")
@@ -1011,7 +1029,7 @@ def _main() -> None:
         model_dir = Path(args.model) if args.model else write_random_whisper(Path(tmp), args.size)
         encoder = load_whisper_encoder(model_dir, device=args.device, dtype=dtype)
         offline = offline_tokens(encoder, x)
-        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")] if not (cuda and args.stages_only) else []:
             t0 = time.perf_counter()
             streamed = gpu_stream_tokens(encoder, x, 16 * chunk_ms, lookahead_frames=args.lookahead)
             errors = token_errors(streamed, offline)
@@ -1025,17 +1043,18 @@ def _main() -> None:
                 reference = stream_tokens(encoder, x, 16 * chunk_ms, lookahead_frames=args.lookahead)
                 line += f" vs_StreamingAudioFeatures_max_abs={np.abs(streamed - reference).max():.3g}"
             print(line, flush=True)
-        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
+        for chunk_ms in [int(c) for c in args.chunks_ms.split(",")] if not (cuda and args.stages_only) else []:
             for b in slots:
-                variants = ((False, False, True), (True, False, True))
-                if cuda:  # the daemon's form, then the same with the whole STFT per encode
-                    variants += ((True, True, True), (True, True, False))
-                for prune, graphs, incremental in variants:
+                variants = ((False, False, True, False), (True, False, True, False))
+                if cuda:  # graphed (the daemon's form, eager and compiled), then the whole STFT per encode
+                    variants += ((True, True, True, False), (True, True, True, True), (True, True, False, False))
+                for prune, graphs, incremental, compiled in variants:
                     timing = time_rounds(encoder, x, b, 16 * chunk_ms, rounds, warmup=10 if cuda else 2, prune=prune,
-                                         graphs=graphs, incremental_mel=incremental)
+                                         graphs=graphs, incremental_mel=incremental, compile=compiled)
                     print(
                         f"round B={b} chunk={chunk_ms}ms last layer {'pruned' if prune else 'whole'}, "
-                        f"{'graphs' if graphs else 'eager'}, {'incremental' if incremental else 'whole-STFT'} log-mel: "
+                        f"{'compiled graphs' if compiled else 'graphs' if graphs else 'eager'}, "
+                        f"{'incremental' if incremental else 'whole-STFT'} log-mel: "
                         f"{timing['round_ms_mean']:.2f} ms per round with frames "
                         f"(max {timing['round_ms_max']:.2f}, host launch {timing['host_ms_mean']:.2f}), "
                         f"{timing['rounds']} rounds, {timing['frames']} frames, {timing['graph_rounds']} graphed",
@@ -1045,17 +1064,19 @@ def _main() -> None:
             for chunk_ms in [int(c) for c in args.chunks_ms.split(",")]:
                 eager = gpu_stream_tokens(encoder, x, 16 * chunk_ms, graphs=False)
                 graphed = gpu_stream_tokens(encoder, x, 16 * chunk_ms, graphs=True)
+                compiled = gpu_stream_tokens(encoder, x, 16 * chunk_ms, graphs=True, compile=True)
                 print(f"graphed vs eager tokens, chunk={chunk_ms}ms: frames {len(graphed)}/{len(eager)}, "
-                      f"max abs {np.abs(graphed - eager).max():.3g}", flush=True)
+                      f"max abs {np.abs(graphed - eager).max():.3g}; compiled graphs: frames {len(compiled)}, "
+                      f"max abs {np.abs(compiled - eager).max():.3g}", flush=True)
         if cuda:
             for b in slots:
-                mel_ms, columns_ms, encoder_ms, pruned_ms, graph_ms = _time_stages(encoder, b)
+                mel_ms, columns_ms, encoder_ms, pruned_ms, graph_ms, compiled_ms = _time_stages(encoder, b)
                 if args.profile:
                     _profile_encoder(encoder, b, args.profile)
                 print(f"stages B={b}: log-mel {mel_ms:.2f} ms whole STFT, {columns_ms:.2f} ms incremental "
                       f"({COLUMN_STEP} columns and the normalization), encoder {encoder_ms:.2f} ms, "
                       f"encoder with the last layer on {QUERY_ROW_STEP} rows {pruned_ms:.2f} ms, "
-                      f"the same as a CUDA graph {graph_ms:.2f} ms", flush=True)
+                      f"the same as a CUDA graph {graph_ms:.2f} ms, compiled {compiled_ms:.2f} ms", flush=True)
 
 
 def _profile_encoder(encoder: WhisperAudioEncoder, items: int, calls: int) -> None:
@@ -1084,11 +1105,11 @@ def _profile_encoder(encoder: WhisperAudioEncoder, items: int, calls: int) -> No
 
 
 def _time_stages(encoder: WhisperAudioEncoder, items: int,
-                 repeat: int = 20) -> tuple[float, float, float, float, float]:
+                 repeat: int = 20) -> tuple[float, float, float, float, float, float]:
     """Device ms of the two big stages of a round with ``items`` encodes (the log-mel
     whole and incremental, a 40 ms chunk's columns then the normalization; the encoder
     whole, then with its last layer on QUERY_ROW_STEP rows, a 40 ms chunk's, eager and as
-    a CUDA graph). Eager calls queued back to back are bound by their launches where the
+    a CUDA graph, eager and compiled). Eager calls queued back to back are bound by their launches where the
     device is faster than the host; the graph's figure is the device's."""
     window = torch.hann_window(N_FFT, device=encoder.device)
     filters = torch.from_numpy(np.ascontiguousarray(encoder.mel_filters.T, dtype=np.float32)).to(encoder.device)
@@ -1115,6 +1136,12 @@ def _time_stages(encoder: WhisperAudioEncoder, items: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             encoder.device_hidden_states(mel, rows=rows, out=out)
+        for _ in range(2):
+            encoder.device_hidden_states(mel, rows=rows, out=out, compiled=True)
+        torch.cuda.synchronize()
+        compiled = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(compiled):
+            encoder.device_hidden_states(mel, rows=rows, out=out, compiled=True)
     spec = log_spec_device(audio, filters, window)
     slots = torch.arange(items, device=encoder.device)
     columns = (1200 + torch.arange(COLUMN_STEP, device=encoder.device)).expand(items, -1)
@@ -1125,7 +1152,7 @@ def _time_stages(encoder: WhisperAudioEncoder, items: int,
 
     return (ms(lambda: log_mel_device(audio, filters, window)), ms(incremental),
             ms(lambda: encoder.device_hidden_states(mel)),
-            ms(lambda: encoder.device_hidden_states(mel, rows=rows)), ms(graph.replay))
+            ms(lambda: encoder.device_hidden_states(mel, rows=rows)), ms(graph.replay), ms(compiled.replay))
 
 
 if __name__ == "__main__":

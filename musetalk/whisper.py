@@ -49,6 +49,7 @@ class WhisperAudioEncoder:
         self.num_mel_bins = int(encoder.config.num_mel_bins)
         self.max_source_positions = int(encoder.config.max_source_positions)
         self.num_hidden_states = len(encoder.layers) + 1
+        self._compiled = None  # device_hidden_states(compiled=True), made on first use
         if self.max_source_positions != WINDOW_FEATURES:
             raise ValueError(
                 f"whisper encoder has max_source_positions={self.max_source_positions}; "
@@ -113,7 +114,8 @@ class WhisperAudioEncoder:
         return stacked.float().cpu().numpy()
 
     def device_hidden_states(self, mel: torch.Tensor, offsets: torch.Tensor | None = None,
-                             rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                             rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                             compiled: bool = False) -> torch.Tensor:
         """The 5 hidden states of mel windows, left on the device: no host copy, no sync.
 
         ``mel``: [B, n_mels, N] on ``self.device`` (any float dtype); N = 3000 (a full 30 s
@@ -131,47 +133,66 @@ class WhisperAudioEncoder:
 
         ``out``: a [B, N/2, 5, d_model] tensor to write the states into (a CUDA graph's
         static output); returned.
+
+        ``compiled``: the same computation through ``torch.compile`` (Inductor fuses the
+        layer norms, residual adds, GELU and the stacking that eager runs as separate passes
+        over the window). Its first call per shape compiles (seconds), so callers use it
+        where that happens once: ``GpuAudioStreams`` captures it into CUDA graphs at start.
         """
         if offsets is None and (mel.ndim != 3 or tuple(mel.shape[1:]) != (self.num_mel_bins, WINDOW_MEL_FRAMES)):
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, {WINDOW_MEL_FRAMES}], got {tuple(mel.shape)}")
         if mel.ndim != 3 or mel.shape[1] != self.num_mel_bins or mel.shape[2] % 2:
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, even N], got {tuple(mel.shape)}")
-        enc = self.encoder
+        fn = self._states
+        if compiled:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._states)
+            fn = self._compiled
         with torch.inference_mode():
-            h = nn.functional.gelu(enc.conv1(mel.to(self.dtype)))
-            h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
-            if offsets is None:
-                h = h + enc.embed_positions.weight[: h.shape[1]]
-            else:
-                positions = offsets[:, None] + torch.arange(h.shape[1], device=h.device)[None, :]
-                h = h + enc.embed_positions(positions)
-            states = [h]
-            layers = list(enc.layers)
-            for layer in layers if rows is None else layers[:-1]:
-                h = layer(h, None)
-                states.append(h)
-            if rows is None:
-                states[-1] = enc.layer_norm(h)
-            else:
-                last = enc.layer_norm(_layer_at_rows(layers[-1], h, rows))
-                states.append(h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last))
-            return torch.stack(states, dim=2) if out is None else torch.stack(states, dim=2, out=out)
+            return fn(mel, offsets, rows, out)
+
+    def _states(self, mel: torch.Tensor, offsets: torch.Tensor | None, rows: torch.Tensor | None,
+                out: torch.Tensor | None) -> torch.Tensor:
+        enc = self.encoder
+        h = nn.functional.gelu(enc.conv1(mel.to(self.dtype)))
+        h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
+        if offsets is None:
+            h = h + enc.embed_positions.weight[: h.shape[1]]
+        else:
+            positions = offsets[:, None] + torch.arange(h.shape[1], device=h.device)[None, :]
+            h = h + enc.embed_positions(positions)
+        states = [h]
+        layers = list(enc.layers)
+        for layer in layers[:-1]:
+            h = _layer_at_rows(layer, h, None)
+            states.append(h)
+        last = enc.layer_norm(_layer_at_rows(layers[-1], h, rows))
+        if rows is not None:
+            last = h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last)
+        states.append(last)
+        stacked = torch.stack(states, dim=2)
+        return stacked if out is None else out.copy_(stacked)
 
 
-def _layer_at_rows(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A whisper encoder layer's output at ``rows`` ([B, Q]) of its input ``h`` ([B, N, D]):
-    what ``layer(h, None)`` gives there (pre-norm self-attention over all N positions,
-    then the MLP), computing queries, attention outputs and the MLP for the Q rows only."""
+def _layer_at_rows(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A whisper encoder layer's output at ``rows`` ([B, Q]) of its input ``h`` ([B, N, D]),
+    or at every position (``rows`` None): what ``layer(h, None)`` of transformers gives
+    (pre-norm self-attention over all N positions, then the MLP), with queries, attention
+    outputs and the MLP computed for the Q rows only."""
     attn = layer.self_attn
     b, n, d = h.shape
     heads = attn.num_heads
     x = layer.self_attn_layer_norm(h)
-    picked = rows[:, :, None].expand(-1, -1, d)
-    q = (attn.q_proj(torch.gather(x, 1, picked)) * attn.scaling).view(b, -1, heads, d // heads).transpose(1, 2)
+    if rows is None:
+        h_rows, x_rows = h, x
+    else:
+        picked = rows[:, :, None].expand(-1, -1, d)
+        h_rows, x_rows = torch.gather(h, 1, picked), torch.gather(x, 1, picked)
+    q = (attn.q_proj(x_rows) * attn.scaling).view(b, -1, heads, d // heads).transpose(1, 2)
     k = attn.k_proj(x).view(b, n, heads, d // heads).transpose(1, 2)
     v = attn.v_proj(x).view(b, n, heads, d // heads).transpose(1, 2)
     a = nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
-    y = torch.gather(h, 1, picked) + attn.out_proj(a.transpose(1, 2).reshape(b, -1, d))
+    y = h_rows + attn.out_proj(a.transpose(1, 2).reshape(b, -1, d))
     y = y + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(y))))
     if y.dtype == torch.float16:
         clamp = torch.finfo(y.dtype).max - 1000

@@ -4,6 +4,8 @@
 #   setsid nohup scripts/gpu_session.sh /tmp/res [STEPS...] > /tmp/res.log 2>&1 &
 # Steps (default: audio ref lt):
 #   audio  python -m musetalk.audio_gpu: audio rounds (whole / pruned / graphed encoder)
+#   astages  the audio encoder's device ms per batch of $AUDIO_SLOTS (default 12,24): eager,
+#          CUDA graph, compiled CUDA graph, and the three forms' tokens compared (a minute)
 #   ref    MuseTalk's reference flow (the 4x target's baseline), 500 frames
 #   lt     lipsync loadtest, sessions $LT_SESSIONS (default 4,16,20,24; the first row
 #          prepares the four avatars and is not a measurement), 60 s each
@@ -42,6 +44,8 @@ for step in "${steps[@]}"; do
   case "$step" in
     audio) (cd "$root" && timeout 300 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 \
              --slots "${AUDIO_SLOTS:-8,12,24}" --rounds 30 --profile 10) > "$out/audio.log" 2>&1 ;;
+    astages) (cd "$root" && timeout 240 python3 -m musetalk.audio_gpu --device cuda --chunks-ms 40 \
+             --slots "${AUDIO_SLOTS:-12,24}" --stages-only) > "$out/astages.log" 2>&1 ;;
     ref) (cd "$root" && timeout 300 python3 -m musetalk.bench --device cuda --reference-flow --frames 500 \
            --json "$out/ref.json") > "$out/ref.log" 2>&1 ;;
     lt) loadtest lt 1200 "${LT_SESSIONS:-4,16,20,24}" ;;

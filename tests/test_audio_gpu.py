@@ -488,6 +488,22 @@ def test_last_layer_on_rows_equals_the_whole_layer_there(encoder, speech16k):
     assert not torch.allclose(whole[0, rows[0], 4], whole[1, rows[0], 4])
 
 
+def test_compiled_encode_equals_the_eager_one_and_writes_into_out(encoder, speech16k):
+    """``compiled=True`` (torch.compile, on the CPU Inductor's C++ kernels here; on CUDA the
+    rounds' CUDA graphs capture it) gives the eager states, whole and on rows, into ``out``;
+    a second batch size runs without failing (one dynamic compile serves the buckets)."""
+    mel = torch.from_numpy(np.stack([encoder.log_mel(speech16k), encoder.log_mel(speech16k[3000:])]))
+    rows = torch.tensor([[0, 1, 2, 700] + list(range(1400, 1412)), list(range(40, 56))])
+    eager = encoder.device_hidden_states(mel, rows=rows)
+    out = torch.full_like(eager, 7.0)
+    got = encoder.device_hidden_states(mel, rows=rows, out=out, compiled=True)
+    assert got.data_ptr() == out.data_ptr()
+    np.testing.assert_allclose(out.numpy(), eager.numpy(), atol=1e-5)
+    assert not out[0, 3, 4].any()  # a row not asked for: zero, as eager
+    one = encoder.device_hidden_states(mel[1:], rows=rows[1:], compiled=True)
+    np.testing.assert_allclose(one.numpy(), eager[1:].numpy(), atol=1e-5)
+
+
 def test_streams_with_the_last_layer_pruned_give_the_whole_encoders_tokens(encoder, speech16k, long_signal):
     """Two slots at different phases, one of them across the 30 s boundary (a final
     encode and a stored tail), streamed in 40 ms chunks: the pruned rounds' tokens are the

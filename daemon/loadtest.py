@@ -645,6 +645,10 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
             row = await _round(daemon, nc, n, options, avatar_ids, fps, probe, gpu, prepared)
             rows.append(row)
             print_row(row, flush=True)
+            if options.json_path is not None:  # the rows so far, should the run be cut short
+                options.json_path.parent.mkdir(parents=True, exist_ok=True)
+                partial = {**_report(settings, options, fps, device, rows, capacity), "partial": True}
+                options.json_path.write_text(json.dumps(partial, indent=2))
             if row["slo_met"]:
                 capacity = n if capacity is None or options.find_capacity else max(capacity, n)
             elif options.find_capacity:
@@ -656,6 +660,11 @@ async def _loadtest(settings: Settings, options: LoadtestOptions, avatar_ids: li
         if gpu is not None:
             gpu.close()
         await daemon.shutdown()
+    return _report(settings, options, fps, device, rows, capacity)
+
+
+def _report(settings: Settings, options: LoadtestOptions, fps: int, device: Any, rows: list[dict[str, Any]],
+            capacity: int | None) -> dict[str, Any]:
     card = "cpu"
     if device is not None and device.type == "cuda":
         import torch

@@ -161,7 +161,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert (config["fps"], config["sink"], config["seconds"], config["warmup_s"]) == (FPS, "livekit-local", SECONDS, 2)
     assert config["model"]["random_weights"] is True and len(config["avatars"]) >= 4
     # The settings a row's figures depend on travel with the report.
-    assert {"bucket_step", "batch_sizing", "batch_utilization", "fill_steps", "upsample", "decode",
+    assert {"bucket_step", "batch_sizing", "batch_utilization", "fill_steps", "upsample", "decode", "audio_compile",
             "audio_round_ms"} <= set(config["model"])
     assert config["model"]["fill_steps"] is True  # the default
     [row] = report["rows"]

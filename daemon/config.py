@@ -320,6 +320,11 @@ class ModelSection(_Section):
     # The device can start once the UNet's work is queued (launch_queue_ms), so a shorter
     # lead lets more frames in; not yet measured on a GPU.
     fill_lead_ms: float = Field(0.0, ge=0, le=100)
+    # While the GPU is busy with earlier work, a frame is launched only if a step of this
+    # share of its estimate would still end before the frame's tick; else it is dropped
+    # (its session shows an idle frame) and the step's time goes to frames that can make
+    # it. With the GPU idle the share is 0.75 (a late wake-up must not drop frames).
+    busy_drop_fraction: float = Field(0.75, ge=0.5, le=1.5)
     horizon_s: float = Field(1.0, gt=0, le=30)
     # The VAE decode computes only the face rows the blend can show (from
     # decode_crop_row of 256 down; GroupNorm statistics completed by sums cached per

@@ -81,7 +81,8 @@ class EngineHost:
                                         round_interval_s=cfg.audio_round_ms / 1000,
                                         batch_utilization=cfg.batch_utilization if cfg.batch_sizing == "demand" else None,
                                         fill_steps=cfg.fill_steps,
-                                        fill_lead_s=cfg.fill_lead_ms / 1000 if cfg.fill_lead_ms > 0 else None)
+                                        fill_lead_s=cfg.fill_lead_ms / 1000 if cfg.fill_lead_ms > 0 else None,
+                                        busy_drop_fraction=cfg.busy_drop_fraction)
         t = time.perf_counter()
         warmed = self._worker.start(warm_fps=self.settings.video.fps, warm_engine=self.engine.warmup)
         await asyncio.to_thread(warmed.wait)

@@ -44,6 +44,10 @@ log = get_logger(__name__)
 # the event loop's callback, composing the frame).
 DELIVERY_MARGIN_S = 0.004
 MAX_IN_FLIGHT = 2
+# drop_before: the share of a step's estimate a frame must have left when the GPU is idle,
+# and how far ahead the GPU must be booked to count as busy.
+IDLE_DROP_FRACTION = 0.75
+BUSY_SLACK_S = 0.001
 # ``fill_steps``: a step that is not full waits while the GPU stays busy for longer than
 # its host launch (the median of its bucket's recent launch calls, this until measured)
 # plus a wake-up of the worker's loop.
@@ -210,7 +214,8 @@ class GenerationWorker:
     def __init__(self, engine: Any, make_streams: Callable[[int], Any], loop: asyncio.AbstractEventLoop,
                  metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
                  round_interval_s: float = 0.0, batch_utilization: float | None = None,
-                 fill_steps: bool = False, fill_lead_s: float | None = None) -> None:
+                 fill_steps: bool = False, fill_lead_s: float | None = None,
+                 busy_drop_fraction: float = IDLE_DROP_FRACTION) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -224,6 +229,7 @@ class GenerationWorker:
         self.batch_utilization = batch_utilization
         self.fill_steps = fill_steps
         self.fill_lead_s = fill_lead_s  # None: the bucket's launch time + FILL_WAKE_S
+        self.busy_drop_fraction = busy_drop_fraction  # see drop_before
         self.demand_fps = 0.0  # the frame rates of the open sessions, summed
         self._cap: tuple[float, float, int] = (-1.0, 0.0, max_batch)  # (demand, when, cap)
         self.est = _Estimates(initial_step_ms or {})
@@ -708,9 +714,7 @@ class GenerationWorker:
                           fill_lead_s=self._fill_lead_s(self.engine.bucket(cap)) if self.fill_steps else None)
         if wait > 0:
             return wait
-        # Given up only when even a step a quarter faster than usual could not save it: a
-        # worker woken a little late must not drop what it waited for.
-        batch = self.scheduler.next_batch(cap, not_before=gpu_free + 0.75 * step_s + DELIVERY_MARGIN_S,
+        batch = self.scheduler.next_batch(cap, not_before=self.drop_before(now, gpu_free, step_s),
                                           tie_window_s=step_s, rank=_served)
         late = self.scheduler.dropped_late
         if late:
@@ -756,6 +760,17 @@ class GenerationWorker:
         self._gpu_free_at = max(now, self._gpu_free_at) + self.est.step(size)
         self._gpu_queue.append((id(handle), self.est.step(size)))
         self._in_flight.append((handle, batch, size, time.perf_counter()))
+
+    def drop_before(self, now: float, gpu_free: float, step_s: float) -> float:
+        """Frames due before this are dropped rather than launched. With the GPU idle a
+        frame is given up only when even a step a quarter faster than usual could not save
+        it (a worker woken a little late must not drop what it waited for); while the GPU is
+        still busy with earlier work the step's start is set by that queue, and
+        ``busy_drop_fraction`` of a step applies (model.busy_drop_fraction: 1.0 keeps a
+        saturated GPU from spending a step's time on frames that would end after their
+        ticks)."""
+        fraction = self.busy_drop_fraction if gpu_free > now + BUSY_SLACK_S else IDLE_DROP_FRACTION
+        return gpu_free + fraction * step_s + DELIVERY_MARGIN_S
 
     def _fill_lead_s(self, size: int) -> float:
         """How long before the GPU is free a step that is not full is launched anyway."""

@@ -614,3 +614,26 @@ def test_a_step_seen_done_rebases_when_the_gpu_is_expected_free(models, encoder)
     assert w._fill_lead_s(16) == pytest.approx(0.004 + 0.004)
     w.fill_lead_s = 0.0025
     assert w._fill_lead_s(16) == 0.0025
+
+
+def test_frames_a_busy_gpu_would_make_too_late_are_dropped_with_the_busy_fraction(models, encoder):
+    """drop_before: with the GPU idle a frame is kept while a step a quarter faster than
+    its estimate could still make it; while the GPU is booked ahead, the share is
+    model.busy_drop_fraction (0.75 unless set)."""
+    from daemon.worker import DELIVERY_MARGIN_S
+
+    w = GenerationWorker(Engine(models, max_batch=4),
+                         lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.new_event_loop(), Metrics(), max_batch=4, horizon_s=5.0)  # not started
+    now, step = 100.0, 0.020
+    assert w.drop_before(now, now, step) == pytest.approx(now + 0.015 + DELIVERY_MARGIN_S)  # idle
+    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.025 + DELIVERY_MARGIN_S)  # the default
+    w.busy_drop_fraction = 1.0
+    assert w.drop_before(now, now, step) == pytest.approx(now + 0.015 + DELIVERY_MARGIN_S)  # idle: unchanged
+    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.030 + DELIVERY_MARGIN_S)
+    # The scheduler drops what is due before it and launches the rest.
+    limit = w.drop_before(now, now + 0.010, step)
+    for i, deadline in enumerate([limit - 0.001, limit + 0.001]):
+        w.scheduler.add("s", 0, i, deadline, job=None)
+    batch = w.scheduler.next_batch(4, not_before=limit)
+    assert [item.frame_no for item in batch] == [1] and w.scheduler.dropped_late == 1

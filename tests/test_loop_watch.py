@@ -39,7 +39,10 @@ async def test_a_held_loop_leaves_every_threads_stack_and_a_free_one_none() -> N
         by_thread = {st["thread"]: st["frames"] for st in stacks}
         assert "_hold_the_loop" in by_thread.get("MainThread", ""), stacks
         assert "_busy_elsewhere" in by_thread.get("worker-like", ""), stacks
-        assert all(st["dumps"] == 1 for st in stacks)
+        # One dump: each of the two threads counted once (other threads of the test
+        # process, idle pool workers left by earlier tests, may share a stack and merge).
+        dumps = {st["thread"]: st["dumps"] for st in stacks}
+        assert dumps["MainThread"] == 1 and dumps["worker-like"] == 1, stacks
         # Taken once: the next call reads only what came after.
         watch.arm(0.2)
         await asyncio.sleep(0.01)

@@ -295,8 +295,8 @@ class ModelSection(_Section):
     compile: bool = True
     compile_dynamic: bool = True
     # With compile on CUDA: the audio rounds' graphed whisper encodes through torch.compile
-    # (off until measured on a GPU: `python -m musetalk.audio_gpu --device cuda --stages-only`).
-    audio_compile: bool = False
+    # (H100: a round of 12 encodes 3.71 -> 2.78 ms, of 24 7.79 -> 4.53 ms; fifteenth session).
+    audio_compile: bool = True
     # 16: a step of 20 costs more a frame on an H100 or H200, and a longer step is a
     # longer latency budget (config.toml; docs/BENCHMARKS.md, fourteenth session).
     max_batch: int = Field(16, ge=1)

@@ -295,7 +295,7 @@ class ModelSection(_Section):
     compile: bool = True
     compile_dynamic: bool = True
     # With compile on CUDA: the audio rounds' graphed whisper encodes through torch.compile
-    # (H100: a round of 12 encodes 3.71 -> 2.78 ms, of 24 7.79 -> 4.53 ms; fifteenth session).
+    # (H100: a round of 12 encodes 3.71 -> 2.78 ms, the encode of 24 4.83 -> 2.89 ms).
     audio_compile: bool = True
     # 16: a step of 20 costs more a frame on an H100 or H200, and a longer step is a
     # longer latency budget (config.toml; docs/BENCHMARKS.md, fourteenth session).

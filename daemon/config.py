@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -352,6 +352,10 @@ class ModelSection(_Section):
     upsample: Literal["nearest", "subpixel", "transposed"] = "transposed"
     inductor_options: dict[str, bool | int | str] = Field(default_factory=dict)
     decode_crop_row: int = Field(96, ge=0, le=255)
+    # A second crop plan from this row (0: none), above decode_crop_row: avatars whose
+    # blend starts at or below it (and whose validation passes for it too) decode fewer
+    # rows; a step uses it when every avatar in it has it. Costs a compile per bucket.
+    decode_crop_row_high: int = Field(0, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)
     extra_margin: int = 10
     parsing_mode: Literal["jaw", "raw"] = "jaw"
@@ -367,6 +371,13 @@ class ModelSection(_Section):
     # Audio rounds at most this often: chunks of many sessions share one encoder batch.
     audio_round_ms: float = Field(20.0, ge=0, le=200)
     auto_flush_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _crop_rows_in_order(self) -> ModelSection:
+        if self.decode_crop_row_high and self.decode_crop_row_high <= self.decode_crop_row:
+            raise ValueError(f"model.decode_crop_row_high ({self.decode_crop_row_high}) must be above "
+                             f"model.decode_crop_row ({self.decode_crop_row}), or 0 for no second plan")
+        return self
 
 
 class Settings(BaseSettings):

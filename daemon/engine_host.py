@@ -162,7 +162,8 @@ class EngineHost:
         decode = "full" if cfg.decode == "auto" and self.device.type != "cuda" else cfg.decode
         self.engine = Engine(models, compile=cfg.compile, max_batch=cfg.max_batch,
                              compile_dynamic=cfg.compile_dynamic, bucket_step=cfg.bucket_step,
-                             decode=decode, crop_row=cfg.decode_crop_row, crop_tolerance=cfg.decode_tolerance,
+                             decode=decode, crop_row=cfg.decode_crop_row, crop_row_high=cfg.decode_crop_row_high,
+                             crop_tolerance=cfg.decode_tolerance,
                              fuse_step=cfg.fuse_step, inductor=cfg.inductor_options or None,
                              upsample=cfg.upsample)
         if self.device.type == "cuda":
@@ -233,11 +234,16 @@ class EngineHost:
         engine = self.engine
         if engine is None or engine.crop_plan is None:
             return {"mode": "full"}
-        return {"mode": engine.decode_mode, "crop_row": engine.crop_plan.visible_row,
+        shown = ("accepted", "mean_abs", "max_abs", "reason", "first_visible_row", "high")
+        info = {"mode": engine.decode_mode, "crop_row": engine.crop_plan.visible_row,
                 "gflop_per_frame": {"whole": round(engine.decoder_flops(False) / 1e9, 1),
                                     "cropped": round(engine.decoder_flops(True) / 1e9, 1)},
-                "avatars": {key[:16]: {k: v for k, v in f.items() if k in ("accepted", "mean_abs", "max_abs", "reason")}
+                "avatars": {key[:16]: {k: v for k, v in f.items() if k in shown}
                             for key, f in self.crop_figures.items()}}
+        if engine.crop_plan_high is not None:
+            info["crop_row_high"] = engine.crop_plan_high.visible_row
+            info["gflop_per_frame"]["cropped_high"] = round(engine.decoder_flops(True, high=True) / 1e9, 1)
+        return info
 
     def alive(self) -> bool:
         return self._worker is not None and self._worker.alive()
@@ -449,9 +455,9 @@ class EngineHost:
         t = time.perf_counter()
         try:
             figures = await asyncio.to_thread(self._on_prep_stream, lambda: self.engine.measure_crop(key))
-            sums = figures.pop("sums", None)
+            sums, sums_high = figures.pop("sums", None), figures.pop("sums_high", None)
             if sums is not None and key in self._avatars:
-                await self.call(lambda: self.engine.enable_crop(key, sums))
+                await self.call(lambda: self.engine.enable_crop(key, sums, sums_high))
         except Exception as exc:  # the whole decode stays: slower, never wrong
             figures = {"accepted": False, "reason": f"validation failed: {type(exc).__name__}: {exc}"}
         figures["ms"] = round((time.perf_counter() - t) * 1000, 1)

@@ -58,10 +58,14 @@ class _DeviceAvatar:
     # (N, layers, groups, 2) float32, device: the cropped decode's cached GroupNorm sums,
     # set once the crop is validated for this avatar (until then: the whole decode).
     gn_sums: torch.Tensor | None = None
+    # The same for the engine's higher crop plan (``crop_row_high``), where this avatar's
+    # blend starts low enough in the face and that plan passed its validation too.
+    gn_sums_high: torch.Tensor | None = None
 
     @property
     def device_bytes(self) -> int:
-        tensors = [self.latents, self.crops, self.masks, self.geometry] + ([self.gn_sums] if self.gn_sums is not None else [])
+        tensors = [self.latents, self.crops, self.masks, self.geometry] + [
+            t for t in (self.gn_sums, self.gn_sums_high) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -157,6 +161,7 @@ class Engine:
         pad_to_buckets: bool | None = None,
         decode: str = "full",
         crop_row: int = 96,
+        crop_row_high: int = 0,
         crop_tolerance: float = 1.0,
         fuse_step: bool = False,
         inductor: dict | None = None,
@@ -224,10 +229,19 @@ class Engine:
         self.decode_mode = decode
         self.crop_tolerance = crop_tolerance
         self.crop_plan = cropped_decode.plan_crop(vae.decoder, crop_row) if decode != "full" and crop_row else None
-        plan = self.crop_plan
+        # A second, higher plan (fewer rows) for the avatars whose blend starts at or below
+        # ``crop_row_high``: a step uses it when every avatar in it has it.
+        if crop_row_high and self.crop_plan is not None and crop_row_high <= crop_row:
+            raise ValueError(f"crop_row_high ({crop_row_high}) must be above crop_row ({crop_row}), or 0 (none)")
+        self.crop_plan_high = (cropped_decode.plan_crop(vae.decoder, crop_row_high)
+                               if self.crop_plan is not None and crop_row_high else None)
+        plan, plan_high = self.crop_plan, self.crop_plan_high
 
         def crop_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
             return cropped_decode.decode_to_unit_rows(vae, latents, plan, sums)
+
+        def crop_high_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+            return cropped_decode.decode_to_unit_rows(vae, latents, plan_high, sums)
 
         def fused_fn(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
             return decode_fn(unet_fn(latents, audio))
@@ -235,9 +249,14 @@ class Engine:
         def fused_crop_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
             return crop_fn(unet_fn(latents, audio), sums)
 
+        def fused_crop_high_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+            return crop_high_fn(unet_fn(latents, audio), sums)
+
         self._unet_fn, self._decode_fn, self._crop_fn = unet_fn, decode_fn, crop_fn
+        self._crop_high_fn = crop_high_fn
         self.fused = bool(fuse_step)
         self._fused_fn, self._fused_crop_fn = fused_fn, fused_crop_fn
+        self._fused_crop_high_fn = fused_crop_high_fn
         self._dynamic = compile_dynamic and not self.fused
         self._mark_dynamic = 0
         if self.compiled:
@@ -249,6 +268,8 @@ class Engine:
             if self.fused:
                 self._fused_fn = torch.compile(fused_fn, **graphs, dynamic=False)
                 self._fused_crop_fn = torch.compile(fused_crop_fn, **graphs, dynamic=False)
+                if plan_high is not None:
+                    self._fused_crop_high_fn = torch.compile(fused_crop_high_fn, **graphs, dynamic=False)
             else:
                 self._unet_fn = torch.compile(unet_fn, **opts)
                 self._decode_fn = torch.compile(decode_fn, **opts)
@@ -257,6 +278,8 @@ class Engine:
                     # whole decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md);
                     # the dynamic-batch graph measured no faster inside the step.
                     self._crop_fn = torch.compile(crop_fn, **graphs, dynamic=False)
+                if plan_high is not None:
+                    self._crop_high_fn = torch.compile(crop_high_fn, **graphs, dynamic=False)
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -346,7 +369,9 @@ class Engine:
         alone), then decodes ``frames`` frames with other, random audio both ways and
         compares the blended boxes (uint8 levels). Returns the figures, with
         ``accepted`` and, when accepted, ``sums`` for ``enable_crop``; never changes the
-        avatar itself.
+        avatar itself. With a higher plan (``crop_row_high``) the same again for it,
+        where the avatar's blend starts at or below its row and the first plan passed:
+        ``high`` holds its figures, and ``sums_high`` its sums when accepted.
         """
         plan = self.crop_plan
         if plan is None:
@@ -355,21 +380,46 @@ class Engine:
         first_row = cropped_decode.first_visible_row(av.masks, av.geometry)
         figures: dict = {"crop_row": plan.visible_row, "first_visible_row": first_row,
                          "tolerance": self.crop_tolerance, "mode": self.decode_mode}
-        unet, vae = self.models.unet, self.models.vae
-        neutral = stages.tokens_from_windows(torch.zeros((1, 10, 5, AUDIO_DIM), device=self.device,
-                                                         dtype=self.dtype))
-        sums = torch.empty((av.num_frames, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
-        for start in range(0, av.num_frames, chunk):
-            idx = torch.arange(start, min(start + chunk, av.num_frames), device=self.device)
-            pred = stages.unet_step(unet, av.latents[idx], neutral.expand(len(idx), -1, -1), self._timestep)
-            _, sums[idx] = cropped_decode.decode_rows(vae, pred, plan, record=True)
+        unet = self.models.unet
         k = min(frames, av.num_frames)
         idx = torch.from_numpy(np.linspace(0, av.num_frames - 1, k).round().astype(np.int64)).to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         windows = torch.randn((k, 10, 5, AUDIO_DIM), generator=generator).to(self.device, self.dtype)
         pred = stages.unet_step(unet, av.latents[idx], stages.tokens_from_windows(windows), self._timestep)
         ones = torch.ones(k, device=self.device)
-        whole = stages.paste(stages.decode(vae, pred), av.crops[idx], av.masks[idx], av.geometry[idx], ones)
+        whole = stages.paste(stages.decode(self.models.vae, pred), av.crops[idx], av.masks[idx], av.geometry[idx],
+                             ones)
+        checked = self._check_plan(av, plan, first_row, pred, idx, whole, chunk)
+        sums = checked.pop("sums", None)
+        figures.update(checked)
+        if sums is not None:
+            figures["sums"] = sums
+        if self.crop_plan_high is not None:
+            high_plan = self.crop_plan_high
+            if not figures["accepted"]:
+                high = {"crop_row": high_plan.visible_row, "accepted": False, "reason": "the first crop plan was refused"}
+            else:
+                high = {"crop_row": high_plan.visible_row,
+                        **self._check_plan(av, high_plan, first_row, pred, idx, whole, chunk)}
+            sums_high = high.pop("sums", None)
+            figures["high"] = high
+            if sums_high is not None:
+                figures["sums_high"] = sums_high
+        return figures
+
+    def _check_plan(self, av: _DeviceAvatar, plan: cropped_decode.CropPlan, first_row: int, pred: torch.Tensor,
+                    idx: torch.Tensor, whole: torch.Tensor, chunk: int) -> dict:
+        """measure_crop for one plan: the avatar's sums under it, the blended boxes of
+        ``pred`` (frames ``idx``) decoded under it against ``whole``, the verdict."""
+        neutral = stages.tokens_from_windows(torch.zeros((1, 10, 5, AUDIO_DIM), device=self.device,
+                                                         dtype=self.dtype))
+        unet, vae = self.models.unet, self.models.vae
+        sums = torch.empty((av.num_frames, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
+        for start in range(0, av.num_frames, chunk):
+            rows = torch.arange(start, min(start + chunk, av.num_frames), device=self.device)
+            neutral_pred = stages.unet_step(unet, av.latents[rows], neutral.expand(len(rows), -1, -1), self._timestep)
+            _, sums[rows] = cropped_decode.decode_rows(vae, neutral_pred, plan, record=True)
+        ones = torch.ones(len(idx), device=self.device)
         crop = stages.paste(cropped_decode.decode_to_unit_rows(vae, pred, plan, sums[idx]), av.crops[idx],
                             av.masks[idx], av.geometry[idx], ones)
         diff = (whole.float() - crop.float()).abs()
@@ -378,32 +428,37 @@ class Engine:
         # by the rows first: a crop that leaves out rows the blend shows is never used.
         covered, close = first_row >= plan.visible_row, mean_abs <= self.crop_tolerance
         accepted = covered and (close or self.decode_mode == "cropped")
+        setting = "decode_crop_row" if plan is self.crop_plan else "decode_crop_row_high"
         if not covered:
             reason = (f"the blend shows face rows from {first_row}, above the crop's first row "
-                      f"{plan.visible_row} (lower model.decode_crop_row to {first_row} or less)")
+                      f"{plan.visible_row} (lower model.{setting} to {first_row} or less)")
         elif not close:
             reason = (f"the cropped decode's blended box is off by {mean_abs:.3f} levels on average, more "
                       f"than model.decode_tolerance {self.crop_tolerance:g}"
                       + ("; used anyway (model.decode = 'cropped')" if accepted else ""))
         else:
             reason = None
-        figures.update(accepted=accepted, mean_abs=round(mean_abs, 4), max_abs=round(max_abs, 2), reason=reason)
+        out = {"accepted": accepted, "mean_abs": round(mean_abs, 4), "max_abs": round(max_abs, 2), "reason": reason}
         if accepted:
-            figures["sums"] = sums
-        return figures
+            out["sums"] = sums
+        return out
 
-    def enable_crop(self, key: str, sums: torch.Tensor) -> None:
-        """Use the cropped decode for ``key``'s frames (``measure_crop``'s sums)."""
+    def enable_crop(self, key: str, sums: torch.Tensor, sums_high: torch.Tensor | None = None) -> None:
+        """Use the cropped decode for ``key``'s frames (``measure_crop``'s sums; with
+        ``sums_high``, the higher plan's too)."""
         av = self._avatar(key)
-        plan = self.crop_plan
-        if plan is None or tuple(sums.shape) != (av.num_frames, plan.layers, plan.groups, 2):
-            raise ValueError(f"avatar {key!r}: group sums {tuple(sums.shape)} do not fit its frames and the plan")
-        av.gn_sums = sums
+        for plan, s, name in ((self.crop_plan, sums, "plan"), (self.crop_plan_high, sums_high, "higher plan")):
+            if s is not None and (plan is None or tuple(s.shape) != (av.num_frames, plan.layers, plan.groups, 2)):
+                raise ValueError(f"avatar {key!r}: group sums {tuple(s.shape)} do not fit its frames and the {name}")
+        if sums is None:
+            raise ValueError(f"avatar {key!r}: the first plan's group sums are needed")
+        av.gn_sums, av.gn_sums_high = sums, sums_high
 
-    def decoder_flops(self, cropped: bool) -> float:
-        """The decoder's FLOPs per frame, whole or under the crop plan."""
-        plan = self.crop_plan if cropped and self.crop_plan is not None else cropped_decode.plan_crop(
-            self.models.vae.decoder, 0)
+    def decoder_flops(self, cropped: bool, high: bool = False) -> float:
+        """The decoder's FLOPs per frame, whole or under the crop plan (``high``: the
+        higher one)."""
+        chosen = self.crop_plan_high if high else self.crop_plan
+        plan = chosen if cropped and chosen is not None else cropped_decode.plan_crop(self.models.vae.decoder, 0)
         return cropped_decode.decoder_flops(self.models.vae, plan)
 
     def idle_frame(self, avatar_key: str, index: int) -> np.ndarray:
@@ -446,6 +501,15 @@ class Engine:
         key = "\x00warmup"
         self.register_avatar(_synthetic_avatar(key, box, frame))
         timings: dict[int, float] = {}
+
+        def zeros(plan: cropped_decode.CropPlan) -> torch.Tensor:
+            return torch.zeros((2, plan.layers, plan.groups, 2), device=self.device)
+
+        forms: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]  # whole decode, then crops
+        if self.crop_plan is not None:
+            forms.append((zeros(self.crop_plan), None))
+        if self.crop_plan_high is not None:
+            forms.append((zeros(self.crop_plan), zeros(self.crop_plan_high)))
         try:
             for size in sizes:
                 tokens = torch.randn(size, AUDIO_TOKENS, AUDIO_DIM, device=self.device, dtype=self.dtype)
@@ -453,11 +517,9 @@ class Engine:
                     self._mark_dynamic = size
                 args = ([key] * size, [i % 2 for i in range(size)], tokens, [1.0] * size)
                 av = self._avatars[key]
-                # Both decodes get compiled and recorded; the steps are timed with the one
-                # most batches take (the cropped one, when it is on).
-                for sums in ([None, torch.zeros((2, self.crop_plan.layers, self.crop_plan.groups, 2),
-                                                device=self.device)] if self.crop_plan is not None else [None]):
-                    av.gn_sums = sums
+                # Every decode gets compiled and recorded; the steps are timed with the last,
+                # the one most batches take (the highest crop plan there is).
+                for av.gn_sums, av.gn_sums_high in forms:
                     for _ in range(3 if self.compiled else 1):  # graphs are recorded on a later call
                         self.launch(*args).boxes()
                 t = time.perf_counter()
@@ -529,14 +591,15 @@ class Engine:
             torch._dynamo.mark_dynamic(latents, 0, min=2, max=max(2, self.max_batch))
             torch._dynamo.mark_dynamic(tokens, 0, min=2, max=max(2, self.max_batch))
         sums = None
-        if self.crop_plan is not None and all(av.gn_sums is not None for av, _, _ in groups):
-            plan = self.crop_plan
+        high = self.crop_plan_high is not None and all(av.gn_sums_high is not None for av, _, _ in groups)
+        if high or (self.crop_plan is not None and all(av.gn_sums is not None for av, _, _ in groups)):
+            plan = self.crop_plan_high if high else self.crop_plan
             sums = torch.empty((size, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
             for av, pos, idx in groups:
-                sums[pos] = av.gn_sums[idx]
+                sums[pos] = (av.gn_sums_high if high else av.gn_sums)[idx]
         if self.fused:  # one graph: its device time is counted as the UNet's, decode 0
-            image = (self._fused_fn(latents, tokens) if sums is None
-                     else self._fused_crop_fn(latents, tokens, sums))[:n]
+            fused_crop = self._fused_crop_high_fn if high else self._fused_crop_fn
+            image = (self._fused_fn(latents, tokens) if sums is None else fused_crop(latents, tokens, sums))[:n]
             self._unet_queued_at = time.perf_counter()
             if timing:
                 events[1].record()
@@ -545,7 +608,8 @@ class Engine:
             self._unet_queued_at = time.perf_counter()
             if timing:
                 events[1].record()
-            image = (self._decode_fn(pred) if sums is None else self._crop_fn(pred, sums))[:n]
+            crop_fn = self._crop_high_fn if high else self._crop_fn
+            image = (self._decode_fn(pred) if sums is None else crop_fn(pred, sums))[:n]
         if timing:
             events[2].record()
         hb = max(av.crops.shape[1] for av, _, _ in groups)

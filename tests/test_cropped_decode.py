@@ -143,3 +143,67 @@ def test_the_full_mode_has_no_crop(models):
         eng.measure_crop("anna")
     with pytest.raises(ValueError, match="auto, full or cropped"):
         _engine(models, 96, decode="sometimes")
+
+
+def _count_calls(eng: Engine) -> dict[str, int]:
+    """Counts the decodes a step runs: whole, the first crop plan, the higher one."""
+    calls = {"whole": 0, "low": 0, "high": 0}
+    for name, attr in (("whole", "_decode_fn"), ("low", "_crop_fn"), ("high", "_crop_high_fn")):
+        fn = getattr(eng, attr)
+
+        def counted(*args, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+
+        setattr(eng, attr, counted)
+    return calls
+
+
+def test_a_higher_crop_plan_serves_the_avatars_it_covers_and_steps_take_the_lower_when_mixed(models, avatar):
+    """crop_row_high: anna's blend starts at face row 108, so a second plan from 104 is
+    validated and used for her; one from 112 is refused for her (the first stays); a step
+    with an avatar without the higher plan runs the first plan's decode."""
+    with pytest.raises(ValueError, match="above crop_row"):
+        Engine(models, max_batch=4, decode="auto", crop_row=96, crop_row_high=96)
+    eng = Engine(models, max_batch=4, decode="auto", crop_row=96, crop_row_high=104)
+    eng.register_avatar(avatar)
+    figures = eng.measure_crop("anna", frames=3)
+    assert figures["accepted"] is True and figures["high"]["accepted"] is True, figures
+    assert figures["high"]["crop_row"] == 104 and figures["high"]["reason"] is None
+    assert 0 <= figures["high"]["mean_abs"] <= 1.0
+    low, high = eng.crop_plan, eng.crop_plan_high
+    assert figures["sums"].shape[1] == low.layers and figures["sums_high"].shape[1] == high.layers
+    assert eng.decoder_flops(True, high=True) < eng.decoder_flops(True) < eng.decoder_flops(False)
+    eng.enable_crop("anna", figures["sums"], figures["sums_high"])
+    calls = _count_calls(eng)
+    args = (["anna"] * 3, [0, 1, 2], np.stack([tokens(i) for i in range(3)]), [1.0] * 3)
+    eng.launch(*args).boxes()
+    assert calls == {"whole": 0, "low": 0, "high": 1}
+    # Another avatar with the first plan only: the mixed step decodes under the first plan.
+    other = make_avatar("ben", 2, 80, 72, (10, 12, 50, 60), seed=2)
+    eng.register_avatar(other)
+    eng.enable_crop("ben", torch.zeros(2, low.layers, low.groups, 2))
+    eng.launch(["anna", "ben"], [0, 1], np.stack([tokens(0), tokens(1)]), [1.0, 1.0]).boxes()
+    assert calls == {"whole": 0, "low": 1, "high": 1}
+    with pytest.raises(ValueError, match="higher plan"):
+        eng.enable_crop("ben", torch.zeros(2, low.layers, low.groups, 2), torch.zeros(2, 1, 1, 2))
+
+    too_high = Engine(models, max_batch=4, decode="auto", crop_row=96, crop_row_high=112)
+    too_high.register_avatar(avatar)
+    figures = too_high.measure_crop("anna", frames=3)
+    assert figures["accepted"] is True and figures["high"]["accepted"] is False and "sums_high" not in figures
+    assert "rows from 108" in figures["high"]["reason"] and "model.decode_crop_row_high" in figures["high"]["reason"]
+    too_high.enable_crop("anna", figures["sums"], None)
+    calls = _count_calls(too_high)
+    too_high.launch(*args).boxes()
+    assert calls == {"whole": 0, "low": 1, "high": 0}
+
+
+def test_the_warm_up_runs_every_decode_and_leaves_no_sums_behind(models):
+    eng = Engine(models, max_batch=4, decode="auto", crop_row=96, crop_row_high=104)
+    calls = _count_calls(eng)
+    timings = eng.warmup(box=96, frame=128)
+    assert set(timings) == {1, 4}
+    # Per size: whole, first plan, higher plan once each, then three timed steps (higher).
+    assert calls == {"whole": 2, "low": 2, "high": 2 + 6}, calls
+    assert "\x00warmup" not in eng._avatars

@@ -1066,8 +1066,12 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
         decode = row.get("decode") or {}
         if decode.get("avatars"):
-            print(f"  decode {decode['mode']} from row {decode['crop_row']} ({decode['gflop_per_frame']} GFLOP/frame): "
+            high = decode.get("crop_row_high")
+            print(f"  decode {decode['mode']} from row {decode['crop_row']}"
+                  + (f" (or {high})" if high else "") + f" ({decode['gflop_per_frame']} GFLOP/frame): "
                   + "; ".join(f"{'on' if f['accepted'] else 'off'} mean {f.get('mean_abs')} max {f.get('max_abs')}"
+                              + (f", from {high}: {'on' if f['high'].get('accepted') else 'off'} mean "
+                                 f"{f['high'].get('mean_abs')}" if f.get("high") else "")
                               for f in decode["avatars"].values()))
         events = row.get("stall_events") or []
         if events:

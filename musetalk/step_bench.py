@@ -21,8 +21,10 @@ decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``fr
 (Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
 ``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), ``subpixel``
 (``model.upsample = "subpixel"``: the upsamplers as 2x2 convolutions), ``transposed``
-(``model.upsample = "transposed"``: as stride-2 transposed convolutions), and ``+``
-combinations such as ``fused+freezing``.
+(``model.upsample = "transposed"``: as stride-2 transposed convolutions), ``crop104`` and
+``crop108`` (the cropped decode from face row 104 or 108 instead of 96, as
+``model.decode_crop_row_high`` runs it for the avatars it covers), and ``+``
+combinations such as ``fused+freezing`` or ``transposed+crop108``.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "autotune": {"inductor": {"max_autotune": True}},
     "subpixel": {"upsample": "subpixel"},
     "transposed": {"upsample": "transposed"},
+    "crop104": {"crop_row": 104},
+    "crop108": {"crop_row": 108},
 }
 
 
 def variant_options(name: str) -> dict[str, Any]:
     """Engine keyword arguments of a variant name (``+`` joins variants)."""
-    opts: dict[str, Any] = {"fuse_step": False, "inductor": {}, "upsample": "nearest"}
+    opts: dict[str, Any] = {"fuse_step": False, "inductor": {}, "upsample": "nearest", "crop_row": 96}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise ValueError(f"unknown variant {part!r}: choose from {', '.join(VARIANTS)} (joined with +)")
@@ -56,6 +60,7 @@ def variant_options(name: str) -> dict[str, Any]:
         opts["fuse_step"] = opts["fuse_step"] or extra.get("fuse_step", False)
         opts["inductor"] = {**opts["inductor"], **extra.get("inductor", {})}
         opts["upsample"] = extra.get("upsample", opts["upsample"])
+        opts["crop_row"] = extra.get("crop_row", opts["crop_row"])
     return opts
 
 
@@ -134,7 +139,7 @@ def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda",
     models = build_random_models(dev, torch.float16 if dev.type == "cuda" else torch.float32, size)
     engine = Engine(models, compile=True, max_batch=max(batches), decode=decode,
                     fuse_step=opts["fuse_step"], inductor=opts["inductor"] or None,
-                    upsample=opts["upsample"])
+                    upsample=opts["upsample"], crop_row=opts["crop_row"])
     avatar = _synthetic_avatar("bench", 300, 512)
     engine.register_avatar(avatar)
     if engine.crop_plan is not None:  # the sums' values do not change the speed

@@ -18,6 +18,8 @@
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
 #   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
 #          (musetalk.step_bench, batches $SB_BATCHES, default 16,24; about 4 minutes)
+#   sbc    the step with the cropped decode from face row 96 against 108 (model.decode_crop_row_high's
+#          second plan), transposed upsampling, batches $SBC_BATCHES (default 16; about 4 minutes)
 #   pick   the faster form of sb's largest batch becomes model.upsample for the later steps
 #   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
@@ -56,6 +58,8 @@ for step in "${steps[@]}"; do
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
     sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;
+    sbc) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants transposed,transposed+crop108 \
+           --batches "${SBC_BATCHES:-16}" --steps 20 --timeout-s 290 --json "$out/sbc.json") > "$out/sbc.log" 2>&1 ;;
     pick) form=$(python3 -c "import json,sys; r=[v for v in json.load(open(sys.argv[1])) if v.get('rows')]; \
 print(min(r, key=lambda v: v['rows'][-1]['step_ms'])['variant'] if r else '')" "$out/sb.json" 2>/dev/null)
           [ -n "$form" ] && export LIPSYNC_MODEL__UPSAMPLE="$form"; say "model.upsample: ${LIPSYNC_MODEL__UPSAMPLE:-default}" ;;

@@ -12,10 +12,13 @@ from musetalk.step_bench import main, variant_options
 
 
 def test_variant_names_join_their_options():
-    assert variant_options("baseline") == {"fuse_step": False, "inductor": {}, "upsample": "nearest"}
+    assert variant_options("baseline") == {"fuse_step": False, "inductor": {}, "upsample": "nearest",
+                                           "crop_row": 96}
     assert variant_options("fused+freezing") == {"fuse_step": True, "inductor": {"freezing": True},
-                                                 "upsample": "nearest"}
+                                                 "upsample": "nearest", "crop_row": 96}
     assert variant_options("subpixel+fused")["upsample"] == "subpixel"
+    assert variant_options("transposed+crop108") == {"fuse_step": False, "inductor": {}, "upsample": "transposed",
+                                                     "crop_row": 108}
     assert variant_options("freezing+autotune")["inductor"] == {"freezing": True, "max_autotune": True}
     with pytest.raises(ValueError, match="unknown variant 'fast'.*baseline"):
         variant_options("fused+fast")

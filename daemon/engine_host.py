@@ -212,6 +212,7 @@ class EngineHost:
             "pending_frames": w.pending_frames if w else 0, "steps": w.steps if w else 0,
             "frames_generated": w.frames_generated if w else 0, "step_failures": w.step_failures if w else 0,
             "frames_dropped_late": w.frames_dropped_late if w else 0,
+            "frames_done_late": w.frames_done_late if w else 0,
             "generation_s": round(w.est.step_s_total, 2) if w else 0.0,
             "audio_rounds": w.audio_rounds if w else 0, "audio_round_s": round(w.audio_round_s, 2) if w else 0.0,
             "avatars": len(self._avatar_refs), "measured_fps": self.measured_fps,
@@ -264,6 +265,13 @@ class EngineHost:
     @property
     def step_s(self) -> float:
         return self._worker.est.step_s_total if self._worker else 0.0
+
+    @property
+    def late_frames(self) -> tuple[int, int]:
+        """(frames dropped as too late before a step, frames whose step was seen done after
+        their deadline) so far."""
+        w = self._worker
+        return (w.frames_dropped_late, w.frames_done_late) if w else (0, 0)
 
     def estimates(self) -> dict[str, Any]:
         """The worker's step and round estimates (they set the processing budget)."""

@@ -447,6 +447,11 @@ class GpuServerHost:
     def step_s(self) -> float:
         return float(self._status.get("step_s", 0.0))
 
+    @property
+    def late_frames(self) -> tuple[int, int]:
+        late = self._status.get("late_frames") or (0, 0)
+        return int(late[0]), int(late[1])
+
     def estimates(self) -> dict[str, Any]:
         return self._status.get("estimates") or {}
 

@@ -417,6 +417,7 @@ class GpuServer:
             budget_s, parts = h.processing_budget()
             values = {"t": time.monotonic(), "budget_s": budget_s, "budget_parts": parts, "busy": h.busy_fraction(),
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
+                      "late_frames": list(h.late_frames),
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
             clients = list(self.clients.values())
             for client in clients:

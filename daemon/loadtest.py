@@ -259,6 +259,16 @@ def session_figures(session_id: str, records: Iterable[Any], capture_times: Sequ
     }
 
 
+def late_figures(late_results: Iterable[tuple[float, float]], wall_window: tuple[float, float]) -> dict[str, Any]:
+    """Frames generated after their tick had gone out as a fallback, inside the window
+    (``late_results``: wall time each came, seconds after its tick): how many, and how
+    late (ms): a few ms says delivery, a step's length says the GPU's queue."""
+    t0, t1 = wall_window
+    late = [after for wall, after in late_results if t0 <= wall < t1]
+    return {"count": len(late), "p50_ms": percentile_ms(late, 0.5), "p95_ms": percentile_ms(late, 0.95),
+            "max_ms": round(max(late) * 1000, 1) if late else None}
+
+
 def start_figures(start: tuple[float, float, bool], first_capture: float | None,
                   timings_ms: dict[str, float] | None = None) -> dict[str, Any]:
     """How long a session took to start: the request's reply and its first published
@@ -734,7 +744,7 @@ class _RoundSamples:
 
     window: tuple[float, float]  # the measured span, Unix time
     wall_to_mono: float  # add to a Unix time for the monotonic clock
-    counters: tuple[tuple[int, int, float], tuple[int, int, float]]  # engine, at both ends
+    counters: tuple[Any, Any]  # engine (steps, frames, step seconds, late frames), at both ends
     loop_lags: list[float]
     gc_pauses: list[tuple[int, float, float]]
     restarts: dict[str, int]  # each session's clock restarts within the window
@@ -881,6 +891,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
             raise LoadtestError(f"session {sid}'s sink kept fewer capture times than the round has "
                                 "frames (livekit_local.CAPTURE_WINDOW_S): shorten --seconds")
         figures = session_figures(sid, records, captures, window, mono_window, fps)
+        figures["late_results"] = late_figures(session.speech.late_results if session.speech is not None else (),
+                                               window)
         # How its utterance was placed (processing budget, audio context): latency's floor.
         figures["placement"] = session.speech.last_placement if session.speech is not None else None
         # Since the session started (not only the window): a stall before the window
@@ -897,7 +909,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
     if late:
         print(f"note: {len(late)} producer(s) sent a chunk over one chunk late (worst "
               f"{max(s['late_max_ms'] for s in late)} ms): underruns may be the producers' own", flush=True)
-    (steps0, frames0, step_s0), (steps1, frames1, step_s1) = samples.counters
+    (steps0, frames0, step_s0, late0), (steps1, frames1, step_s1, late1) = samples.counters
     steps = steps1 - steps0
     judged = [s["generated_pct"] for s in per_session if s["generated_pct"] is not None]
     return {
@@ -926,6 +938,10 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
             "generated": round((frames1 - frames0) / options.seconds, 1),
             "shown_generated": round(sum(s["generated"] for s in per_session) / options.seconds, 1),
         },
+        # The worker's view of the lost frames, a second: dropped before a step as too late,
+        # and made by a step seen done after their deadline.
+        "late_frames_per_s": {"dropped": round((late1[0] - late0[0]) / options.seconds, 1),
+                              "done_late": round((late1[1] - late0[1]) / options.seconds, 1)},
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
@@ -998,10 +1014,10 @@ async def _sleep_until(mono: float) -> None:
         await asyncio.sleep(delay)
 
 
-def _engine_counters(host: Any) -> tuple[int, int, float]:
+def _engine_counters(host: Any) -> tuple[int, int, float, tuple[int, int]]:
     if host is None:
-        return 0, 0, 0.0
-    return host.steps, host.frames_generated, host.step_s
+        return 0, 0, 0.0, (0, 0)
+    return host.steps, host.frames_generated, host.step_s, host.late_frames
 
 
 # --------------------------------------------------------------------------- report
@@ -1064,6 +1080,15 @@ def print_report(report: dict[str, Any]) -> None:
                   f"waited on the edge {gp.get('backlogged_records')}, inbox fullest "
                   f"{round((gp.get('inbox_used_max') or 0) / 1024, 1)} kB, its loop held up at most "
                   f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
+        fps_, worker_late = row.get("frames_per_s") or {}, row.get("late_frames_per_s") or {}
+        late = [s["late_results"] for s in row["per_session"] if s.get("late_results")]
+        if fps_ and late:
+            after = [v for f in late for v in [f["p50_ms"]] if v is not None]
+            print(f"  frames/s: needed {fps_.get('needed')}, made {fps_.get('generated')}, shown "
+                  f"{fps_.get('shown_generated')}; came after their tick {round(sum(f['count'] for f in late) / row['seconds'], 1)}"
+                  + (f" (sessions' median lateness {min(after)}-{max(after)} ms)" if after else "")
+                  + f"; the worker dropped {worker_late.get('dropped')} as too late and saw "
+                  f"{worker_late.get('done_late')} done after their deadline")
         decode = row.get("decode") or {}
         if decode.get("avatars"):
             high = decode.get("crop_row_high")

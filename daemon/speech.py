@@ -222,6 +222,9 @@ class SpeechPipeline:
         self.latencies: deque[float] = deque(maxlen=5000)
         self.counts = {"speech": 0, "fallback": 0, "playback": 0, "underrun": 0, "failed": 0, "needed": 0}
         self.frame_records = FrameLog(20000)
+        # Frames generated after their tick went out as a fallback: (wall time they came,
+        # seconds after the tick), the most recent (the loadtest splits its losses by it).
+        self.late_results: deque[tuple[float, float]] = deque(maxlen=5000)
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
         self.timeline: deque[str] = deque(maxlen=250)
@@ -408,8 +411,13 @@ class SpeechPipeline:
     def _on_results(self, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
         for utt_id, f, box, error in results:
             utt = self._find(utt_id)
-            if self._closed or utt is None or f < utt.played:
-                continue  # stale: interrupted, or its tick already went out as a fallback
+            if self._closed or utt is None:
+                continue  # stale: interrupted
+            if f < utt.played:  # its tick already went out as a fallback
+                if error is None and box is not None:
+                    self.late_results.append(
+                        (time.time(), time.monotonic() - self.session.tick_time(utt.start_tick + f)))
+                continue
             if error is not None:
                 self.counts["failed"] += 1
                 self.log.error("frame generation failed", error=repr(error))

@@ -254,6 +254,7 @@ class GenerationWorker:
         self.steps = 0
         self.frames_generated = 0
         self.frames_dropped_late = 0
+        self.frames_done_late = 0  # generated, but their step was seen done after their deadline
         self.step_failures = 0
         self.warmup_ms: dict[int, float] = {}
         self.audio_warmup_ms: dict[int, float] = {}  # encoder ms per batch bucket
@@ -813,6 +814,7 @@ class GenerationWorker:
             self.metrics.gpu_batch_size.observe(len(batch))
             if error is None:
                 self.frames_generated += len(batch)
+                self.frames_done_late += sum(1 for item in batch if now > item.deadline)
             self._retire(id(handle), now)
             self._deliver(batch, boxes, error)
 

@@ -65,6 +65,15 @@ def test_session_figures_count_only_the_window_and_generated_latencies() -> None
     assert session_figures("s2", recs, None, window, (0, 1), UNIT_FPS)["jitter_ms_p99"] is None
 
 
+def test_late_figures_count_the_window_and_say_how_late() -> None:
+    from daemon.loadtest import late_figures
+
+    late = [(999.0, 0.5), (1000.1, 0.004), (1000.2, 0.006), (1000.3, 0.030), (1010.0, 0.5)]
+    fig = late_figures(late, (1000.0, 1009.0))
+    assert fig == {"count": 3, "p50_ms": 6.0, "p95_ms": 30.0, "max_ms": 30.0}
+    assert late_figures([], (0.0, 1.0)) == {"count": 0, "p50_ms": None, "p95_ms": None, "max_ms": None}
+
+
 def test_slo_needs_every_session_within_both_bounds() -> None:
     ok = {"generated_pct": 99.5, "latency_ms": {"p50": 100.0, "p95": 170.0, "p99": 200.0}}
     slo = Slo(generated_pct=99.0, latency_p95_ms=180.0)
@@ -168,11 +177,14 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
-                        "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s"}
+                        "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s", "late_frames_per_s"}
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",
-                      "latency_ms", "jitter_ms_p99", "placement", "clock", "start"}
+                      "latency_ms", "jitter_ms_p99", "placement", "clock", "start", "late_results"}
+    assert s["late_results"]["count"] >= 0 and set(s["late_results"]) == {"count", "p50_ms", "p95_ms", "max_ms"}
+    assert set(row["late_frames_per_s"]) == {"dropped", "done_late"}
+    assert all(v >= 0 for v in row["late_frames_per_s"].values())
     assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
     assert isinstance(s["session_id"], str)
     for key in ("needed", "generated", "fallbacks", "underruns"):

@@ -541,3 +541,43 @@ async def test_a_stalled_loop_restarts_its_clock_instead_of_bursting(speech_daem
     assert len(gaps) > 10 and (gaps < 0.5 / FPS).sum() <= 1, np.round(gaps[:12], 3)
     await client.request("lipsync.session.stop", {"v": 1, "session_id": "stall"})
     await client.wait_event("stall", "stopped")
+
+
+async def test_frames_made_after_their_tick_are_counted_and_how_late(speech_daemon, client):
+    """A step whose boxes come back half a second after launch (a device far behind):
+    its frames' ticks go out as fallbacks, and when the boxes come the session records
+    each as late, with how long after its tick; the worker counts them as done after
+    their deadline. (The loadtest splits its lost frames by these.)"""
+    await start(client, "slow")
+    host = speech_daemon.engine_host
+    engine = host.engine
+    launch = engine.launch
+
+    class Late:
+        def __init__(self, inner):
+            self.inner, self.until = inner, time.monotonic() + 0.5
+
+        def ready(self) -> bool:
+            return time.monotonic() >= self.until and self.inner.ready()
+
+        def boxes(self):
+            time.sleep(max(0.0, self.until - time.monotonic()))
+            return self.inner.boxes()
+
+        def gpu_seconds(self):
+            return self.inner.gpu_seconds()
+
+    engine.launch = lambda *args, **kwargs: Late(launch(*args, **kwargs))
+    try:
+        done_late0 = host.late_frames[1]
+        pcm, rate = read_wav_mono16(SPEECH, RATE)
+        await stream_pcm(client.nc, "lipsync", "slow", pcm[:rate], rate, realtime=True)
+        await client.nc.publish("lipsync.control.slow", json.dumps({"op": "flush"}).encode())
+        await client.wait_event("slow", "playback_finished", timeout=30)
+        await asyncio.sleep(1.0)  # the last late boxes come back
+    finally:
+        engine.launch = launch
+    late = list(speech_daemon.sessions["slow"].speech.late_results)
+    assert late, speech_daemon.sessions["slow"].speech.stats()["counts"]
+    assert all(0.0 < after < 2.0 for _, after in late), late
+    assert host.late_frames[1] - done_late0 >= 1  # the worker saw steps end after their frames' deadlines

@@ -213,6 +213,8 @@ class EngineHost:
             "frames_generated": w.frames_generated if w else 0, "step_failures": w.step_failures if w else 0,
             "frames_dropped_late": w.frames_dropped_late if w else 0,
             "frames_done_late": w.frames_done_late if w else 0,
+            # Per frame rate in use: the audio rounds' encoder graphs and whether compiled.
+            "audio_encoder": w.audio_encoder_info() if w else {},
             "generation_s": round(w.est.step_s_total, 2) if w else 0.0,
             "audio_rounds": w.audio_rounds if w else 0, "audio_round_s": round(w.audio_round_s, 2) if w else 0.0,
             "avatars": len(self._avatar_refs), "measured_fps": self.measured_fps,

@@ -949,6 +949,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         "estimates": daemon.engine_host.estimates() if daemon.engine_host is not None else None,
         # The cropped decode: mode, FLOPs, and each avatar's validation figures.
         "decode": samples.device_info.get("decode") if samples.device_info else None,
+        # The audio rounds' encoder by frame rate: CUDA graphs captured, compiled or not.
+        "audio_encoder": samples.device_info.get("audio_encoder") if samples.device_info else None,
         # The model's process: this one, or a GPU server (daemon.gpu_process) with its restarts.
         "gpu_process": samples.device_info.get("gpu_process") if samples.device_info else None,
         # Sampled steps, by bucket: device ms of each stage (per step and per frame) and
@@ -1080,15 +1082,18 @@ def print_report(report: dict[str, Any]) -> None:
                   f"waited on the edge {gp.get('backlogged_records')}, inbox fullest "
                   f"{round((gp.get('inbox_used_max') or 0) / 1024, 1)} kB, its loop held up at most "
                   f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
-        fps_, worker_late = row.get("frames_per_s") or {}, row.get("late_frames_per_s") or {}
+        worker_late = row.get("late_frames_per_s") or {}
         late = [s["late_results"] for s in row["per_session"] if s.get("late_results")]
-        if fps_ and late:
-            after = [v for f in late for v in [f["p50_ms"]] if v is not None]
-            print(f"  frames/s: needed {fps_.get('needed')}, made {fps_.get('generated')}, shown "
-                  f"{fps_.get('shown_generated')}; came after their tick {round(sum(f['count'] for f in late) / row['seconds'], 1)}"
+        if late:
+            after = [f["p50_ms"] for f in late if f["p50_ms"] is not None]
+            print(f"  lost frames/s: {round(sum(f['count'] for f in late) / row['seconds'], 1)} came after their tick"
                   + (f" (sessions' median lateness {min(after)}-{max(after)} ms)" if after else "")
                   + f"; the worker dropped {worker_late.get('dropped')} as too late and saw "
                   f"{worker_late.get('done_late')} done after their deadline")
+        for fps_key, enc in (row.get("audio_encoder") or {}).items():
+            print(f"  audio encoder at {fps_key} fps: {enc['graphs']} CUDA graphs, "
+                  f"{'compiled' if enc['compiled'] else 'eager kernels'}; {enc['graph_rounds']} of "
+                  f"{enc['rounds']} rounds replayed a graph (since it started)")
         decode = row.get("decode") or {}
         if decode.get("avatars"):
             high = decode.get("crop_row_high")

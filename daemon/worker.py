@@ -318,6 +318,10 @@ class GenerationWorker:
         self._thread.start()
         return warmed
 
+    def audio_encoder_info(self) -> dict[str, Any]:
+        """Per frame rate in use: the audio streams' encoder graphs (GpuAudioStreams.encoder_info)."""
+        return {str(fps): streams.encoder_info() for fps, streams in list(self._streams_by_fps.items())}
+
     def _warm_audio(self, fps: int) -> float:
         import torch
 

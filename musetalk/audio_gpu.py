@@ -367,6 +367,12 @@ class GpuAudioStreams:
         self._sample_buffers = [_HostBuffer(torch.float32, self.max_streams * SAMPLE_RATE, device) for _ in range(2)]
         self._index_buffers = [_HostBuffer(torch.int64, 1 << 14, device) for _ in range(2)]
 
+    def encoder_info(self) -> dict[str, int | bool]:
+        """How the rounds encode: CUDA graphs captured, whether compiled, rounds so far and
+        how many of them replayed a graph."""
+        return {"graphs": len(self._graphs), "compiled": self.compile, "rounds": self._rounds,
+                "graph_rounds": self.graph_rounds}
+
     def bucket(self, items: int) -> int:
         """The encoder batch ``items`` run as (itself when buckets are off)."""
         if not self.batch_buckets:

@@ -177,7 +177,11 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert set(row) == {"sessions", "seconds", "per_session", "generated_pct_min", "latency_p95_ms_max",
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
-                        "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s", "late_frames_per_s"}
+                        "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s", "late_frames_per_s",
+                        "audio_encoder"}
+    # The CPU encodes eagerly: no graphs, not compiled; every round counted.
+    [enc] = row["audio_encoder"].values()
+    assert enc["graphs"] == 0 and enc["compiled"] is False and enc["rounds"] > 0 and enc["graph_rounds"] == 0
     assert row["sessions"] == 1 and row["seconds"] == SECONDS
     [s] = row["per_session"]
     assert set(s) == {"session_id", "needed", "generated", "generated_pct", "fallbacks", "underruns",

@@ -744,7 +744,8 @@ class _RoundSamples:
 
     window: tuple[float, float]  # the measured span, Unix time
     wall_to_mono: float  # add to a Unix time for the monotonic clock
-    counters: tuple[Any, Any]  # engine (steps, frames, step seconds, late frames), at both ends
+    # The engine's (steps, frames, step seconds, (dropped late, done late)) at both ends.
+    counters: tuple[tuple[int, int, float, tuple[int, int]], tuple[int, int, float, tuple[int, int]]]
     loop_lags: list[float]
     gc_pauses: list[tuple[int, float, float]]
     restarts: dict[str, int]  # each session's clock restarts within the window

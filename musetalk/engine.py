@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,26 +238,25 @@ class Engine:
                                if self.crop_plan is not None and crop_row_high else None)
         plan, plan_high = self.crop_plan, self.crop_plan_high
 
-        def crop_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-            return cropped_decode.decode_to_unit_rows(vae, latents, plan, sums)
+        def crop_fns(plan: cropped_decode.CropPlan | None) -> tuple[Callable, Callable]:
+            """The cropped decode under ``plan``, and the step with it (UNet, then that decode)."""
 
-        def crop_high_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-            return cropped_decode.decode_to_unit_rows(vae, latents, plan_high, sums)
+            def crop_fn(latents: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+                return cropped_decode.decode_to_unit_rows(vae, latents, plan, sums)
+
+            def fused_crop_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+                return crop_fn(unet_fn(latents, audio), sums)
+
+            return crop_fn, fused_crop_fn
 
         def fused_fn(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
             return decode_fn(unet_fn(latents, audio))
 
-        def fused_crop_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-            return crop_fn(unet_fn(latents, audio), sums)
-
-        def fused_crop_high_fn(latents: torch.Tensor, audio: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-            return crop_high_fn(unet_fn(latents, audio), sums)
-
-        self._unet_fn, self._decode_fn, self._crop_fn = unet_fn, decode_fn, crop_fn
-        self._crop_high_fn = crop_high_fn
+        self._unet_fn, self._decode_fn = unet_fn, decode_fn
+        self._crop_fn, self._fused_crop_fn = crop_fns(plan)
+        self._crop_high_fn, self._fused_crop_high_fn = crop_fns(plan_high)
         self.fused = bool(fuse_step)
-        self._fused_fn, self._fused_crop_fn = fused_fn, fused_crop_fn
-        self._fused_crop_high_fn = fused_crop_high_fn
+        self._fused_fn = fused_fn
         self._dynamic = compile_dynamic and not self.fused
         self._mark_dynamic = 0
         if self.compiled:
@@ -267,19 +267,19 @@ class Engine:
             opts = dict(**graphs, dynamic=False if not self._dynamic else None)
             if self.fused:
                 self._fused_fn = torch.compile(fused_fn, **graphs, dynamic=False)
-                self._fused_crop_fn = torch.compile(fused_crop_fn, **graphs, dynamic=False)
+                self._fused_crop_fn = torch.compile(self._fused_crop_fn, **graphs, dynamic=False)
                 if plan_high is not None:
-                    self._fused_crop_high_fn = torch.compile(fused_crop_high_fn, **graphs, dynamic=False)
+                    self._fused_crop_high_fn = torch.compile(self._fused_crop_high_fn, **graphs, dynamic=False)
             else:
                 self._unet_fn = torch.compile(unet_fn, **opts)
                 self._decode_fn = torch.compile(decode_fn, **opts)
+                # One static graph per bucket and plan: the only form measured faster than
+                # the whole decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md);
+                # the dynamic-batch graph measured no faster inside the step.
                 if plan is not None:
-                    # One static graph per bucket: the only form measured faster than the
-                    # whole decode (H200, batch 8: 8.8 against 15.8 ms; docs/BENCHMARKS.md);
-                    # the dynamic-batch graph measured no faster inside the step.
-                    self._crop_fn = torch.compile(crop_fn, **graphs, dynamic=False)
+                    self._crop_fn = torch.compile(self._crop_fn, **graphs, dynamic=False)
                 if plan_high is not None:
-                    self._crop_high_fn = torch.compile(crop_high_fn, **graphs, dynamic=False)
+                    self._crop_high_fn = torch.compile(self._crop_high_fn, **graphs, dynamic=False)
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -381,6 +381,13 @@ class Engine:
         figures: dict = {"crop_row": plan.visible_row, "first_visible_row": first_row,
                          "tolerance": self.crop_tolerance, "mode": self.decode_mode}
         unet = self.models.unet
+        # Every frame's UNet output with neutral audio (tokens of the positional encoding
+        # alone): the decodes each plan records its sums from.
+        neutral = stages.tokens_from_windows(torch.zeros((1, 10, 5, AUDIO_DIM), device=self.device,
+                                                         dtype=self.dtype))
+        neutral_pred = torch.cat([
+            stages.unet_step(unet, latents, neutral.expand(len(latents), -1, -1), self._timestep)
+            for latents in av.latents.split(chunk)])
         k = min(frames, av.num_frames)
         idx = torch.from_numpy(np.linspace(0, av.num_frames - 1, k).round().astype(np.int64)).to(self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -389,7 +396,7 @@ class Engine:
         ones = torch.ones(k, device=self.device)
         whole = stages.paste(stages.decode(self.models.vae, pred), av.crops[idx], av.masks[idx], av.geometry[idx],
                              ones)
-        checked = self._check_plan(av, plan, first_row, pred, idx, whole, chunk)
+        checked = self._check_plan(av, plan, first_row, neutral_pred, pred, idx, whole, chunk)
         sums = checked.pop("sums", None)
         figures.update(checked)
         if sums is not None:
@@ -400,25 +407,24 @@ class Engine:
                 high = {"crop_row": high_plan.visible_row, "accepted": False, "reason": "the first crop plan was refused"}
             else:
                 high = {"crop_row": high_plan.visible_row,
-                        **self._check_plan(av, high_plan, first_row, pred, idx, whole, chunk)}
+                        **self._check_plan(av, high_plan, first_row, neutral_pred, pred, idx, whole, chunk)}
             sums_high = high.pop("sums", None)
             figures["high"] = high
             if sums_high is not None:
                 figures["sums_high"] = sums_high
         return figures
 
-    def _check_plan(self, av: _DeviceAvatar, plan: cropped_decode.CropPlan, first_row: int, pred: torch.Tensor,
-                    idx: torch.Tensor, whole: torch.Tensor, chunk: int) -> dict:
-        """measure_crop for one plan: the avatar's sums under it, the blended boxes of
-        ``pred`` (frames ``idx``) decoded under it against ``whole``, the verdict."""
-        neutral = stages.tokens_from_windows(torch.zeros((1, 10, 5, AUDIO_DIM), device=self.device,
-                                                         dtype=self.dtype))
-        unet, vae = self.models.unet, self.models.vae
+    def _check_plan(self, av: _DeviceAvatar, plan: cropped_decode.CropPlan, first_row: int,
+                    neutral_pred: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor, whole: torch.Tensor,
+                    chunk: int) -> dict:
+        """measure_crop for one plan: the avatar's sums under it (from ``neutral_pred``,
+        every frame's UNet output with neutral audio), the blended boxes of ``pred``
+        (frames ``idx``) decoded under it against ``whole``, the verdict."""
+        vae = self.models.vae
         sums = torch.empty((av.num_frames, plan.layers, plan.groups, 2), dtype=torch.float32, device=self.device)
         for start in range(0, av.num_frames, chunk):
-            rows = torch.arange(start, min(start + chunk, av.num_frames), device=self.device)
-            neutral_pred = stages.unet_step(unet, av.latents[rows], neutral.expand(len(rows), -1, -1), self._timestep)
-            _, sums[rows] = cropped_decode.decode_rows(vae, neutral_pred, plan, record=True)
+            _, sums[start:start + chunk] = cropped_decode.decode_rows(vae, neutral_pred[start:start + chunk], plan,
+                                                                      record=True)
         ones = torch.ones(len(idx), device=self.device)
         crop = stages.paste(cropped_decode.decode_to_unit_rows(vae, pred, plan, sums[idx]), av.crops[idx],
                             av.masks[idx], av.geometry[idx], ones)

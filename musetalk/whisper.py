@@ -143,16 +143,23 @@ class WhisperAudioEncoder:
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, {WINDOW_MEL_FRAMES}], got {tuple(mel.shape)}")
         if mel.ndim != 3 or mel.shape[1] != self.num_mel_bins or mel.shape[2] % 2:
             raise ValueError(f"mel must be [B, {self.num_mel_bins}, even N], got {tuple(mel.shape)}")
-        fn = self._states
-        if compiled:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._states)
-            fn = self._compiled
         with torch.inference_mode():
-            return fn(mel, offsets, rows, out)
+            if not compiled:
+                return torch.stack(self._states(mel, offsets, rows), dim=2, out=out)
+            if self._compiled is None:
+                self._compiled = torch.compile(self._stacked)
+            return self._compiled(mel, offsets, rows, out)
 
-    def _states(self, mel: torch.Tensor, offsets: torch.Tensor | None, rows: torch.Tensor | None,
-                out: torch.Tensor | None) -> torch.Tensor:
+    def _stacked(self, mel: torch.Tensor, offsets: torch.Tensor | None, rows: torch.Tensor | None,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        """The states stacked, written into ``out`` where given: the compiled form (in the
+        graph the copy into ``out`` is the stacking's own write)."""
+        stacked = torch.stack(self._states(mel, offsets, rows), dim=2)
+        return stacked if out is None else out.copy_(stacked)
+
+    def _states(self, mel: torch.Tensor, offsets: torch.Tensor | None,
+                rows: torch.Tensor | None) -> list[torch.Tensor]:
+        """The five hidden states, [B, N/2, d_model] each (see device_hidden_states)."""
         enc = self.encoder
         h = nn.functional.gelu(enc.conv1(mel.to(self.dtype)))
         h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)
@@ -170,8 +177,7 @@ class WhisperAudioEncoder:
         if rows is not None:
             last = h.new_zeros(h.shape).scatter_(1, rows[:, :, None].expand(-1, -1, h.shape[2]), last)
         states.append(last)
-        stacked = torch.stack(states, dim=2)
-        return stacked if out is None else out.copy_(stacked)
+        return states
 
 
 def _layer_at_rows(layer: nn.Module, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

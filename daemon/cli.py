@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import ConfigError, NatsSection, Settings, load_settings
-from daemon.log import redact_url, redact_urls_in
+from daemon.log import redact_url, redact_urls_in, trace_fatal_signals
 
 
 def _nats_url(settings: Settings, override: str | None) -> str:
@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="also write the report here")
     sp.add_argument("--stall-dump-ms", type=float, default=0.0,
                     help="when the event loop stalls this long, record every thread's stack "
-                         "(faulthandler) into the row's stall_dumps; 0 = off")
+                         "into the row's stall_dumps; 0 = off")
     sp.set_defaults(fn=cmd_loadtest)
 
     sp = sub.add_parser("demo", help="the whole loop on this machine: daemon + demo avatar + speech -> MP4")
@@ -542,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    trace_fatal_signals()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":

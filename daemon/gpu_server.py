@@ -37,7 +37,7 @@ from daemon import gpu_wire as wire
 # seen once a process on an H100 box (docs/BENCHMARKS.md, fourteenth session).
 from daemon.avatars import DecodedVideo
 from daemon.errors import LipsyncError
-from daemon.log import configure_logging, get_logger
+from daemon.log import configure_logging, get_logger, trace_fatal_signals
 from daemon.loop_watch import LoopWatch
 from daemon.shm_ring import OrderedWriter, Ring
 from daemon.worker import FramePlan
@@ -442,6 +442,7 @@ class GpuServer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    trace_fatal_signals()
     p = argparse.ArgumentParser(prog="python -m daemon.gpu_server")
     p.add_argument("--settings", required=True, help="the edge's settings, as JSON")
     p.add_argument("--inbox", nargs=2, metavar=("NAME", "FD"))

@@ -29,7 +29,6 @@ with size "full".
 from __future__ import annotations
 
 import asyncio
-import faulthandler
 import gc
 import json
 import os
@@ -406,13 +405,12 @@ async def _cancelled(task: asyncio.Task[Any] | None) -> None:
 
 
 class StallDumps:
-    """Where the process is when the event loop stalls. A task on the loop re-arms
-    ``faulthandler.dump_traceback_later`` every ``interval_s``; when the loop does not
-    come back within ``threshold_s``, faulthandler's own C thread (it needs no GIL)
-    writes every thread's Python stack to a file. ``take()`` groups the dumps by thread
-    and innermost frames: what the loop was doing, and what the other threads (the
-    generation worker, the SDK's callbacks) were doing meanwhile. Records only between
-    ``record()`` and ``take()``."""
+    """Where the process is when the event loop stalls. A task on the loop re-arms a
+    ``LoopWatch`` every ``interval_s``; when the loop does not come back within
+    ``threshold_s``, the watch's thread writes every thread's Python stack to a file.
+    ``take()`` groups the dumps by thread and innermost frames: what the loop was doing,
+    and what the other threads (the generation worker, the SDK's callbacks) were doing
+    meanwhile. Records only between ``record()`` and ``take()``."""
 
     def __init__(self, path: Path, threshold_s: float = 0.06, interval_s: float = 0.01) -> None:
         self.path, self.threshold_s, self.interval_s = path, threshold_s, interval_s
@@ -433,8 +431,8 @@ class StallDumps:
         await _cancelled(self._task)
         self._task = None
         if self._watch is None:
-            faulthandler.cancel_dump_traceback_later()
-            return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "stacks": []}
+            return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "taken_late_ms_max": None,
+                    "stacks": []}
         text = self._watch.read()
         self._watch.close()
         self._watch = None
@@ -849,10 +847,11 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
         lags, busy = probe.take(), gpu.take()
+        # The watch first: the heap walk below holds the loop and is not the run's.
+        stall_dumps = await stalls.take()
         memory = await host.peak_memory_mb() if host is not None else None
         pauses = gc_pauses.take()
         heap = gc_heap()
-        stall_dumps = await stalls.take()
         restarts = {sid: n - restarts0.get(sid, 0) for sid, n in _clock_restarts(daemon, sids).items()}
         lo, hi = window[0] + wall_to_mono, window[1] + wall_to_mono
         restart_times = {sid: [(t, b) for t, b in daemon.sessions[sid].restart_log if lo <= t <= hi]

@@ -8,6 +8,7 @@ A log reader (journald, a log shipper, a test) then sees one JSON object a line.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
@@ -48,6 +49,20 @@ class _Stderr:
 
 
 _STDERR = _Stderr()
+
+
+def trace_fatal_signals() -> bool:
+    """A native crash (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) writes every thread's
+    Python stack to stderr (the journal) before the process dies, so that it names its
+    place; False where stderr is no file (a test's capture). Already on (``python -X
+    faulthandler``, PYTHONFAULTHANDLER, a test runner): left as it is."""
+    if faulthandler.is_enabled():
+        return True
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+        return False
+    return True
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

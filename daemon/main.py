@@ -13,7 +13,7 @@ import uvloop
 
 from daemon.config import ConfigError, load_settings
 from daemon.errors import LipsyncError
-from daemon.log import configure_logging, get_logger, quiet_model_libraries
+from daemon.log import configure_logging, get_logger, quiet_model_libraries, trace_fatal_signals
 
 log = get_logger(__name__)
 
@@ -25,6 +25,7 @@ CONFIG_FAILURES = ("models_missing", "config_invalid")
 
 
 def main(argv: list[str] | None = None) -> int:
+    trace_fatal_signals()
     parser = argparse.ArgumentParser(prog="lipsyncd", description="MuseTalk lip-sync video daemon")
     parser.add_argument("--config", help="config file (default: $LIPSYNC_CONFIG or ./config.toml)")
     args = parser.parse_args(argv)

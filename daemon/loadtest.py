@@ -439,6 +439,56 @@ class StallDumps:
         return stall_figures(text, thread_names(), self.threshold_s)
 
 
+def cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, Any] | None:
+    """The machine's CPU time so far (/proc/stat, clock ticks: all, idle, steal) and each
+    group's processes' CPU seconds (user + system, every thread; a process that has gone
+    counts nothing). None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    ticks += [0] * (8 - len(ticks))
+    return {"t": time.monotonic(), "all": sum(ticks), "idle": ticks[3] + ticks[4], "steal": ticks[7],
+            "groups": {name: sum(_process_cpu_s(pid) for pid in pids) for name, pids in groups.items()}}
+
+
+def _process_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a GPU server's compile workers)."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return children
+
+
+def cpu_figures(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Between two snapshots: the share of the machine's cores busy and stolen (a VM's
+    neighbours), and the cores each group used on average."""
+    if a is None or b is None or b["all"] <= a["all"]:
+        return None
+    span = b["t"] - a["t"]
+    all_ticks = b["all"] - a["all"]
+    return {"cores": os.cpu_count(), "busy": round(1 - (b["idle"] - a["idle"]) / all_ticks, 3),
+            "steal": round((b["steal"] - a["steal"]) / all_ticks, 3),
+            "cores_used": {name: round(max(0.0, b["groups"].get(name, 0.0) - v) / span, 2)
+                           for name, v in a["groups"].items()}}
+
+
 class GpuBusySampler:
     """NVML utilisation of the daemon's GPU every 100 ms on a thread (the share of time a
     kernel ran); ``available`` is False without NVML (no nvidia-ml-py, no driver)."""
@@ -755,6 +805,7 @@ class _RoundSamples:
     producers: list[dict[str, Any]]  # each producer's summary
     gc_heap: dict[str, int] | None = None  # gc_heap() at the window's end
     warmup_stalls: dict[str, Any] | None = None  # StallDumps' figures for the warm-up
+    cpu: dict[str, Any] | None = None  # cpu_figures over the window
 
 
 async def _crop_validated(host: Any, timeout_s: float = 600.0) -> dict[str, Any]:
@@ -844,8 +895,11 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
             stalls.record()
         if host is not None:
             await host.reset_peak_memory()
+        cpu_groups = _cpu_groups(host, producers)
+        cpu0 = cpu_snapshot(cpu_groups)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
+        cpu = cpu_figures(cpu0, cpu_snapshot(cpu_groups))
         lags, busy = probe.take(), gpu.take()
         # The watch first: the heap walk below holds the loop and is not the run's.
         stall_dumps = await stalls.take()
@@ -867,7 +921,18 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                 p.kill()
                 await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
-                         stall_dumps, device_info, busy, memory, list(summaries), heap, warm_dumps)
+                         stall_dumps, device_info, busy, memory, list(summaries), heap, warm_dumps, cpu)
+
+
+def _cpu_groups(host: Any, producers: list[Any]) -> dict[str, list[int]]:
+    """Whose CPU the row reports: this process (the edge, and the model where it runs
+    in-process), the GPU server and its children (compile workers), the producers."""
+    groups = {"edge": [os.getpid()], "producers": [p.pid for p in producers]}
+    server = getattr(host, "pid", None)
+    if server:
+        groups["gpu_server"] = [server]
+        groups["gpu_server_children"] = child_pids(server)
+    return groups
 
 
 def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
@@ -925,6 +990,8 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
             (s["start"]["to_first_frame_ms"] for s in per_session
              if s["start"]["avatar_cached"] and s["start"]["to_first_frame_ms"] is not None), default=None),
         "gpu_busy": samples.gpu_busy,
+        # The machine's cores busy and stolen, and the cores each process group used.
+        "cpu": samples.cpu,
         "loop_lag_p99_ms": percentile_ms(samples.loop_lags, 0.99),
         "gc": gc_figures(samples.gc_pauses, mono_window[0], samples.gc_heap),
         "stall_events": stall_events(samples.restart_times, mono_window[0]),
@@ -1082,6 +1149,10 @@ def print_report(report: dict[str, Any]) -> None:
                   f"waited on the edge {gp.get('backlogged_records')}, inbox fullest "
                   f"{round((gp.get('inbox_used_max') or 0) / 1024, 1)} kB, its loop held up at most "
                   f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
+        cpu = row.get("cpu")
+        if cpu:
+            used = ", ".join(f"{name} {v}" for name, v in cpu["cores_used"].items())
+            print(f"  CPU: {cpu['busy']} of {cpu['cores']} cores busy (steal {cpu['steal']}); cores used: {used}")
         worker_late = row.get("late_frames_per_s") or {}
         late = [s["late_results"] for s in row["per_session"] if s.get("late_results")]
         if late:

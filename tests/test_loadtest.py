@@ -178,7 +178,17 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
                         "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s", "late_frames_per_s",
-                        "audio_encoder"}
+                        "audio_encoder", "cpu"}
+    # Where the machine's CPU went in the window: this process (the edge) and the producer
+    # certainly used some; a GPU server is a group of its own (with its children).
+    cpu = row["cpu"]
+    assert cpu["cores"] == os.cpu_count() and 0 < cpu["busy"] <= 1 and 0 <= cpu["steal"] <= cpu["busy"]
+    groups = {"edge", "producers"} | ({"gpu_server", "gpu_server_children"} if process == "gpu-server" else set())
+    assert set(cpu["cores_used"]) == groups
+    assert cpu["cores_used"]["edge"] > 0 and cpu["cores_used"]["producers"] > 0
+    if process == "gpu-server":
+        assert cpu["cores_used"]["gpu_server"] > 0  # the model ran there
+    assert "CPU: " in run.stdout and "cores used: edge" in run.stdout
     # The CPU encodes eagerly: no graphs, not compiled; every round counted.
     [enc] = row["audio_encoder"].values()
     assert enc["graphs"] == 0 and enc["compiled"] is False and enc["rounds"] > 0 and enc["graph_rounds"] == 0
@@ -403,3 +413,26 @@ def test_the_source_digest_names_the_code_by_its_content(tmp_path: Path) -> None
     (tmp_path / "musetalk/sub/b.py").write_text("y = 2\n")
     (tmp_path / "config.toml").write_text("[model]\nfill_steps = false\n")
     assert source_digest(tmp_path) != first
+
+
+def test_cpu_figures_count_each_groups_cores_between_two_snapshots() -> None:
+    from daemon.loadtest import child_pids, cpu_figures, cpu_snapshot
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert sleeper.pid in child_pids(os.getpid())
+        groups = {"me": [os.getpid()], "sleeper": [sleeper.pid], "gone": [2**22 + 7]}
+        a = cpu_snapshot(groups)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:  # one core, busy
+            sum(range(1000))
+        figures = cpu_figures(a, cpu_snapshot(groups))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert figures is not None
+    used = figures["cores_used"]
+    assert 0.5 <= used["me"] <= 1.2, figures  # this thread spun the whole span
+    assert used["sleeper"] < 0.2 and used["gone"] == 0.0
+    assert figures["cores"] == os.cpu_count() and 0 < figures["busy"] <= 1 and 0 <= figures["steal"] <= 1
+    assert cpu_figures(None, a) is None and cpu_figures(a, a) is None

@@ -355,7 +355,8 @@ class ModelSection(_Section):
     # A second crop plan from this row (0: none), above decode_crop_row: avatars whose
     # blend starts at or below it (and whose validation passes for it too) decode fewer
     # rows; a step uses it when every avatar in it has it. Costs a compile per bucket.
-    decode_crop_row_high: int = Field(0, ge=0, le=255)
+    # 108: the demo avatar's and the loadtest's (docs/BENCHMARKS.md, sixteenth session).
+    decode_crop_row_high: int = Field(108, ge=0, le=255)
     decode_tolerance: float = Field(1.0, gt=0, le=255)
     extra_margin: int = 10
     parsing_mode: Literal["jaw", "raw"] = "jaw"

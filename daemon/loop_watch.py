@@ -56,6 +56,7 @@ class LoopWatch:
         self._fired = 0  # the last arming a dump was taken for
         self._idle = False  # the thread waits for an arming (nothing pending)
         self._wake = threading.Event()
+        self._stop = threading.Event()  # close(): ends the thread's sleeps at once
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -84,7 +85,7 @@ class LoopWatch:
             if delay > 0:
                 # Sleeps to the deadline read; an arming meanwhile moved it later, so the
                 # next pass sleeps again (the loop re-arms every turn: no need to wake).
-                time.sleep(delay)
+                self._stop.wait(delay)
                 continue
             if self._armed != armed:
                 continue  # re-armed after the read: the loop came back
@@ -112,12 +113,13 @@ class LoopWatch:
         return stall_figures(text, thread_names(), 0.0, depth=depth)["stacks"] if text else []
 
     def close(self) -> None:
-        """Stops the watch's thread (within one sleep to the deadline) and closes the file."""
+        """Stops the watch's thread and closes the file."""
         self._closed = True
+        self._stop.set()
         self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=max(1.0, self._timeout_s + 0.5))
+            thread.join(timeout=1.0)
         with self._lock:
             self._file.close()
 

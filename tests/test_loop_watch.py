@@ -147,3 +147,12 @@ def test_a_native_crash_names_its_place_in_every_process() -> None:
     out = subprocess.run([sys.executable, "-c", _crashing("pass")], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and "the_crashing_call" not in out.stderr
+
+
+def test_closing_the_watch_ends_its_thread_at_once() -> None:
+    watch = LoopWatch()
+    watch.arm(5.0)  # its thread sleeps toward a deadline 5 s away
+    time.sleep(0.05)
+    [thread] = [t for t in threading.enumerate() if t.name == "loop-watch" and t.is_alive()]
+    watch.close()  # joins for at most 1 s: long before the deadline
+    assert not thread.is_alive()

@@ -428,6 +428,10 @@ class GpuServerHost:
                 "steps": self._status.get("steps", 0), "frames_generated": self._status.get("frames_generated", 0),
                 "measured_fps": self.measured_fps, "load_s": round(self.load_s, 1), **self._info}
 
+    async def thread_names(self) -> dict[int, str]:
+        """The server's Python threads: native id -> name (a control call)."""
+        return {int(k): v for k, v in (await self._call("threads")).items()}
+
     async def refresh_info(self) -> dict[str, Any]:
         """The server's own ``device_info`` (a control call)."""
         self._info = await self._call("info")

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,8 @@ class GpuServer:
             return None
         if op == "info":
             return self.host.device_info()
+        if op == "threads":  # native id -> name (the loadtest's CPU figures, thread by thread)
+            return {str(t.native_id): t.name for t in threading.enumerate() if t.native_id is not None}
         if op == "metrics":
             from prometheus_client import generate_latest
 

@@ -439,18 +439,46 @@ class StallDumps:
         return stall_figures(text, thread_names(), self.threshold_s)
 
 
-def cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, Any] | None:
+def cpu_snapshot(groups: dict[str, list[int]], names: dict[int, str] | None = None) -> dict[str, Any] | None:
     """The machine's CPU time so far (/proc/stat, clock ticks: all, idle, steal) and each
     group's processes' CPU seconds (user + system, every thread; a process that has gone
-    counts nothing). None where there is no /proc."""
+    counts nothing). None where there is no /proc. ``names``: other processes' Python
+    threads (native id -> name)."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
     ticks += [0] * (8 - len(ticks))
+    # Thread by thread for the edge and the GPU server: this process's Python threads by
+    # their names, others by the kernel's (a native library's, or the process's own).
+    own = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    threads = {name: thread_cpu_s(pids[0], own if pids[0] == os.getpid() else names or {})
+               for name, pids in groups.items() if name in ("edge", "gpu_server") and pids}
     return {"t": time.monotonic(), "all": sum(ticks), "idle": ticks[3] + ticks[4], "steal": ticks[7],
-            "groups": {name: sum(_process_cpu_s(pid) for pid in pids) for name, pids in groups.items()}}
+            "groups": {name: sum(_process_cpu_s(pid) for pid in pids) for name, pids in groups.items()},
+            "threads": threads}
+
+
+def thread_cpu_s(pid: int, names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of a process's threads so far, summed by name: ``names`` (native thread
+    id -> name) where given, else the kernel's name for the thread."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        head, tail = text.rsplit(")", 1)
+        fields = tail.split()
+        name = names.get(int(tid)) or head.split("(", 1)[1]
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -486,7 +514,15 @@ def cpu_figures(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str,
     return {"cores": os.cpu_count(), "busy": round(1 - (b["idle"] - a["idle"]) / all_ticks, 3),
             "steal": round((b["steal"] - a["steal"]) / all_ticks, 3),
             "cores_used": {name: round(max(0.0, b["groups"].get(name, 0.0) - v) / span, 2)
-                           for name, v in a["groups"].items()}}
+                           for name, v in a["groups"].items()},
+            # The busiest threads (by name) of the edge and the GPU server, cores used.
+            "threads": {group: _top_threads(a["threads"].get(group, {}), per, span)
+                        for group, per in b.get("threads", {}).items()}}
+
+
+def _top_threads(a: dict[str, float], b: dict[str, float], span: float, n: int = 8) -> dict[str, float]:
+    used = {name: round(max(0.0, v - a.get(name, 0.0)) / span, 2) for name, v in b.items()}
+    return dict(sorted(((k, v) for k, v in used.items() if v >= 0.01), key=lambda kv: -kv[1])[:n])
 
 
 class GpuBusySampler:
@@ -896,10 +932,11 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         if host is not None:
             await host.reset_peak_memory()
         cpu_groups = _cpu_groups(host, producers)
-        cpu0 = cpu_snapshot(cpu_groups)
+        server_threads = await host.thread_names() if hasattr(host, "thread_names") else None
+        cpu0 = cpu_snapshot(cpu_groups, server_threads)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
-        cpu = cpu_figures(cpu0, cpu_snapshot(cpu_groups))
+        cpu = cpu_figures(cpu0, cpu_snapshot(cpu_groups, server_threads))
         lags, busy = probe.take(), gpu.take()
         # The watch first: the heap walk below holds the loop and is not the run's.
         stall_dumps = await stalls.take()
@@ -1153,6 +1190,9 @@ def print_report(report: dict[str, Any]) -> None:
         if cpu:
             used = ", ".join(f"{name} {v}" for name, v in cpu["cores_used"].items())
             print(f"  CPU: {cpu['busy']} of {cpu['cores']} cores busy (steal {cpu['steal']}); cores used: {used}")
+            for group, threads in (cpu.get("threads") or {}).items():
+                print(f"  {group}'s busiest threads (cores): "
+                      + (", ".join(f"{name} {v}" for name, v in threads.items()) or "none over 0.01"))
         worker_late = row.get("late_frames_per_s") or {}
         late = [s["late_results"] for s in row["per_session"] if s.get("late_results")]
         if late:

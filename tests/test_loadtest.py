@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +189,12 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert cpu["cores_used"]["edge"] > 0 and cpu["cores_used"]["producers"] > 0
     if process == "gpu-server":
         assert cpu["cores_used"]["gpu_server"] > 0  # the model ran there
+    # Thread by thread: the edge's loop (MainThread) is among its busy ones; the GPU server
+    # appears where it is a process of its own.
+    assert set(cpu["threads"]) == ({"edge", "gpu_server"} if process == "gpu-server" else {"edge"})
+    assert cpu["threads"]["edge"].get("MainThread", 0) > 0, cpu["threads"]
+    if process == "gpu-server":  # its Python threads by name (asked of the server)
+        assert cpu["threads"]["gpu_server"].get("lipsync-gpu", 0) > 0, cpu["threads"]
     assert "CPU: " in run.stdout and "cores used: edge" in run.stdout
     # The CPU encodes eagerly: no graphs, not compiled; every round counted.
     [enc] = row["audio_encoder"].values()
@@ -419,20 +426,32 @@ def test_cpu_figures_count_each_groups_cores_between_two_snapshots() -> None:
     from daemon.loadtest import child_pids, cpu_figures, cpu_snapshot
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    spinner = threading.Thread(target=spin, name="spinner")
     try:
         assert sleeper.pid in child_pids(os.getpid())
-        groups = {"me": [os.getpid()], "sleeper": [sleeper.pid], "gone": [2**22 + 7]}
+        groups = {"edge": [os.getpid()], "sleeper": [sleeper.pid], "gone": [2**22 + 7]}
         a = cpu_snapshot(groups)
-        end = time.monotonic() + 0.3
-        while time.monotonic() < end:  # one core, busy
-            sum(range(1000))
+        spinner.start()
+        time.sleep(0.3)
         figures = cpu_figures(a, cpu_snapshot(groups))
     finally:
+        stop.set()
+        if spinner.is_alive():
+            spinner.join()
         sleeper.kill()
         sleeper.wait()
     assert figures is not None
     used = figures["cores_used"]
-    assert 0.5 <= used["me"] <= 1.2, figures  # this thread spun the whole span
+    assert 0.5 <= used["edge"] <= 1.3, figures  # the spinning thread, the whole span
     assert used["sleeper"] < 0.2 and used["gone"] == 0.0
+    # By thread: the spinner by its Python name, the busiest; the sleeping main thread less.
+    threads = figures["threads"]["edge"]
+    assert next(iter(threads)) == "spinner" and threads["spinner"] >= 0.5, threads
     assert figures["cores"] == os.cpu_count() and 0 < figures["busy"] <= 1 and 0 <= figures["steal"] <= 1
     assert cpu_figures(None, a) is None and cpu_figures(a, a) is None

@@ -932,7 +932,7 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
         if host is not None:
             await host.reset_peak_memory()
         cpu_groups = _cpu_groups(host, producers)
-        server_threads = await host.thread_names() if hasattr(host, "thread_names") else None
+        server_threads = await _server_thread_names(host)
         cpu0 = cpu_snapshot(cpu_groups, server_threads)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)
@@ -959,6 +959,18 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                 await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
                          stall_dumps, device_info, busy, memory, list(summaries), heap, warm_dumps, cpu)
+
+
+async def _server_thread_names(host: Any) -> dict[int, str] | None:
+    """The GPU server's Python threads by native id, to name its threads' CPU (only names:
+    a server that cannot answer leaves the kernel's)."""
+    if not hasattr(host, "thread_names"):
+        return None
+    try:
+        return await host.thread_names()
+    except (RuntimeError, LipsyncError) as exc:  # gpu_client.ServerDown: restarting
+        print(f"lipsync loadtest: the GPU server's thread names: {exc!r}", file=sys.stderr)
+        return None
 
 
 def _cpu_groups(host: Any, producers: list[Any]) -> dict[str, list[int]]:

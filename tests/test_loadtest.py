@@ -455,3 +455,15 @@ def test_cpu_figures_count_each_groups_cores_between_two_snapshots() -> None:
     assert next(iter(threads)) == "spinner" and threads["spinner"] >= 0.5, threads
     assert figures["cores"] == os.cpu_count() and 0 < figures["busy"] <= 1 and 0 <= figures["steal"] <= 1
     assert cpu_figures(None, a) is None and cpu_figures(a, a) is None
+
+
+async def test_a_gpu_server_that_cannot_name_its_threads_leaves_the_kernels_names(capsys) -> None:
+    from daemon.config import Settings
+    from daemon.gpu_client import GpuServerHost
+    from daemon.loadtest import _server_thread_names
+    from daemon.metrics import Metrics
+
+    host = GpuServerHost(Settings(), Metrics())  # never started: its control calls say it restarts
+    assert await _server_thread_names(host) is None
+    assert "the GPU server's thread names" in capsys.readouterr().err
+    assert await _server_thread_names(object()) is None  # an in-process model: no server to ask

@@ -431,8 +431,7 @@ class StallDumps:
         await _cancelled(self._task)
         self._task = None
         if self._watch is None:
-            return {"dumps": 0, "threshold_ms": round(self.threshold_s * 1000, 1), "taken_late_ms_max": None,
-                    "stacks": []}
+            return stall_figures("", {}, self.threshold_s)
         text = self._watch.read()
         self._watch.close()
         self._watch = None
@@ -469,39 +468,40 @@ def thread_cpu_s(pid: int, names: dict[int, str]) -> dict[str, float]:
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue  # ended meanwhile
-        head, tail = text.rsplit(")", 1)
-        fields = tail.split()
-        name = names.get(int(tid)) or head.split("(", 1)[1]
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stat = _proc_stat(f"/proc/{pid}/task/{tid}/stat")
+        if stat is not None:  # else ended meanwhile
+            comm, fields = stat
+            name = names.get(int(tid)) or comm
+            out[name] = out.get(name, 0.0) + _cpu_s(fields)
     return out
 
 
 def _process_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    stat = _proc_stat(f"/proc/{pid}/stat")
+    return _cpu_s(stat[1]) if stat is not None else 0.0
 
 
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (a GPU server's compile workers)."""
-    children = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return children
+    entries = os.listdir("/proc") if os.path.isdir("/proc") else []
+    return [int(e) for e in entries if e.isdigit()
+            and (stat := _proc_stat(f"/proc/{e}/stat")) is not None and stat[1][1] == str(pid)]
+
+
+def _proc_stat(path: str) -> tuple[str, list[str]] | None:
+    """A /proc stat line: the name (between the parentheses, which it may contain) and the
+    fields after it (state, ppid, ...); None where it is gone."""
+    try:
+        with open(path) as f:
+            head, tail = f.read().rsplit(")", 1)
+    except (OSError, ValueError):
+        return None
+    return head.split("(", 1)[1], tail.split()
+
+
+def _cpu_s(fields: list[str]) -> float:
+    """utime + stime of a stat line's fields (after the name), in seconds."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_figures(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -919,6 +919,9 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
             await p.stdin.drain()
         if options.stall_dump_ms:
             warm_stalls.record()
+        # Whose CPU the window counts, found before it (a /proc scan, a control call).
+        cpu_groups = _cpu_groups(host, producers)
+        server_threads = await _server_thread_names(host)
 
         await _sleep_until(window[0] + wall_to_mono)
         warm_dumps = await warm_stalls.take()
@@ -931,8 +934,6 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
             stalls.record()
         if host is not None:
             await host.reset_peak_memory()
-        cpu_groups = _cpu_groups(host, producers)
-        server_threads = await _server_thread_names(host)
         cpu0 = cpu_snapshot(cpu_groups, server_threads)
         await _sleep_until(window[1] + wall_to_mono)
         counters1 = _engine_counters(host)

@@ -12,8 +12,9 @@ windows.)
 Why not ``faulthandler.dump_traceback_later``: its C thread reads the other threads'
 frames without the GIL, while they run. Frames popped or threads ending under it crash
 the process (CPython issues 116008, 131580, 140815): three of four loadtest processes
-died that way in one GPU run, and a script that re-arms it every 3 ms beside a few
-busy threads segfaulted in five of six runs. Taking the stacks under the GIL costs one
+died that way in one GPU run, and a script that re-arms it every 4 ms beside busy
+threads and threads that start and end (tests/test_loop_watch.py) segfaulted in six of
+six three-second runs. Taking the stacks under the GIL costs one
 thing: a loop held up inside a C call that keeps the GIL is seen only once the call
 returns (the dump then says how late it was taken); a loop held up in Python code, or
 in a call that releases the GIL (I/O, sleeps, CUDA syncs), is seen while it stands there.

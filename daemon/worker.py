@@ -48,6 +48,9 @@ MAX_IN_FLIGHT = 2
 # and how far ahead the GPU must be booked to count as busy.
 IDLE_DROP_FRACTION = 0.75
 BUSY_SLACK_S = 0.001
+# ... and while it is booked ahead (model.busy_drop_fraction): a whole step, so that a
+# saturated GPU does not spend steps on frames that would end after their ticks.
+BUSY_DROP_FRACTION = 1.0
 # ``fill_steps``: a step that is not full waits while the GPU stays busy for longer than
 # its host launch (the median of its bucket's recent launch calls, this until measured)
 # plus a wake-up of the worker's loop.
@@ -215,7 +218,7 @@ class GenerationWorker:
                  metrics: Any, *, max_batch: int, horizon_s: float, initial_step_ms: dict[int, float] | None = None,
                  round_interval_s: float = 0.0, batch_utilization: float | None = None,
                  fill_steps: bool = False, fill_lead_s: float | None = None,
-                 busy_drop_fraction: float = IDLE_DROP_FRACTION) -> None:
+                 busy_drop_fraction: float = BUSY_DROP_FRACTION) -> None:
         self.engine = engine
         self._make_streams = make_streams
         self._streams_by_fps: dict[int, Any] = {}
@@ -771,8 +774,8 @@ class GenerationWorker:
         frame is given up only when even a step a quarter faster than usual could not save
         it (a worker woken a little late must not drop what it waited for); while the GPU is
         still busy with earlier work the step's start is set by that queue, and
-        ``busy_drop_fraction`` of a step applies (model.busy_drop_fraction: 1.0 keeps a
-        saturated GPU from spending a step's time on frames that would end after their
+        ``busy_drop_fraction`` of a step applies (model.busy_drop_fraction, 1.0 by default:
+        a saturated GPU does not spend a step's time on frames that would end after their
         ticks)."""
         fraction = self.busy_drop_fraction if gpu_free > now + BUSY_SLACK_S else IDLE_DROP_FRACTION
         return gpu_free + fraction * step_s + DELIVERY_MARGIN_S

@@ -550,13 +550,16 @@ class _DeviceQueue:
 async def test_a_step_waits_for_more_frames_while_the_device_is_busy(models, avatars, encoder, fill):
     """With ``fill_steps`` a step that is not full is launched just before the device is
     free, with the frames that came meanwhile; without it, as soon as its most urgent
-    frame has no time to wait (here: one frame, long before the device could start it)."""
+    frame has no time to wait (here: one frame, long before the device could start it).
+    The busy drop share is 0.75 here: with a whole step (the default) a frame that the
+    next step can save is also one that may wait for it, and without ``fill_steps`` the
+    worker would wait just the same."""
     engine = Engine(models, max_batch=4)
     for av in avatars:
         engine.register_avatar(av)
     w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
                          asyncio.get_running_loop(), Metrics(), max_batch=4, horizon_s=60.0,
-                         initial_step_ms={1: 400.0, 4: 400.0}, fill_steps=fill)
+                         initial_step_ms={1: 400.0, 4: 400.0}, fill_steps=fill, busy_drop_fraction=0.75)
     sizes: list[int] = []
     w.step_fn = _DeviceQueue(0.4, sizes)
     w.start()
@@ -619,7 +622,7 @@ def test_a_step_seen_done_rebases_when_the_gpu_is_expected_free(models, encoder)
 def test_frames_a_busy_gpu_would_make_too_late_are_dropped_with_the_busy_fraction(models, encoder):
     """drop_before: with the GPU idle a frame is kept while a step a quarter faster than
     its estimate could still make it; while the GPU is booked ahead, the share is
-    model.busy_drop_fraction (0.75 unless set)."""
+    model.busy_drop_fraction (a whole step unless set)."""
     from daemon.worker import DELIVERY_MARGIN_S
 
     w = GenerationWorker(Engine(models, max_batch=4),
@@ -627,10 +630,11 @@ def test_frames_a_busy_gpu_would_make_too_late_are_dropped_with_the_busy_fractio
                          asyncio.new_event_loop(), Metrics(), max_batch=4, horizon_s=5.0)  # not started
     now, step = 100.0, 0.020
     assert w.drop_before(now, now, step) == pytest.approx(now + 0.015 + DELIVERY_MARGIN_S)  # idle
-    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.025 + DELIVERY_MARGIN_S)  # the default
-    w.busy_drop_fraction = 1.0
+    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.030 + DELIVERY_MARGIN_S)  # the default
+    w.busy_drop_fraction = 0.75
     assert w.drop_before(now, now, step) == pytest.approx(now + 0.015 + DELIVERY_MARGIN_S)  # idle: unchanged
-    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.030 + DELIVERY_MARGIN_S)
+    assert w.drop_before(now, now + 0.010, step) == pytest.approx(now + 0.025 + DELIVERY_MARGIN_S)
+    w.busy_drop_fraction = 1.0
     # The scheduler drops what is due before it and launches the rest.
     limit = w.drop_before(now, now + 0.010, step)
     for i, deadline in enumerate([limit - 0.001, limit + 0.001]):

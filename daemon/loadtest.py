@@ -775,9 +775,17 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
     prefix = daemon.settings.nats.subject_prefix
     sids = [f"lt{n}-{i}" for i in range(n)]
     avatars = [avatar_ids[i % len(avatar_ids)] for i in range(n)]
-    t = time.monotonic()
     host = daemon.engine_host
+    producers: list[Any] = []
     try:
+        # The producers first: each spawn forks this process, which holds its event loop
+        # for the fork (40-170 ms measured on a 2-core machine, longer as more producers
+        # start up beside it); with the sessions' clocks already running, every spawn
+        # restarted some of them ("frame loop stalled"), 2-4 times a session.
+        for i, sid in enumerate(sids):
+            producers.append(await _spawn_producer(daemon, sid, i, options))
+        await asyncio.gather(*(_expect_line(daemon, p, sid, "ready", 120) for p, sid in zip(producers, sids)))
+        t = time.monotonic()
         before = await host.refresh_info() if host is not None else None
         started = await asyncio.gather(
             *(_start_session(nc, prefix, sid, avatar, options.rate, fps) for sid, avatar in zip(sids, avatars)),
@@ -797,9 +805,13 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
                                     "(daemon.speech.FrameRecord): this load test reads them")
         info = await _crop_validated(host) if host is not None else None
         memory = _memory_before(before, info, n)
-        return await _speak_and_measure(daemon, nc, sids, options, fps, probe, gpu, starts, memory)
+        return await _speak_and_measure(daemon, nc, sids, producers, options, fps, probe, gpu, starts, memory)
     finally:
         await asyncio.gather(*(_stop_session(nc, prefix, sid) for sid in sids if sid in daemon.sessions))
+        for proc in producers:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def _start_session(nc: Any, prefix: str, sid: str, avatar: str, rate: int,
@@ -879,22 +891,23 @@ def _memory_before(before: dict[str, Any] | None, started: dict[str, Any] | None
             "per_session_mb": round((held - new_avatars_mb) / n, 1) if n else None}
 
 
-async def _speak_and_measure(daemon: Any, nc: Any, sids: list[str], options: LoadtestOptions, fps: int,
+async def _speak_and_measure(daemon: Any, nc: Any, sids: list[str], producers: list[Any],
+                             options: LoadtestOptions, fps: int,
                              probe: LoopLagProbe, gpu: GpuBusySampler,
                              starts: dict[str, tuple[float, float, bool]],
                              memory: dict[str, Any] | None = None) -> dict[str, Any]:
-    samples = await _speak(daemon, sids, options, probe, gpu)
-    row = _row(daemon, sids, options, fps, samples, starts)
+    samples = await _speak(daemon, sids, producers, options, probe, gpu)
+    row = await _row(daemon, sids, options, fps, samples, starts)
     row["memory"] = dict(memory or {}, peak_mb=samples.gpu_memory_mb)
     return row
 
 
-async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: LoopLagProbe,
-                 gpu: GpuBusySampler) -> _RoundSamples:
-    """Every session's producer speaks from a common start (each with its own offset)
-    to a common end; the probes record only the measured window."""
+async def _speak(daemon: Any, sids: list[str], producers: list[Any], options: LoadtestOptions,
+                 probe: LoopLagProbe, gpu: GpuBusySampler) -> _RoundSamples:
+    """Every session's producer (ready, one per session, in order) speaks from a common
+    start (each with its own offset) to a common end; the probes record only the
+    measured window. The caller ends the producers."""
     host = daemon.engine_host
-    producers: list[Any] = []
     gc_pauses = GcPauses()
     gc_pauses.start()
     stalls = StallDumps(_producer_log(daemon, f"stalls-{len(sids)}").with_suffix(".txt"),
@@ -903,9 +916,6 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
     warm_stalls = StallDumps(_producer_log(daemon, f"stalls-warmup-{len(sids)}").with_suffix(".txt"),
                              threshold_s=stalls.threshold_s)
     try:
-        for i, sid in enumerate(sids):
-            producers.append(await _spawn_producer(daemon, sid, i, options))
-        await asyncio.gather(*(_expect_line(daemon, p, sid, "ready", 120) for p, sid in zip(producers, sids)))
         # Wall and monotonic clocks, tied once: frame records are stamped with the
         # first, captures and probes with the second.
         wall_to_mono = time.monotonic() - time.time()
@@ -954,10 +964,6 @@ async def _speak(daemon: Any, sids: list[str], options: LoadtestOptions, probe: 
                                            for p, sid in zip(producers, sids)))
     finally:
         gc_pauses.stop()
-        for p in producers:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
     return _RoundSamples(window, wall_to_mono, (counters0, counters1), lags, pauses, restarts, restart_times,
                          stall_dumps, device_info, busy, memory, list(summaries), heap, warm_dumps, cpu)
 
@@ -989,8 +995,12 @@ def _clock_restarts(daemon: Any, sids: list[str]) -> dict[str, int]:
     return {sid: daemon.sessions[sid].clock_restarts for sid in sids if sid in daemon.sessions}
 
 
-def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples,
-         starts: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
+async def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, samples: _RoundSamples,
+               starts: dict[str, tuple[float, float, bool]]) -> dict[str, Any]:
+    """The round's row, computed while the sessions still run, so the loop turns between
+    sessions: all at once, 16 sessions of 13 s held it 24 ms on a 2-core machine, about
+    180 ms for 24 sessions of 65 s, longer than the two frame periods after which a
+    session's clock restarts."""
     window = samples.window
     mono_window = (window[0] + samples.wall_to_mono, window[1] + samples.wall_to_mono)
     per_session = []
@@ -1020,6 +1030,7 @@ def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int, sampl
         figures["start"] = start_figures(starts[sid], first,
                                          session.info.timings_ms if session.info is not None else None)
         per_session.append(figures)
+        await asyncio.sleep(0)
     late = [s for s in samples.producers if s.get("late_max_ms") is not None and s["late_max_ms"] > options.chunk_ms]
     if late:
         print(f"note: {len(late)} producer(s) sent a chunk over one chunk late (worst "

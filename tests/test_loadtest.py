@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -467,3 +468,64 @@ async def test_a_gpu_server_that_cannot_name_its_threads_leaves_the_kernels_name
     assert await _server_thread_names(host) is None
     assert "the GPU server's thread names" in capsys.readouterr().err
     assert await _server_thread_names(object()) is None  # an in-process model: no server to ask
+
+
+async def test_a_rounds_producers_run_before_its_sessions_start(nats_server, tmp_path: Path, monkeypatch) -> None:
+    """Spawning a producer forks this process and holds its event loop for the fork (40-170
+    ms each measured on a 2-core machine): with the sessions' clocks already running, the
+    spawns restarted them ("frame loop stalled", 2-4 times a session on a GPU machine at
+    22-26 sessions). So a round spawns its producers (real processes, on a real NATS
+    server) and waits for each one's "ready" before its first session starts, and ends
+    them when it ends. The sessions' start, measurement and stop are stand-ins here: the
+    whole round runs for real in the test above."""
+    from types import SimpleNamespace
+
+    from daemon import loadtest
+    from daemon.config import Settings
+
+    events: list[tuple[str, str]] = []
+    procs: list[Any] = []
+    real_spawn, real_expect = loadtest._spawn_producer, loadtest._expect_line
+
+    async def spawn(daemon, sid, index, options):
+        proc = await real_spawn(daemon, sid, index, options)
+        procs.append(proc)
+        events.append(("spawned", sid))
+        return proc
+
+    async def expect(daemon, proc, sid, expected, timeout):
+        await real_expect(daemon, proc, sid, expected, timeout)
+        events.append((expected, sid))
+
+    async def start(nc, prefix, sid, avatar, rate, fps):
+        events.append(("start", sid))
+        daemon.sessions[sid] = SimpleNamespace(speech=SimpleNamespace(frame_records=[]))
+        return time.monotonic(), time.monotonic()
+
+    running: list[int | None] = []
+
+    async def measure(daemon, nc, sids, producers, *args, **kwargs):
+        running.extend(p.returncode for p in producers)
+        return {"sessions": len(sids)}
+
+    async def stop(nc, prefix, sid):
+        events.append(("stop", sid))
+
+    monkeypatch.setattr(loadtest, "_spawn_producer", spawn)
+    monkeypatch.setattr(loadtest, "_expect_line", expect)
+    monkeypatch.setattr(loadtest, "_start_session", start)
+    monkeypatch.setattr(loadtest, "_speak_and_measure", measure)
+    monkeypatch.setattr(loadtest, "_stop_session", stop)
+    settings = Settings.model_validate({"daemon": {"state_dir": str(tmp_path)}})
+    daemon = SimpleNamespace(settings=settings, nats_url=nats_server.url, engine_host=None, sessions={})
+    opts = LoadtestOptions(sessions=(3,), seconds=1.0, warmup_s=0.0)
+    row = await loadtest._round(daemon, None, 3, opts, ["demo"], 25, None, None, set())
+
+    assert row == {"sessions": 3}
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("spawned") == kinds.count("ready") == kinds.count("start") == 3, events
+    first_start = kinds.index("start")
+    assert set(kinds[:first_start]) == {"spawned", "ready"}, events  # all ready before any session
+    assert running == [None, None, None]  # alive while the round measured
+    assert kinds[-3:] == ["stop"] * 3
+    assert len(procs) == 3 and all(p.returncode is not None for p in procs)  # ended with the round

@@ -778,10 +778,10 @@ async def _round(daemon: Any, nc: Any, n: int, options: LoadtestOptions, avatar_
     host = daemon.engine_host
     producers: list[Any] = []
     try:
-        # The producers first: each spawn forks this process, which holds its event loop
-        # for the fork (40-170 ms measured on a 2-core machine, longer as more producers
-        # start up beside it); with the sessions' clocks already running, every spawn
-        # restarted some of them ("frame loop stalled"), 2-4 times a session.
+        # The producers first: each spawn forks this process and holds its event loop
+        # until the child has started (34-129 ms measured on a 2-core machine, longer as
+        # more producers start up beside it); with the sessions' clocks already running,
+        # the spawns restarted them ("frame loop stalled"), 2-4 times a session.
         for i, sid in enumerate(sids):
             producers.append(await _spawn_producer(daemon, sid, i, options))
         await asyncio.gather(*(_expect_line(daemon, p, sid, "ready", 120) for p, sid in zip(producers, sids)))

@@ -471,12 +471,12 @@ async def test_a_gpu_server_that_cannot_name_its_threads_leaves_the_kernels_name
 
 
 async def test_a_rounds_producers_run_before_its_sessions_start(nats_server, tmp_path: Path, monkeypatch) -> None:
-    """Spawning a producer forks this process and holds its event loop for the fork (40-170
-    ms each measured on a 2-core machine): with the sessions' clocks already running, the
-    spawns restarted them ("frame loop stalled", 2-4 times a session on a GPU machine at
-    22-26 sessions). So a round spawns its producers (real processes, on a real NATS
-    server) and waits for each one's "ready" before its first session starts, and ends
-    them when it ends. The sessions' start, measurement and stop are stand-ins here: the
+    """Spawning a producer forks this process and holds its event loop until the child
+    has started (34-129 ms each measured on a 2-core machine): with the sessions' clocks
+    already running, the spawns restarted them ("frame loop stalled", 2-4 times a
+    session on a GPU machine at 22-26 sessions). So a round spawns its producers (real
+    processes, on a real NATS server) and waits for each one's "ready" before its first
+    session starts, and ends them when it ends. The sessions' start, measurement and stop are stand-ins here: the
     whole round runs for real in the test above."""
     from types import SimpleNamespace
 

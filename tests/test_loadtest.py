@@ -529,3 +529,24 @@ async def test_a_rounds_producers_run_before_its_sessions_start(nats_server, tmp
     assert running == [None, None, None]  # alive while the round measured
     assert kinds[-3:] == ["stop"] * 3
     assert len(procs) == 3 and all(p.returncode is not None for p in procs)  # ended with the round
+
+
+def test_the_start_probe_reports_the_loop_around_starts(tmp_path: Path) -> None:
+    """scripts/start_probe.py (does a session start hold the edge's loop while others
+    play?) runs on a laptop: a real daemon with the tiny model in its own process, one
+    session playing, two more started on its prepared avatar, figures on one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    env.update(LIPSYNC_MODEL__DEVICE="cpu")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "start_probe.py"), "--first", "1", "--more", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [line] = [ln for ln in run.stdout.splitlines() if ln.startswith("start_probe: ")]
+    report = json.loads(line.removeprefix("start_probe: "))
+    assert (report["fps"], report["first"], report["more"]) == (25, 1, 2)
+    assert report["starts_s"] > 0 and 0 < report["reply_ms_max"] <= 1000 * report["starts_s"] + 1
+    assert report["loop_late_ms_max_before"] >= 0 and report["loop_late_ms_max_during"] >= 0
+    assert isinstance(report["first_sessions_clock_restarts"], int) and report["first_sessions_clock_restarts"] >= 0
+    assert report["stall_dumps"] >= 0 and (report["stall_dumps"] == 0) == (report["stacks"] == [])
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "start_probe.py"), "--more", "0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--first and --more must be at least 1" in bad.stderr

@@ -1,0 +1,121 @@
+"""Do session starts hold the edge's event loop while other sessions play?
+
+Runs a daemon in this process the way ``lipsync loadtest`` does (its own embedded NATS,
+four derived avatars, admission opened up), starts FIRST sessions and lets them tick at
+25 fps through the livekit-local sink, then starts MORE at once (their avatars already
+prepared), and reports how late a 5 ms probe task ran before and during those starts,
+each start's reply time, the first sessions' clock restarts, and the stacks a loop
+watch took whenever the loop stood still STALL_MS.
+
+    python scripts/start_probe.py [--first 4] [--more 8] [--stall-ms 40]
+
+Without a GPU it runs the tiny random model on the CPU in its own process (what the
+figures are about is the edge's loop, not the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+async def probe(first: int, more: int, stall_s: float) -> dict:
+    import nats
+
+    from daemon import loadtest
+    from daemon.app import Daemon
+    from daemon.config import Settings
+    from daemon.loop_watch import LoopWatch, stall_figures, thread_names
+
+    settings = Settings()
+    avatars = loadtest.make_avatars(settings.daemon.state_dir)
+    settings, fps = loadtest.prepare_settings(settings, loadtest.LoadtestOptions(sessions=(first + more,), fps=25),
+                                              avatars, loadtest._cuda_wanted(settings))
+    ids = list(avatars)
+    daemon = Daemon(settings)
+    await daemon.start()
+    nc = await nats.connect(daemon.nats_url)
+    prefix = settings.nats.subject_prefix
+    playing = [f"first-{i}" for i in range(first)]
+    starting = [f"more-{i}" for i in range(more)]
+    lates: list[tuple[float, float]] = []
+    watch = LoopWatch()
+
+    async def lateness() -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.005)
+            lates.append((t, time.monotonic() - t - 0.005))
+
+    async def arm() -> None:
+        while True:
+            watch.arm(stall_s)
+            await asyncio.sleep(0.005)
+
+    tasks = []
+    try:
+        # The first sessions' avatars are prepared by their starts; the later ones reuse them.
+        await asyncio.gather(*(loadtest._start_session(nc, prefix, sid, ids[i % len(ids)], 16000, fps)
+                               for i, sid in enumerate(playing)))
+        await asyncio.sleep(3.0)
+        tasks = [asyncio.create_task(lateness()), asyncio.create_task(arm())]
+        await asyncio.sleep(1.0)
+        restarts0 = {sid: daemon.sessions[sid].clock_restarts for sid in playing}
+        t0 = time.monotonic()
+        prepared = ids[:min(first, len(ids))]
+        replies = await asyncio.gather(*(loadtest._start_session(nc, prefix, sid, prepared[i % len(prepared)],
+                                                                 16000, fps) for i, sid in enumerate(starting)))
+        t1 = time.monotonic()
+        await asyncio.sleep(2.0)
+        for task in tasks:
+            task.cancel()
+        stalls = stall_figures(watch.read(), thread_names(), stall_s)
+        return {
+            "fps": fps, "first": first, "more": more,
+            "starts_s": round(t1 - t0, 3),
+            "reply_ms_max": round(1000 * max(b - a for a, b in replies), 1),
+            "loop_late_ms_max_before": round(1000 * max((late for t, late in lates if t < t0), default=0.0), 1),
+            "loop_late_ms_max_during": round(1000 * max((late for t, late in lates if t0 <= t <= t1 + 0.5),
+                                                        default=0.0), 1),
+            "first_sessions_clock_restarts": sum(daemon.sessions[sid].clock_restarts - restarts0[sid]
+                                                 for sid in playing),
+            "stall_dumps": stalls["dumps"],
+            "stacks": [(s["thread"], s["frames"], s["dumps"]) for s in stalls["stacks"][:8]],
+        }
+    finally:
+        for task in tasks:
+            task.cancel()
+        watch.close()
+        await asyncio.gather(*(loadtest._stop_session(nc, prefix, sid) for sid in playing + starting
+                               if sid in daemon.sessions))
+        await nc.close()
+        await daemon.shutdown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--first", type=int, default=4, help="sessions playing before the starts")
+    parser.add_argument("--more", type=int, default=8, help="sessions started at once while they play")
+    parser.add_argument("--stall-ms", type=float, default=40.0, help="the loop watch's threshold")
+    args = parser.parse_args()
+    if args.first < 1 or args.more < 1:
+        parser.error("--first and --more must be at least 1")
+    if "LIPSYNC_MODEL__RANDOM_WEIGHTS" not in os.environ:
+        os.environ.update(LIPSYNC_MODEL__RANDOM_WEIGHTS="1", LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny")
+    os.environ.setdefault("LIPSYNC_DAEMON__GPU_PROCESS", "1")
+    import uvloop
+
+    report = uvloop.run(probe(args.first, args.more, args.stall_ms / 1000))
+    print("start_probe: " + json.dumps(report), flush=True)  # one line among the daemon's logs
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -76,6 +76,7 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
         await asyncio.sleep(2.0)
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         stalls = stall_figures(watch.read(), thread_names(), stall_s)
         return {
             "fps": fps, "first": first, "more": more,
@@ -92,6 +93,7 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         watch.close()
         await asyncio.gather(*(loadtest._stop_session(nc, prefix, sid) for sid in playing + starting
                                if sid in daemon.sessions))

@@ -279,6 +279,42 @@ def start_figures(start: tuple[float, float, bool], first_capture: float | None,
             "timings_ms": timings_ms}
 
 
+def fallbacks_by_budget(per_session: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Whether the sessions placed with a smaller processing budget lost more frames:
+    the rank correlation (Spearman's, ties ranked by their mean) of each session's
+    placement budget with its fallbacks, and the budgets' range (ms). The budget is made
+    of medians of recent steps and rounds, so it moves with the moment a session's
+    speech is placed. None when fewer than three sessions have a budget, or when the
+    budgets or the fallbacks are all the same (a fixed budget, no loss)."""
+    pairs = [((s.get("placement") or {}).get("budget_ms"), s["fallbacks"]) for s in per_session]
+    pairs = [(b, f) for b, f in pairs if b is not None]
+    budgets, fallbacks = [b for b, _ in pairs], [f for _, f in pairs]
+    if len(pairs) < 3 or len(set(budgets)) < 2 or len(set(fallbacks)) < 2:
+        return None
+
+    def ranks(values: list[float]) -> np.ndarray:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = np.empty(len(values))
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            out[[order[k] for k in range(i, j + 1)]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rho = float(np.corrcoef(ranks(budgets), ranks(fallbacks))[0, 1])
+    return {"budget_ms": [min(budgets), max(budgets)], "rank_correlation": round(rho, 2)}
+
+
+def budget_line(split: dict[str, Any]) -> str:
+    """``fallbacks_by_budget`` as the report prints it."""
+    low, high = split["budget_ms"]
+    return (f"fallbacks against the placement budget ({low}-{high} ms): rank correlation "
+            f"{split['rank_correlation']} (below 0: the sessions placed with less budget lost more)")
+
+
 def slo_met(per_session: list[dict[str, Any]], slo: Slo) -> bool:
     """Every session: some frames needed generation, enough of them generated in time,
     p95 latency of the generated ones within the bound."""
@@ -1070,6 +1106,7 @@ async def _row(daemon: Any, sids: list[str], options: LoadtestOptions, fps: int,
         # and made by a step seen done after their deadline.
         "late_frames_per_s": {"dropped": round((late1[0] - late0[0]) / options.seconds, 1),
                               "done_late": round((late1[1] - late0[1]) / options.seconds, 1)},
+        "fallbacks_by_budget": fallbacks_by_budget(per_session),
         "mean_batch": round((frames1 - frames0) / steps, 2) if steps else None,
         "step_ms": round(1000 * (step_s1 - step_s0) / steps, 2) if steps else None,
         "gpu_memory_mb": samples.gpu_memory_mb,
@@ -1225,6 +1262,8 @@ def print_report(report: dict[str, Any]) -> None:
                   + (f" (sessions' median lateness {min(after)}-{max(after)} ms)" if after else "")
                   + f"; the worker dropped {worker_late.get('dropped')} as too late and saw "
                   f"{worker_late.get('done_late')} done after their deadline")
+        if row.get("fallbacks_by_budget"):
+            print("  " + budget_line(row["fallbacks_by_budget"]))
         for fps_key, enc in (row.get("audio_encoder") or {}).items():
             print(f"  audio encoder at {fps_key} fps: {enc['graphs']} CUDA graphs, "
                   f"{'compiled' if enc['compiled'] else 'eager kernels'}; {enc['graph_rounds']} of "

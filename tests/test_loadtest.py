@@ -24,6 +24,8 @@ from daemon.loadtest import (
     LoadtestError,
     LoadtestOptions,
     Slo,
+    budget_line,
+    fallbacks_by_budget,
     session_figures,
     slo_met,
     start_figures,
@@ -74,6 +76,24 @@ def test_late_figures_count_the_window_and_say_how_late() -> None:
     fig = late_figures(late, (1000.0, 1009.0))
     assert fig == {"count": 3, "p50_ms": 6.0, "p95_ms": 30.0, "max_ms": 30.0}
     assert late_figures([], (0.0, 1.0)) == {"count": 0, "p50_ms": None, "p95_ms": None, "max_ms": None}
+
+
+def test_fallbacks_are_ranked_against_the_placement_budget() -> None:
+    def sessions(pairs):
+        return [{"placement": {"budget_ms": b} if b is not None else None, "fallbacks": f} for b, f in pairs]
+
+    # Less budget, more fallbacks: a perfect negative rank order, ties ranked by their mean.
+    split = fallbacks_by_budget(sessions([(79.5, 12), (79.5, 12), (81.4, 5), (84.3, 1), (None, 40)]))
+    assert split == {"budget_ms": [79.5, 84.3], "rank_correlation": -1.0}
+    assert budget_line(split) == ("fallbacks against the placement budget (79.5-84.3 ms): rank correlation -1.0 "
+                                  "(below 0: the sessions placed with less budget lost more)")
+    assert fallbacks_by_budget(sessions([(80.0, 1), (82.0, 2), (84.0, 3)]))["rank_correlation"] == 1.0
+    mixed = fallbacks_by_budget(sessions([(80.0, 3), (81.0, 1), (82.0, 2), (83.0, 0)]))
+    assert -1.0 < mixed["rank_correlation"] < 0
+    # Nothing to rank: too few sessions, one budget for all (a fixed one), or no loss.
+    assert fallbacks_by_budget(sessions([(80.0, 1), (82.0, 2)])) is None
+    assert fallbacks_by_budget(sessions([(84.0, 1), (84.0, 2), (84.0, 7)])) is None
+    assert fallbacks_by_budget(sessions([(80.0, 0), (82.0, 0), (84.0, 0)])) is None
 
 
 def test_slo_needs_every_session_within_both_bounds() -> None:
@@ -180,7 +200,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
                         "cached_start_to_first_frame_ms_max", "gpu_busy", "loop_lag_p99_ms", "mean_batch",
                         "step_ms", "gpu_memory_mb", "estimates", "decode", "gpu_process", "gc", "stall_events", "stall_dumps",
                         "stall_dumps_warmup", "stages", "memory", "slo_met", "frames_per_s", "late_frames_per_s",
-                        "audio_encoder", "cpu"}
+                        "audio_encoder", "cpu", "fallbacks_by_budget"}
     # Where the machine's CPU went in the window: this process (the edge) and the producer
     # certainly used some; a GPU server is a group of its own (with its children).
     cpu = row["cpu"]
@@ -206,6 +226,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
                       "latency_ms", "jitter_ms_p99", "placement", "clock", "start", "late_results"}
     assert s["late_results"]["count"] >= 0 and set(s["late_results"]) == {"count", "p50_ms", "p95_ms", "max_ms"}
     assert set(row["late_frames_per_s"]) == {"dropped", "done_late"}
+    assert row["fallbacks_by_budget"] is None  # one session: nothing to rank
     assert all(v >= 0 for v in row["late_frames_per_s"].values())
     assert set(s["latency_ms"]) == {"p50", "p95", "p99"}
     assert isinstance(s["session_id"], str)

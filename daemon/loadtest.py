@@ -293,16 +293,10 @@ def fallbacks_by_budget(per_session: list[dict[str, Any]]) -> dict[str, Any] | N
         return None
 
     def ranks(values: list[float]) -> np.ndarray:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = np.empty(len(values))
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            out[[order[k] for k in range(i, j + 1)]] = (i + j) / 2
-            i = j + 1
-        return out
+        """0-based ranks, equal values sharing the mean of the ranks they span."""
+        _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts
+        return (first + (counts - 1) / 2)[inverse]
 
     rho = float(np.corrcoef(ranks(budgets), ranks(fallbacks))[0, 1])
     return {"budget_ms": [min(budgets), max(budgets)], "rank_correlation": round(rho, 2)}

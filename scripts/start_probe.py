@@ -32,7 +32,6 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
     from daemon import loadtest
     from daemon.app import Daemon
     from daemon.config import Settings
-    from daemon.loop_watch import LoopWatch, stall_figures, thread_names
 
     settings = Settings()
     avatars = loadtest.make_avatars(settings.daemon.state_dir)
@@ -45,56 +44,44 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
     prefix = settings.nats.subject_prefix
     playing = [f"first-{i}" for i in range(first)]
     starting = [f"more-{i}" for i in range(more)]
-    lates: list[tuple[float, float]] = []
-    watch = LoopWatch()
-
-    async def lateness() -> None:
-        while True:
-            t = time.monotonic()
-            await asyncio.sleep(0.005)
-            lates.append((t, time.monotonic() - t - 0.005))
-
-    async def arm() -> None:
-        while True:
-            watch.arm(stall_s)
-            await asyncio.sleep(0.005)
-
-    tasks = []
+    # The loadtest's own probes: a 5 ms task's lateness, and a loop watch's stacks.
+    lag = loadtest.LoopLagProbe()
+    stalls = loadtest.StallDumps(Path(settings.daemon.state_dir) / "start-probe-stalls.txt", threshold_s=stall_s)
     try:
         # The first sessions' avatars are prepared by their starts; the later ones reuse them.
         await asyncio.gather(*(loadtest._start_session(nc, prefix, sid, ids[i % len(ids)], 16000, fps)
                                for i, sid in enumerate(playing)))
         await asyncio.sleep(3.0)
-        tasks = [asyncio.create_task(lateness()), asyncio.create_task(arm())]
+        lag.start()
+        lag.record()
+        stalls.record()
         await asyncio.sleep(1.0)
+        before = lag.take()
+        lag.record()
         restarts0 = {sid: daemon.sessions[sid].clock_restarts for sid in playing}
         t0 = time.monotonic()
         prepared = ids[:min(first, len(ids))]
         replies = await asyncio.gather(*(loadtest._start_session(nc, prefix, sid, prepared[i % len(prepared)],
                                                                  16000, fps) for i, sid in enumerate(starting)))
         t1 = time.monotonic()
-        await asyncio.sleep(2.0)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        stalls = stall_figures(watch.read(), thread_names(), stall_s)
+        await asyncio.sleep(0.5)
+        during = lag.take()
+        await asyncio.sleep(1.5)
+        figures = await stalls.take()
         return {
             "fps": fps, "first": first, "more": more,
             "starts_s": round(t1 - t0, 3),
             "reply_ms_max": round(1000 * max(b - a for a, b in replies), 1),
-            "loop_late_ms_max_before": round(1000 * max((late for t, late in lates if t < t0), default=0.0), 1),
-            "loop_late_ms_max_during": round(1000 * max((late for t, late in lates if t0 <= t <= t1 + 0.5),
-                                                        default=0.0), 1),
+            "loop_late_ms_max_before": round(1000 * max(before, default=0.0), 1),
+            "loop_late_ms_max_during": round(1000 * max(during, default=0.0), 1),
             "first_sessions_clock_restarts": sum(daemon.sessions[sid].clock_restarts - restarts0[sid]
                                                  for sid in playing),
-            "stall_dumps": stalls["dumps"],
-            "stacks": [(s["thread"], s["frames"], s["dumps"]) for s in stalls["stacks"][:8]],
+            "stall_dumps": figures["dumps"],
+            "stacks": [(s["thread"], s["frames"], s["dumps"]) for s in figures["stacks"][:8]],
         }
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        watch.close()
+        await lag.aclose()
+        await stalls.take()  # ends its task where the run stopped before its take
         await asyncio.gather(*(loadtest._stop_session(nc, prefix, sid) for sid in playing + starting
                                if sid in daemon.sessions))
         await nc.close()

@@ -497,8 +497,8 @@ async def test_a_rounds_producers_run_before_its_sessions_start(nats_server, tmp
     already running, the spawns restarted them ("frame loop stalled", 2-4 times a
     session on a GPU machine at 22-26 sessions). So a round spawns its producers (real
     processes, on a real NATS server) and waits for each one's "ready" before its first
-    session starts, and ends them when it ends. The sessions' start, measurement and stop are stand-ins here: the
-    whole round runs for real in the test above."""
+    session starts, and ends them when it ends. The sessions' start, measurement and
+    stop are stand-ins here: the whole round runs for real in the test above."""
     from types import SimpleNamespace
 
     from daemon import loadtest

@@ -20,6 +20,9 @@
 #          (musetalk.step_bench, batches $SB_BATCHES, default 16,24; about 4 minutes)
 #   sbc    the step with the cropped decode from face row 96 against 108 (model.decode_crop_row_high's
 #          second plan), transposed upsampling, batches $SBC_BATCHES (default 16; about 4 minutes)
+#   sba    Inductor's max_autotune (Triton templates benchmarked against cuDNN/cuBLAS) against
+#          the daemon's step (transposed upsampling, crop from row 108), batches $SBA_BATCHES
+#          (default 12), with a kernel profile; the autotuned compile may take minutes
 #   pick   the faster form of sb's largest batch becomes model.upsample for the later steps
 #   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
@@ -60,6 +63,8 @@ for step in "${steps[@]}"; do
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;
     sbc) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants transposed,transposed+crop108 \
            --batches "${SBC_BATCHES:-16}" --steps 20 --timeout-s 290 --json "$out/sbc.json") > "$out/sbc.log" 2>&1 ;;
+    sba) (cd "$root" && timeout 900 python3 -m musetalk.step_bench --variants transposed+crop108,transposed+crop108+autotune \
+           --batches "${SBA_BATCHES:-12}" --steps 20 --profile 5 --timeout-s 600 --json "$out/sba.json") > "$out/sba.log" 2>&1 ;;
     pick) form=$(python3 -c "import json,sys; r=[v for v in json.load(open(sys.argv[1])) if v.get('rows')]; \
 print(min(r, key=lambda v: v['rows'][-1]['step_ms'])['variant'] if r else '')" "$out/sb.json" 2>/dev/null)
           [ -n "$form" ] && export LIPSYNC_MODEL__UPSAMPLE="$form"; say "model.upsample: ${LIPSYNC_MODEL__UPSAMPLE:-default}" ;;

@@ -1,10 +1,11 @@
-"""Do session starts hold the edge's event loop while other sessions play?
+"""Do session starts and stops hold the edge's event loop while other sessions play?
 
 Runs a daemon in this process the way ``lipsync loadtest`` does (its own embedded NATS,
 four derived avatars, admission opened up), starts FIRST sessions and lets them tick at
 25 fps through the livekit-local sink, then starts MORE at once (their avatars already
-prepared), and reports how late a 5 ms probe task ran before and during those starts,
-each start's reply time, the first sessions' clock restarts, and the stacks a loop
+prepared), lets them play, and stops those MORE at once. It reports how late a 5 ms
+probe task ran before, during the starts and during the stops, each start's and stop's
+reply time, the first sessions' clock restarts in each phase, and the stacks a loop
 watch took whenever the loop stood still STALL_MS.
 
     python scripts/start_probe.py [--first 4] [--more 8] [--stall-ms 40]
@@ -68,6 +69,19 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
         during = lag.take()
         await asyncio.sleep(1.5)
         figures = await stalls.take()
+        # The MORE sessions stop at once while the first ones keep playing.
+        await asyncio.sleep(2.0)
+        restarts1 = {sid: daemon.sessions[sid].clock_restarts for sid in playing}
+        stalls.record()
+        lag.record()
+        t2 = time.monotonic()
+        stops = await asyncio.gather(*(_timed_stop(nc, prefix, sid) for sid in starting))
+        t3 = time.monotonic()
+        await asyncio.sleep(0.5)
+        during_stops = lag.take()
+        left = sum(sid in daemon.sessions for sid in starting)
+        await asyncio.sleep(1.5)
+        stop_figures = await stalls.take()
         return {
             "fps": fps, "first": first, "more": more,
             "starts_s": round(t1 - t0, 3),
@@ -78,6 +92,14 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
                                                  for sid in playing),
             "stall_dumps": figures["dumps"],
             "stacks": [(s["thread"], s["frames"], s["dumps"]) for s in figures["stacks"][:8]],
+            "stops_s": round(t3 - t2, 3),
+            "stop_reply_ms_max": round(1000 * max(stops), 1),
+            "stopped_sessions_left": left,
+            "loop_late_ms_max_during_stops": round(1000 * max(during_stops, default=0.0), 1),
+            "first_sessions_clock_restarts_stops": sum(daemon.sessions[sid].clock_restarts - restarts1[sid]
+                                                       for sid in playing),
+            "stall_dumps_stops": stop_figures["dumps"],
+            "stacks_stops": [(s["thread"], s["frames"], s["dumps"]) for s in stop_figures["stacks"][:8]],
         }
     finally:
         await lag.aclose()
@@ -88,10 +110,19 @@ async def probe(first: int, more: int, stall_s: float) -> dict:
         await daemon.shutdown()
 
 
+async def _timed_stop(nc, prefix: str, sid: str) -> float:
+    """Stop one session; seconds until its reply."""
+    from daemon import loadtest
+
+    t = time.monotonic()
+    await loadtest._stop_session(nc, prefix, sid)
+    return time.monotonic() - t
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--first", type=int, default=4, help="sessions playing before the starts")
-    parser.add_argument("--more", type=int, default=8, help="sessions started at once while they play")
+    parser.add_argument("--more", type=int, default=8, help="sessions started, then stopped, at once while they play")
     parser.add_argument("--stall-ms", type=float, default=40.0, help="the loop watch's threshold")
     args = parser.parse_args()
     if args.first < 1 or args.more < 1:

@@ -552,10 +552,11 @@ async def test_a_rounds_producers_run_before_its_sessions_start(nats_server, tmp
     assert len(procs) == 3 and all(p.returncode is not None for p in procs)  # ended with the round
 
 
-def test_the_start_probe_reports_the_loop_around_starts(tmp_path: Path) -> None:
-    """scripts/start_probe.py (does a session start hold the edge's loop while others
-    play?) runs on a laptop: a real daemon with the tiny model in its own process, one
-    session playing, two more started on its prepared avatar, figures on one line."""
+def test_the_start_probe_reports_the_loop_around_starts_and_stops(tmp_path: Path) -> None:
+    """scripts/start_probe.py (do session starts and stops hold the edge's loop while
+    others play?) runs on a laptop: a real daemon with the tiny model in its own process,
+    one session playing, two more started on its prepared avatar and then stopped,
+    figures on one line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(LIPSYNC_MODEL__DEVICE="cpu")
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "start_probe.py"), "--first", "1", "--more", "2"],
@@ -568,6 +569,13 @@ def test_the_start_probe_reports_the_loop_around_starts(tmp_path: Path) -> None:
     assert report["loop_late_ms_max_before"] >= 0 and report["loop_late_ms_max_during"] >= 0
     assert isinstance(report["first_sessions_clock_restarts"], int) and report["first_sessions_clock_restarts"] >= 0
     assert report["stall_dumps"] >= 0 and (report["stall_dumps"] == 0) == (report["stacks"] == [])
+    # The stops: replied, the stopped sessions gone, the playing one still there to count.
+    assert report["stops_s"] > 0 and 0 < report["stop_reply_ms_max"] <= 1000 * report["stops_s"] + 1
+    assert report["stopped_sessions_left"] == 0
+    assert report["loop_late_ms_max_during_stops"] >= 0
+    assert isinstance(report["first_sessions_clock_restarts_stops"], int)
+    assert report["first_sessions_clock_restarts_stops"] >= 0
+    assert (report["stall_dumps_stops"] == 0) == (report["stacks_stops"] == [])
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "start_probe.py"), "--more", "0"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--first and --more must be at least 1" in bad.stderr

@@ -417,7 +417,7 @@ def cmd_loadtest(args, settings) -> int:
         sessions=sessions, find_capacity=args.find_capacity, start=args.start, step=args.step,
         max_sessions=args.max_sessions, seconds=args.seconds, warmup_s=args.warmup_s,
         chunk_ms=args.chunk_ms, fps=args.fps, sink=args.sink, rate=args.rate,
-        wav=Path(args.wav) if args.wav else None,
+        wav=Path(args.wav) if args.wav else None, voiced_only=args.voiced_only,
         slo=Slo(generated_pct=args.slo_generated_pct, latency_p95_ms=args.slo_latency_ms),
         json_path=Path(args.json) if args.json else None, stall_dump_ms=args.stall_dump_ms,
     )
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="livekit-local: through the real LiveKit sources (no room); none: dropped")
     sp.add_argument("--rate", type=int, default=16000, help="sample rate the producers send")
     sp.add_argument("--wav", help="speech WAV, looped (default: the bundled sample)")
+    sp.add_argument("--voiced-only", action="store_true",
+                    help="stream the speech without its silent frames, so that every frame of every "
+                         "session needs the model (sessions x fps generated frames/s)")
     sp.add_argument("--slo-generated-pct", type=float, default=99.0,
                     help="SLO: least share of needed frames generated in time, per session")
     sp.add_argument("--slo-latency-ms", type=float, default=180.0,

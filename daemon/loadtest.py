@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -80,6 +80,7 @@ class LoadtestOptions:
     sink: str = "livekit-local"
     rate: int = 16000
     wav: Path | None = None
+    voiced_only: bool = False  # the speech without its silent frames: every frame needs the model
     slo: Slo = Slo()
     json_path: Path | None = None
     stall_dump_ms: float = 0.0  # > 0: dump every thread's stack when the loop stalls this long
@@ -680,6 +681,13 @@ def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
         return 2
     avatars = make_avatars(settings.daemon.state_dir)
     run_settings, fps = prepare_settings(settings, options, avatars, _cuda_wanted(settings))
+    if options.voiced_only:
+        try:
+            options = replace(options, wav=write_voiced_only(options.wav or SAMPLE_WAV, options.rate, fps,
+                                                             Path(settings.daemon.state_dir)))
+        except LoadtestError as exc:
+            print(f"lipsync loadtest: {exc}", file=sys.stderr)
+            return 2
     import uvloop
 
     try:
@@ -692,6 +700,41 @@ def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
         options.json_path.parent.mkdir(parents=True, exist_ok=True)
         options.json_path.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def voiced_frames(pcm: np.ndarray, rate: int, fps: int) -> np.ndarray:
+    """The speech cut into video frames (``rate // fps`` samples each, a shorter tail
+    dropped), each frame kept only where its level is above the daemon's silence
+    threshold (``daemon.speech.SILENCE_DBFS``: at or below it the mouth stays closed and
+    the frame needs no model): the speech of a session that never pauses."""
+    from daemon.speech import SILENCE_DBFS
+
+    spf = rate // fps
+    frames = np.asarray(pcm)[: len(pcm) // spf * spf].reshape(-1, spf)
+    rms = np.sqrt(np.mean((frames.astype(np.float64) / 32768.0) ** 2, axis=1))
+    return frames[20 * np.log10(np.maximum(rms, 1e-9)) > SILENCE_DBFS].reshape(-1)
+
+
+def write_voiced_only(wav: Path, rate: int, fps: int, state_dir: Path) -> Path:
+    """``--voiced-only``: the WAV without its silent frames (``voiced_frames``), at the
+    producers' sample rate, written under the state dir; the producers loop it."""
+    import wave
+
+    from daemon.producer import read_wav_mono16
+
+    pcm, sr = read_wav_mono16(wav, rate)
+    voiced = voiced_frames(pcm, sr, fps)
+    if voiced.size < sr:
+        raise LoadtestError(f"--voiced-only: {wav} has {voiced.size / sr:.2f} s above the silence threshold "
+                            "(at least 1 s is needed): give a --wav with speech in it")
+    out = (Path(state_dir) / "loadtest-voiced.wav").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(out), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(voiced.astype("<i2").tobytes())
+    return out
 
 
 def _commit() -> str | None:
@@ -726,6 +769,7 @@ def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any)
     return {
         "fps": fps, "sink": options.sink, "sample_rate": options.rate, "chunk_ms": options.chunk_ms,
         "seconds": options.seconds, "warmup_s": options.warmup_s,
+        "wav": str(options.wav or SAMPLE_WAV), "voiced_only": options.voiced_only,
         "slo": asdict(options.slo), "find_capacity": options.find_capacity,
         "model": {"enabled": m.enabled, "device": str(device) if device is not None else m.device,
                   "dtype": m.dtype,
@@ -737,7 +781,7 @@ def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any)
                   "busy_drop_fraction": m.busy_drop_fraction, "upsample": m.upsample,
                   "decode": m.decode, "decode_crop_row": m.decode_crop_row,
                   "decode_crop_row_high": m.decode_crop_row_high,
-                  "audio_round_ms": m.audio_round_ms,
+                  "audio_round_ms": m.audio_round_ms, "processing_budget_ms": m.processing_budget_ms,
                   "playout_delay_frames": m.playout_delay_frames, "audio_window_s": m.audio_window_s},
         "avatars": {name: AVATAR_RECIPES[name][0] for name in AVATAR_RECIPES},
     }

@@ -315,6 +315,74 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
     assert f"capacity: {1 if met else '-'} sessions" in run.stdout
 
 
+def test_voiced_frames_keep_only_the_frames_above_the_silence_threshold(tmp_path: Path) -> None:
+    from daemon.loadtest import LoadtestError, voiced_frames, write_voiced_only
+    from daemon.producer import read_wav_mono16
+    from daemon.speech import SILENCE_DBFS
+
+    rate, fps = 16000, 25
+    spf = rate // fps
+    loud = (np.sin(np.arange(spf) / 5.0) * 8000).astype(np.int16)  # about -15 dBFS
+    quiet = np.full(spf, 50, np.int16)  # about -56 dBFS: the mouth stays closed
+    pcm = np.concatenate([loud, quiet, quiet, loud * 2, quiet, loud, loud[:100]])  # a short tail
+    out = voiced_frames(pcm, rate, fps)
+    np.testing.assert_array_equal(out, np.concatenate([loud, loud * 2, loud]))
+    # The bundled sample pauses between words; without its pauses no frame is silent.
+    sample, sr = read_wav_mono16(ASSETS_DIR / "speech.wav", rate)
+    kept = voiced_frames(sample, sr, fps)
+    frames = kept.reshape(-1, spf).astype(np.float64) / 32768.0
+    assert (20 * np.log10(np.sqrt((frames ** 2).mean(axis=1))) > SILENCE_DBFS).all()
+    assert 0.5 * len(sample) < len(kept) < len(sample) - spf  # something was cut, most kept
+    wav = write_voiced_only(ASSETS_DIR / "speech.wav", rate, fps, tmp_path)
+    assert wav.parent == tmp_path.resolve()
+    import wave
+
+    with wave.open(str(wav), "rb") as w:  # 16-bit mono at the producers' rate, the samples kept
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, rate)
+        np.testing.assert_array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), kept)
+    # A WAV with (almost) nothing above the threshold is refused, saying what to give.
+    silent = tmp_path / "silent.wav"
+    with wave.open(str(silent), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(np.concatenate([np.tile(quiet, 50), loud]).astype("<i2").tobytes())
+    with pytest.raises(LoadtestError, match="above the silence threshold.*--wav with speech"):
+        write_voiced_only(silent, rate, fps, tmp_path)
+
+
+def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
+    """--voiced-only: the producers loop the speech without its pauses, so a session's
+    every frame in the window needs the model (the literal 'continuously speaking')."""
+    report_path = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1", LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny",
+               LIPSYNC_MODEL__DEVICE="cpu", LIPSYNC_DAEMON__GPU_PROCESS="0")
+    run = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
+         "--seconds", "3", "--warmup-s", "1", "--fps", "25", "--sink", "none", "--voiced-only",
+         "--json", str(report_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["config"]["voiced_only"] is True
+    assert Path(report["config"]["wav"]).name == "loadtest-voiced.wav"
+    [row] = report["rows"]
+    [s] = row["per_session"]
+    assert 3 * 25 - 1 <= s["needed"] <= 3 * 25 + 1, run.stdout[-3000:]
+    silent = tmp_path / "silent.wav"
+    import wave
+
+    with wave.open(str(silent), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.zeros(16000 * 2, "<i2").tobytes())
+    bad = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
+         "--seconds", "3", "--wav", str(silent), "--voiced-only"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "has 0.00 s above the silence threshold" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_gc_pauses_are_recorded_only_in_the_window():
     import gc
 

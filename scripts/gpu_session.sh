@@ -35,11 +35,13 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="/tmp/site:/tmp/site2:$root" PATH="/tmp/site/bin:/tmp/site2/bin:$PATH" PYTHONUNBUFFERED=1
 export LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda
 say() { echo "$(date -u +%T) $*" >> "$out/progress"; }
-# loadtest NAME LIMIT_S SESSIONS [VAR=value ...]: one loadtest process into NAME.json/.log
+# loadtest NAME LIMIT_S SESSIONS [VAR=value ...]: one loadtest process into NAME.json/.log;
+# $LT_ARGS (words) go to its command line, e.g. LT_ARGS=--voiced-only (every frame voiced)
 loadtest() {
   local name="$1" limit="$2" sessions="$3"; shift 3
   (cd /tmp/lt && env "$@" timeout "$limit" python3 -m daemon.cli --config /dev/null loadtest --sessions "$sessions" \
-    --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 --json "$out/$name.json") > "$out/$name.log" 2>&1
+    --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 ${LT_ARGS:-} --json "$out/$name.json") \
+    > "$out/$name.log" 2>&1
 }
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)
 # The code by content (this machine's .git may be older than its files).

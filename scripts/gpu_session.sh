@@ -13,7 +13,8 @@
 #          $LT10_SESSIONS (default 20,22), in a second process (the compile cache is warm)
 #   lt-TAG the loadtest in a process of its own with the settings in $LT_TAG_ENV (TAG upper-
 #          cased, '-' as '_'; words like LIPSYNC_MODEL__BUCKET_STEP=2) and sessions
-#          $LT_TAG_SESSIONS (default 4,20,22), into lt-TAG.json: e.g. step lt-u90 with
+#          $LT_TAG_SESSIONS (default 4,20,22), its command-line words in $LT_TAG_ARGS (else
+#          $LT_ARGS), into lt-TAG.json: e.g. step lt-u90 with
 #          LT_U90_ENV="LIPSYNC_MODEL__BATCH_UTILIZATION=0.9" LT_U90_SESSIONS=22,24
 #   two    two loadtest edges of 12 sessions on one GPU server (scripts/gpu_two_edges.sh)
 #   sb     the step's upsampling forms, subpixel against transposed, with a kernel profile
@@ -58,8 +59,9 @@ for step in "${steps[@]}"; do
     lt) loadtest lt 1200 "${LT_SESSIONS:-4,16,20,24}" ;;
     lt10) loadtest lt10 900 "${LT10_SESSIONS:-20,22}" LIPSYNC_MODEL__AUDIO_ROUND_MS=10 ;;
     lt-*) tag="$(echo "${step#lt-}" | tr 'a-z-' 'A-Z_')"; envs="LT_${tag}_ENV"; sess="LT_${tag}_SESSIONS"
-          say "$step: ${!envs:-} sessions ${!sess:-4,20,22}"
-          loadtest "$step" 1500 "${!sess:-4,20,22}" ${!envs:-} ;;
+          args="LT_${tag}_ARGS"
+          say "$step: ${!envs:-} ${!args:-} sessions ${!sess:-4,20,22}"
+          LT_ARGS="${!args:-${LT_ARGS:-}}" loadtest "$step" 1500 "${!sess:-4,20,22}" ${!envs:-} ;;
     two) (cd "$root" && timeout 600 bash scripts/gpu_two_edges.sh "$out/two" 12) > "$out/two.log" 2>&1 ;;
     sb) (cd "$root" && timeout 600 python3 -m musetalk.step_bench --variants subpixel,transposed --batches "${SB_BATCHES:-16,24}" \
           --steps 20 --profile 5 --timeout-s 290 --json "$out/sb.json") > "$out/sb.log" 2>&1 ;;

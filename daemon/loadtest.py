@@ -718,9 +718,7 @@ def voiced_frames(pcm: np.ndarray, rate: int, fps: int) -> np.ndarray:
 def write_voiced_only(wav: Path, rate: int, fps: int, state_dir: Path) -> Path:
     """``--voiced-only``: the WAV without its silent frames (``voiced_frames``), at the
     producers' sample rate, written under the state dir; the producers loop it."""
-    import wave
-
-    from daemon.producer import read_wav_mono16
+    from daemon.producer import read_wav_mono16, write_wav_mono16
 
     pcm, sr = read_wav_mono16(wav, rate)
     voiced = voiced_frames(pcm, sr, fps)
@@ -729,12 +727,7 @@ def write_voiced_only(wav: Path, rate: int, fps: int, state_dir: Path) -> Path:
                             "(at least 1 s is needed): give a --wav with speech in it")
     out = (Path(state_dir) / "loadtest-voiced.wav").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(out), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(voiced.astype("<i2").tobytes())
-    return out
+    return write_wav_mono16(out, voiced, sr)
 
 
 def _commit() -> str | None:

@@ -44,6 +44,18 @@ def read_wav_mono16(path: Path, rate: int | None = None) -> tuple[np.ndarray, in
     return (np.clip(mono, -1.0, 1.0) * 32767).astype(np.int16), int(sr)
 
 
+def write_wav_mono16(path: Path, pcm: np.ndarray, rate: int) -> Path:
+    """Write int16 mono samples as a 16-bit PCM WAV (what ``read_wav_mono16`` reads back)."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(pcm).astype("<i2").tobytes())
+    return path
+
+
 async def stream_pcm(nc, prefix: str, session_id: str, pcm: np.ndarray, rate: int, *,
                      realtime: bool, chunk_ms: int = 40, seq_start: int = 0) -> int:
     """Publish PCM in chunks with increasing Lipsync-Seq and a Lipsync-Sent stamp; paced at

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from daemon.loadtest import (
     slo_met,
     start_figures,
 )
+from daemon.producer import read_wav_mono16, write_wav_mono16
 from daemon.speech import FrameRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,7 +319,6 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
 
 def test_voiced_frames_keep_only_the_frames_above_the_silence_threshold(tmp_path: Path) -> None:
     from daemon.loadtest import LoadtestError, voiced_frames, write_voiced_only
-    from daemon.producer import read_wav_mono16
     from daemon.speech import SILENCE_DBFS
 
     rate, fps = 16000, 25
@@ -335,16 +336,11 @@ def test_voiced_frames_keep_only_the_frames_above_the_silence_threshold(tmp_path
     assert 0.5 * len(sample) < len(kept) < len(sample) - spf  # something was cut, most kept
     wav = write_voiced_only(ASSETS_DIR / "speech.wav", rate, fps, tmp_path)
     assert wav.parent == tmp_path.resolve()
-    import wave
-
     with wave.open(str(wav), "rb") as w:  # 16-bit mono at the producers' rate, the samples kept
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, rate)
         np.testing.assert_array_equal(np.frombuffer(w.readframes(w.getnframes()), "<i2"), kept)
     # A WAV with (almost) nothing above the threshold is refused, saying what to give.
-    silent = tmp_path / "silent.wav"
-    with wave.open(str(silent), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes(np.concatenate([np.tile(quiet, 50), loud]).astype("<i2").tobytes())
+    silent = write_wav_mono16(tmp_path / "silent.wav", np.concatenate([np.tile(quiet, 50), loud]), rate)
     with pytest.raises(LoadtestError, match="above the silence threshold.*--wav with speech"):
         write_voiced_only(silent, rate, fps, tmp_path)
 
@@ -369,12 +365,7 @@ def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
     [row] = report["rows"]
     [s] = row["per_session"]
     assert 3 * 25 - 1 <= s["needed"] <= 3 * 25 + 1, run.stdout[-3000:]
-    silent = tmp_path / "silent.wav"
-    import wave
-
-    with wave.open(str(silent), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes(np.zeros(16000 * 2, "<i2").tobytes())
+    silent = write_wav_mono16(tmp_path / "silent.wav", np.zeros(16000 * 2, np.int16), 16000)
     bad = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
          "--seconds", "3", "--wav", str(silent), "--voiced-only"],

@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import nats
 import numpy as np
 import pytest
 
-from daemon.producer import read_wav_mono16
+from daemon.producer import read_wav_mono16, write_wav_mono16
 from tests.conftest import free_port
 from tests.test_newcomer_shutdown import lipsyncd
 
@@ -137,12 +136,7 @@ def _one_line(err: str) -> str:
 
 
 def _write_wav(path: Path, pcm: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.astype("<i2").tobytes())
-    return path
+    return write_wav_mono16(path, pcm, rate)
 
 
 async def test_say_to_an_unknown_session_stops_at_its_error(tmp_path: Path):

@@ -156,16 +156,28 @@ def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: floa
     return 0.0 if now >= launch_by else min(launch_by - now, poll_s)
 
 
+# batch_cap beyond the GPU's share: sizes whose cost per frame is within this fraction of
+# the cheapest count as equally cheap, and the largest of them is taken.
+OVERLOAD_TIE = 0.02
+
+
 def batch_cap(demand_fps: float, sizes: list[int], step_s: Callable[[int], float], utilization: float) -> int:
     """The batch size the worker fills before it launches: the smallest of ``sizes`` whose
     steps keep up with ``demand_fps`` (the frame rates of all open sessions) using at most
     ``utilization`` of the GPU. A smaller batch is a shorter step, and every frame waits
     for about two steps (the one on the GPU, then its own), so the smallest batch that
     keeps up is also the shortest latency. When none keeps up (more demand than the GPU
-    has), the size that makes the most frames per second."""
+    has), the size that makes the most frames per second; sizes within ``OVERLOAD_TIE``
+    of it count as equal and the largest is taken. Near saturation the costs per frame of
+    adjacent sizes differ by less than their estimates move (an H100 at 26 sessions:
+    1.539 ms at 12, 1.543 at 16), and the cap also sets the processing budget of the
+    speech placed meanwhile: a flip to the smaller size placed one session of 26 with
+    11 ms less budget than the other 25, and it lost twice their frames
+    (docs/BENCHMARKS.md)."""
     if not sizes:
         raise ValueError("batch_cap needs at least one batch size")
     for size in sorted(sizes):
         if demand_fps * step_s(size) / size <= utilization:
             return size
-    return min(sorted(sizes), key=lambda size: step_s(size) / size)
+    cheapest = min(step_s(size) / size for size in sizes)
+    return max(size for size in sizes if step_s(size) / size <= cheapest * (1 + OVERLOAD_TIE))

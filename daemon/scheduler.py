@@ -156,9 +156,10 @@ def batch_wait(now: float, pending: int, max_batch: int, earliest_deadline: floa
     return 0.0 if now >= launch_by else min(launch_by - now, poll_s)
 
 
-# batch_cap beyond the GPU's share: sizes whose cost per frame is within this fraction of
-# the cheapest count as equally cheap, and the largest of them is taken.
-OVERLOAD_TIE = 0.02
+# batch_cap beyond the GPU's share: sizes whose estimated cost per frame is within this
+# fraction of the cheapest count as equally cheap (the estimates move more than that),
+# and the largest of them is taken.
+OVERLOAD_TIE = 0.05
 
 
 def batch_cap(demand_fps: float, sizes: list[int], step_s: Callable[[int], float], utilization: float) -> int:
@@ -169,11 +170,12 @@ def batch_cap(demand_fps: float, sizes: list[int], step_s: Callable[[int], float
     keeps up is also the shortest latency. When none keeps up (more demand than the GPU
     has), the size that makes the most frames per second; sizes within ``OVERLOAD_TIE``
     of it count as equal and the largest is taken. Near saturation the costs per frame of
-    adjacent sizes differ by less than their estimates move (an H100 at 26 sessions:
-    1.539 ms at 12, 1.543 at 16), and the cap also sets the processing budget of the
-    speech placed meanwhile: a flip to the smaller size placed one session of 26 with
-    11 ms less budget than the other 25, and it lost twice their frames
-    (docs/BENCHMARKS.md)."""
+    adjacent sizes differ by less than their estimates move (an H100 at 24-26 sessions:
+    the 12-frame estimate 18.5-21.5 ms, the 16-frame one 23.6-25.7 ms, at one moment
+    1.539 ms a frame at 12 against 1.543 at 16, by the device's own timing 1.53 and
+    1.51), and the cap also sets the processing budget of the speech placed meanwhile:
+    a flip to the smaller size placed one session of 26 with 11 ms less budget than the
+    other 25, and it lost twice their frames (docs/BENCHMARKS.md)."""
     if not sizes:
         raise ValueError("batch_cap needs at least one batch size")
     for size in sorted(sizes):

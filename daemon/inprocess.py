@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ def read_recording(path: Path, idle: np.ndarray, blend_boxes: np.ndarray | None,
     import av
 
     from daemon.session import pingpong_index
-    from daemon.speech import SILENCE_DBFS
+    from daemon.speech import SILENCE_DBFS, level_dbfs
 
     change: list[float] = []
     n = 0
@@ -74,8 +73,6 @@ def read_recording(path: Path, idle: np.ndarray, blend_boxes: np.ndarray | None,
         rate = c.streams.audio[0].rate
         audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)]).astype(np.float32)
     spf = rate // fps
-    voiced = np.array([
-        20 * math.log10(max(1e-9, float(np.sqrt(np.mean(audio[i * spf:(i + 1) * spf] ** 2))))) > SILENCE_DBFS
-        for i in range(len(audio) // spf)
-    ], dtype=bool)
+    frames = audio[: len(audio) // spf * spf].reshape(-1, spf) * 32768.0  # int16 scale
+    voiced = level_dbfs(frames) > SILENCE_DBFS
     return Recording(frames=n, audio_s=round(len(audio) / rate, 2), mouth_change=change, voiced=voiced)

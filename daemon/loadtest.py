@@ -707,12 +707,11 @@ def voiced_frames(pcm: np.ndarray, rate: int, fps: int) -> np.ndarray:
     dropped), each frame kept only where its level is above the daemon's silence
     threshold (``daemon.speech.SILENCE_DBFS``: at or below it the mouth stays closed and
     the frame needs no model): the speech of a session that never pauses."""
-    from daemon.speech import SILENCE_DBFS
+    from daemon.speech import SILENCE_DBFS, level_dbfs
 
     spf = rate // fps
     frames = np.asarray(pcm)[: len(pcm) // spf * spf].reshape(-1, spf)
-    rms = np.sqrt(np.mean((frames.astype(np.float64) / 32768.0) ** 2, axis=1))
-    return frames[20 * np.log10(np.maximum(rms, 1e-9)) > SILENCE_DBFS].reshape(-1)
+    return frames[level_dbfs(frames) > SILENCE_DBFS].reshape(-1)
 
 
 def write_voiced_only(wav: Path, rate: int, fps: int, state_dir: Path) -> Path:

@@ -53,6 +53,14 @@ log = get_logger(__name__)
 
 SILENCE_DBFS = -50.0  # at or below: mouth closed
 SPEECH_DBFS = -40.0  # at or above: full blend (between: linear)
+
+
+def level_dbfs(pcm: np.ndarray) -> np.ndarray:
+    """Level in dBFS of int16 samples along the last axis (-120 for digital silence): the
+    measure SILENCE_DBFS and SPEECH_DBFS gate the mouth by, for one frame or many."""
+    x = np.asarray(pcm).astype(np.float32)
+    rms = np.sqrt(np.mean(x * x, axis=-1)).astype(np.float64) / 32768.0
+    return 20 * np.log10(np.maximum(rms, 1e-6))
 CONTEXT_FRAMES = 2  # MuseTalk's audio context after a frame (frames f+1, f+2)
 NO_MODEL_JITTER_S = 0.030  # without a model: how late a real-time chunk may come
 # A generated frame must be ready this long before its tick (delivery to the loop).
@@ -446,11 +454,10 @@ class SpeechPipeline:
         """0..1 speech level of frame f's audio (0 at or below SILENCE_DBFS)."""
         if f < 0:
             return 0.0
-        pcm = utt.audio.slice(self.clock.start(f), self.clock.start(f + 1)).astype(np.float32)
+        pcm = utt.audio.slice(self.clock.start(f), self.clock.start(f + 1))
         if not len(pcm):
             return 0.0
-        rms = float(np.sqrt(np.mean(pcm * pcm))) / 32768.0
-        db = 20 * math.log10(rms) if rms > 0 else -120.0
+        db = float(level_dbfs(pcm))
         return min(1.0, max(0.0, (db - SILENCE_DBFS) / (SPEECH_DBFS - SILENCE_DBFS)))
 
     def blend_for(self, utt: Utterance, f: int) -> float:

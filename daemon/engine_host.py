@@ -82,7 +82,9 @@ class EngineHost:
                                         batch_utilization=cfg.batch_utilization if cfg.batch_sizing == "demand" else None,
                                         fill_steps=cfg.fill_steps,
                                         fill_lead_s=cfg.fill_lead_ms / 1000 if cfg.fill_lead_ms > 0 else None,
-                                        busy_drop_fraction=cfg.busy_drop_fraction)
+                                        busy_drop_fraction=cfg.busy_drop_fraction,
+                                        budget_most_s=(cfg.processing_budget_most_ms / 1000
+                                                       if cfg.processing_budget_most_ms is not None else None))
         t = time.perf_counter()
         warmed = self._worker.start(warm_fps=self.settings.video.fps, warm_engine=self.engine.warmup)
         await asyncio.to_thread(warmed.wait)

@@ -774,6 +774,7 @@ def _config(settings: Settings, options: LoadtestOptions, fps: int, device: Any)
                   "decode": m.decode, "decode_crop_row": m.decode_crop_row,
                   "decode_crop_row_high": m.decode_crop_row_high,
                   "audio_round_ms": m.audio_round_ms, "processing_budget_ms": m.processing_budget_ms,
+                  "processing_budget_most_ms": m.processing_budget_most_ms,
                   "playout_delay_frames": m.playout_delay_frames, "audio_window_s": m.audio_window_s},
         "avatars": {name: AVATAR_RECIPES[name][0] for name in AVATAR_RECIPES},
     }

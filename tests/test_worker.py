@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from daemon.metrics import Metrics
-from daemon.worker import FramePlan, GenerationWorker
+from daemon.worker import FramePlan, GenerationWorker, budget_from_parts, queue_ms
 from musetalk.audio_gpu import GpuAudioStreams
 from musetalk.engine import Engine
 from musetalk.whisper import load_whisper_encoder, write_random_whisper
@@ -421,6 +421,56 @@ async def test_steps_fill_the_smallest_batch_that_keeps_up_with_the_open_session
     finally:
         thread = w.stop()
         await asyncio.to_thread(thread.join, 10)
+
+
+def test_the_queueing_term_follows_m_d_1_up_to_the_budget_s_ceiling():
+    """The wait beyond the one step the budget counts: load / (2 (1 - load)) steps less
+    one, so none up to two thirds of the GPU, a step at 0.8, 3.5 at 0.9; the budget it
+    completes goes no higher than the ceiling, and no ceiling (or one below the other
+    terms) adds nothing."""
+    assert queue_ms(56.0, 12.0, 0.5, 88.0) == 0.0
+    assert queue_ms(56.0, 12.0, 2 / 3, 88.0) == pytest.approx(0.0, abs=1e-9)
+    assert queue_ms(56.0, 12.0, 0.8, 88.0) == pytest.approx(12.0)
+    assert queue_ms(56.0, 12.0, 0.9, 88.0) == pytest.approx(32.0)  # 3.5 steps = 42 ms, cut at 88
+    assert queue_ms(56.0, 12.0, 0.75, 88.0) == pytest.approx(0.5 * 12.0)
+    assert queue_ms(56.0, 12.0, 1.3, 88.0) == pytest.approx(32.0)  # saturated: the ceiling
+    assert queue_ms(56.0, 12.0, 0.95, None) == 0.0
+    assert queue_ms(90.0, 12.0, 0.95, 88.0) == 0.0  # terms above the ceiling stay as they are
+
+
+async def test_the_budget_grows_with_the_planned_load_up_to_its_ceiling(models, avatars, encoder):
+    """Few sessions keep the terms' budget (the one-session latency); as the open
+    sessions fill the GPU the budget takes the queueing term, up to
+    model.processing_budget_most_ms at saturation, never above it, never below the terms."""
+    engine = Engine(models, max_batch=8, pad_to_buckets=True)
+    assert engine.bucket_sizes == [4, 8]
+    w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
+                         asyncio.get_running_loop(), Metrics(), max_batch=8, horizon_s=60.0,
+                         initial_step_ms={4: 10.0, 8: 12.0}, round_interval_s=0.020, batch_utilization=0.9,
+                         budget_most_s=0.088)
+    round_share = w.est.round_device() / 0.020  # 2 ms rounds every 20 ms: 0.1 of the GPU
+
+    def parts(sessions: int) -> dict:
+        return w.processing_budget_parts(sessions, sessions * FPS)
+
+    one = parts(1)  # a 4-frame step's 10 ms for 25 frames/s: 0.25 of the GPU
+    assert one["cap"] == 4 and one["load"] == pytest.approx(0.25 + round_share, abs=1e-3)
+    assert one["queue_ms"] == 0.0
+    assert budget_from_parts(one) == pytest.approx(
+        w.round_interval_s + w.est.round() + 2 * w.est.step(4) + 0.010)
+    sixteen = parts(16)  # 400 frames/s in 8-frame steps of 12 ms: 0.6, 0.7 with the rounds
+    assert sixteen["cap"] == 8 and sixteen["load"] == pytest.approx(0.6 + round_share, abs=1e-3)
+    base = 1000 * budget_from_parts({**sixteen, "queue_ms": 0.0})
+    assert base == pytest.approx(20 + 2 + 2 * 12 + 10, abs=0.01)
+    assert sixteen["queue_ms"] == pytest.approx((0.7 / 0.6 - 1) * 12, abs=0.05)
+    full = parts(24)  # 600 frames/s: the whole GPU
+    assert full["load"] >= 1.0 and budget_from_parts(full) == pytest.approx(0.088)
+    assert budget_from_parts(one) < budget_from_parts(sixteen) < budget_from_parts(full)
+    # A ceiling below the terms: the terms (a slower card's steps are what they are).
+    w.budget_most_s = 0.050
+    assert parts(24)["queue_ms"] == 0.0 and budget_from_parts(parts(24)) == pytest.approx(base / 1000)
+    w.budget_most_s = None
+    assert parts(24)["queue_ms"] == 0.0
 
 
 async def test_the_step_estimates_start_from_the_warm_ups_device_times(models, avatars, encoder):

@@ -89,9 +89,11 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_steps(launch: Any, steps: int, cuda: bool, top: int = 12) -> dict[str, Any]:
-    """Device ms per step by kernel category, and the ``top`` costliest kernels, over
-    ``steps`` calls of ``launch`` (each returns a step handle) under torch.profiler."""
+def profile_steps(launch: Any, steps: int, cuda: bool, top: int = 12, per_kind: int = 5) -> dict[str, Any]:
+    """Device ms per step by kernel category, the ``top`` costliest kernels, and the
+    ``per_kind`` costliest of each category (the norms' and pointwise passes hide below
+    the convolutions in the overall list), over ``steps`` calls of ``launch`` (each
+    returns a step handle) under torch.profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -121,10 +123,19 @@ def profile_steps(launch: Any, steps: int, cuda: bool, top: int = 12) -> dict[st
         by_kind[kind] = by_kind.get(kind, 0.0) + ms
         kernels.append((ms, ev.key, ev.count // steps))
     kernels.sort(reverse=True)
+
+    def item(ms: float, name: str, calls: int) -> dict[str, Any]:
+        return {"ms": round(ms, 3), "calls": calls, "kind": kernel_category(name), "name": name[:160]}
+
+    top_by_kind: dict[str, list[dict[str, Any]]] = {}
+    for ms, name, calls in kernels:
+        same = top_by_kind.setdefault(kernel_category(name), [])
+        if len(same) < per_kind:
+            same.append(item(ms, name, calls))
     return {"steps": steps, "total_ms": round(sum(by_kind.values()), 3),
             "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top": [{"ms": round(ms, 3), "calls": calls, "kind": kernel_category(name), "name": name[:160]}
-                    for ms, name, calls in kernels[:top]]}
+            "top": [item(ms, name, calls) for ms, name, calls in kernels[:top]],
+            "top_by_kind": top_by_kind}
 
 
 def run_variant(name: str, batches: list[int], steps: int, device: str = "cuda", size: str = "full",
@@ -230,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                 k = row["kernels"]
                 kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in k["by_kind_ms"].items())
                 print(f"{'':>16} kernels {k['total_ms']:.2f} ms/step: {kinds}", flush=True)
-                for item in k["top"][:6]:
+                shown = k["top"][:6]
+                for kind in ("pointwise", "reduction"):  # below the convolutions, yet a third of a step
+                    shown += [t for t in k.get("top_by_kind", {}).get(kind, [])[:3] if t not in shown]
+                for item in shown:
                     print(f"{'':>20} {item['ms']:7.3f} ms x{item['calls']:<3} {item['kind']:<9} {item['name'][:90]}",
                           flush=True)
         if "error" in r:
             print(f"{name:>16} failed: {r['error']}", flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+        if a.json:  # after each variant: a run cut short keeps the variants it finished
+            a.json.write_text(json.dumps(results, indent=1))
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -74,3 +74,10 @@ def test_a_profile_gives_each_kind_of_works_ms_per_step(tmp_path):
     assert kernels["by_kind_ms"]["conv"] > 0 and kernels["by_kind_ms"]["attention"] > 0
     assert kernels["total_ms"] == pytest.approx(sum(kernels["by_kind_ms"].values()), abs=0.01)
     assert kernels["top"] and all(t["kind"] in kernels["by_kind_ms"] for t in kernels["top"])
+    # Each kind's costliest, up to 5, costliest first, whatever the overall list shows.
+    by_kind = kernels["top_by_kind"]
+    assert set(by_kind) == set(kernels["by_kind_ms"])
+    for kind, items in by_kind.items():
+        assert 1 <= len(items) <= 5 and all(t["kind"] == kind for t in items)
+        assert [t["ms"] for t in items] == sorted((t["ms"] for t in items), reverse=True)
+        assert items[0]["ms"] <= kernels["by_kind_ms"][kind] + 0.001

@@ -19,7 +19,12 @@ would have to replace.
 Variants: ``baseline`` (what the daemon runs: ``mode="reduce-overhead"``, the UNet and the
 decode as two graphs), ``fused`` (``model.fuse_step``: one graph for both), ``freezing``
 (Inductor ``freezing``: weights folded as constants), ``autotune`` (Inductor
-``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS), ``subpixel``
+``max_autotune``: Triton templates benchmarked against cuDNN/cuBLAS, and the fused
+kernels' block sizes), its two halves ``autotune_mm`` (``max_autotune_gemm``: the
+templates for convolutions and matrix products only) and ``autotune_pw``
+(``max_autotune_pointwise``: block sizes of Inductor's pointwise and reduction kernels
+only, the GroupNorm and SiLU passes), ``cdt`` (``coordinate_descent_tuning``: those
+kernels' block sizes searched further, one at a time), ``subpixel``
 (``model.upsample = "subpixel"``: the upsamplers as 2x2 convolutions), ``transposed``
 (``model.upsample = "transposed"``: as stride-2 transposed convolutions), ``crop104`` and
 ``crop108`` (the cropped decode from face row 104 or 108 instead of 96, as
@@ -43,6 +48,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {"fuse_step": True},
     "freezing": {"inductor": {"freezing": True}},
     "autotune": {"inductor": {"max_autotune": True}},
+    "autotune_mm": {"inductor": {"max_autotune_gemm": True}},
+    "autotune_pw": {"inductor": {"max_autotune_pointwise": True}},
+    "cdt": {"inductor": {"coordinate_descent_tuning": True}},
     "subpixel": {"upsample": "subpixel"},
     "transposed": {"upsample": "transposed"},
     "crop104": {"crop_row": 104},

@@ -24,6 +24,9 @@
 #   sba    Inductor's max_autotune (Triton templates benchmarked against cuDNN/cuBLAS) against
 #          the daemon's step (transposed upsampling, crop from row 108), batches $SBA_BATCHES
 #          (default 12), with a kernel profile; the autotuned compile may take minutes
+#   sbk    the norms' and pointwise kernels tuned (a third of a step): transposed + crop108
+#          against +autotune_pw (Inductor's max_autotune_pointwise) and +cdt (its
+#          coordinate_descent_tuning), batches $SBK_BATCHES (default 16), with a kernel profile
 #   pick   the faster form of sb's largest batch becomes model.upsample for the later steps
 #   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
@@ -69,6 +72,9 @@ for step in "${steps[@]}"; do
            --batches "${SBC_BATCHES:-16}" --steps 20 --timeout-s 290 --json "$out/sbc.json") > "$out/sbc.log" 2>&1 ;;
     sba) (cd "$root" && timeout 900 python3 -m musetalk.step_bench --variants transposed+crop108,transposed+crop108+autotune \
            --batches "${SBA_BATCHES:-12}" --steps 20 --profile 5 --timeout-s 600 --json "$out/sba.json") > "$out/sba.log" 2>&1 ;;
+    sbk) (cd "$root" && timeout 900 python3 -m musetalk.step_bench \
+           --variants transposed+crop108,transposed+crop108+autotune_pw,transposed+crop108+cdt \
+           --batches "${SBK_BATCHES:-16}" --steps 20 --profile 5 --timeout-s 420 --json "$out/sbk.json") > "$out/sbk.log" 2>&1 ;;
     pick) form=$(python3 -c "import json,sys; r=[v for v in json.load(open(sys.argv[1])) if v.get('rows')]; \
 print(min(r, key=lambda v: v['rows'][-1]['step_ms'])['variant'] if r else '')" "$out/sb.json" 2>/dev/null)
           [ -n "$form" ] && export LIPSYNC_MODEL__UPSAMPLE="$form"; say "model.upsample: ${LIPSYNC_MODEL__UPSAMPLE:-default}" ;;

@@ -20,6 +20,9 @@ def test_variant_names_join_their_options():
     assert variant_options("transposed+crop108") == {"fuse_step": False, "inductor": {}, "upsample": "transposed",
                                                      "crop_row": 108}
     assert variant_options("freezing+autotune")["inductor"] == {"freezing": True, "max_autotune": True}
+    assert variant_options("transposed+crop108+autotune_pw+cdt")["inductor"] == {
+        "max_autotune_pointwise": True, "coordinate_descent_tuning": True}
+    assert variant_options("autotune_mm")["inductor"] == {"max_autotune_gemm": True}
     with pytest.raises(ValueError, match="unknown variant 'fast'.*baseline"):
         variant_options("fused+fast")
 

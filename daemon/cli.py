@@ -420,6 +420,7 @@ def cmd_loadtest(args, settings) -> int:
         wav=Path(args.wav) if args.wav else None, voiced_only=args.voiced_only,
         slo=Slo(generated_pct=args.slo_generated_pct, latency_p95_ms=args.slo_latency_ms),
         json_path=Path(args.json) if args.json else None, stall_dump_ms=args.stall_dump_ms,
+        reference_flow=Path(args.reference_flow) if args.reference_flow else None,
     )
     return run_loadtest(settings, options)
 
@@ -532,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--slo-latency-ms", type=float, default=180.0,
                     help="SLO: most p95 latency of generated frames, per session")
     sp.add_argument("--json", help="also write the report here")
+    sp.add_argument("--reference-flow", metavar="JSON",
+                    help="the report of `lipsync bench --reference-flow --json JSON` (best on this card, "
+                         "just before): each row's generated frames shown in time as a multiple of its frames/s")
     sp.add_argument("--stall-dump-ms", type=float, default=0.0,
                     help="when the event loop stalls this long, record every thread's stack "
                          "into the row's stall_dumps; 0 = off")

@@ -83,6 +83,9 @@ class LoadtestOptions:
     voiced_only: bool = False  # the speech without its silent frames: every frame needs the model
     slo: Slo = Slo()
     json_path: Path | None = None
+    # `lipsync bench --reference-flow --json FILE`'s report: each row's frames generated
+    # and shown in time, as a multiple of its frames/s (the >= 4x target, same card).
+    reference_flow: Path | None = None
     stall_dump_ms: float = 0.0  # > 0: dump every thread's stack when the loop stalls this long
 
     def validate(self) -> None:
@@ -679,6 +682,11 @@ def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
     except LoadtestError as exc:
         print(f"lipsync loadtest: {exc}", file=sys.stderr)
         return 2
+    try:
+        reference = read_reference_flow(options.reference_flow) if options.reference_flow is not None else None
+    except LoadtestError as exc:
+        print(f"lipsync loadtest: {exc}", file=sys.stderr)
+        return 2
     avatars = make_avatars(settings.daemon.state_dir)
     run_settings, fps = prepare_settings(settings, options, avatars, _cuda_wanted(settings))
     if options.voiced_only:
@@ -695,11 +703,39 @@ def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
     except (LoadtestError, LipsyncError) as exc:
         print(f"lipsync loadtest: {exc}", file=sys.stderr)
         return 1
+    if reference is not None:
+        report = against_reference_flow(report, reference)
     print_report(report)
     if options.json_path is not None:
         options.json_path.parent.mkdir(parents=True, exist_ok=True)
         options.json_path.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def read_reference_flow(path: Path) -> dict[str, Any]:
+    """The figures of a ``lipsync bench --reference-flow --json PATH`` report that the rows
+    are compared with; a file that is not one is refused with what to give."""
+    give = "give the file that `lipsync bench --reference-flow --json FILE` wrote"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadtestError(f"--reference-flow {path} cannot be read as JSON ({exc}); {give}") from None
+    fps = data.get("total_frames_per_s") if isinstance(data, dict) else None
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise LoadtestError(f"--reference-flow {path} has no total_frames_per_s above 0; {give}")
+    return {"path": str(path), "frames_per_s": float(fps), "generation_frames_per_s": data.get("generation_frames_per_s"),
+            "device": data.get("device")}
+
+
+def against_reference_flow(report: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with the reference flow's figures and, per row, the frames generated and
+    shown in time a second as a multiple of the flow's frames a second (the target's
+    ">= 4x the reference flow"; ``same_card``: both measured on a card of that name)."""
+    rows = []
+    for row in report["rows"]:
+        shown = (row.get("frames_per_s") or {}).get("shown_generated")
+        rows.append({**row, "vs_reference_flow": None if shown is None else round(shown / reference["frames_per_s"], 2)})
+    return {**report, "rows": rows, "reference_flow": {**reference, "same_card": reference["device"] == report["card"]}}
 
 
 def voiced_frames(pcm: np.ndarray, rate: int, fps: int) -> np.ndarray:
@@ -1317,3 +1353,9 @@ def print_report(report: dict[str, Any]) -> None:
         for stack in (row.get("stall_dumps_warmup") or {}).get("stacks", [])[:4]:
             print(f"  stalled loop in the warm-up ({stack['dumps']} dumps), {stack['thread']}: {stack['frames']}")
     print(f"capacity: {_fmt(report['capacity'])} sessions")
+    ref = report.get("reference_flow")
+    if ref:
+        print(f"reference flow: {ref['frames_per_s']:g} frames/s on {ref['device']}"
+              f"{'' if ref['same_card'] else ' (another card than this run)'}; generated frames shown in time "
+              "against it: " + ", ".join(f"{row['sessions']} sessions {_fmt(row.get('vs_reference_flow'))}x"
+                                         f" (SLO {'met' if row['slo_met'] else 'not met'})" for row in report["rows"]))

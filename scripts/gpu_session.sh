@@ -40,11 +40,17 @@ export PYTHONPATH="/tmp/site:/tmp/site2:$root" PATH="/tmp/site/bin:/tmp/site2/bi
 export LIPSYNC_MODEL__RANDOM_WEIGHTS=1 LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE=full LIPSYNC_MODEL__DEVICE=cuda
 say() { echo "$(date -u +%T) $*" >> "$out/progress"; }
 # loadtest NAME LIMIT_S SESSIONS [VAR=value ...]: one loadtest process into NAME.json/.log;
-# $LT_ARGS (words) go to its command line, e.g. LT_ARGS=--voiced-only (every frame voiced)
+# $LT_ARGS (words) go to its command line, e.g. LT_ARGS=--voiced-only (every frame voiced);
+# after a `ref` step its rows are compared with the reference flow (--reference-flow)
+ref_flow() {  # the words, where this run's ref step wrote a whole report (a bad one would stop the loadtest)
+  python3 -c "import json, sys; assert json.load(open(sys.argv[1]))['total_frames_per_s'] > 0; \
+print('--reference-flow', sys.argv[1])" "$out/ref.json" 2>/dev/null
+}
 loadtest() {
   local name="$1" limit="$2" sessions="$3"; shift 3
   (cd /tmp/lt && env "$@" timeout "$limit" python3 -m daemon.cli --config /dev/null loadtest --sessions "$sessions" \
-    --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 ${LT_ARGS:-} --json "$out/$name.json") \
+    --seconds 60 --warmup-s 5 --sink livekit-local --stall-dump-ms 60 ${LT_ARGS:-} \
+    $(ref_flow) --json "$out/$name.json") \
     > "$out/$name.log" 2>&1
 }
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(audio ref lt)

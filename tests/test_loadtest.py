@@ -25,8 +25,10 @@ from daemon.loadtest import (
     LoadtestError,
     LoadtestOptions,
     Slo,
+    against_reference_flow,
     budget_line,
     fallbacks_by_budget,
+    read_reference_flow,
     session_figures,
     slo_met,
     start_figures,
@@ -352,7 +354,14 @@ def test_voiced_frames_keep_only_the_frames_above_the_silence_threshold(tmp_path
 
 def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
     """--voiced-only: the producers loop the speech without its pauses, so a session's
-    every frame in the window needs the model (the literal 'continuously speaking')."""
+    every frame in the window needs the model (the literal 'continuously speaking').
+    With --reference-flow (the reference flow's real report, tiny weights on this CPU)
+    each row states its frames shown generated as a multiple of the flow's."""
+    from musetalk.reference_flow import run_reference_flow, write_result
+
+    reference = tmp_path / "ref.json"
+    write_result(run_reference_flow("cpu", frames=20, size="tiny"), reference)
+    ref_fps = json.loads(reference.read_text())["total_frames_per_s"]
     report_path = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     env.update(PYTHONPATH=str(ROOT), LIPSYNC_MODEL__RANDOM_WEIGHTS="1", LIPSYNC_MODEL__RANDOM_WEIGHTS_SIZE="tiny",
@@ -360,7 +369,7 @@ def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
          "--seconds", "3", "--warmup-s", "1", "--fps", "25", "--sink", "none", "--voiced-only",
-         "--json", str(report_path)],
+         "--reference-flow", str(reference), "--json", str(report_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -370,6 +379,10 @@ def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
     [row] = report["rows"]
     [s] = row["per_session"]
     assert 3 * 25 - 1 <= s["needed"] <= 3 * 25 + 1, run.stdout[-3000:]
+    assert report["reference_flow"]["frames_per_s"] == ref_fps and report["reference_flow"]["same_card"] is True
+    assert row["vs_reference_flow"] == round(row["frames_per_s"]["shown_generated"] / ref_fps, 2)
+    assert f"reference flow: {ref_fps:g} frames/s on cpu; generated frames shown in time against it: 1 sessions " \
+        f"{row['vs_reference_flow']}x" in run.stdout, run.stdout[-2000:]
     silent = write_wav_mono16(tmp_path / "silent.wav", np.zeros(16000 * 2, np.int16), 16000)
     bad = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", "/dev/null", "loadtest", "--sessions", "1",
@@ -377,6 +390,33 @@ def test_loadtest_voiced_only_needs_every_frame(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "has 0.00 s above the silence threshold" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_reference_flow_report_is_read_or_refused_with_what_to_give(tmp_path: Path) -> None:
+    good = tmp_path / "ref.json"
+    good.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "total_frames_per_s": 144.74,
+                                "generation_frames_per_s": 146.13}))
+    ref = read_reference_flow(good)
+    assert ref == {"path": str(good), "frames_per_s": 144.74, "generation_frames_per_s": 146.13,
+                   "device": "NVIDIA H100 80GB HBM3"}
+    for text, says in [("not json", "cannot be read as JSON"), ("[1, 2]", "no total_frames_per_s above 0"),
+                       (json.dumps({"total_frames_per_s": 0}), "no total_frames_per_s above 0"),
+                       (json.dumps({"total_frames_per_s": True}), "no total_frames_per_s above 0")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(LoadtestError, match=says) as err:
+            read_reference_flow(bad)
+        assert "lipsync bench --reference-flow --json FILE" in str(err.value)
+    with pytest.raises(LoadtestError, match="cannot be read"):
+        read_reference_flow(tmp_path / "missing.json")
+    # Each row against it: frames generated and shown in time a second / the flow's.
+    report = {"card": "NVIDIA H100 80GB HBM3",
+              "rows": [{"sessions": 24, "frames_per_s": {"shown_generated": 539.7}},
+                       {"sessions": 1, "frames_per_s": None}]}
+    out = against_reference_flow(report, ref)
+    assert [r["vs_reference_flow"] for r in out["rows"]] == [3.73, None]
+    assert out["reference_flow"]["same_card"] is True and "vs_reference_flow" not in report["rows"][0]
+    assert against_reference_flow({**report, "card": "cpu"}, ref)["reference_flow"]["same_card"] is False
 
 
 def test_gc_pauses_are_recorded_only_in_the_window():

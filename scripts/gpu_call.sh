@@ -23,3 +23,16 @@ for i in $(seq "${POLL_N:-110}"); do
 done
 cat /tmp/res/progress 2>/dev/null
 keep
+# KEEP_CACHE=1: once the run is done, its compile cache comes back too (xz, when it packs
+# to at most CACHE_MAX_MB, default 40); carried as .gpucache/ beside .whlx, the next fresh
+# machine's first daemon start reads it (scripts/gpu_setup.sh) instead of compiling.
+if [ "${KEEP_CACHE:-0}" = 1 ] && grep -q "all done" /tmp/res/progress 2>/dev/null \
+   && [ -d /tmp/lt/state/compile-cache ] && [ ! -f "$out/compile-cache.tar.xz" ]; then
+  tar cf - -C /tmp/lt/state compile-cache | xz -T0 -3 > /tmp/compile-cache.tar.xz
+  size_mb=$(( $(stat -c %s /tmp/compile-cache.tar.xz) / 1048576 ))
+  if [ "$size_mb" -le "${CACHE_MAX_MB:-40}" ]; then
+    mv /tmp/compile-cache.tar.xz "$out/compile-cache.tar.xz"
+  fi
+  echo "compile cache: $(du -sm /tmp/lt/state/compile-cache | cut -f1) MB, packed ${size_mb} MB" \
+       "($( [ -f "$out/compile-cache.tar.xz" ] && echo brought back || echo "over ${CACHE_MAX_MB:-40} MB: left"))"
+fi

@@ -25,6 +25,13 @@ for name in os.listdir(root):
 PY
   install /tmp/site /tmp/whlx/*.whl
 fi
+# A compile cache an earlier call brought back (scripts/gpu_call.sh with KEEP_CACHE=1), carried
+# as .gpucache/: the loadtest's daemons (state dir /tmp/lt/state) then skip most of the
+# first start's compile. Entries are keyed by the code and torch, so a stale one costs nothing.
+if [ -f .gpucache/compile-cache.tar.xz ]; then
+  mkdir -p /tmp/lt/state && tar xJf .gpucache/compile-cache.tar.xz -C /tmp/lt/state \
+    && echo "gpu_setup: compile cache unpacked ($(du -sm /tmp/lt/state/compile-cache | cut -f1) MB)"
+fi
 [ -d .whl ] && install /tmp/site .whl/*.whl
 [ -d .whl2 ] && install /tmp/site2 .whl2/*.whl
 PYTHONPATH="/tmp/site:/tmp/site2:$PWD" python3 -c "import diffusers, av, nats, pydantic, soxr, structlog; print('gpu_setup: imports ok')"

@@ -367,9 +367,10 @@ class ModelSection(_Section):
     lookahead_frames: int = Field(0, ge=0)
     playout_delay_frames: int | None = Field(None, ge=1, le=100)
     processing_budget_ms: float | None = Field(None, gt=0, le=2000)
-    # The measured budget (processing_budget_ms unset) adds, as the GPU fills, the wait
-    # for the steps queued before a frame (M/D/1 at the planned load), up to this total;
-    # never below the budget's other terms. Unset: no such term. 88: on an H100 at 24
+    # The measured budget (processing_budget_ms unset) adds, once the open sessions need
+    # the largest batch (max_batch), the wait for the steps queued before a frame (M/D/1
+    # at the planned load), up to this total; never below the budget's other terms.
+    # Unset: no such term. 88: on an H100 at 24
     # sessions a fixed 88 ms budget kept every session >= 99.78 % in time (p95 175.6 ms)
     # where the terms alone (83.6-85.0 ms) left the worst at 98.59 %: fuller steps, 15.79
     # frames against 14.7 (docs/BENCHMARKS.md, nineteenth session). At 25 fps a frame's

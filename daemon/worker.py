@@ -453,8 +453,12 @@ class GenerationWorker:
         # The GPU's busy share at this load: steps of ``frames`` at the demand, and the
         # audio rounds (one each interval under load; a chunk's 40 ms without one).
         load = demand / frames * step_s + self.est.round_device() / (self.round_interval_s or 0.040)
+        # Only once the demand needs the largest batch: below it a larger step takes the
+        # load (the cap moves up as the GPU fills), and the budgets measured there met the
+        # SLO without the term; at the top the queue is the only slack left.
+        most = self.budget_most_s if self.budget_most_s is not None and cap >= self.max_batch else None
         parts["queue_ms"] = queue_ms(1000 * budget_from_parts(parts), parts["step_ms"], load,
-                                     None if self.budget_most_s is None else 1000 * self.budget_most_s)
+                                     None if most is None else 1000 * most)
         return {**parts, "load": round(load, 3), "sessions": sessions, "demand_fps": demand, "cap": cap,
                 "bucket": bucket}
 

@@ -439,9 +439,10 @@ def test_the_queueing_term_follows_m_d_1_up_to_the_budget_s_ceiling():
 
 
 async def test_the_budget_grows_with_the_planned_load_up_to_its_ceiling(models, avatars, encoder):
-    """Few sessions keep the terms' budget (the one-session latency); as the open
-    sessions fill the GPU the budget takes the queueing term, up to
-    model.processing_budget_most_ms at saturation, never above it, never below the terms."""
+    """Few sessions keep the terms' budget (the one-session latency); once the open
+    sessions need the largest batch the budget takes the queueing term as the GPU fills,
+    up to model.processing_budget_most_ms at saturation, never above it, never below the
+    terms."""
     engine = Engine(models, max_batch=8, pad_to_buckets=True)
     assert engine.bucket_sizes == [4, 8]
     w = GenerationWorker(engine, lambda fps: GpuAudioStreams(encoder, fps=fps, max_streams=8, window_s=2.0),
@@ -463,6 +464,10 @@ async def test_the_budget_grows_with_the_planned_load_up_to_its_ceiling(models, 
     base = 1000 * budget_from_parts({**sixteen, "queue_ms": 0.0})
     assert base == pytest.approx(20 + 2 + 2 * 12 + 10, abs=0.01)
     assert sixteen["queue_ms"] == pytest.approx((0.7 / 0.6 - 1) * 12, abs=0.05)
+    ten = parts(10)  # 250 frames/s: 4-frame steps keep up at 0.63 (+ rounds): 0.73, yet
+    # with a larger batch still to move to, no queueing term
+    assert ten["cap"] == 4 and ten["load"] > 2 / 3 and queue_ms(60.0, 10.0, ten["load"], 88.0) > 0
+    assert ten["queue_ms"] == 0.0
     full = parts(24)  # 600 frames/s: the whole GPU
     assert full["load"] >= 1.0 and budget_from_parts(full) == pytest.approx(0.088)
     assert budget_from_parts(one) < budget_from_parts(sixteen) < budget_from_parts(full)

@@ -194,6 +194,9 @@ class GpuServer:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> int:
+        # The generation worker shares this process's GIL with its loop (the edges' records
+        # in, the frames out), as it did the edge's in one process: the same hand-off bound.
+        sys.setswitchinterval(self.settings.daemon.gil_switch_ms / 1000)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._done.set)
         first: _Client | None = None
@@ -428,6 +431,7 @@ class GpuServer:
                 others = [f for c in clients if c is not client for f in c.fps.values()]
                 client.queue(wire.STATUS, [wire.status({**values, "other_rates": others,
                                                         "loop_lag_ms_max": round(self.loop_lag_ms_max, 1),
+                                                        "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3),
                                                         "inbox_used_max": client.inbox_used_max})])
             due = time.monotonic() + STATUS_PERIOD_S
             # Not back by the warning's threshold: every thread's stack goes to the watch.

@@ -1313,7 +1313,8 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  GPU server: restarts {gp.get('restarts')}, records dropped {gp.get('dropped_records')}, "
                   f"waited on the edge {gp.get('backlogged_records')}, inbox fullest "
                   f"{round((gp.get('inbox_used_max') or 0) / 1024, 1)} kB, its loop held up at most "
-                  f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started)")
+                  f"{_fmt(gp.get('loop_lag_ms_max'))} ms (since it started), GIL hand-off bound "
+                  f"{_fmt(gp.get('gil_switch_ms'))} ms")
         cpu = row.get("cpu")
         if cpu:
             used = ", ".join(f"{name} {v}" for name, v in cpu["cores_used"].items())

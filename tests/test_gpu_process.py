@@ -64,6 +64,9 @@ async def test_a_session_speaks_through_the_gpu_server_process(split_daemon, cli
     # Every frame that needed the model and was shown generated was made by the server.
     assert info["frames_generated"] >= counts["needed"] - counts["fallback"], (info, counts)
     assert info["gpu_process"]["restarts"] == 0 and info["device"] == "cpu"
+    # The server process holds the GIL hand-off to the configured bound, as the edge does
+    # (Python's own default is 5 ms).
+    assert info["gpu_process"]["gil_switch_ms"] == split_daemon.settings.daemon.gil_switch_ms != 5.0
     # /metrics: the steps' histograms come from the server's process, once each family.
     import aiohttp
 

@@ -310,6 +310,7 @@ def test_loadtest_runs_one_cpu_session_and_writes_the_report(tmp_path: Path, pro
         assert row["gpu_process"]["alive"] is True and row["gpu_process"]["restarts"] == 0
         assert isinstance(row["gpu_process"]["pid"], int) and row["gpu_process"]["dropped_records"] == 0
         assert 0 < row["gpu_process"]["inbox_used_max"] < 16 * 1024 * 1024
+        assert row["gpu_process"]["gil_switch_ms"] == 1.0  # daemon.gil_switch_ms, in the server's process too
         assert "GPU server: restarts 0, records dropped 0" in run.stdout
         assert row["gpu_process"]["loop_lag_ms_max"] >= 0 and row["gpu_process"]["backlogged_records"] >= 0
     else:

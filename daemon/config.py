@@ -45,8 +45,8 @@ class DaemonSection(_Section):
     # with an error instead of leaving the producer waiting.
     start_timeout_s: float = Field(120.0, gt=0)
     # How long a thread may hold the GIL while another waits (Python's default is 5 ms):
-    # the generation worker shares it with the event loop, and each hand-off it waits
-    # for delays a round or a launch by up to this much.
+    # the generation worker shares it with the event loop (the edge's, or the GPU-server
+    # process's), and each hand-off it waits for delays a round or a launch by up to this much.
     gil_switch_ms: float = Field(1.0, gt=0, le=100)
     # After start-up, move every object made so far (the model, the avatars' arrays,
     # the imported modules) out of the garbage collector's reach (``gc.freeze``), so that

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -216,6 +217,12 @@ class GpuServer:
                 log.error("the GPU server did not start", **{k: v for k, v in failed.items() if k != "op"})
             # 78 (EX_CONFIG): a config or the weights must change; a restart cannot help.
             return 78 if failed["code"] in ("models_missing", "config_invalid") else 1
+        if self.settings.daemon.gc_freeze:
+            # As the edge does (daemon.gc_freeze): the models, the compiled step and the
+            # imported modules stay out of later full collections, each of which holds this
+            # process's GIL: the loop that reads the edges' records and the worker wait.
+            gc.collect()
+            gc.freeze()
         status = asyncio.create_task(self._status_loop())
         waits = [asyncio.create_task(self._done.wait())]
         server = None
@@ -432,6 +439,7 @@ class GpuServer:
                 client.queue(wire.STATUS, [wire.status({**values, "other_rates": others,
                                                         "loop_lag_ms_max": round(self.loop_lag_ms_max, 1),
                                                         "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3),
+                                                        "gc_frozen": gc.get_freeze_count(),
                                                         "inbox_used_max": client.inbox_used_max})])
             due = time.monotonic() + STATUS_PERIOD_S
             # Not back by the warning's threshold: every thread's stack goes to the watch.

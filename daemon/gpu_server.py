@@ -431,15 +431,14 @@ class GpuServer:
             values = {"t": time.monotonic(), "budget_s": budget_s, "budget_parts": parts, "busy": h.busy_fraction(),
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "late_frames": list(h.late_frames),
-                      "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams}
+                      "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams,
+                      "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3), "gc_frozen": gc.get_freeze_count()}
             clients = list(self.clients.values())
             for client in clients:
                 # Each edge admits against the whole GPU: the others' streams count too.
                 others = [f for c in clients if c is not client for f in c.fps.values()]
                 client.queue(wire.STATUS, [wire.status({**values, "other_rates": others,
                                                         "loop_lag_ms_max": round(self.loop_lag_ms_max, 1),
-                                                        "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3),
-                                                        "gc_frozen": gc.get_freeze_count(),
                                                         "inbox_used_max": client.inbox_used_max})])
             due = time.monotonic() + STATUS_PERIOD_S
             # Not back by the warning's threshold: every thread's stack goes to the watch.

@@ -679,10 +679,6 @@ def _cuda_wanted(settings: Settings) -> bool:
 def run_loadtest(settings: Settings, options: LoadtestOptions) -> int:
     try:
         options.validate()
-    except LoadtestError as exc:
-        print(f"lipsync loadtest: {exc}", file=sys.stderr)
-        return 2
-    try:
         reference = read_reference_flow(options.reference_flow) if options.reference_flow is not None else None
     except LoadtestError as exc:
         print(f"lipsync loadtest: {exc}", file=sys.stderr)

@@ -53,6 +53,10 @@ log = get_logger(__name__)
 
 SILENCE_DBFS = -50.0  # at or below: mouth closed
 SPEECH_DBFS = -40.0  # at or above: full blend (between: linear)
+CONTEXT_FRAMES = 2  # MuseTalk's audio context after a frame (frames f+1, f+2)
+NO_MODEL_JITTER_S = 0.030  # without a model: how late a real-time chunk may come
+# A generated frame must be ready this long before its tick (delivery to the loop).
+DEADLINE_MARGIN_S = 0.004
 
 
 def level_dbfs(pcm: np.ndarray) -> np.ndarray:
@@ -61,10 +65,6 @@ def level_dbfs(pcm: np.ndarray) -> np.ndarray:
     x = np.asarray(pcm).astype(np.float32)
     rms = np.sqrt(np.mean(x * x, axis=-1)).astype(np.float64) / 32768.0
     return 20 * np.log10(np.maximum(rms, 1e-6))
-CONTEXT_FRAMES = 2  # MuseTalk's audio context after a frame (frames f+1, f+2)
-NO_MODEL_JITTER_S = 0.030  # without a model: how late a real-time chunk may come
-# A generated frame must be ready this long before its tick (delivery to the loop).
-DEADLINE_MARGIN_S = 0.004
 
 
 class PcmBuffer:

@@ -456,9 +456,8 @@ class GenerationWorker:
         # Only once the demand needs the largest batch: below it a larger step takes the
         # load (the cap moves up as the GPU fills), and the budgets measured there met the
         # SLO without the term; at the top the queue is the only slack left.
-        most = self.budget_most_s if self.budget_most_s is not None and cap >= self.max_batch else None
-        parts["queue_ms"] = queue_ms(1000 * budget_from_parts(parts), parts["step_ms"], load,
-                                     None if most is None else 1000 * most)
+        most_ms = 1000 * self.budget_most_s if self.budget_most_s is not None and cap >= self.max_batch else None
+        parts["queue_ms"] = queue_ms(1000 * budget_from_parts(parts), parts["step_ms"], load, most_ms)
         return {**parts, "load": round(load, 3), "sessions": sessions, "demand_fps": demand, "cap": cap,
                 "bucket": bucket}
 

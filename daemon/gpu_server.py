@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import signal
@@ -217,12 +216,6 @@ class GpuServer:
                 log.error("the GPU server did not start", **{k: v for k, v in failed.items() if k != "op"})
             # 78 (EX_CONFIG): a config or the weights must change; a restart cannot help.
             return 78 if failed["code"] in ("models_missing", "config_invalid") else 1
-        if self.settings.daemon.gc_freeze:
-            # As the edge does (daemon.gc_freeze): the models, the compiled step and the
-            # imported modules stay out of later full collections, each of which holds this
-            # process's GIL: the loop that reads the edges' records and the worker wait.
-            gc.collect()
-            gc.freeze()
         status = asyncio.create_task(self._status_loop())
         waits = [asyncio.create_task(self._done.wait())]
         server = None
@@ -432,7 +425,7 @@ class GpuServer:
                       "alive": h.alive(), "steps": h.steps, "frames_generated": h.frames_generated,
                       "late_frames": list(h.late_frames),
                       "step_s": h.step_s, "estimates": w.est.snapshot(), "open_streams": w.open_streams,
-                      "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3), "gc_frozen": gc.get_freeze_count()}
+                      "gil_switch_ms": round(sys.getswitchinterval() * 1000, 3)}
             clients = list(self.clients.values())
             for client in clients:
                 # Each edge admits against the whole GPU: the others' streams count too.

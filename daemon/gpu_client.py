@@ -425,6 +425,7 @@ class GpuServerHost:
                                 "backlogged_records": self.backlogged_records,
                                 "loop_lag_ms_max": self._status.get("loop_lag_ms_max"),
                                 "gil_switch_ms": self._status.get("gil_switch_ms"),
+                                "gc_frozen": self._status.get("gc_frozen"),
                                 "inbox_used_max": self._status.get("inbox_used_max")},
                 "steps": self._status.get("steps", 0), "frames_generated": self._status.get("frames_generated", 0),
                 "measured_fps": self.measured_fps, "load_s": round(self.load_s, 1), **self._info}

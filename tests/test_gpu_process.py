@@ -67,6 +67,8 @@ async def test_a_session_speaks_through_the_gpu_server_process(split_daemon, cli
     # The server process holds the GIL hand-off to the configured bound, as the edge does
     # (Python's own default is 5 ms).
     assert info["gpu_process"]["gil_switch_ms"] == split_daemon.settings.daemon.gil_switch_ms != 5.0
+    # ... and keeps what its start made out of later full collections (daemon.gc_freeze).
+    assert split_daemon.settings.daemon.gc_freeze and info["gpu_process"]["gc_frozen"] > 10000
     # /metrics: the steps' histograms come from the server's process, once each family.
     import aiohttp
 

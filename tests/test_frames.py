@@ -51,8 +51,15 @@ def test_odd_sizes_have_rounded_up_chroma():
 def test_even_boxes_hold_the_blend_box_on_whole_chroma_blocks():
     boxes = even_boxes(np.array([[3, 5, 10, 11], [0, 0, 7, 9]]), 9, 10)
     assert boxes.tolist() == [[2, 4, 8, 10], [0, 0, 8, 10]]
+
+
+def test_buckets_pad_small_steps_to_fours_and_larger_ones_to_the_step():
     assert buckets(32) == [4, 8, 12, 16, 24, 32] and buckets(4) == [4] and buckets(1) == [1]
     assert buckets(64, 16) == [4, 8, 12, 16, 32, 48, 64] and buckets(10) == [4, 8, 10]
+    # A finer step fills in above 12 only (the sizes a saturated GPU launches), never below.
+    assert buckets(16, 4) == [4, 8, 12, 16]
+    assert buckets(16, 1) == [4, 8, 12, 13, 14, 15, 16] and buckets(16, 2) == [4, 8, 12, 14, 16]
+    assert buckets(20, 3) == [4, 8, 12, 15, 16, 18, 20]
 
 
 def test_box_output_composed_into_the_idle_frame_equals_the_full_frame_path(models, avatars):

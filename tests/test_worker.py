@@ -423,6 +423,16 @@ async def test_steps_fill_the_smallest_batch_that_keeps_up_with_the_open_session
         await asyncio.to_thread(thread.join, 10)
 
 
+def test_a_finer_bucket_step_runs_a_saturated_gpu_s_partial_steps_unpadded(models):
+    """model.bucket_step 1: a step of 13-15 frames (what a saturated GPU launches) runs at
+    its own size; below 12 the sizes stay fours; the default pads them to 16."""
+    fine = Engine(models, max_batch=16, bucket_step=1, pad_to_buckets=True)
+    assert fine.bucket_sizes == [4, 8, 12, 13, 14, 15, 16]
+    assert [fine.bucket(n) for n in (3, 9, 13, 14, 15, 16)] == [4, 12, 13, 14, 15, 16]
+    default = Engine(models, max_batch=16, bucket_step=4, pad_to_buckets=True)
+    assert [default.bucket(n) for n in (13, 14, 15)] == [16, 16, 16]
+
+
 def test_the_queueing_term_follows_m_d_1_up_to_the_budget_s_ceiling():
     """The wait beyond the one step the budget counts: load / (2 (1 - load)) steps less
     one, so none up to two thirds of the GPU, a step at 0.8, 3.5 at 0.9; the budget it

@@ -27,6 +27,9 @@
 #   sbk    the norms' and pointwise kernels tuned (a third of a step): transposed + crop108
 #          against +autotune_pw (Inductor's max_autotune_pointwise) and +cdt (its
 #          coordinate_descent_tuning), batches $SBK_BATCHES (default 16), with a kernel profile
+#   ov     the next step's UNet on a second stream under this step's decode, against the
+#          two one after the other (musetalk.overlap_bench, batches $OV_BATCHES, default
+#          12,16; the compiles included, about 3 minutes by estimate)
 #   pick   the faster form of sb's largest batch becomes model.upsample for the later steps
 #   up     the upsampling forms alone (python -m musetalk.subpixel; under a minute)
 #   tests  the CUDA tests (pytest -m gpu --noconftest)
@@ -81,12 +84,14 @@ for step in "${steps[@]}"; do
     sbk) (cd "$root" && timeout 900 python3 -m musetalk.step_bench \
            --variants transposed+crop108,transposed+crop108+autotune_pw,transposed+crop108+cdt \
            --batches "${SBK_BATCHES:-16}" --steps 20 --profile 5 --timeout-s 420 --json "$out/sbk.json") > "$out/sbk.log" 2>&1 ;;
+    ov) (cd "$root" && timeout 420 python3 -m musetalk.overlap_bench --batches "${OV_BATCHES:-12,16}" --steps 50 \
+          --json "$out/ov.json") > "$out/ov.log" 2>&1 ;;
     pick) form=$(python3 -c "import json,sys; r=[v for v in json.load(open(sys.argv[1])) if v.get('rows')]; \
 print(min(r, key=lambda v: v['rows'][-1]['step_ms'])['variant'] if r else '')" "$out/sb.json" 2>/dev/null)
           [ -n "$form" ] && export LIPSYNC_MODEL__UPSAMPLE="$form"; say "model.upsample: ${LIPSYNC_MODEL__UPSAMPLE:-default}" ;;
     up) (cd "$root" && timeout 200 python3 -m musetalk.subpixel --iters 20) > "$out/up.log" 2>&1 ;;
     tests) (cd "$root" && timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu --noconftest \
-             tests/test_audio_gpu.py tests/test_engine.py) > "$out/tests.log" 2>&1 ;;
+             tests/test_audio_gpu.py tests/test_engine.py tests/test_overlap_bench.py) > "$out/tests.log" 2>&1 ;;
     *) say "unknown step $step"; continue ;;
   esac
   say "done $step rc=$?"

@@ -233,6 +233,9 @@ class SpeechPipeline:
         # Frames generated after their tick went out as a fallback: (wall time they came,
         # seconds after the tick), the most recent (the loadtest splits its losses by it).
         self.late_results: deque[tuple[float, float]] = deque(maxlen=5000)
+        # The utterances finished lately (not interrupted), id -> first tick: the boxes of
+        # their last frames can come after the finish, and still count as late.
+        self._finished_starts: dict[int, int] = {}
         # The last frames' kinds, one letter each (s speech, f fallback, u underrun): the
         # quickest way to see where a session falls behind.
         self.timeline: deque[str] = deque(maxlen=250)
@@ -419,8 +422,13 @@ class SpeechPipeline:
     def _on_results(self, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
         for utt_id, f, box, error in results:
             utt = self._find(utt_id)
-            if self._closed or utt is None:
-                continue  # stale: interrupted
+            if self._closed:
+                continue
+            if utt is None:  # interrupted (stale), or finished while its last steps ran
+                start = self._finished_starts.get(utt_id)
+                if start is not None and error is None and box is not None:
+                    self.late_results.append((time.time(), time.monotonic() - self.session.tick_time(start + f)))
+                continue
             if f < utt.played:  # its tick already went out as a fallback
                 if error is None and box is not None:
                     self.late_results.append(
@@ -566,6 +574,9 @@ class SpeechPipeline:
     def _finish(self, utt: Utterance) -> None:
         if self.utterances and self.utterances[0] is utt:
             self.utterances.popleft()
+        self._finished_starts[utt.id] = utt.start_tick
+        while len(self._finished_starts) > 8:
+            del self._finished_starts[next(iter(self._finished_starts))]
         self._set_speaking()
         self._cancel(utt.id)
         self._events.append(self.finished_event(self._position(utt, utt.total_frames or 0), interrupted=False))

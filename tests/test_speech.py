@@ -543,6 +543,47 @@ async def test_a_stalled_loop_restarts_its_clock_instead_of_bursting(speech_daem
     await client.wait_event("stall", "stopped")
 
 
+class _LateSteps:
+    """The engine's steps with their boxes held back ``delay_s`` after launch (a device
+    far behind), installed on the in-process engine for the duration of a ``with``."""
+
+    def __init__(self, engine, delay_s: float) -> None:
+        self.engine, self.delay_s, self.launch = engine, delay_s, engine.launch
+
+    def __enter__(self) -> "_LateSteps":
+        delay_s, launch = self.delay_s, self.launch
+
+        class Late:
+            def __init__(self, inner):
+                self.inner, self.until = inner, time.monotonic() + delay_s
+
+            def ready(self) -> bool:
+                return time.monotonic() >= self.until and self.inner.ready()
+
+            def boxes(self):
+                time.sleep(max(0.0, self.until - time.monotonic()))
+                return self.inner.boxes()
+
+            def gpu_seconds(self):
+                return self.inner.gpu_seconds()
+
+        self.engine.launch = lambda *args, **kwargs: Late(launch(*args, **kwargs))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.launch = self.launch
+
+
+async def _speak_one_second(client, session_id: str) -> float:
+    """One second of the sample speech in real time, then flush; the wall time its
+    playback_finished came."""
+    pcm, rate = read_wav_mono16(SPEECH, RATE)
+    await stream_pcm(client.nc, "lipsync", session_id, pcm[:rate], rate, realtime=True)
+    await client.nc.publish(f"lipsync.control.{session_id}", json.dumps({"op": "flush"}).encode())
+    await client.wait_event(session_id, "playback_finished", timeout=30)
+    return time.time()
+
+
 async def test_frames_made_after_their_tick_are_counted_and_how_late(speech_daemon, client):
     """A step whose boxes come back half a second after launch (a device far behind):
     its frames' ticks go out as fallbacks, and when the boxes come the session records
@@ -550,34 +591,30 @@ async def test_frames_made_after_their_tick_are_counted_and_how_late(speech_daem
     their deadline. (The loadtest splits its lost frames by these.)"""
     await start(client, "slow")
     host = speech_daemon.engine_host
-    engine = host.engine
-    launch = engine.launch
-
-    class Late:
-        def __init__(self, inner):
-            self.inner, self.until = inner, time.monotonic() + 0.5
-
-        def ready(self) -> bool:
-            return time.monotonic() >= self.until and self.inner.ready()
-
-        def boxes(self):
-            time.sleep(max(0.0, self.until - time.monotonic()))
-            return self.inner.boxes()
-
-        def gpu_seconds(self):
-            return self.inner.gpu_seconds()
-
-    engine.launch = lambda *args, **kwargs: Late(launch(*args, **kwargs))
-    try:
-        done_late0 = host.late_frames[1]
-        pcm, rate = read_wav_mono16(SPEECH, RATE)
-        await stream_pcm(client.nc, "lipsync", "slow", pcm[:rate], rate, realtime=True)
-        await client.nc.publish("lipsync.control.slow", json.dumps({"op": "flush"}).encode())
-        await client.wait_event("slow", "playback_finished", timeout=30)
-        await asyncio.sleep(1.0)  # the last late boxes come back
-    finally:
-        engine.launch = launch
-    late = list(speech_daemon.sessions["slow"].speech.late_results)
-    assert late, speech_daemon.sessions["slow"].speech.stats()["counts"]
+    speech = speech_daemon.sessions["slow"].speech
+    done_late0 = host.late_frames[1]
+    with _LateSteps(host.engine, 0.5):
+        await _speak_one_second(client, "slow")
+        deadline = time.monotonic() + 10  # the last late boxes come back (a slow CPU: seconds)
+        while not speech.late_results and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    late = list(speech.late_results)
+    assert late, speech.stats()["counts"]
     assert all(0.0 < after < 2.0 for _, after in late), late
     assert host.late_frames[1] - done_late0 >= 1  # the worker saw steps end after their frames' deadlines
+
+
+async def test_boxes_that_come_after_their_utterance_finished_still_count_as_late(speech_daemon, client):
+    """Boxes held two seconds: the utterance finishes (its last ticks went out as
+    fallbacks) while its last steps still run; their boxes are late frames all the same,
+    not dropped as an interrupted utterance's would be."""
+    await start(client, "tail")
+    speech = speech_daemon.sessions["tail"].speech
+    with _LateSteps(speech_daemon.engine_host.engine, 2.0):
+        finished = await _speak_one_second(client, "tail")
+        deadline = time.monotonic() + 15
+        while not any(wall > finished for wall, _ in speech.late_results) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    after_finish = [after for wall, after in speech.late_results if wall > finished]
+    assert after_finish and all(after > 0.0 for after in after_finish), list(speech.late_results)
+    assert not speech.utterances  # it had finished: these came for no utterance in play

@@ -21,7 +21,7 @@ def test_the_probe_reports_each_part_and_both_forms_per_batch(tmp_path):
     assert [row["batch"] for row in result["rows"]] == [1, 3]
     for row in result["rows"]:
         assert min(row["unet_ms"], row["decode_ms"], row["serial_ms"], row["overlap_ms"]) > 0
-        assert row["saving_ms"] == pytest.approx(row["serial_ms"] - row["overlap_ms"], abs=2e-3)
+        assert row["overlap_ms"] == row["serial_ms"] and row["saving_ms"] == 0  # no second stream on a CPU
         assert row["serial_ms_per_frame"] == pytest.approx(row["serial_ms"] / row["batch"], rel=1e-3)
 
 
@@ -57,7 +57,7 @@ def test_the_captured_parts_compute_what_the_daemon_s_functions_do():
         assert unet.graph is not None and decode.graph is not None
         want_pred = engine._unet_fn(latents, tokens)
         want_image = engine._crop_fn(decode.inputs[0], sums)
-        assert _timed_overlap(unet, decode, 4, True) > 0
+        assert _timed_overlap(unet, decode, 4) > 0
         torch.cuda.synchronize()
         assert torch.allclose(unet.output.float(), want_pred.float(), atol=2e-2)
         assert torch.allclose(decode.output.float(), want_image.float(), atol=2e-2)

@@ -82,6 +82,21 @@ def buckets(max_batch: int, step: int = 8) -> list[int]:
     return sorted(set(sizes))
 
 
+def allow_recompiles(entries: int) -> int:
+    """Let Dynamo keep ``entries`` compiled versions of one function (its
+    ``recompile_limit``, 8 by default, is per code object); returns the limit now.
+
+    The cropped decode is compiled with static shapes, one graph per bucket and crop plan,
+    and both plans' functions share one code object (closures of one ``def``): 7 buckets
+    (``bucket_step`` 1) and 2 plans are 14 versions, and past the limit Dynamo runs the
+    rest eagerly, without a CUDA graph and without a word above a warning."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(int(cfg.recompile_limit), int(entries))
+    return int(cfg.recompile_limit)
+
+
 def even_boxes(blend: np.ndarray, width: int, height: int) -> np.ndarray:
     """Blend boxes widened to even coordinates, inside the even part of the frame."""
     b = np.asarray(blend, dtype=np.int64).copy()
@@ -263,6 +278,8 @@ class Engine:
         self._dynamic = compile_dynamic and not self.fused
         self._mark_dynamic = 0
         if self.compiled:
+            # Every bucket of every plan, and a batch of 1 beside the dynamic UNet's range.
+            allow_recompiles(len(self._buckets) * 3 + 4)
             # "reduce-overhead" is Inductor with CUDA graphs; options and mode exclude
             # each other in torch.compile, so extra options come with the graphs' flag.
             graphs = ({"options": {"triton.cudagraphs": True, **inductor}} if inductor

@@ -116,3 +116,45 @@ def test_host_conversion_equals_the_integer_formula_written_out():
         np.testing.assert_array_equal(y, want_y)
         np.testing.assert_array_equal(u, want_u)
         np.testing.assert_array_equal(v, want_v)
+
+
+def test_every_bucket_of_both_crop_plans_stays_compiled(monkeypatch):
+    """The cropped decode compiles one static graph per bucket and plan, and the plans'
+    functions are closures of one ``def``: one code object, whose compiled versions Dynamo
+    caps (8 by default) before running the rest eagerly. ``allow_recompiles`` lifts the cap
+    to what the engine's buckets need; checked with the real Dynamo and a backend that
+    counts the graphs it is given."""
+    import torch
+    import torch._dynamo
+
+    from musetalk.engine import allow_recompiles
+
+    def plan_fn(scale: float):
+        def crop_fn(x):  # one code object for every plan, as in the engine
+            return x * scale + 1
+
+        return crop_fn
+
+    def compiled_graphs(limit_entries: int | None) -> int:
+        torch._dynamo.reset()
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+        if limit_entries is not None:
+            assert allow_recompiles(limit_entries) == max(8, limit_entries)
+        graphs = []
+
+        def counting(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        fns = [torch.compile(plan_fn(s), backend=counting, dynamic=False) for s in (2.0, 3.0)]
+        sizes = buckets(16, 1)
+        for fn in fns:
+            for b in sizes:
+                assert torch.equal(fn(torch.ones(b, 3)), torch.ones(b, 3) * (2.0 if fn is fns[0] else 3.0) + 1)
+        torch._dynamo.reset()
+        return len(graphs)
+
+    assert len(buckets(16, 1)) * 2 == 14
+    assert compiled_graphs(None) == 8  # the default cap: the other 6 ran eagerly
+    assert compiled_graphs(len(buckets(16, 1)) * 3 + 4) == 14
+    assert allow_recompiles(4) == torch._dynamo.config.recompile_limit  # never lowered

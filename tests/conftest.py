@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -25,6 +26,15 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def until(predicate, timeout: float, what) -> None:
+    """Wait (polling every 20 ms) until ``predicate()`` is true; fail with ``what`` (a
+    string, or a function giving one at the failure) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        await asyncio.sleep(0.02)
 
 
 def nats_server_binary() -> str:

@@ -19,6 +19,7 @@ import pytest
 from daemon.app import Daemon
 from daemon.config import Settings
 from daemon.producer import read_wav_mono16, stream_pcm
+from tests.conftest import until as _until
 from tests.media import decode_audio, decode_video_frames
 from tests.test_speech import FPS, RATE, SPEECH, idle_video, speech_settings, start, tiny_models  # noqa: F401
 
@@ -31,13 +32,6 @@ async def split_daemon(nats_server, tmp_path, tiny_models, idle_video):
     await d.start()
     yield d
     await d.shutdown()
-
-
-async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 async def test_a_session_speaks_through_the_gpu_server_process(split_daemon, client):

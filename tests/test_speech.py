@@ -23,7 +23,7 @@ from daemon.config import Settings
 from daemon.producer import read_wav_mono16, stream_pcm
 from daemon.session import pingpong_index
 from daemon.speech import SILENCE_DBFS
-from tests.conftest import free_port
+from tests.conftest import free_port, until
 from tests.media import decode_audio, decode_video_frames
 from tests.producer_client import Client
 
@@ -598,9 +598,8 @@ async def test_frames_made_after_their_tick_are_counted_and_how_late(speech_daem
     done_late0 = host.late_frames[1]
     with _LateSteps(host.engine, 1.5):
         await _speak_one_second(client, "slow")
-        deadline = time.monotonic() + 10  # the last late boxes come back (a slow CPU: seconds)
-        while not speech.late_results and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        # The last late boxes come back (a slow CPU: seconds).
+        await until(lambda: speech.late_results, 10, lambda: f"no late box came back: {speech.stats()['counts']}")
     late = list(speech.late_results)
     assert late, speech.stats()["counts"]
     assert all(0.0 < after < 4.0 for _, after in late), late
@@ -615,9 +614,8 @@ async def test_boxes_that_come_after_their_utterance_finished_still_count_as_lat
     speech = speech_daemon.sessions["tail"].speech
     with _LateSteps(speech_daemon.engine_host.engine, 2.0):
         finished = await _speak_one_second(client, "tail")
-        deadline = time.monotonic() + 15
-        while not any(wall > finished for wall, _ in speech.late_results) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await until(lambda: any(wall > finished for wall, _ in speech.late_results), 15,
+                    lambda: f"no box came after the finish: {list(speech.late_results)}")
     after_finish = [after for wall, after in speech.late_results if wall > finished]
     assert after_finish and all(after > 0.0 for after in after_finish), list(speech.late_results)
     assert not speech.utterances  # it had finished: these came for no utterance in play

@@ -421,18 +421,16 @@ class SpeechPipeline:
 
     def _on_results(self, results: list[tuple[int, int, Any, BaseException | None]]) -> None:
         for utt_id, f, box, error in results:
-            utt = self._find(utt_id)
             if self._closed:
                 continue
-            if utt is None:  # interrupted (stale), or finished while its last steps ran
-                start = self._finished_starts.get(utt_id)
-                if start is not None and error is None and box is not None:
-                    self.late_results.append((time.time(), time.monotonic() - self.session.tick_time(start + f)))
-                continue
-            if f < utt.played:  # its tick already went out as a fallback
+            utt = self._find(utt_id)
+            # Not in play: finished while its last steps ran (late boxes), or interrupted.
+            start = utt.start_tick if utt is not None else self._finished_starts.get(utt_id)
+            if start is None:
+                continue  # stale: interrupted
+            if utt is None or f < utt.played:  # its tick already went out as a fallback
                 if error is None and box is not None:
-                    self.late_results.append(
-                        (time.time(), time.monotonic() - self.session.tick_time(utt.start_tick + f)))
+                    self.late_results.append((time.time(), time.monotonic() - self.session.tick_time(start + f)))
                 continue
             if error is not None:
                 self.counts["failed"] += 1

@@ -43,7 +43,7 @@ class _Part:
     compiled function itself on a CPU."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], cuda: bool) -> None:
-        self.fn, self.inputs, self.cuda = fn, inputs, cuda
+        self.fn, self.inputs = fn, inputs
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda:
             side = torch.cuda.Stream()
